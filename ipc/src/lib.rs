@@ -1,0 +1,29 @@
+//! respawn-ipc: what a master and its workers say to each other.
+//!
+//! A worker talks to its master over one pipe, in one direction: worker to
+//! master. The master talks back with signals only (see `respawn-worker`).
+//! This crate holds the few things both sides must agree on:
+//!
+//! - [`Message`]: what a worker can say (`Ready`, `Suicide { reason }`), and
+//!   its wire format, versioned, each frame far below `PIPE_BUF` so that one
+//!   `write(2)` is atomic and messages from a dying worker are never torn.
+//! - [`Decoder`]: turns any bytes into messages, "need more", or a clear
+//!   error. It never panics and never grows: its buffer is one frame long.
+//! - [`Handoff`] and [`Channel`]: what a freshly forked worker receives (the
+//!   listening socket, the write end of its pipe, its slot number).
+//!
+//! The master and the worker crates both depend on this one and on nothing of
+//! each other: a master can run workers written without `respawn-worker`, as
+//! long as they keep this contract.
+
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "respawn runs on Linux only: it is built on signalfd, epoll, \
+     prctl(PR_SET_PDEATHSIG) and /proc, which other systems do not have"
+);
+
+mod channel;
+mod message;
+
+pub use channel::{Channel, Handoff};
+pub use message::{DecodeError, Decoder, Frame, Message, HEADER_LEN, MAX_FRAME, MAX_REASON, VERSION};

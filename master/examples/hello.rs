@@ -1,0 +1,41 @@
+//! The smallest embedding: a master on 127.0.0.1:8080 (or the address given
+//! as the first argument) keeping 2 workers that answer "hello".
+//!
+//! cargo run -p respawn-master --example hello -- 127.0.0.1:0
+//! Stop it with Ctrl-C, or gracefully with `kill -TERM <master pid>`.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+struct Hello;
+
+impl respawn_worker::Service for Hello {
+    fn serve(&mut self, conn: &mut TcpStream) {
+        let body = format!("hello from worker {}\n", std::process::id());
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = conn.write_all(format!("{head}{body}").as_bytes());
+    }
+}
+
+fn main() {
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8080".to_owned());
+    let listener = respawn_master::bind(&addr).unwrap_or_else(|err| {
+        eprintln!("hello: {err}");
+        std::process::exit(1);
+    });
+    if let Ok(local) = listener.local_addr() {
+        eprintln!("hello: listening on {local}");
+    }
+    let config = respawn_master::Config::new(2).graceful_timeout(Duration::from_secs(10));
+    let result = respawn_master::run(listener, config, |handoff| respawn_worker::run(handoff, Hello));
+    if let Err(err) = result {
+        eprintln!("hello: {err}");
+        std::process::exit(1);
+    }
+}

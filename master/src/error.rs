@@ -1,0 +1,73 @@
+//! Errors that stop the master, each saying what it was doing.
+
+use std::{fmt, io};
+
+/// Why the master could not start or go on.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A system call failed; `context` says what the master was doing,
+    /// as in "binding 127.0.0.1:80" or "forking worker 3".
+    Io { context: String, source: io::Error },
+    /// The process already runs other threads, and fork would copy one.
+    Threads { count: usize },
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: impl Into<io::Error>) -> Error {
+        Error::Io {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io { context, source } => write!(f, "{context}: {}", describe(source)),
+            Error::Threads { count } => write!(
+                f,
+                "refusing to fork from a process that runs {count} threads: \
+                 call respawn_master::run before starting any thread"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            Error::Threads { .. } => None,
+        }
+    }
+}
+
+/// An io::Error as the end of a sentence: "address already in use", not
+/// "Address already in use (os error 98)".
+pub(crate) fn describe(err: &io::Error) -> String {
+    let text = err.to_string();
+    let text = text.split(" (os error").next().unwrap_or(&text);
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_read_as_one_sentence() {
+        let err = Error::io(
+            "binding 127.0.0.1:8080",
+            io::Error::from_raw_os_error(libc::EADDRINUSE),
+        );
+        assert_eq!(err.to_string(), "binding 127.0.0.1:8080: address already in use");
+        let err = Error::io("binding 0.0.0.0:80", io::Error::from_raw_os_error(libc::EACCES));
+        assert_eq!(err.to_string(), "binding 0.0.0.0:80: permission denied");
+    }
+}

@@ -1,0 +1,104 @@
+//! respawn-master: a prefork supervisor that keeps exactly N workers alive.
+//!
+//! The master binds a listening socket, forks N workers that accept on it,
+//! and replaces every worker that dies. A worker that panics says so first
+//! (a `Suicide` message, see `respawn-ipc`), so its replacement is forked
+//! while it finishes the connection it holds: no moment with one worker
+//! short, and no queued connection lost, since the socket stays open in the
+//! master and the other workers.
+//!
+//! The master is one thread and one `mio` loop over a signalfd (SIGCHLD and
+//! the control signals) and one pipe per worker; see [`run`] for the loop
+//! and `docs/architecture.md` for the walk-through.
+//!
+//! # Embedding
+//!
+//! Call [`bind`] (or bring your own `TcpListener`), then [`run`] from `main`,
+//! before any thread is started. `run` forks; in each child it calls your
+//! function with the [`Handoff`] and exits with the code it returns. It
+//! returns once every worker has stopped after SIGTERM, SIGQUIT or SIGINT.
+//!
+//! ```no_run
+//! use std::io::Write;
+//! use std::net::TcpStream;
+//! use std::time::Duration;
+//!
+//! struct Hello;
+//! impl respawn_worker::Service for Hello {
+//!     fn serve(&mut self, conn: &mut TcpStream) {
+//!         let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello\n");
+//!     }
+//! }
+//!
+//! fn main() {
+//!     let listener = respawn_master::bind("127.0.0.1:8080").unwrap_or_else(|err| {
+//!         eprintln!("hello: {err}");
+//!         std::process::exit(1);
+//!     });
+//!     let config = respawn_master::Config::new(4).graceful_timeout(Duration::from_secs(10));
+//!     let result = respawn_master::run(listener, config, |handoff| respawn_worker::run(handoff, Hello));
+//!     if let Err(err) = result {
+//!         eprintln!("hello: {err}");
+//!         std::process::exit(1);
+//!     }
+//! }
+//! ```
+//!
+//! The same program is `examples/hello.rs`:
+//! `cargo run -p respawn-master --example hello`.
+//!
+//! The worker side is any function of a [`Handoff`]; `respawn-worker` is one
+//! (a blocking accept loop that survives panics), and this crate does not
+//! depend on it.
+//!
+//! # What the master does to the process
+//!
+//! - It blocks SIGCHLD, SIGTERM, SIGQUIT and SIGINT for the calling thread and
+//!   reads them from a signalfd; the mask is restored when `run` returns, and
+//!   in every worker before your function runs.
+//! - It reaps every child of the process (`waitpid(-1)`): do not run other
+//!   children of your own beside it.
+//! - It refuses to start if the process already runs other threads: `fork`
+//!   copies only the calling thread, and a lock held by another thread at
+//!   that moment would stay locked forever in the child.
+
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "respawn runs on Linux only: it is built on signalfd, epoll, \
+     prctl(PR_SET_PDEATHSIG) and /proc, which other systems do not have"
+);
+
+mod config;
+mod error;
+mod listen;
+mod master;
+mod reap;
+mod signals;
+mod spawn;
+mod table;
+
+pub use config::Config;
+pub use error::Error;
+pub use listen::bind;
+pub use respawn_ipc::Handoff;
+
+use std::net::TcpListener;
+
+/// Supervises workers on `listener` until told to stop.
+///
+/// Forks `config`'s number of workers; each runs `worker(handoff)` and exits
+/// with the code it returns. Returns `Ok(())` after a stop (SIGTERM or
+/// SIGQUIT: graceful, SIGINT: at once) once every worker is gone. Returns an
+/// error, with every worker killed and reaped, if the master itself cannot go
+/// on (it runs in a multi-threaded process, or cannot fork).
+pub fn run<W>(listener: TcpListener, config: Config, worker: W) -> Result<(), Error>
+where
+    W: FnMut(Handoff) -> i32,
+{
+    let mut master = master::Master::new(listener, config, worker)?;
+    let result = master.run();
+    if result.is_err() {
+        master.kill_all_and_reap();
+    }
+    result
+}

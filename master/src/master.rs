@@ -1,0 +1,329 @@
+//! The master: one thread, one loop, one `Master` value.
+//!
+//! ```text
+//! signals ──► signalfd ─┐
+//! worker pipes ─────────┼──► poll(until the nearest deadline) ──► handle ──► act
+//! kill deadlines ───────┘                                   (fork, signal, reap)
+//! ```
+//!
+//! Handlers only record what happened in the worker table; the count
+//! invariant is restored in one place, `spawn_missing_workers`, at the end of
+//! every turn of the loop. The order of events within a turn therefore does
+//! not matter: a pipe's EOF before or after its worker's SIGCHLD, a Suicide
+//! read before or after the exit, both end in the same table.
+
+use crate::reap;
+use crate::signals::Signals;
+use crate::spawn::{self, ChildSetup};
+use crate::table::{Event, Received, State, Table, Worker};
+use crate::{Config, Error};
+use log::{debug, error, info, warn};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+use respawn_ipc::{Handoff, Message};
+use std::io;
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+const SIGNALS: Token = Token(0);
+
+pub(crate) struct Master<W> {
+    config: Config,
+    listener: TcpListener,
+    work: W,
+    poll: Poll,
+    signals: Signals,
+    workers: Table,
+    /// Set by TERM, QUIT or INT: no more forks, exit once the table is empty.
+    stopping: bool,
+    next_token: usize,
+}
+
+impl<W: FnMut(Handoff) -> i32> Master<W> {
+    pub(crate) fn new(listener: TcpListener, config: Config, work: W) -> Result<Self, Error> {
+        refuse_threads()?;
+        let signals = Signals::block().map_err(|err| Error::io("blocking signals for the signalfd", err))?;
+        let poll = Poll::new().map_err(|err| Error::io("creating the epoll instance", err))?;
+        poll.registry()
+            .register(&mut SourceFd(&signals.as_raw_fd()), SIGNALS, Interest::READABLE)
+            .map_err(|err| Error::io("watching the signalfd", err))?;
+        Ok(Master {
+            config,
+            listener,
+            work,
+            poll,
+            signals,
+            workers: Table::default(),
+            stopping: false,
+            next_token: SIGNALS.0 + 1,
+        })
+    }
+
+    /// The loop. Returns once stopped and every worker is reaped.
+    pub(crate) fn run(&mut self) -> Result<(), Error> {
+        let mut events = Events::with_capacity(64);
+        self.spawn_missing_workers()?;
+        while !(self.stopping && self.workers.is_empty()) {
+            self.wait_for_events(&mut events)?;
+            for event in events.iter() {
+                match event.token() {
+                    SIGNALS => self.handle_signals()?,
+                    token => self.read_worker_messages(token),
+                }
+            }
+            self.enforce_deadlines();
+            self.spawn_missing_workers()?;
+        }
+        info!("all workers stopped, master exiting");
+        Ok(())
+    }
+
+    /// Sleeps until an event or the nearest deadline; with no deadline, until
+    /// an event: an idle master does not wake at all.
+    fn wait_for_events(&mut self, events: &mut Events) -> Result<(), Error> {
+        let timeout = self
+            .workers
+            .next_deadline()
+            .map(|at| at.saturating_duration_since(Instant::now()));
+        match self.poll.poll(events, timeout) {
+            // Every signal we handle is blocked, but one we do not handle
+            // (SIGSTOP/SIGCONT from a debugger) can still interrupt.
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {
+                events.clear();
+                Ok(())
+            }
+            result => result.map_err(|err| Error::io("waiting for events", err)),
+        }
+    }
+
+    fn handle_signals(&mut self) -> Result<(), Error> {
+        while let Some(signal) = self
+            .signals
+            .next()
+            .map_err(|err| Error::io("reading the signalfd", err))?
+        {
+            match signal {
+                Signal::SIGCHLD => self.reap_children(),
+                Signal::SIGTERM | Signal::SIGQUIT => self.stop_gracefully(signal),
+                Signal::SIGINT => self.stop_now(),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// 'exit': collect every dead child; one SIGCHLD may stand for many.
+    fn reap_children(&mut self) {
+        while let Some((pid, status)) = reap::next_exited() {
+            self.forget_worker(pid, &status);
+        }
+    }
+
+    fn forget_worker(&mut self, pid: Pid, status: &WaitStatus) {
+        let Some(mut worker) = self.workers.remove(pid) else {
+            debug!("reaped process {pid}, not a worker ({})", reap::describe(status));
+            return;
+        };
+        // Its last words: a Suicide written just before it exited may still
+        // be in the pipe, and tells why it went.
+        drain_pipe(self.poll.registry(), &mut worker, self.config.graceful_timeout);
+        close_pipe(self.poll.registry(), &mut worker);
+        let how = reap::describe(status);
+        if worker.state.counts() && !self.stopping {
+            warn!("worker {pid} exited ({how}), replacing");
+        } else {
+            info!("worker {pid} exited ({how})");
+        }
+    }
+
+    /// 'message': everything a worker's pipe holds now.
+    fn read_worker_messages(&mut self, token: Token) {
+        // A stale token: the worker was reaped earlier in this turn.
+        if let Some(worker) = self.workers.by_token(token) {
+            drain_pipe(self.poll.registry(), worker, self.config.graceful_timeout);
+        }
+    }
+
+    /// TERM, QUIT: every worker finishes what it holds and exits; any still
+    /// alive after the graceful timeout is killed.
+    fn stop_gracefully(&mut self, signal: Signal) {
+        if self.stopping {
+            info!("received {signal} while stopping; already stopping");
+            return;
+        }
+        info!(
+            "received {signal}, stopping gracefully (graceful timeout {} s)",
+            self.config.graceful_timeout.as_secs_f64()
+        );
+        self.stopping = true;
+        for worker in self.workers.iter_mut() {
+            ask_to_stop(worker, self.config.graceful_timeout);
+        }
+    }
+
+    /// INT (Ctrl-C): every worker is killed now; a graceful stop under way
+    /// becomes immediate.
+    fn stop_now(&mut self) {
+        info!("received SIGINT, stopping now");
+        self.stopping = true;
+        for worker in self.workers.iter_mut() {
+            worker.state = worker.state.next(Event::Stop);
+            worker.kill_at = None;
+            send(worker.pid, Signal::SIGKILL);
+        }
+    }
+
+    /// Kills every retiring worker whose graceful timeout has passed.
+    fn enforce_deadlines(&mut self) {
+        let now = Instant::now();
+        for worker in self.workers.iter_mut() {
+            if worker.kill_at.is_some_and(|at| at <= now) {
+                warn!(
+                    "worker {} did not stop within {} s; killing it",
+                    worker.pid,
+                    self.config.graceful_timeout.as_secs_f64()
+                );
+                send(worker.pid, Signal::SIGKILL);
+                worker.kill_at = None;
+            }
+        }
+    }
+
+    /// The count invariant: fork until the target number of workers count.
+    fn spawn_missing_workers(&mut self) -> Result<(), Error> {
+        if self.stopping {
+            return Ok(());
+        }
+        for _ in 0..self.workers.missing(self.config.workers) {
+            self.spawn_worker()?;
+        }
+        Ok(())
+    }
+
+    fn spawn_worker(&mut self) -> Result<(), Error> {
+        let slot = self.workers.free_slot();
+        let master_fds = self.master_fds();
+        let setup = ChildSetup {
+            slot,
+            listener: &self.listener,
+            master_fds: &master_fds,
+            mask: self.signals.saved_mask(),
+        };
+        let spawned = spawn::spawn_worker(&setup, &mut self.work)
+            .map_err(|err| Error::io(format!("forking worker {slot}"), err))?;
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        let fd = spawned.pipe.as_raw_fd();
+        self.workers
+            .insert(Worker::new(spawned.pid, slot, token, Some(spawned.pipe)));
+        info!("worker {} spawned", spawned.pid);
+        self.poll
+            .registry()
+            .register(&mut SourceFd(&fd), token, Interest::READABLE)
+            .map_err(|err| Error::io(format!("watching the pipe of worker {}", spawned.pid), err))
+    }
+
+    /// The fds a worker must not inherit: the epoll, the signalfd, and every
+    /// worker's pipe.
+    fn master_fds(&self) -> Vec<RawFd> {
+        let pipes = self
+            .workers
+            .iter()
+            .filter_map(|w| w.pipe.as_ref().map(|p| p.as_raw_fd()));
+        [self.poll.as_raw_fd(), self.signals.as_raw_fd()]
+            .into_iter()
+            .chain(pipes)
+            .collect()
+    }
+
+    /// After an error: no worker may outlive the master or become a zombie.
+    pub(crate) fn kill_all_and_reap(&mut self) {
+        let pids: Vec<Pid> = self.workers.iter().map(|w| w.pid).collect();
+        for pid in pids {
+            send(pid, Signal::SIGKILL);
+            reap::wait_for(pid);
+            self.workers.remove(pid);
+        }
+    }
+}
+
+/// Reads and acts on every message in a worker's pipe, until it would block.
+fn drain_pipe(registry: &Registry, worker: &mut Worker, graceful: Duration) {
+    loop {
+        match worker.receive() {
+            Received::Message(message) => on_message(worker, message, graceful),
+            Received::Nothing => return,
+            Received::Closed => return close_pipe(registry, worker),
+            Received::Malformed(err) => {
+                if worker.state.counts() {
+                    warn!("worker {} sent malformed ipc ({err}); replacing it", worker.pid);
+                }
+                worker.state = worker.state.next(Event::Malformed);
+                ask_to_stop(worker, graceful);
+                return close_pipe(registry, worker);
+            }
+            Received::Failed(err) => {
+                error!("reading the pipe of worker {}: {err}", worker.pid);
+                return close_pipe(registry, worker);
+            }
+        }
+    }
+}
+
+fn on_message(worker: &mut Worker, message: Message, graceful: Duration) {
+    let pid = worker.pid;
+    match message {
+        Message::Ready => {
+            if worker.state == State::Starting {
+                info!("worker {pid} ready");
+            }
+            worker.state = worker.state.next(Event::Ready);
+        }
+        Message::Suicide { reason } => {
+            if worker.state.counts() {
+                info!("worker {pid} sent suicide ({reason}); replacing it");
+            } else {
+                info!("worker {pid} sent suicide ({reason})");
+            }
+            worker.state = worker.state.next(Event::Suicide);
+            // It leaves on its own, but not later than a stopped one would.
+            worker.kill_at.get_or_insert(Instant::now() + graceful);
+        }
+    }
+}
+
+/// SIGTERM, and SIGKILL after `graceful` if it has not gone by then.
+fn ask_to_stop(worker: &mut Worker, graceful: Duration) {
+    worker.state = worker.state.next(Event::Stop);
+    worker.kill_at.get_or_insert(Instant::now() + graceful);
+    send(worker.pid, Signal::SIGTERM);
+}
+
+fn close_pipe(registry: &Registry, worker: &mut Worker) {
+    if let Some(pipe) = worker.pipe.take() {
+        let _ = registry.deregister(&mut SourceFd(&pipe.as_raw_fd()));
+    }
+}
+
+fn send(pid: Pid, signal: Signal) {
+    // ESRCH: it died already; its SIGCHLD is on the way.
+    if let Err(err) = kill(pid, signal) {
+        debug!("sending {signal} to worker {pid}: {err}");
+    }
+}
+
+/// fork copies only the calling thread: any lock another thread holds at
+/// that moment (the allocator's, stdout's) stays locked forever in the child.
+fn refuse_threads() -> Result<(), Error> {
+    let count = std::fs::read_dir("/proc/self/task")
+        .map_err(|err| Error::io("counting this process's threads in /proc/self/task", err))?
+        .count();
+    if count > 1 {
+        return Err(Error::Threads { count });
+    }
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! Signals as events: blocked, then read from a signalfd in the main loop.
+//!
+//! No handler runs at an arbitrary point in the master, so there is nothing
+//! async-signal-safe to get right: a signal is a readable fd like any other.
+//! SIGCHLD coalesces (one pending SIGCHLD may stand for many exits), which is
+//! why every SIGCHLD leads to a reap loop, not to one waitpid.
+
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+/// The signals the master handles.
+pub(crate) const HANDLED: [Signal; 4] = [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGQUIT, Signal::SIGINT];
+
+pub(crate) struct Signals {
+    fd: SignalFd,
+    /// The mask before `block`: restored in every worker, and on drop.
+    saved_mask: SigSet,
+}
+
+impl Signals {
+    /// Blocks the handled signals and opens a non-blocking signalfd for them.
+    pub(crate) fn block() -> io::Result<Signals> {
+        let handled: SigSet = HANDLED.into_iter().collect();
+        let mut saved_mask = SigSet::empty();
+        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled), Some(&mut saved_mask))?;
+        let fd = SignalFd::with_flags(&handled, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+        Ok(Signals { fd, saved_mask })
+    }
+
+    /// The next pending signal, or None once all have been read.
+    pub(crate) fn next(&self) -> io::Result<Option<Signal>> {
+        loop {
+            match self.fd.read_signal()? {
+                None => return Ok(None),
+                Some(info) => match Signal::try_from(info.ssi_signo as i32) {
+                    Ok(signal) => return Ok(Some(signal)),
+                    Err(_) => continue, // not one of ours: cannot happen with our mask
+                },
+            }
+        }
+    }
+
+    pub(crate) fn saved_mask(&self) -> &SigSet {
+        &self.saved_mask
+    }
+}
+
+impl AsRawFd for Signals {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Drop for Signals {
+    fn drop(&mut self) {
+        // Give an embedding program its signals back.
+        let _ = self.saved_mask.thread_set_mask();
+    }
+}

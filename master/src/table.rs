@@ -1,0 +1,266 @@
+//! The worker table: who is alive, in which state, and how many count.
+//!
+//! A worker goes `Starting` (forked) -> `Ready` (said so) -> `Retiring` (it
+//! sent Suicide, spoke garbage, or was asked to stop) -> gone (reaped).
+//! Only Starting and Ready workers count towards the target: a Retiring one
+//! is already replaced, so its exit replaces nothing. That one rule is what
+//! keeps the article's bug away (it replaced a worker on both its suicide
+//! message and its exit, so every crash added a worker).
+
+use mio::Token;
+use nix::unistd::Pid;
+use respawn_ipc::{DecodeError, Decoder, Message};
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum State {
+    Starting,
+    Ready,
+    Retiring,
+}
+
+/// What can happen to a live worker. Its exit is not here: an exited worker
+/// leaves the table, whatever its state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// It sent Ready.
+    Ready,
+    /// It sent Suicide.
+    Suicide,
+    /// Its pipe carried bytes that are not a message.
+    Malformed,
+    /// The master asked it to stop.
+    Stop,
+}
+
+impl State {
+    /// The state machine, whole.
+    pub(crate) fn next(self, event: Event) -> State {
+        match (self, event) {
+            (State::Starting | State::Ready, Event::Ready) => State::Ready,
+            (State::Retiring, Event::Ready) => State::Retiring,
+            (_, Event::Suicide | Event::Malformed | Event::Stop) => State::Retiring,
+        }
+    }
+
+    /// Does a worker in this state count towards the target?
+    pub(crate) fn counts(self) -> bool {
+        self != State::Retiring
+    }
+}
+
+pub(crate) struct Worker {
+    pub pid: Pid,
+    pub slot: usize,
+    pub state: State,
+    /// The mio token of its pipe; never reused, so a stale event for a
+    /// reaped worker finds nobody.
+    pub token: Token,
+    /// The read end of its pipe; None once closed (EOF, garbage, exit).
+    pub pipe: Option<OwnedFd>,
+    pub decoder: Decoder,
+    /// When it is SIGKILLed if still alive: set when it starts retiring.
+    pub kill_at: Option<Instant>,
+}
+
+impl Worker {
+    pub(crate) fn new(pid: Pid, slot: usize, token: Token, pipe: Option<OwnedFd>) -> Worker {
+        Worker {
+            pid,
+            slot,
+            state: State::Starting,
+            token,
+            pipe,
+            decoder: Decoder::new(),
+            kill_at: None,
+        }
+    }
+
+    /// The next message from its pipe, reading only when the decoder has no
+    /// whole message left.
+    pub(crate) fn receive(&mut self) -> Received {
+        loop {
+            match self.decoder.next() {
+                Ok(Some(message)) => return Received::Message(message),
+                Ok(None) => {}
+                Err(err) => return Received::Malformed(err),
+            }
+            let Some(pipe) = &self.pipe else {
+                return Received::Closed;
+            };
+            match nix::unistd::read(pipe, self.decoder.spare()) {
+                Ok(0) => return Received::Closed,
+                Ok(n) => self.decoder.filled(n),
+                Err(nix::errno::Errno::EAGAIN) => return Received::Nothing,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(err) => return Received::Failed(err),
+            }
+        }
+    }
+}
+
+pub(crate) enum Received {
+    Message(Message),
+    /// Nothing more to read for now.
+    Nothing,
+    /// EOF: the worker closed its end, which means it is exiting.
+    Closed,
+    Malformed(DecodeError),
+    Failed(nix::errno::Errno),
+}
+
+#[derive(Default)]
+pub(crate) struct Table {
+    workers: Vec<Worker>,
+}
+
+impl Table {
+    pub(crate) fn insert(&mut self, worker: Worker) {
+        self.workers.push(worker);
+    }
+
+    pub(crate) fn remove(&mut self, pid: Pid) -> Option<Worker> {
+        let index = self.workers.iter().position(|w| w.pid == pid)?;
+        Some(self.workers.swap_remove(index))
+    }
+
+    pub(crate) fn by_token(&mut self, token: Token) -> Option<&mut Worker> {
+        self.workers.iter_mut().find(|w| w.token == token)
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Worker> {
+        self.workers.iter()
+    }
+
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Worker> {
+        self.workers.iter_mut()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    /// The count invariant, in one place: how many workers to fork so that
+    /// `target` count.
+    pub(crate) fn missing(&self, target: usize) -> usize {
+        let counted = self.workers.iter().filter(|w| w.state.counts()).count();
+        target.saturating_sub(counted)
+    }
+
+    /// The lowest slot no live worker (retiring ones included) holds.
+    pub(crate) fn free_slot(&self) -> usize {
+        (0..)
+            .find(|slot| self.workers.iter().all(|w| w.slot != *slot))
+            .unwrap_or(0)
+    }
+
+    /// The nearest moment a retiring worker must be killed.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.workers.iter().filter_map(|w| w.kill_at).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Event::*;
+    use State::*;
+
+    #[test]
+    fn state_machine_table() {
+        let table = [
+            (Starting, Event::Ready, State::Ready),
+            (Starting, Suicide, Retiring),
+            (Starting, Malformed, Retiring),
+            (Starting, Stop, Retiring),
+            (State::Ready, Event::Ready, State::Ready),
+            (State::Ready, Suicide, Retiring),
+            (State::Ready, Malformed, Retiring),
+            (State::Ready, Stop, Retiring),
+            (Retiring, Event::Ready, Retiring),
+            (Retiring, Suicide, Retiring),
+            (Retiring, Malformed, Retiring),
+            (Retiring, Stop, Retiring),
+        ];
+        for (state, event, expected) in table {
+            assert_eq!(state.next(event), expected, "{state:?} + {event:?}");
+        }
+    }
+
+    fn table_of(n: i32) -> Table {
+        let mut table = Table::default();
+        for i in 0..n {
+            let slot = table.free_slot();
+            table.insert(Worker::new(
+                Pid::from_raw(100 + i),
+                slot,
+                Token(i as usize + 1),
+                None,
+            ));
+        }
+        table
+    }
+
+    fn apply(table: &mut Table, pid: i32, event: Event) {
+        let worker = table.iter_mut().find(|w| w.pid == Pid::from_raw(pid)).unwrap();
+        worker.state = worker.state.next(event);
+    }
+
+    #[test]
+    fn suicide_asks_for_one_replacement_and_its_exit_for_none() {
+        let mut table = table_of(3);
+        assert_eq!(table.missing(3), 0);
+        apply(&mut table, 101, Suicide);
+        assert_eq!(table.missing(3), 1, "the replacement is due at once");
+        table.insert(Worker::new(Pid::from_raw(200), table.free_slot(), Token(9), None));
+        assert_eq!(table.missing(3), 0);
+        table.remove(Pid::from_raw(101));
+        assert_eq!(table.missing(3), 0, "the suicide's exit must not add a worker");
+    }
+
+    #[test]
+    fn unannounced_exit_asks_for_a_replacement() {
+        let mut table = table_of(3);
+        apply(&mut table, 100, Event::Ready);
+        table.remove(Pid::from_raw(100));
+        assert_eq!(table.missing(3), 1);
+    }
+
+    #[test]
+    fn stopping_workers_do_not_count() {
+        let mut table = table_of(2);
+        apply(&mut table, 100, Stop);
+        apply(&mut table, 101, Stop);
+        assert_eq!(table.missing(2), 2);
+        assert_eq!(table.missing(0), 0);
+    }
+
+    #[test]
+    fn a_replacement_does_not_take_a_retiring_workers_slot() {
+        let mut table = table_of(2);
+        apply(&mut table, 100, Suicide);
+        assert_eq!(table.free_slot(), 2);
+        table.remove(Pid::from_raw(100));
+        assert_eq!(table.free_slot(), 0);
+    }
+
+    #[test]
+    fn stale_tokens_find_nobody() {
+        let mut table = table_of(2);
+        table.remove(Pid::from_raw(100));
+        assert!(table.by_token(Token(1)).is_none());
+        assert!(table.by_token(Token(2)).is_some());
+    }
+
+    #[test]
+    fn the_nearest_kill_deadline_wins() {
+        let mut table = table_of(3);
+        assert_eq!(table.next_deadline(), None);
+        let now = Instant::now();
+        let later = now + std::time::Duration::from_secs(5);
+        table.iter_mut().next().unwrap().kill_at = Some(later);
+        table.iter_mut().last().unwrap().kill_at = Some(now);
+        assert_eq!(table.next_deadline(), Some(now));
+    }
+}

@@ -1,0 +1,144 @@
+//! respawn-worker: the child side of respawn.
+//!
+//! A worker is a plain blocking loop:
+//!
+//! ```text
+//! tell the master Ready
+//! loop { accept -> catch_unwind(serve one connection) }
+//! ```
+//!
+//! It serves one connection at a time. Two things end the loop:
+//!
+//! - **A stop request** (SIGTERM or SIGQUIT from the master): the worker
+//!   finishes the connection in hand and returns 0. How the request can never
+//!   be lost, even when it lands just before `accept(2)`, is the subject of
+//!   [`stop`].
+//! - **A panic** in [`Service::serve`]: the worker stops accepting, tells the
+//!   master (`Suicide`, so the replacement starts now), lets
+//!   [`Service::recover`] answer the client (a 500, say), and returns
+//!   non-zero. A process that panicked is not trusted to serve again. This is
+//!   Node's `uncaughtException` handler with its `suicide` message, in [`panic`].
+//!
+//! The master side, with fork hygiene (masks, fds, parent-death signal) done
+//! before this code runs, is in `respawn-master`; the two meet only through
+//! `respawn-ipc`.
+//!
+//! ```no_run
+//! use std::io::Write;
+//! use std::net::TcpStream;
+//!
+//! struct Hello;
+//!
+//! impl respawn_worker::Service for Hello {
+//!     fn serve(&mut self, conn: &mut TcpStream) {
+//!         let _ = conn.write_all(b"hello\n");
+//!     }
+//! }
+//!
+//! # fn handoff() -> respawn_ipc::Handoff { unimplemented!() }
+//! // In the child, with the Handoff the master gave:
+//! let code = respawn_worker::run(handoff(), Hello);
+//! std::process::exit(code);
+//! ```
+
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "respawn runs on Linux only: it is built on signalfd, epoll, \
+     prctl(PR_SET_PDEATHSIG) and /proc, which other systems do not have"
+);
+
+pub mod panic;
+pub mod stop;
+
+use log::{debug, error, warn};
+use respawn_ipc::{Handoff, Message};
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
+
+/// Exit code of a worker that stopped because it was asked to.
+pub const EXIT_STOPPED: i32 = 0;
+/// Exit code of a worker that could not set itself up or talk to its master.
+pub const EXIT_SETUP_FAILED: i32 = 3;
+/// Exit code of a worker that retired after a panic.
+pub const EXIT_PANICKED: i32 = 70; // EX_SOFTWARE from sysexits.h
+
+/// What a worker does with each connection.
+pub trait Service {
+    /// Serves one connection. Returns when done with it; dropping it closes
+    /// it. A panic here is caught: the worker retires (see the crate docs).
+    fn serve(&mut self, conn: &mut TcpStream);
+
+    /// Called after `serve` panicked, with the connection it was serving and
+    /// the panic message: answer the client if the protocol allows (an HTTP
+    /// 500, say). A panic here is caught and ignored.
+    fn recover(&mut self, conn: &mut TcpStream, panic: &str) {
+        let _ = (conn, panic);
+    }
+}
+
+/// Runs the worker loop until a stop request or a panic; returns the exit
+/// code for the process.
+pub fn run<S: Service>(handoff: Handoff, mut service: S) -> i32 {
+    let Handoff {
+        slot: _,
+        listener,
+        channel,
+    } = handoff;
+    let pid = std::process::id();
+    panic::install_hook();
+    if let Err(err) = stop::install(listener.as_raw_fd()) {
+        error!("worker {pid}: installing the stop handler: {err}");
+        return EXIT_SETUP_FAILED;
+    }
+    if let Err(err) = channel.send(&Message::Ready) {
+        error!("worker {pid}: telling the master it is ready: {err}");
+        return EXIT_SETUP_FAILED;
+    }
+    loop {
+        if stop::requested() {
+            debug!("worker {pid} stopping");
+            return EXIT_STOPPED;
+        }
+        let mut conn = match listener.accept() {
+            Ok((conn, _peer)) => conn,
+            // After a stop request the listener fd is /dev/null: ENOTSOCK.
+            Err(_) if stop::requested() => continue,
+            Err(err) if is_transient(&err) => {
+                warn!("worker {pid}: accepting: {err}; retrying");
+                back_off_after(&err);
+                continue;
+            }
+            Err(err) => {
+                error!("worker {pid}: accepting: {err}");
+                return EXIT_SETUP_FAILED;
+            }
+        };
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| service.serve(&mut conn))) {
+            let message = panic::message(payload.as_ref());
+            panic::retire(&channel, &message);
+            let _ = catch_unwind(AssertUnwindSafe(|| service.recover(&mut conn, &message)));
+            return EXIT_PANICKED;
+        }
+    }
+}
+
+/// Errors after which accept can be tried again: the peer gave up before we
+/// took the connection, or the process or system is out of fds or memory
+/// for a moment.
+fn is_transient(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::ECONNABORTED | libc::EPROTO | libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Out of fds or memory, accept would fail again at once: pause briefly so
+/// the loop does not spin. A peer that hung up needs no pause.
+fn back_off_after(err: &io::Error) {
+    if err.raw_os_error() != Some(libc::ECONNABORTED) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
