@@ -107,7 +107,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             .map_err(|err| Error::io("reading the signalfd", err))?
         {
             match signal {
-                Signal::SIGCHLD => self.reap_children(),
+                Signal::SIGCHLD => self.reap_children()?,
                 Signal::SIGTERM | Signal::SIGQUIT => self.stop_gracefully(signal),
                 Signal::SIGINT => self.stop_now(),
                 _ => {}
@@ -117,16 +117,17 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     }
 
     /// 'exit': collect every dead child; one SIGCHLD may stand for many.
-    fn reap_children(&mut self) {
+    fn reap_children(&mut self) -> Result<(), Error> {
         while let Some((pid, status)) = reap::next_exited() {
-            self.forget_worker(pid, &status);
+            self.forget_worker(pid, &status)?;
         }
+        Ok(())
     }
 
-    fn forget_worker(&mut self, pid: Pid, status: &WaitStatus) {
+    fn forget_worker(&mut self, pid: Pid, status: &WaitStatus) -> Result<(), Error> {
         let Some(mut worker) = self.workers.remove(pid) else {
             debug!("reaped process {pid}, not a worker ({})", reap::describe(status));
-            return;
+            return Ok(());
         };
         // Its last words: a Suicide written just before it exited may still
         // be in the pipe, and tells why it went.
@@ -136,8 +137,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         if worker.state.counts() && !self.stopping {
             warn!("worker {pid} exited ({how}), replacing");
         } else {
+            // A retiring worker's replacement comes before its exit, even
+            // when its Suicide and its SIGCHLD are read in the same turn.
+            self.spawn_missing_workers()?;
             info!("worker {pid} exited ({how})");
         }
+        Ok(())
     }
 
     /// 'message': everything a worker's pipe holds now.

@@ -33,7 +33,10 @@ impl Service for Demo {
     fn serve(&mut self, conn: &mut TcpStream) {
         let _ = conn.set_read_timeout(Some(READ_TIMEOUT));
         let response = match read_request(conn) {
-            Ok(Some(target)) => self.route(&target),
+            Ok(Some(target)) => {
+                log::debug!("worker {} serving GET {target}", self.pid);
+                self.route(&target)
+            }
             Ok(None) => return,
             Err(Bad(status, why)) => Response::text(status, why),
         };

@@ -1,0 +1,229 @@
+//! The promise of respawn: exactly N workers, whatever happens to them, and
+//! no request lost to a crash but the one that caused it.
+
+use respawn_tests::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+#[test]
+fn serves_from_n_workers() {
+    let respawn = Respawn::with_workers(3, &[]);
+    let workers = respawn.wait_for_workers(3);
+
+    // A worker serves one connection at a time, so three slow requests at
+    // once must be served by three different workers.
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let addr = respawn.addr;
+            thread::spawn(move || get(addr, "/sleep/300"))
+        })
+        .collect();
+    let mut served_by = std::collections::BTreeSet::new();
+    for client in clients {
+        let answer = client.join().unwrap().expect("GET /sleep/300");
+        assert_eq!(answer.status, 200, "{answer:?}");
+        served_by.insert(answer.pid().expect("a pid in the body"));
+    }
+    assert_eq!(
+        served_by,
+        workers,
+        "each worker serves one of the three\n{}",
+        respawn.dump()
+    );
+
+    let answer = respawn.get("/").expect("GET /");
+    assert_eq!(answer.status, 200);
+    assert!(answer.body.starts_with("handle by child "), "{answer:?}");
+    assert!(
+        workers.contains(&answer.pid().unwrap()),
+        "{answer:?} from a worker of {workers:?}"
+    );
+}
+
+#[test]
+fn kill_9_worker_is_replaced() {
+    let respawn = Respawn::with_workers(2, &[]);
+    let before = respawn.wait_for_workers(2);
+    let victim = *before.iter().next().unwrap();
+
+    send(victim, libc::SIGKILL);
+
+    respawn.wait_for_log("the kill", |l| {
+        l.ends_with(&format!("worker {victim} exited (signal 9), replacing"))
+    });
+    let after = respawn.wait_for_workers(2);
+    assert!(!after.contains(&victim), "{victim} still counted in {after:?}");
+    assert_eq!(
+        before.intersection(&after).count(),
+        1,
+        "only the victim was replaced"
+    );
+    let answer = respawn.get("/").expect("GET / after the kill");
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        respawn.count_log(" spawned"),
+        3,
+        "one replacement\n{}",
+        respawn.dump()
+    );
+}
+
+#[test]
+fn panic_answers_500_and_replacement_comes_before_exit() {
+    let respawn = Respawn::with_workers(2, &[]);
+    respawn.wait_for_workers(2);
+
+    let answer = respawn.get("/crash").expect("GET /crash must be answered");
+    assert_eq!(answer.status, 500, "{answer:?}");
+    assert!(answer.body.contains("panicked: crash requested"), "{answer:?}");
+    let crashed = worker_pid(&answer.body).expect("the crashed worker's pid in the body");
+
+    respawn.wait_for_log("the crashed worker's exit", |l| {
+        l.contains(&format!("worker {crashed} exited"))
+    });
+    let log = respawn.log();
+    let panicked = position(&log, |l| l.contains(&format!("worker {crashed} panicked at")));
+    let suicide = position(&log, |l| {
+        l.contains(&format!("worker {crashed} sent suicide (panicked: crash"))
+    });
+    let exited = position(&log, |l| l.contains(&format!("worker {crashed} exited")));
+    let (Some(panicked), Some(suicide), Some(exited)) = (panicked, suicide, exited) else {
+        panic!("missing panic, suicide or exit of {crashed}\n{}", respawn.dump());
+    };
+    let replacement = log[suicide..]
+        .iter()
+        .position(|l| l.ends_with(" spawned"))
+        .map(|i| i + suicide);
+    assert!(
+        panicked < suicide,
+        "the panic is logged before the suicide\n{}",
+        respawn.dump()
+    );
+    assert!(
+        replacement.is_some_and(|r| r < exited),
+        "the replacement is forked before the crashed worker exits\n{}",
+        respawn.dump()
+    );
+    let workers = respawn.wait_for_workers(2);
+    assert!(!workers.contains(&crashed));
+}
+
+#[test]
+fn crash_storm_keeps_exactly_n() {
+    const CRASHES: usize = 30;
+    let respawn = Respawn::with_workers(2, &[]);
+    respawn.wait_for_workers(2);
+
+    for i in 0..CRASHES {
+        let answer = respawn
+            .get("/crash")
+            .unwrap_or_else(|err| panic!("crash {i}: {err}\n{}", respawn.dump()));
+        assert_eq!(answer.status, 500, "crash {i}: {answer:?}");
+    }
+
+    respawn.wait_for_workers(2);
+    assert!(wait_until(PATIENCE, || respawn.count_log(") exited (")
+        + respawn.count_log(" exited (")
+        >= CRASHES));
+    // The article's master replaced a worker on its suicide *and* on its
+    // exit: 2 + 2 x 30 forks, and a pool that grows with every crash.
+    assert_eq!(
+        respawn.count_log(" spawned"),
+        2 + CRASHES,
+        "one fork per crash, no more\n{}",
+        respawn.dump()
+    );
+    assert!(respawn.zombies().is_empty(), "zombies: {:?}", respawn.zombies());
+    assert_eq!(respawn.workers().len(), 2);
+}
+
+#[test]
+fn crash_storm_loses_no_request() {
+    const CLIENTS: usize = 4;
+    const CRASHES: usize = 30;
+    let respawn = Respawn::with_workers(2, &[]);
+    respawn.wait_for_workers(2);
+
+    let done = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (addr, done) = (respawn.addr, Arc::clone(&done));
+            thread::spawn(move || {
+                let (mut ok, mut failed) = (0, Vec::new());
+                while !done.load(Ordering::SeqCst) {
+                    match get(addr, "/") {
+                        Ok(answer) if answer.status == 200 => ok += 1,
+                        other => failed.push(format!("{other:?}")),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let mut crash_answers = Vec::new();
+    for _ in 0..CRASHES {
+        crash_answers.push(get(respawn.addr, "/crash").map(|a| a.status));
+    }
+    done.store(true, Ordering::SeqCst);
+
+    let (mut ok, mut failed) = (0, Vec::new());
+    for client in clients {
+        let (client_ok, client_failed) = client.join().unwrap();
+        ok += client_ok;
+        failed.extend(client_failed);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests to / failed: {:?}\n{}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)],
+        respawn.dump()
+    );
+    assert!(ok >= CLIENTS, "the clients got answers ({ok})");
+    assert!(
+        crash_answers.iter().all(|a| matches!(a, Ok(500))),
+        "every /crash is answered 500: {crash_answers:?}"
+    );
+    respawn.wait_for_workers(2);
+}
+
+#[test]
+fn malformed_ipc_replaces_the_worker() {
+    let respawn = Respawn::with_workers(2, &[]);
+    let before = respawn.wait_for_workers(2);
+    let victim = *before.iter().next().unwrap();
+
+    // Write garbage into the victim's pipe to the master, through the pipe's
+    // entry in /proc: to the master it looks as if the worker wrote it.
+    let pipe = std::fs::read_dir(format!("/proc/{victim}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+                .is_some_and(|fd| fd > 2)
+        })
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("pipe:")))
+        .expect("the worker's pipe");
+    let mut writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(pipe.path())
+        .expect("opening the pipe");
+    std::io::Write::write_all(&mut writer, b"GET / HTTP/1.1\r\n").unwrap();
+    drop(writer);
+
+    respawn.wait_for_log("the malformed message", |l| {
+        l.contains(&format!(
+            "worker {victim} sent malformed ipc (unknown protocol version 71"
+        )) && l.ends_with("replacing it")
+    });
+    respawn.wait_for_log("the victim's exit", |l| {
+        l.contains(&format!("worker {victim} exited"))
+    });
+    let after = respawn.wait_for_workers(2);
+    assert!(!after.contains(&victim));
+    assert_eq!(respawn.get("/").expect("still serving").status, 200);
+}
