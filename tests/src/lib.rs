@@ -334,11 +334,16 @@ pub fn position(log: &[String], matches: impl Fn(&str) -> bool) -> Option<usize>
 }
 
 /// Runs the binary with `args` to its exit (killed after [`PATIENCE`]) and
-/// returns the exit status and what it wrote to stderr.
+/// returns the exit status and what it wrote to stdout and stderr.
 pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
     let mut command = Command::new(binary());
+    command.args(args);
+    run_command_to_exit(command)
+}
+
+/// [`run_to_exit`] for a command built by the caller (another user, say).
+pub fn run_command_to_exit(mut command: Command) -> (ExitStatus, String) {
     command
-        .args(args)
         .env("RUST_LOG", "info")
         .env("RUST_LOG_STYLE", "never")
         .stdin(Stdio::null())

@@ -45,6 +45,45 @@ fn bad_flags_and_port_in_use_fail_clearly() {
 }
 
 #[test]
+fn missing_permission_is_said_clearly() {
+    // Ports below ip_unprivileged_port_start need privilege. As root, run
+    // as nobody (uid 65534) to lack it.
+    let start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024);
+    if start <= 1 {
+        eprintln!("every port is unprivileged on this host: nothing to deny");
+        return;
+    }
+    let mut command = std::process::Command::new(binary());
+    let dir = std::env::temp_dir().join(format!("respawn-permission-{}", std::process::id()));
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } == 0 {
+        // nobody may not reach the build tree (a clone under /root, say):
+        // give it a copy of the binary in a place it can reach.
+        std::fs::create_dir_all(&dir).unwrap();
+        let copy = dir.join("respawn");
+        std::fs::copy(binary(), &copy).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        command = std::process::Command::new(&copy);
+        std::os::unix::process::CommandExt::uid(&mut command, 65534);
+        std::os::unix::process::CommandExt::gid(&mut command, 65534);
+    }
+    command.args(["--listen", "127.0.0.1:1"]);
+    let (status, output) = run_command_to_exit(command);
+    let _ = std::fs::remove_dir_all(
+        std::env::temp_dir().join(format!("respawn-permission-{}", std::process::id())),
+    );
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(
+        output.contains("binding 127.0.0.1:1: permission denied"),
+        "{output}"
+    );
+    assert!(!output.contains("spawned"), "{output}");
+}
+
+#[test]
 fn help_and_version_exit_zero() {
     let (status, output) = run_to_exit(&["--help"]);
     assert_eq!(status.code(), Some(0));
