@@ -2,7 +2,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run test lint doc bench build-demo linux-only
+.PHONY: run test lint doc build-demo linux-only
 
 # Build in release mode and start the demo on 127.0.0.1:8080 (make run ARGS='--workers 2').
 run: linux-only

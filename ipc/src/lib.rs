@@ -25,5 +25,17 @@ compile_error!(
 mod channel;
 mod message;
 
+/// How a worker process ends, as its exit code. Part of the contract so that
+/// the master's log (`worker 4321 exited (code 70)`) means one thing.
+pub mod exit_code {
+    /// It was asked to stop, finished what it held, and left.
+    pub const STOPPED: i32 = 0;
+    /// It could not set itself up (its master was already gone, a signal
+    /// could not be armed, the master's pipe was closed) and never served.
+    pub const SETUP_FAILED: i32 = 3;
+    /// It panicked, sent Suicide, and retired. 70 is EX_SOFTWARE.
+    pub const PANICKED: i32 = 70;
+}
+
 pub use channel::{Channel, Handoff};
 pub use message::{DecodeError, Decoder, Frame, Message, HEADER_LEN, MAX_FRAME, MAX_REASON, VERSION};

@@ -22,6 +22,8 @@ impl respawn_worker::Service for Hello {
 }
 
 fn main() {
+    // The library logs through the `log` crate; show its lines on stderr.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:8080".to_owned());
@@ -30,7 +32,7 @@ fn main() {
         std::process::exit(1);
     });
     if let Ok(local) = listener.local_addr() {
-        eprintln!("hello: listening on {local}");
+        log::info!("listening on {local}");
     }
     let config = respawn_master::Config::new(2).graceful_timeout(Duration::from_secs(10));
     let result = respawn_master::run(listener, config, |handoff| respawn_worker::run(handoff, Hello));

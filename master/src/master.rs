@@ -7,10 +7,12 @@
 //! ```
 //!
 //! Handlers only record what happened in the worker table; the count
-//! invariant is restored in one place, `spawn_missing_workers`, at the end of
-//! every turn of the loop. The order of events within a turn therefore does
-//! not matter: a pipe's EOF before or after its worker's SIGCHLD, a Suicide
-//! read before or after the exit, both end in the same table.
+//! invariant is restored by one function, `spawn_missing_workers`, at the end
+//! of every turn of the loop (and before a retiring worker's exit is logged,
+//! so that the log shows its replacement first). The order of events within
+//! a turn therefore does not matter: a pipe's EOF before or after its
+//! worker's SIGCHLD, a Suicide read before or after the exit, both end in
+//! the same table.
 
 use crate::reap;
 use crate::signals::Signals;

@@ -16,16 +16,12 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::prctl;
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::{fork, getpid, getppid, pipe2, ForkResult, Pid};
-use respawn_ipc::{Channel, Handoff};
+use respawn_ipc::{exit_code, Channel, Handoff};
 use std::ffi::CString;
 use std::io::{self, Write};
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-
-/// Exit code of a child whose worker function panicked, or that found its
-/// master already gone.
-const EXIT_CHILD_FAILED: i32 = 70;
 
 /// What the master keeps of a forked worker.
 pub(crate) struct Spawned {
@@ -84,12 +80,12 @@ where
     }
     if let Err(err) = die_with_master(master) {
         error!("worker {}: {err}", std::process::id());
-        std::process::exit(EXIT_CHILD_FAILED);
+        std::process::exit(exit_code::SETUP_FAILED);
     }
     name_process(setup.slot);
     if let Err(err) = setup.mask.thread_set_mask() {
         error!("worker {}: restoring the signal mask: {err}", std::process::id());
-        std::process::exit(EXIT_CHILD_FAILED);
+        std::process::exit(exit_code::SETUP_FAILED);
     }
     // SAFETY: as above, the master's TcpListener in this address space is
     // never dropped, so this one is the only owner of the fd in the child.
@@ -99,7 +95,7 @@ where
         listener,
         channel: Channel::new(write_end),
     };
-    let code = catch_unwind(AssertUnwindSafe(|| work(handoff))).unwrap_or(EXIT_CHILD_FAILED);
+    let code = catch_unwind(AssertUnwindSafe(|| work(handoff))).unwrap_or(exit_code::PANICKED);
     std::process::exit(code)
 }
 

@@ -55,7 +55,13 @@ impl Respawn {
     /// Starts `respawn` with these flags, plus `--listen 127.0.0.1:0` unless
     /// they give one, and waits for its `listening on` line.
     pub fn start(args: &[&str]) -> Respawn {
+        Respawn::start_with(args, |_| {})
+    }
+
+    /// [`Respawn::start`], with the command adjusted before it runs.
+    pub fn start_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Respawn {
         let mut command = Command::new(binary());
+        adjust(&mut command);
         command.args(args);
         if !args.contains(&"--listen") {
             command.args(["--listen", "127.0.0.1:0"]);

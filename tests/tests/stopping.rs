@@ -92,6 +92,37 @@ fn int_stops_at_once_leaving_nothing() {
 }
 
 #[test]
+fn signals_ignored_at_start_are_still_handled() {
+    // A shell starts a background job (`respawn &`) with INT and QUIT
+    // ignored, and an ignored signal never reaches a signalfd; an ignored
+    // CHLD would even have the kernel reap the workers behind our back.
+    let ignore = |command: &mut std::process::Command| {
+        // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(command, || {
+                for signal in [libc::SIGINT, libc::SIGQUIT, libc::SIGCHLD] {
+                    libc::signal(signal, libc::SIG_IGN);
+                }
+                Ok(())
+            });
+        }
+    };
+    let mut respawn = Respawn::start_with(&["--workers", "2"], ignore);
+    let workers = respawn.wait_for_workers(2);
+    let victim = *workers.iter().next().unwrap();
+
+    send(victim, libc::SIGKILL);
+    respawn.wait_for_log("the kill", |l| {
+        l.ends_with(&format!("worker {victim} exited (signal 9), replacing"))
+    });
+    respawn.wait_for_workers(2);
+
+    respawn.signal(libc::SIGINT);
+    assert_eq!(respawn.wait_exit().code(), Some(0), "{}", respawn.dump());
+    assert_eq!(respawn.count_log("received SIGINT"), 1);
+}
+
+#[test]
 fn master_death_takes_workers_down() {
     let mut respawn = Respawn::with_workers(2, &[]);
     let workers = respawn.wait_for_workers(2);

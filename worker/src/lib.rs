@@ -17,7 +17,7 @@
 //!   master (`Suicide`, so the replacement starts now), lets
 //!   [`Service::recover`] answer the client (a 500, say), and returns
 //!   non-zero. A process that panicked is not trusted to serve again. This is
-//!   Node's `uncaughtException` handler with its `suicide` message, in [`panic`].
+//!   Node's `uncaughtException` handler with its `suicide` message, in [`mod@panic`].
 //!
 //! The master side, with fork hygiene (masks, fds, parent-death signal) done
 //! before this code runs, is in `respawn-master`; the two meet only through
@@ -58,12 +58,7 @@ use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
-/// Exit code of a worker that stopped because it was asked to.
-pub const EXIT_STOPPED: i32 = 0;
-/// Exit code of a worker that could not set itself up or talk to its master.
-pub const EXIT_SETUP_FAILED: i32 = 3;
-/// Exit code of a worker that retired after a panic.
-pub const EXIT_PANICKED: i32 = 70; // EX_SOFTWARE from sysexits.h
+pub use respawn_ipc::exit_code;
 
 /// What a worker does with each connection.
 pub trait Service {
@@ -80,7 +75,7 @@ pub trait Service {
 }
 
 /// Runs the worker loop until a stop request or a panic; returns the exit
-/// code for the process.
+/// code for the process (see [`exit_code`]).
 pub fn run<S: Service>(handoff: Handoff, mut service: S) -> i32 {
     let Handoff {
         slot: _,
@@ -91,16 +86,16 @@ pub fn run<S: Service>(handoff: Handoff, mut service: S) -> i32 {
     panic::install_hook();
     if let Err(err) = stop::install(listener.as_raw_fd()) {
         error!("worker {pid}: installing the stop handler: {err}");
-        return EXIT_SETUP_FAILED;
+        return exit_code::SETUP_FAILED;
     }
     if let Err(err) = channel.send(&Message::Ready) {
         error!("worker {pid}: telling the master it is ready: {err}");
-        return EXIT_SETUP_FAILED;
+        return exit_code::SETUP_FAILED;
     }
     loop {
         if stop::requested() {
             debug!("worker {pid} stopping");
-            return EXIT_STOPPED;
+            return exit_code::STOPPED;
         }
         let mut conn = match listener.accept() {
             Ok((conn, _peer)) => conn,
@@ -113,14 +108,14 @@ pub fn run<S: Service>(handoff: Handoff, mut service: S) -> i32 {
             }
             Err(err) => {
                 error!("worker {pid}: accepting: {err}");
-                return EXIT_SETUP_FAILED;
+                return exit_code::SETUP_FAILED;
             }
         };
         if let Err(payload) = catch_unwind(AssertUnwindSafe(|| service.serve(&mut conn))) {
             let message = panic::message(payload.as_ref());
             panic::retire(&channel, &message);
             let _ = catch_unwind(AssertUnwindSafe(|| service.recover(&mut conn, &message)));
-            return EXIT_PANICKED;
+            return exit_code::PANICKED;
         }
     }
 }

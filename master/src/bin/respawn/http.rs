@@ -33,9 +33,18 @@ impl Service for Demo {
     fn serve(&mut self, conn: &mut TcpStream) {
         let _ = conn.set_read_timeout(Some(READ_TIMEOUT));
         let response = match read_request(conn) {
-            Ok(Some(target)) => {
-                log::debug!("worker {} serving GET {target}", self.pid);
-                self.route(&target)
+            Ok(Some(request)) => {
+                log::debug!(
+                    "worker {} serving {} {}",
+                    self.pid,
+                    request.method,
+                    request.target
+                );
+                let response = self.route(&request.target);
+                Response {
+                    head_only: request.method == "HEAD",
+                    ..response
+                }
             }
             Ok(None) => return,
             Err(Bad(status, why)) => Response::text(status, why),
@@ -78,9 +87,15 @@ fn sleep(ms: &str) -> Response {
 /// Why a request cannot be served: the status and the body that says why.
 struct Bad(u16, String);
 
-/// Reads one request head and returns its target, or None if the client
-/// closed (or went silent) before sending one.
-fn read_request(conn: &mut TcpStream) -> Result<Option<String>, Bad> {
+/// What the demo needs of a request.
+struct Request {
+    method: String,
+    target: String,
+}
+
+/// Reads one request head, or None if the client closed (or went silent)
+/// before sending one.
+fn read_request(conn: &mut TcpStream) -> Result<Option<Request>, Bad> {
     let mut buf = [0u8; MAX_REQUEST];
     let mut len = 0;
     loop {
@@ -107,7 +122,10 @@ fn read_request(conn: &mut TcpStream) -> Result<Option<String>, Bad> {
                         format!("method {method} not allowed: the demo serves GET\n"),
                     ));
                 }
-                return Ok(Some(target.to_owned()));
+                return Ok(Some(Request {
+                    method: method.to_owned(),
+                    target: target.to_owned(),
+                }));
             }
             Ok(httparse::Status::Partial) if len == buf.len() => {
                 return Err(Bad(
@@ -124,6 +142,8 @@ fn read_request(conn: &mut TcpStream) -> Result<Option<String>, Bad> {
 struct Response {
     status: u16,
     body: String,
+    /// An answer to HEAD: the head says how long the body is, but no body.
+    head_only: bool,
 }
 
 impl Response {
@@ -131,6 +151,7 @@ impl Response {
         Response {
             status,
             body: body.into(),
+            head_only: false,
         }
     }
 
@@ -144,11 +165,11 @@ impl Response {
             431 => "Request Header Fields Too Large",
             _ => "Internal Server Error",
         };
+        let body = if self.head_only { "" } else { &self.body };
         let message = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+            "HTTP/1.1 {} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             self.status,
             self.body.len(),
-            self.body
         );
         conn.write_all(message.as_bytes())
     }
