@@ -53,9 +53,11 @@
 //!
 //! # What the master does to the process
 //!
-//! - It blocks SIGCHLD, SIGTERM, SIGQUIT and SIGINT for the calling thread and
-//!   reads them from a signalfd; the mask is restored when `run` returns, and
-//!   in every worker before your function runs.
+//! - It sets SIGCHLD, SIGTERM, SIGQUIT and SIGINT to their default action
+//!   (an ignored signal never reaches a signalfd), blocks them for the
+//!   calling thread and reads them from a signalfd. Dispositions and mask are
+//!   restored when `run` returns; the mask also in every worker before your
+//!   function runs.
 //! - It reaps every child of the process (`waitpid(-1)`): do not run other
 //!   children of your own beside it.
 //! - It refuses to start if the process already runs other threads: `fork`
