@@ -57,6 +57,37 @@ fn term_lets_in_flight_requests_finish() {
 }
 
 #[test]
+fn graceful_timeout_kills_what_is_still_busy() {
+    let mut respawn = Respawn::with_workers(2, &["--graceful-timeout", "0.5"]);
+    let workers = respawn.wait_for_workers(2);
+    let addr = respawn.addr;
+    let client = std::thread::spawn(move || get(addr, "/sleep/30000"));
+    wait_in_flight(&respawn, "/sleep/30000", 1);
+
+    respawn.signal(libc::SIGQUIT);
+
+    let busy = respawn.wait_for_log("the kill at the deadline", |l| {
+        l.contains("did not stop within 0.5 s; killing it")
+    });
+    let status = respawn.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", respawn.dump());
+    assert_eq!(respawn.count_log("received SIGQUIT, stopping gracefully"), 1);
+    let killed = worker_pid(&busy).unwrap();
+    assert!(workers.contains(&killed), "{busy}");
+    assert_eq!(
+        respawn.count_log(&format!("worker {killed} exited (signal 9)")),
+        1,
+        "{}",
+        respawn.dump()
+    );
+    assert!(workers.iter().all(|&pid| !alive(pid)));
+    assert!(
+        client.join().unwrap().is_err(),
+        "the killed request got no answer"
+    );
+}
+
+#[test]
 fn int_stops_at_once_leaving_nothing() {
     let mut respawn = Respawn::with_workers(2, &[]);
     let workers = respawn.wait_for_workers(2);
