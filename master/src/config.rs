@@ -1,20 +1,33 @@
-//! What the master is asked to keep up.
+//! What the master is asked to keep up, and how patiently.
 
 use std::time::Duration;
 
-/// How many workers to keep, and how long they have to stop.
+/// How many workers to keep, how long they have to stop, and when to stop
+/// replacing workers that keep failing.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub(crate) workers: usize,
     pub(crate) graceful_timeout: Duration,
+    pub(crate) min_uptime: Duration,
+    pub(crate) backoff_initial: Duration,
+    pub(crate) backoff_cap: Duration,
+    pub(crate) max_restarts: usize,
+    pub(crate) restart_window: Duration,
 }
 
 impl Config {
-    /// `workers` workers, 30 s to stop gracefully.
+    /// `workers` workers; 30 s to stop gracefully; a worker that dies within
+    /// 1 s is replaced after a delay doubling from 100 ms to 10 s; more than
+    /// 10 restarts in 60 s and the master gives up.
     pub fn new(workers: usize) -> Config {
         Config {
             workers,
             graceful_timeout: Duration::from_secs(30),
+            min_uptime: Duration::from_secs(1),
+            backoff_initial: Duration::from_millis(100),
+            backoff_cap: Duration::from_secs(10),
+            max_restarts: 10,
+            restart_window: Duration::from_secs(60),
         }
     }
 
@@ -28,6 +41,29 @@ impl Config {
     /// before the master sends SIGKILL.
     pub fn graceful_timeout(mut self, timeout: Duration) -> Config {
         self.graceful_timeout = timeout;
+        self
+    }
+
+    /// A worker that dies sooner than this after it was forked "died young":
+    /// its replacement waits out a backoff.
+    pub fn min_uptime(mut self, uptime: Duration) -> Config {
+        self.min_uptime = uptime;
+        self
+    }
+
+    /// The backoff after a young death: `initial`, doubling each time the
+    /// slot's worker dies young again, up to `cap`.
+    pub fn backoff(mut self, initial: Duration, cap: Duration) -> Config {
+        self.backoff_initial = initial;
+        self.backoff_cap = cap;
+        self
+    }
+
+    /// More than `max` restarts within `window` and the master gives up:
+    /// it stops the workers and `run` returns [`crate::Error::GaveUp`].
+    pub fn restart_limit(mut self, max: usize, window: Duration) -> Config {
+        self.max_restarts = max;
+        self.restart_window = window;
         self
     }
 }

@@ -11,6 +11,9 @@ pub enum Error {
     Io { context: String, source: io::Error },
     /// The process already runs other threads, and fork would copy one.
     Threads { count: usize },
+    /// Workers kept failing: more restarts than the limit allows in its
+    /// window. `reason` says how many, how fast, and how the last one died.
+    GaveUp { reason: String },
 }
 
 impl Error {
@@ -31,6 +34,7 @@ impl fmt::Display for Error {
                 "refusing to fork from a process that runs {count} threads: \
                  call respawn_master::run before starting any thread"
             ),
+            Error::GaveUp { reason } => write!(f, "giving up: {reason}"),
         }
     }
 }
@@ -39,7 +43,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Io { source, .. } => Some(source),
-            Error::Threads { .. } => None,
+            Error::Threads { .. } | Error::GaveUp { .. } => None,
         }
     }
 }

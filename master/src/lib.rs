@@ -74,6 +74,7 @@ mod config;
 mod error;
 mod listen;
 mod master;
+mod policy;
 mod reap;
 mod signals;
 mod spawn;
@@ -90,9 +91,11 @@ use std::net::TcpListener;
 ///
 /// Forks `config`'s number of workers; each runs `worker(handoff)` and exits
 /// with the code it returns. Returns `Ok(())` after a stop (SIGTERM or
-/// SIGQUIT: graceful, SIGINT: at once) once every worker is gone. Returns an
-/// error, with every worker killed and reaped, if the master itself cannot go
-/// on (it runs in a multi-threaded process, or cannot fork).
+/// SIGQUIT: graceful, SIGINT: at once) once every worker is gone. Returns
+/// [`Error::GaveUp`], once every worker has stopped, if workers kept failing
+/// (see [`Config::restart_limit`]). Returns another error, with every worker
+/// killed and reaped, if the master itself cannot go on (it runs in a
+/// multi-threaded process, or cannot fork).
 pub fn run<W>(listener: TcpListener, config: Config, worker: W) -> Result<(), Error>
 where
     W: FnMut(Handoff) -> i32,

@@ -14,6 +14,7 @@
 //! worker's SIGCHLD, a Suicide read before or after the exit, both end in
 //! the same table.
 
+use crate::policy::{Backoff, Exceeded, RestartLimit};
 use crate::reap;
 use crate::signals::Signals;
 use crate::spawn::{self, ChildSetup};
@@ -40,8 +41,12 @@ pub(crate) struct Master<W> {
     poll: Poll,
     signals: Signals,
     workers: Table,
+    backoff: Backoff,
+    restarts: RestartLimit,
     /// Set by TERM, QUIT or INT: no more forks, exit once the table is empty.
     stopping: bool,
+    /// Why the master gave up, if it did: `run` returns it once all stopped.
+    gave_up: Option<String>,
     next_token: usize,
 }
 
@@ -54,6 +59,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             .register(&mut SourceFd(&signals.as_raw_fd()), SIGNALS, Interest::READABLE)
             .map_err(|err| Error::io("watching the signalfd", err))?;
         Ok(Master {
+            backoff: Backoff::new(config.backoff_initial, config.backoff_cap),
+            restarts: RestartLimit::new(config.max_restarts, config.restart_window),
             config,
             listener,
             work,
@@ -61,6 +68,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             signals,
             workers: Table::default(),
             stopping: false,
+            gave_up: None,
             next_token: SIGNALS.0 + 1,
         })
     }
@@ -80,17 +88,24 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.enforce_deadlines();
             self.spawn_missing_workers()?;
         }
-        info!("all workers stopped, master exiting");
-        Ok(())
+        match self.gave_up.take() {
+            Some(reason) => Err(Error::GaveUp { reason }),
+            None => {
+                info!("all workers stopped, master exiting");
+                Ok(())
+            }
+        }
     }
 
     /// Sleeps until an event or the nearest deadline; with no deadline, until
     /// an event: an idle master does not wake at all.
     fn wait_for_events(&mut self, events: &mut Events) -> Result<(), Error> {
-        let timeout = self
-            .workers
-            .next_deadline()
-            .map(|at| at.saturating_duration_since(Instant::now()));
+        let now = Instant::now();
+        let timeout = [self.workers.next_deadline(), self.backoff.next_deadline(now)]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| at.saturating_duration_since(now));
         match self.poll.poll(events, timeout) {
             // Every signal we handle is blocked, but one we do not handle
             // (SIGSTOP/SIGCONT from a debugger) can still interrupt.
@@ -110,7 +125,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         {
             match signal {
                 Signal::SIGCHLD => self.reap_children()?,
-                Signal::SIGTERM | Signal::SIGQUIT => self.stop_gracefully(signal),
+                Signal::SIGTERM | Signal::SIGQUIT => self.stop_gracefully(Some(signal)),
                 Signal::SIGINT => self.stop_now(),
                 _ => {}
             }
@@ -135,16 +150,52 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         // be in the pipe, and tells why it went.
         drain_pipe(self.poll.registry(), &mut worker, self.config.graceful_timeout);
         close_pipe(self.poll.registry(), &mut worker);
-        let how = reap::describe(status);
-        if worker.state.counts() && !self.stopping {
-            warn!("worker {pid} exited ({how}), replacing");
-        } else {
+        let how = match &worker.last_words {
+            Some(why) => format!("{}: {why}", reap::describe(status)),
+            None => reap::describe(status),
+        };
+        if !worker.state.counts() || self.stopping {
             // A retiring worker's replacement comes before its exit, even
             // when its Suicide and its SIGCHLD are read in the same turn.
             self.spawn_missing_workers()?;
             info!("worker {pid} exited ({how})");
+        } else {
+            self.plan_replacement(&worker, &how);
         }
         Ok(())
+    }
+
+    /// A worker died without warning, or failed to start: count the restart,
+    /// give up if there were too many, and delay it if the worker died young.
+    fn plan_replacement(&mut self, worker: &Worker, how: &str) {
+        let now = Instant::now();
+        let (pid, slot) = (worker.pid, worker.slot);
+        let lived = now.saturating_duration_since(worker.spawned_at);
+        if let Err(Exceeded { count, span }) = self.restarts.record(now) {
+            let reason = format!(
+                "{count} restarts in {:.1} s, more than the {} allowed in {} s; \
+                 the last: worker {pid} exited ({how}) {:.2} s after it was forked",
+                span.as_secs_f64(),
+                self.config.max_restarts,
+                self.config.restart_window.as_secs_f64(),
+                lived.as_secs_f64(),
+            );
+            error!("giving up: {reason}");
+            self.gave_up = Some(reason);
+            self.stop_gracefully(None);
+            return;
+        }
+        if worker.state == State::Starting || lived < self.config.min_uptime {
+            let delay = self.backoff.died_young(slot, now);
+            warn!(
+                "worker {pid} exited ({how}) {:.2} s after it was forked; slot {slot} respawns in {:.1} s",
+                lived.as_secs_f64(),
+                delay.as_secs_f64()
+            );
+        } else {
+            self.backoff.lived(slot);
+            warn!("worker {pid} exited ({how}), replacing");
+        }
     }
 
     /// 'message': everything a worker's pipe holds now.
@@ -155,17 +206,21 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
     }
 
-    /// TERM, QUIT: every worker finishes what it holds and exits; any still
-    /// alive after the graceful timeout is killed.
-    fn stop_gracefully(&mut self, signal: Signal) {
+    /// TERM, QUIT (or giving up, with no signal): every worker finishes what
+    /// it holds and exits; any still alive after the graceful timeout is
+    /// killed.
+    fn stop_gracefully(&mut self, signal: Option<Signal>) {
         if self.stopping {
-            info!("received {signal} while stopping; already stopping");
+            if let Some(signal) = signal {
+                info!("received {signal} while stopping; already stopping");
+            }
             return;
         }
-        info!(
-            "received {signal}, stopping gracefully (graceful timeout {} s)",
-            self.config.graceful_timeout.as_secs_f64()
-        );
+        let timeout = self.config.graceful_timeout.as_secs_f64();
+        match signal {
+            Some(signal) => info!("received {signal}, stopping gracefully (graceful timeout {timeout} s)"),
+            None => info!("stopping gracefully (graceful timeout {timeout} s)"),
+        }
         self.stopping = true;
         for worker in self.workers.iter_mut() {
             ask_to_stop(worker, self.config.graceful_timeout);
@@ -200,19 +255,24 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
     }
 
-    /// The count invariant: fork until the target number of workers count.
+    /// The count invariant: fork until the target number of workers count,
+    /// except into a slot that waits out its backoff.
     fn spawn_missing_workers(&mut self) -> Result<(), Error> {
         if self.stopping {
             return Ok(());
         }
-        for _ in 0..self.workers.missing(self.config.workers) {
-            self.spawn_worker()?;
+        let now = Instant::now();
+        let missing = self.workers.missing(self.config.workers);
+        let slots: Vec<usize> = self.workers.free_slots(missing).collect();
+        for slot in slots {
+            if self.backoff.allows(slot, now) {
+                self.spawn_worker(slot)?;
+            }
         }
         Ok(())
     }
 
-    fn spawn_worker(&mut self) -> Result<(), Error> {
-        let slot = self.workers.free_slot();
+    fn spawn_worker(&mut self, slot: usize) -> Result<(), Error> {
         let master_fds = self.master_fds();
         let setup = ChildSetup {
             slot,
@@ -291,12 +351,14 @@ fn on_message(worker: &mut Worker, message: Message, graceful: Duration) {
             worker.state = worker.state.next(Event::Ready);
         }
         Message::Suicide { reason } => {
-            if worker.state.counts() {
-                info!("worker {pid} sent suicide ({reason}); replacing it");
-            } else {
-                info!("worker {pid} sent suicide ({reason})");
+            match worker.state {
+                // Nothing to hand over: its exit is a failed start.
+                State::Starting => debug!("worker {pid} failed to start ({reason})"),
+                State::Ready => info!("worker {pid} sent suicide ({reason}); replacing it"),
+                State::Retiring => info!("worker {pid} sent suicide ({reason})"),
             }
             worker.state = worker.state.next(Event::Suicide);
+            worker.last_words = Some(reason);
             // It leaves on its own, but not later than a stopped one would.
             worker.kill_at.get_or_insert(Instant::now() + graceful);
         }

@@ -6,6 +6,10 @@
 //! is already replaced, so its exit replaces nothing. That one rule is what
 //! keeps the article's bug away (it replaced a worker on both its suicide
 //! message and its exit, so every crash added a worker).
+//!
+//! A Suicide from a worker still Starting changes nothing but the record of
+//! why: it holds no connection, so there is nothing to hand over, and its
+//! exit is a failed start, replaced after the slot's backoff.
 
 use mio::Token;
 use nix::unistd::Pid;
@@ -40,6 +44,7 @@ impl State {
         match (self, event) {
             (State::Starting | State::Ready, Event::Ready) => State::Ready,
             (State::Retiring, Event::Ready) => State::Retiring,
+            (State::Starting, Event::Suicide) => State::Starting,
             (_, Event::Suicide | Event::Malformed | Event::Stop) => State::Retiring,
         }
     }
@@ -52,8 +57,13 @@ impl State {
 
 pub(crate) struct Worker {
     pub pid: Pid,
+    /// A small number, unique among live workers: its name (`worker 3`),
+    /// the unit of backoff, and its row in the scoreboard.
     pub slot: usize,
     pub state: State,
+    pub spawned_at: Instant,
+    /// The reason of its Suicide, if it sent one: why it went.
+    pub last_words: Option<String>,
     /// The mio token of its pipe; never reused, so a stale event for a
     /// reaped worker finds nobody.
     pub token: Token,
@@ -70,6 +80,8 @@ impl Worker {
             pid,
             slot,
             state: State::Starting,
+            spawned_at: Instant::now(),
+            last_words: None,
             token,
             pipe,
             decoder: Decoder::new(),
@@ -148,11 +160,11 @@ impl Table {
         target.saturating_sub(counted)
     }
 
-    /// The lowest slot no live worker (retiring ones included) holds.
-    pub(crate) fn free_slot(&self) -> usize {
+    /// The `n` lowest slots no live worker (retiring ones included) holds.
+    pub(crate) fn free_slots(&self, n: usize) -> impl Iterator<Item = usize> + '_ {
         (0..)
-            .find(|slot| self.workers.iter().all(|w| w.slot != *slot))
-            .unwrap_or(0)
+            .filter(|slot| self.workers.iter().all(|w| w.slot != *slot))
+            .take(n)
     }
 
     /// The nearest moment a retiring worker must be killed.
@@ -171,7 +183,7 @@ mod tests {
     fn state_machine_table() {
         let table = [
             (Starting, Event::Ready, State::Ready),
-            (Starting, Suicide, Retiring),
+            (Starting, Suicide, Starting),
             (Starting, Malformed, Retiring),
             (Starting, Stop, Retiring),
             (State::Ready, Event::Ready, State::Ready),
@@ -188,10 +200,14 @@ mod tests {
         }
     }
 
+    fn free_slot(table: &Table) -> usize {
+        table.free_slots(1).next().unwrap()
+    }
+
     fn table_of(n: i32) -> Table {
         let mut table = Table::default();
         for i in 0..n {
-            let slot = table.free_slot();
+            let slot = free_slot(&table);
             table.insert(Worker::new(
                 Pid::from_raw(100 + i),
                 slot,
@@ -210,13 +226,23 @@ mod tests {
     #[test]
     fn suicide_asks_for_one_replacement_and_its_exit_for_none() {
         let mut table = table_of(3);
+        apply(&mut table, 101, Event::Ready);
         assert_eq!(table.missing(3), 0);
         apply(&mut table, 101, Suicide);
         assert_eq!(table.missing(3), 1, "the replacement is due at once");
-        table.insert(Worker::new(Pid::from_raw(200), table.free_slot(), Token(9), None));
+        table.insert(Worker::new(Pid::from_raw(200), free_slot(&table), Token(9), None));
         assert_eq!(table.missing(3), 0);
         table.remove(Pid::from_raw(101));
         assert_eq!(table.missing(3), 0, "the suicide's exit must not add a worker");
+    }
+
+    #[test]
+    fn a_failed_start_is_replaced_at_its_exit_not_at_its_suicide() {
+        let mut table = table_of(2);
+        apply(&mut table, 100, Suicide);
+        assert_eq!(table.missing(2), 0, "still counted until it exits");
+        table.remove(Pid::from_raw(100));
+        assert_eq!(table.missing(2), 1);
     }
 
     #[test]
@@ -239,10 +265,11 @@ mod tests {
     #[test]
     fn a_replacement_does_not_take_a_retiring_workers_slot() {
         let mut table = table_of(2);
+        apply(&mut table, 100, Event::Ready);
         apply(&mut table, 100, Suicide);
-        assert_eq!(table.free_slot(), 2);
+        assert_eq!(free_slot(&table), 2);
         table.remove(Pid::from_raw(100));
-        assert_eq!(table.free_slot(), 0);
+        assert_eq!(free_slot(&table), 0);
     }
 
     #[test]

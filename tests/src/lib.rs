@@ -215,6 +215,19 @@ impl Respawn {
             panic!("the master did not exit within {PATIENCE:?}\n{}", self.dump());
         };
         self.exited = Some(status);
+        // Its last lines may still be in the pipe: read to EOF. (A worker
+        // that outlived the master would hold the pipe open; the tests check
+        // for those themselves, so this wait is bounded, not asserted.)
+        let deadline = Instant::now() + PATIENCE;
+        let mut guard = self.log.lines.lock().unwrap();
+        while !guard.1 && Instant::now() < deadline {
+            guard = self
+                .log
+                .changed
+                .wait_timeout(guard, deadline - Instant::now())
+                .unwrap()
+                .0;
+        }
         status
     }
 

@@ -43,7 +43,8 @@ fn serves_from_n_workers() {
 
 #[test]
 fn kill_9_worker_is_replaced() {
-    let respawn = Respawn::with_workers(2, &[]);
+    // --min-uptime 0: the victim is young, and this is not about backoff.
+    let respawn = Respawn::with_workers(2, &["--min-uptime", "0"]);
     let before = respawn.wait_for_workers(2);
     let victim = *before.iter().next().unwrap();
 
@@ -226,4 +227,61 @@ fn malformed_ipc_replaces_the_worker() {
     let after = respawn.wait_for_workers(2);
     assert!(!after.contains(&victim));
     assert_eq!(respawn.get("/").expect("still serving").status, 200);
+}
+
+#[test]
+fn crash_loop_backs_off_then_gives_up() {
+    // Every worker panics before Ready. Each slot waits 0.1 s, then 0.2 s,
+    // ... and the sixth restart within 60 s is one too many.
+    let mut respawn = Respawn::start(&[
+        "--workers",
+        "2",
+        "--demo-fail-start",
+        "--max-restarts",
+        "5",
+        "--restart-window",
+        "60",
+    ]);
+    let status = respawn.wait_exit();
+
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "the documented give-up code\n{}",
+        respawn.dump()
+    );
+    let log = respawn.log();
+    let forked: Vec<i32> = log
+        .iter()
+        .filter(|l| l.ends_with(" spawned"))
+        .filter_map(|l| worker_pid(l))
+        .collect();
+    assert!(
+        forked.len() <= 2 + 5 + 1,
+        "{} forks\n{}",
+        forked.len(),
+        respawn.dump()
+    );
+    assert!(forked.iter().all(|&pid| !alive(pid)), "nothing left running");
+    let giving_up: Vec<&String> = log.iter().filter(|l| l.contains("giving up: ")).collect();
+    assert_eq!(giving_up.len(), 1, "one line says why\n{}", respawn.dump());
+    assert!(giving_up[0].contains("6 restarts in"), "{}", giving_up[0]);
+    assert!(
+        giving_up[0].contains("more than the 5 allowed in 60 s"),
+        "{}",
+        giving_up[0]
+    );
+    assert!(
+        giving_up[0].contains("panicked while starting: --demo-fail-start"),
+        "{}",
+        giving_up[0]
+    );
+    for delay in ["slot 0 respawns in 0.1 s", "slot 0 respawns in 0.2 s"] {
+        assert_eq!(
+            respawn.count_log(delay),
+            1,
+            "the backoff doubles: {delay}\n{}",
+            respawn.dump()
+        );
+    }
 }

@@ -62,6 +62,12 @@ pub use respawn_ipc::exit_code;
 
 /// What a worker does with each connection.
 pub trait Service {
+    /// Called once in the new worker, before it tells the master it is
+    /// ready: load what the worker needs. A panic here is a failed start:
+    /// the worker tells the master why and exits, and the master replaces it
+    /// after a backoff (and gives up if starts keep failing).
+    fn start(&mut self) {}
+
     /// Serves one connection. Returns when done with it; dropping it closes
     /// it. A panic here is caught: the worker retires (see the crate docs).
     fn serve(&mut self, conn: &mut TcpStream);
@@ -87,6 +93,12 @@ pub fn run<S: Service>(handoff: Handoff, mut service: S) -> i32 {
     if let Err(err) = stop::install(listener.as_raw_fd()) {
         error!("worker {pid}: installing the stop handler: {err}");
         return exit_code::SETUP_FAILED;
+    }
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(|| service.start())) {
+        let message = panic::message(payload.as_ref());
+        let reason = format!("panicked while starting: {message}");
+        let _ = channel.send(&Message::suicide(&reason));
+        return exit_code::PANICKED;
     }
     if let Err(err) = channel.send(&Message::Ready) {
         error!("worker {pid}: telling the master it is ready: {err}");

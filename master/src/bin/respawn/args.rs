@@ -4,19 +4,24 @@ use lexopt::prelude::*;
 use std::ffi::OsString;
 use std::time::Duration;
 
-pub const USAGE: &str =
-    "usage: respawn [--workers N] [--listen ADDR] [--graceful-timeout SECS] [-h|--help] [-V|--version]";
+pub const USAGE: &str = "usage: respawn [--workers N] [--listen ADDR] [--graceful-timeout SECS] \
+                         [--max-restarts R] [--restart-window SECS] [--min-uptime SECS] [-h|--help] [-V|--version]";
 
 pub const HELP: &str = "\
 respawn: a prefork supervisor, and a demo HTTP server to watch it heal
 
-usage: respawn [--workers N] [--listen ADDR] [--graceful-timeout SECS]
+usage: respawn [flags]
 
   -w, --workers N            workers to keep alive (default: one per CPU)
   -l, --listen ADDR          host:port to listen on, IPv4 or IPv6; port 0
                              picks a free port (default: 127.0.0.1:8080)
       --graceful-timeout SECS  how long a stopping worker may finish what it
                              holds before it is killed (default: 30)
+      --max-restarts R       give up (exit 3) after more than R restarts
+      --restart-window SECS  within this many seconds (defaults: 10 in 60)
+      --min-uptime SECS      a worker that dies sooner died young: its slot
+                             waits 0.1 s, doubling to 10 s (default: 1)
+      --demo-fail-start      every worker panics before Ready: a crash loop
   -h, --help                 this help
   -V, --version              the version
 
@@ -35,6 +40,10 @@ pub struct Args {
     pub workers: usize,
     pub listen: String,
     pub graceful_timeout: Duration,
+    pub max_restarts: usize,
+    pub restart_window: Duration,
+    pub min_uptime: Duration,
+    pub demo_fail_start: bool,
 }
 
 pub enum Parsed {
@@ -48,6 +57,10 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         listen: "127.0.0.1:8080".to_owned(),
         graceful_timeout: Duration::from_secs(30),
+        max_restarts: 10,
+        restart_window: Duration::from_secs(60),
+        min_uptime: Duration::from_secs(1),
+        demo_fail_start: false,
     };
     let mut parser = lexopt::Parser::from_args(argv);
     while let Some(arg) = parser.next()? {
@@ -59,17 +72,24 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
                 }
             }
             Short('l') | Long("listen") => args.listen = parser.value()?.string()?,
-            Long("graceful-timeout") => {
-                let secs: f64 = parser.value()?.parse()?;
-                args.graceful_timeout = Duration::try_from_secs_f64(secs)
-                    .map_err(|_| format!("--graceful-timeout must be a number of seconds, not {secs}"))?;
-            }
+            Long("graceful-timeout") => args.graceful_timeout = seconds(&mut parser, "--graceful-timeout")?,
+            Long("max-restarts") => args.max_restarts = parser.value()?.parse()?,
+            Long("restart-window") => args.restart_window = seconds(&mut parser, "--restart-window")?,
+            Long("min-uptime") => args.min_uptime = seconds(&mut parser, "--min-uptime")?,
+            Long("demo-fail-start") => args.demo_fail_start = true,
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             _ => return Err(arg.unexpected()),
         }
     }
     Ok(Parsed::Run(args))
+}
+
+/// The value of a flag that takes seconds, fractions allowed.
+fn seconds(parser: &mut lexopt::Parser, flag: &str) -> Result<Duration, lexopt::Error> {
+    let secs: f64 = parser.value()?.parse()?;
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("{flag} must be a number of seconds, not {secs}").into())
 }
 
 #[cfg(test)]

@@ -19,17 +19,27 @@ const MAX_SLEEP_MS: u64 = 60_000;
 
 pub struct Demo {
     pid: u32,
+    fail_start: bool,
 }
 
 impl Demo {
-    pub fn new() -> Demo {
+    /// Made in the worker. `fail_start`: panic before Ready, to show what
+    /// the master does with a crash loop.
+    pub fn new(fail_start: bool) -> Demo {
         Demo {
             pid: std::process::id(),
+            fail_start,
         }
     }
 }
 
 impl Service for Demo {
+    fn start(&mut self) {
+        if self.fail_start {
+            panic!("--demo-fail-start: failing before Ready on purpose");
+        }
+    }
+
     fn serve(&mut self, conn: &mut TcpStream) {
         let _ = conn.set_read_timeout(Some(READ_TIMEOUT));
         let response = match read_request(conn) {

@@ -12,6 +12,10 @@ use args::{Args, Parsed};
 use log::info;
 use std::process::exit;
 
+/// Exit code when workers kept failing and the master gave up (gunicorn's
+/// WORKER_BOOT_ERROR is 3 too). 1 is any other failure, 2 a bad flag.
+const EXIT_GAVE_UP: i32 = 3;
+
 fn main() {
     let args = match args::parse(std::env::args_os().skip(1)) {
         Ok(Parsed::Run(args)) => args,
@@ -44,10 +48,15 @@ fn serve(args: &Args) -> i32 {
         Ok(addr) => info!("listening on {addr}"),
         Err(err) => info!("listening on {} ({err} reading the bound address)", args.listen),
     }
-    let config = respawn_master::Config::new(args.workers).graceful_timeout(args.graceful_timeout);
-    let demo = |handoff| respawn_worker::run(handoff, http::Demo::new());
+    let config = respawn_master::Config::new(args.workers)
+        .graceful_timeout(args.graceful_timeout)
+        .restart_limit(args.max_restarts, args.restart_window)
+        .min_uptime(args.min_uptime);
+    let demo = |handoff| respawn_worker::run(handoff, http::Demo::new(args.demo_fail_start));
     match respawn_master::run(listener, config, demo) {
         Ok(()) => 0,
+        // The master logged why when it decided; say nothing twice.
+        Err(respawn_master::Error::GaveUp { .. }) => EXIT_GAVE_UP,
         Err(err) => {
             eprintln!("respawn: {err}");
             1
