@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Handlers only record what happened in the worker table; the count
-//! invariant is restored by one function, `spawn_missing_workers`, at the end
+//! invariant is restored by one function, `manage_workers`, at the end
 //! of every turn of the loop (and before a retiring worker's exit is logged,
 //! so that the log shows its replacement first). The order of events within
 //! a turn therefore does not matter: a pipe's EOF before or after its
@@ -41,6 +41,11 @@ pub(crate) struct Master<W> {
     poll: Poll,
     signals: Signals,
     workers: Table,
+    /// How many workers to keep: the configured number, then TTIN and TTOU.
+    target: usize,
+    /// Bumped by each HUP; a counting worker of an older generation is
+    /// outdated, and replaced one at a time.
+    generation: u64,
     backoff: Backoff,
     restarts: RestartLimit,
     /// Set by TERM, QUIT or INT: no more forks, exit once the table is empty.
@@ -61,6 +66,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         Ok(Master {
             backoff: Backoff::new(config.backoff_initial, config.backoff_cap),
             restarts: RestartLimit::new(config.max_restarts, config.restart_window),
+            target: config.workers,
+            generation: 0,
             config,
             listener,
             work,
@@ -76,7 +83,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// The loop. Returns once stopped and every worker is reaped.
     pub(crate) fn run(&mut self) -> Result<(), Error> {
         let mut events = Events::with_capacity(64);
-        self.spawn_missing_workers()?;
+        self.manage_workers()?;
         while !(self.stopping && self.workers.is_empty()) {
             self.wait_for_events(&mut events)?;
             for event in events.iter() {
@@ -86,7 +93,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 }
             }
             self.enforce_deadlines();
-            self.spawn_missing_workers()?;
+            self.manage_workers()?;
         }
         match self.gave_up.take() {
             Some(reason) => Err(Error::GaveUp { reason }),
@@ -127,6 +134,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 Signal::SIGCHLD => self.reap_children()?,
                 Signal::SIGTERM | Signal::SIGQUIT => self.stop_gracefully(Some(signal)),
                 Signal::SIGINT => self.stop_now(),
+                Signal::SIGHUP => self.restart_every_worker(),
+                Signal::SIGTTIN => self.change_target(1),
+                Signal::SIGTTOU => self.change_target(-1),
                 _ => {}
             }
         }
@@ -157,7 +167,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         if !worker.state.counts() || self.stopping {
             // A retiring worker's replacement comes before its exit, even
             // when its Suicide and its SIGCHLD are read in the same turn.
-            self.spawn_missing_workers()?;
+            self.manage_workers()?;
             info!("worker {pid} exited ({how})");
         } else {
             self.plan_replacement(&worker, &how);
@@ -255,21 +265,82 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
     }
 
-    /// The count invariant: fork until the target number of workers count,
-    /// except into a slot that waits out its backoff.
-    fn spawn_missing_workers(&mut self) -> Result<(), Error> {
+    /// HUP: a rolling restart. Every worker of the current generation
+    /// becomes outdated; `manage_workers` replaces them one at a time.
+    fn restart_every_worker(&mut self) {
+        if self.stopping {
+            info!("received SIGHUP while stopping; ignored");
+            return;
+        }
+        if self.workers.outdated(self.generation) > 0 {
+            info!(
+                "received SIGHUP during a rolling restart; every worker started before now will be replaced"
+            );
+        } else {
+            info!("received SIGHUP, replacing every worker, one at a time");
+        }
+        self.generation += 1;
+    }
+
+    /// TTIN (+1) and TTOU (-1): one worker more or one fewer, never below 0.
+    fn change_target(&mut self, change: isize) {
+        let name = if change > 0 { "SIGTTIN" } else { "SIGTTOU" };
+        if self.stopping {
+            info!("received {name} while stopping; ignored");
+            return;
+        }
+        match self.target.checked_add_signed(change) {
+            Some(target) => {
+                self.target = target;
+                let plural = if target == 1 { "" } else { "s" };
+                info!("received {name}, {target} worker{plural} wanted");
+            }
+            None => info!("received {name} with no worker wanted; there is none to remove"),
+        }
+    }
+
+    /// The count invariant, in one place: fork while fewer workers count
+    /// than wanted (except into a slot that waits out its backoff), and
+    /// retire while more count. During a rolling restart one more is wanted,
+    /// and the surplus is retired only once nothing is starting, so an
+    /// outdated worker leaves only when its replacement is Ready.
+    fn manage_workers(&mut self) -> Result<(), Error> {
         if self.stopping {
             return Ok(());
         }
+        let rolling = self.workers.outdated(self.generation) > 0;
+        let wanted = self.target + usize::from(rolling && self.target > 0);
         let now = Instant::now();
-        let missing = self.workers.missing(self.config.workers);
-        let slots: Vec<usize> = self.workers.free_slots(missing).collect();
+        let slots: Vec<usize> = self.workers.free_slots(self.workers.missing(wanted)).collect();
         for slot in slots {
             if self.backoff.allows(slot, now) {
                 self.spawn_worker(slot)?;
             }
         }
+        while self.workers.counted() > self.target && !self.workers.any_starting() {
+            self.retire_one();
+        }
+        if rolling && self.workers.outdated(self.generation) == 0 {
+            info!("rolling restart done: every worker is new");
+        }
         Ok(())
+    }
+
+    /// Retires the oldest outdated worker if a rolling restart is under
+    /// way, else the newest (TTOU: the one with the least warm state).
+    fn retire_one(&mut self) {
+        let graceful = self.config.graceful_timeout;
+        let generation = self.generation;
+        if let Some(worker) = self.workers.oldest_outdated(generation) {
+            info!(
+                "rolling restart: stopping worker {}, its replacement is ready",
+                worker.pid
+            );
+            ask_to_stop(worker, graceful);
+        } else if let Some(worker) = self.workers.newest_counted() {
+            info!("stopping worker {}: more workers than wanted", worker.pid);
+            ask_to_stop(worker, graceful);
+        }
     }
 
     fn spawn_worker(&mut self, slot: usize) -> Result<(), Error> {
@@ -285,8 +356,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         let token = Token(self.next_token);
         self.next_token += 1;
         let fd = spawned.pipe.as_raw_fd();
-        self.workers
-            .insert(Worker::new(spawned.pid, slot, token, Some(spawned.pipe)));
+        let mut worker = Worker::new(spawned.pid, slot, token, Some(spawned.pipe));
+        worker.generation = self.generation;
+        self.workers.insert(worker);
         info!("worker {} spawned", spawned.pid);
         self.poll
             .registry()

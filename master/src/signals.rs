@@ -16,8 +16,17 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-/// The signals the master handles.
-pub(crate) const HANDLED: [Signal; 4] = [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGQUIT, Signal::SIGINT];
+/// The signals the master handles. Blocking TTIN and TTOU also keeps their
+/// default action (stop the process, for job control) from ever running.
+pub(crate) const HANDLED: [Signal; 7] = [
+    Signal::SIGCHLD,
+    Signal::SIGTERM,
+    Signal::SIGQUIT,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+];
 
 pub(crate) struct Signals {
     fd: SignalFd,

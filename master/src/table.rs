@@ -62,6 +62,8 @@ pub(crate) struct Worker {
     pub slot: usize,
     pub state: State,
     pub spawned_at: Instant,
+    /// The master's generation when it was forked (see HUP).
+    pub generation: u64,
     /// The reason of its Suicide, if it sent one: why it went.
     pub last_words: Option<String>,
     /// The mio token of its pipe; never reused, so a stale event for a
@@ -81,6 +83,7 @@ impl Worker {
             slot,
             state: State::Starting,
             spawned_at: Instant::now(),
+            generation: 0,
             last_words: None,
             token,
             pipe,
@@ -153,11 +156,42 @@ impl Table {
         self.workers.is_empty()
     }
 
-    /// The count invariant, in one place: how many workers to fork so that
-    /// `target` count.
+    /// How many workers count towards the target.
+    pub(crate) fn counted(&self) -> usize {
+        self.workers.iter().filter(|w| w.state.counts()).count()
+    }
+
+    /// How many workers to fork so that `target` count.
     pub(crate) fn missing(&self, target: usize) -> usize {
-        let counted = self.workers.iter().filter(|w| w.state.counts()).count();
-        target.saturating_sub(counted)
+        target.saturating_sub(self.counted())
+    }
+
+    pub(crate) fn any_starting(&self) -> bool {
+        self.workers.iter().any(|w| w.state == State::Starting)
+    }
+
+    /// How many counted workers are older than `generation`.
+    pub(crate) fn outdated(&self, generation: u64) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.state.counts() && w.generation < generation)
+            .count()
+    }
+
+    /// The counted worker of an older generation forked first.
+    pub(crate) fn oldest_outdated(&mut self, generation: u64) -> Option<&mut Worker> {
+        self.workers
+            .iter_mut()
+            .filter(|w| w.state.counts() && w.generation < generation)
+            .min_by_key(|w| w.spawned_at)
+    }
+
+    /// The counted worker forked last.
+    pub(crate) fn newest_counted(&mut self) -> Option<&mut Worker> {
+        self.workers
+            .iter_mut()
+            .filter(|w| w.state.counts())
+            .max_by_key(|w| w.spawned_at)
     }
 
     /// The `n` lowest slots no live worker (retiring ones included) holds.

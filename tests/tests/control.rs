@@ -1,0 +1,195 @@
+//! Live control by signal, the conventions of the field: HUP replaces every
+//! worker one at a time, TTIN and TTOU add and remove one, and signals that
+//! arrive while stopping do the sensible thing.
+
+use respawn_tests::*;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+/// Clients that GET / in a loop until told to stop; they return how many
+/// answers were 200 and what went wrong otherwise.
+struct Load {
+    done: Arc<AtomicBool>,
+    clients: Vec<thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Load {
+    fn start(respawn: &Respawn, clients: usize) -> Load {
+        let done = Arc::new(AtomicBool::new(false));
+        let clients = (0..clients)
+            .map(|_| {
+                let (addr, done) = (respawn.addr, Arc::clone(&done));
+                thread::spawn(move || {
+                    let (mut ok, mut failed) = (0, Vec::new());
+                    while !done.load(Ordering::SeqCst) {
+                        match get(addr, "/") {
+                            Ok(answer) if answer.status == 200 => ok += 1,
+                            other => failed.push(format!("{other:?}")),
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Load { done, clients }
+    }
+
+    fn stop(self) -> (usize, Vec<String>) {
+        self.done.store(true, Ordering::SeqCst);
+        let (mut ok, mut failed) = (0, Vec::new());
+        for client in self.clients {
+            let (client_ok, client_failed) = client.join().unwrap();
+            ok += client_ok;
+            failed.extend(client_failed);
+        }
+        (ok, failed)
+    }
+}
+
+#[test]
+fn hup_replaces_every_worker_without_failing_a_request() {
+    let respawn = Respawn::with_workers(2, &[]);
+    let old = respawn.wait_for_workers(2);
+    let load = Load::start(&respawn, 4);
+    assert!(wait_until(PATIENCE, || respawn.count_log("serving GET /") >= 20));
+
+    respawn.signal(libc::SIGHUP);
+    respawn.wait_for_log("the end of the rolling restart", |l| {
+        l.contains("rolling restart done")
+    });
+    let served_before_stop = respawn.count_log("serving GET /");
+    assert!(wait_until(PATIENCE, || respawn.count_log("serving GET /")
+        >= served_before_stop + 20));
+    let (ok, failed) = load.stop();
+
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}\n{}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(3)],
+        respawn.dump()
+    );
+    let new = respawn.wait_for_workers(2);
+    assert!(
+        new.is_disjoint(&old),
+        "every old worker replaced: {old:?} -> {new:?}"
+    );
+    assert!(old.iter().all(|&pid| !alive(pid)), "old workers gone");
+    // Never fewer than N ready: each old worker is asked to stop only after
+    // a new one said Ready, and at most one new worker starts at a time.
+    let log = respawn.log();
+    let hup = position(&log, |l| l.contains("received SIGHUP")).unwrap();
+    let mut ready_new = 0;
+    for line in &log[hup..] {
+        if line.ends_with(" ready") {
+            ready_new += 1;
+        }
+        if line.contains("rolling restart: stopping worker") {
+            assert!(
+                ready_new >= 1,
+                "an old worker stopped before its replacement was ready\n{}",
+                respawn.dump()
+            );
+            ready_new -= 1;
+        }
+    }
+}
+
+#[test]
+fn ttin_adds_a_worker() {
+    let respawn = Respawn::with_workers(2, &[]);
+    let before = respawn.wait_for_workers(2);
+    respawn.signal(libc::SIGTTIN);
+    respawn.wait_for_log("the TTIN", |l| l.contains("received SIGTTIN, 3 workers wanted"));
+    let after = respawn.wait_for_workers(3);
+    assert!(
+        before.is_subset(&after),
+        "the old ones stay: {before:?} -> {after:?}"
+    );
+}
+
+#[test]
+fn ttou_removes_the_newest_down_to_zero_and_ttin_serves_again() {
+    let mut respawn = Respawn::with_workers(2, &[]);
+    let log = respawn.log();
+    let first = log
+        .iter()
+        .find(|l| l.ends_with(" spawned"))
+        .and_then(|l| worker_pid(l))
+        .unwrap();
+
+    respawn.signal(libc::SIGTTOU);
+    respawn.wait_for_log("the first TTOU", |l| {
+        l.contains("received SIGTTOU, 1 worker wanted")
+    });
+    let left = respawn.wait_for_workers(1);
+    assert_eq!(
+        left.into_iter().collect::<Vec<_>>(),
+        [first],
+        "the newest went, the oldest stays"
+    );
+
+    respawn.signal(libc::SIGTTOU);
+    respawn.wait_for_log("the second TTOU", |l| {
+        l.contains("received SIGTTOU, 0 workers wanted")
+    });
+    respawn.wait_for_workers(0);
+    respawn.signal(libc::SIGTTOU);
+    respawn.wait_for_log("a TTOU at zero", |l| l.contains("there is none to remove"));
+
+    // At zero the master keeps the listener: a client waits in the backlog
+    // and is served once TTIN brings a worker back.
+    let addr = respawn.addr;
+    let waiting = thread::spawn(move || get(addr, "/"));
+    assert!(
+        TcpStream::connect(addr).is_ok(),
+        "the port still accepts connections"
+    );
+    respawn.signal(libc::SIGTTIN);
+    let answer = waiting.join().unwrap().expect("the waiting request is served");
+    assert_eq!(answer.status, 200);
+    respawn.wait_for_workers(1);
+
+    respawn.signal(libc::SIGTERM);
+    assert_eq!(respawn.wait_exit().code(), Some(0));
+}
+
+#[test]
+fn signals_while_stopping_do_not_restart_anything() {
+    let mut respawn = Respawn::with_workers(2, &[]);
+    let addr = respawn.addr;
+    let client = thread::spawn(move || get(addr, "/sleep/30000"));
+    assert!(wait_until(PATIENCE, || respawn
+        .count_log("serving GET /sleep/30000")
+        == 1));
+
+    respawn.signal(libc::SIGTERM);
+    respawn.wait_for_log("the graceful stop", |l| {
+        l.contains("received SIGTERM, stopping gracefully")
+    });
+    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGTTIN] {
+        respawn.signal(signal);
+    }
+    respawn.wait_for_log("the ignored TTIN", |l| {
+        l.contains("received SIGTTIN while stopping; ignored")
+    });
+    assert_eq!(
+        respawn.count_log("received SIGTERM while stopping; already stopping"),
+        1
+    );
+    assert_eq!(respawn.count_log("received SIGHUP while stopping; ignored"), 1);
+
+    // INT makes the graceful stop immediate: no waiting out the 30 s sleep.
+    respawn.signal(libc::SIGINT);
+    assert_eq!(respawn.wait_exit().code(), Some(0), "{}", respawn.dump());
+    assert_eq!(
+        respawn.count_log(" spawned"),
+        2,
+        "nothing was forked while stopping\n{}",
+        respawn.dump()
+    );
+    assert!(client.join().unwrap().is_err(), "the sleeping request was cut");
+}
