@@ -285,3 +285,40 @@ fn crash_loop_backs_off_then_gives_up() {
         );
     }
 }
+
+#[test]
+fn max_requests_recycles_workers_without_losing_a_request() {
+    const CLIENTS: usize = 4;
+    const REQUESTS: usize = 300;
+    let respawn = Respawn::with_workers(2, &["--max-requests", "5"]);
+
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let addr = respawn.addr;
+            thread::spawn(move || {
+                (0..REQUESTS / CLIENTS)
+                    .map(|_| get(addr, "/").map(|a| a.status))
+                    .filter(|answer| !matches!(answer, Ok(200)))
+                    .map(|answer| format!("{answer:?}"))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let failed: Vec<String> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+
+    assert!(
+        failed.is_empty(),
+        "{} of {REQUESTS} failed: {:?}\n{}",
+        failed.len(),
+        &failed[..failed.len().min(5)],
+        respawn.dump()
+    );
+    let recycled = respawn.count_log("sent suicide (served its 5 requests); replacing it");
+    assert!(
+        recycled >= REQUESTS / 5 - 2,
+        "{recycled} workers recycled\n{}",
+        respawn.dump()
+    );
+    assert_eq!(respawn.count_log("giving up"), 0, "recycling is not a failure");
+    respawn.wait_for_workers(2);
+}

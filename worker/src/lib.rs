@@ -51,7 +51,7 @@ pub mod panic;
 pub mod stop;
 
 use log::{debug, error, warn};
-use respawn_ipc::{Handoff, Message};
+use respawn_ipc::{Channel, Handoff, Message};
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
@@ -80,9 +80,51 @@ pub trait Service {
     }
 }
 
-/// Runs the worker loop until a stop request or a panic; returns the exit
-/// code for the process (see [`exit_code`]).
-pub fn run<S: Service>(handoff: Handoff, mut service: S) -> i32 {
+/// How a worker behaves beyond its [`Service`].
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    max_requests: u64,
+    max_requests_jitter: u64,
+}
+
+impl Config {
+    pub fn new() -> Config {
+        Config::default()
+    }
+
+    /// Retire after `max` connections (0: never), plus a random 0 to
+    /// `jitter` more, so that workers started together do not all retire
+    /// together. Against slow leaks, as gunicorn's and uWSGI's max-requests.
+    /// The worker retires as a panicking one does: its replacement is forked
+    /// while it serves its last connection, and nothing queued is reset.
+    pub fn max_requests(mut self, max: u64, jitter: u64) -> Config {
+        self.max_requests = max;
+        self.max_requests_jitter = jitter;
+        self
+    }
+
+    /// This worker's share of connections, if it has one.
+    fn share(&self) -> Option<u64> {
+        if self.max_requests == 0 {
+            return None;
+        }
+        let jitter = match self.max_requests_jitter {
+            0 => 0,
+            j => random() % (j + 1),
+        };
+        Some(self.max_requests.saturating_add(jitter))
+    }
+}
+
+/// Runs the worker loop with the default [`Config`]; see [`run_with`].
+pub fn run<S: Service>(handoff: Handoff, service: S) -> i32 {
+    run_with(handoff, service, &Config::default())
+}
+
+/// Runs the worker loop until a stop request, a panic or the end of its
+/// share of connections; returns the exit code for the process (see
+/// [`exit_code`]).
+pub fn run_with<S: Service>(handoff: Handoff, mut service: S, config: &Config) -> i32 {
     let Handoff {
         slot: _,
         listener,
@@ -104,6 +146,8 @@ pub fn run<S: Service>(handoff: Handoff, mut service: S) -> i32 {
         error!("worker {pid}: telling the master it is ready: {err}");
         return exit_code::SETUP_FAILED;
     }
+    let share = config.share();
+    let mut accepted: u64 = 0;
     loop {
         if stop::requested() {
             debug!("worker {pid} stopping");
@@ -123,13 +167,52 @@ pub fn run<S: Service>(handoff: Handoff, mut service: S) -> i32 {
                 return exit_code::SETUP_FAILED;
             }
         };
+        accepted += 1;
+        let last = share == Some(accepted);
+        if last {
+            // Hand over first, so the replacement starts while this
+            // connection is served.
+            retire(&channel, &format!("served its {accepted} requests"));
+        }
         if let Err(payload) = catch_unwind(AssertUnwindSafe(|| service.serve(&mut conn))) {
             let message = panic::message(payload.as_ref());
-            panic::retire(&channel, &message);
+            if !last {
+                retire(&channel, &format!("panicked: {message}"));
+            }
             let _ = catch_unwind(AssertUnwindSafe(|| service.recover(&mut conn, &message)));
             return exit_code::PANICKED;
         }
+        if last {
+            return exit_code::STOPPED;
+        }
     }
+}
+
+/// Hands over to a replacement: stop accepting (the listening socket stays
+/// open in the master and the other workers, so no queued connection is
+/// lost), then tell the master, which forks the replacement at once.
+fn retire(channel: &Channel, reason: &str) {
+    stop::stop_accepting();
+    if let Err(err) = channel.send(&Message::suicide(reason)) {
+        // The master will see the exit instead, and replace us then.
+        error!(
+            "worker {}: sending suicide to the master: {err}",
+            std::process::id()
+        );
+    }
+}
+
+/// A number that differs between workers: xorshift over the pid and the
+/// clock. For spreading retirements, not for anything secret.
+fn random() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    let mut x = (u64::from(std::process::id()) << 32) ^ nanos ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
 }
 
 /// Errors after which accept can be tried again: the peer gave up before we

@@ -11,9 +11,12 @@
 //! 2. send `Suicide { reason }`: the master marks this worker Retiring and
 //!    forks its replacement now;
 //! 3. answer the client of the failed request if it can, and exit.
+//!
+//! Steps 1 and 2 are `retire` in the crate root, shared with the worker
+//! that retires after serving its share (`Config::max_requests`); this
+//! module holds what is particular to panics.
 
 use log::error;
-use respawn_ipc::{Channel, Message};
 use std::any::Any;
 
 /// Replaces the default panic hook (which prints `thread 'main' panicked`)
@@ -37,17 +40,5 @@ pub fn message(payload: &(dyn Any + Send)) -> String {
         s.clone()
     } else {
         "non-text panic payload".to_owned()
-    }
-}
-
-/// Steps 1 and 2 above: stop accepting, then ask to be replaced.
-pub fn retire(channel: &Channel, message: &str) {
-    crate::stop::stop_accepting();
-    if let Err(err) = channel.send(&Message::suicide(&format!("panicked: {message}"))) {
-        // The master will see the exit instead, and replace us then.
-        error!(
-            "worker {}: sending suicide to the master: {err}",
-            std::process::id()
-        );
     }
 }

@@ -5,7 +5,8 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 pub const USAGE: &str = "usage: respawn [--workers N] [--listen ADDR] [--graceful-timeout SECS] \
-                         [--max-restarts R] [--restart-window SECS] [--min-uptime SECS] [-h|--help] [-V|--version]";
+                         [--max-restarts R] [--restart-window SECS] [--min-uptime SECS] \
+                         [--max-requests N] [--max-requests-jitter J] [-h|--help] [-V|--version]";
 
 pub const HELP: &str = "\
 respawn: a prefork supervisor, and a demo HTTP server to watch it heal
@@ -21,6 +22,10 @@ usage: respawn [flags]
       --restart-window SECS  within this many seconds (defaults: 10 in 60)
       --min-uptime SECS      a worker that dies sooner died young: its slot
                              waits 0.1 s, doubling to 10 s (default: 1)
+      --max-requests N       a worker retires after N connections, its
+                             replacement forked first (default: 0, never)
+      --max-requests-jitter J  plus a random 0 to J, so workers started
+                             together do not retire together (default: 0)
       --demo-fail-start      every worker panics before Ready: a crash loop
   -h, --help                 this help
   -V, --version              the version
@@ -43,6 +48,8 @@ pub struct Args {
     pub max_restarts: usize,
     pub restart_window: Duration,
     pub min_uptime: Duration,
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
     pub demo_fail_start: bool,
 }
 
@@ -60,6 +67,8 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         max_restarts: 10,
         restart_window: Duration::from_secs(60),
         min_uptime: Duration::from_secs(1),
+        max_requests: 0,
+        max_requests_jitter: 0,
         demo_fail_start: false,
     };
     let mut parser = lexopt::Parser::from_args(argv);
@@ -75,6 +84,8 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
             Long("graceful-timeout") => args.graceful_timeout = seconds(&mut parser, "--graceful-timeout")?,
             Long("max-restarts") => args.max_restarts = parser.value()?.parse()?,
             Long("restart-window") => args.restart_window = seconds(&mut parser, "--restart-window")?,
+            Long("max-requests") => args.max_requests = parser.value()?.parse()?,
+            Long("max-requests-jitter") => args.max_requests_jitter = parser.value()?.parse()?,
             Long("min-uptime") => args.min_uptime = seconds(&mut parser, "--min-uptime")?,
             Long("demo-fail-start") => args.demo_fail_start = true,
             Short('h') | Long("help") => return Ok(Parsed::Help),

@@ -52,7 +52,8 @@ fn serve(args: &Args) -> i32 {
         .graceful_timeout(args.graceful_timeout)
         .restart_limit(args.max_restarts, args.restart_window)
         .min_uptime(args.min_uptime);
-    let demo = |handoff| respawn_worker::run(handoff, http::Demo::new(args.demo_fail_start));
+    let worker = respawn_worker::Config::new().max_requests(args.max_requests, args.max_requests_jitter);
+    let demo = |handoff| respawn_worker::run_with(handoff, http::Demo::new(args.demo_fail_start), &worker);
     match respawn_master::run(listener, config, demo) {
         Ok(()) => 0,
         // The master logged why when it decided; say nothing twice.
