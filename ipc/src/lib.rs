@@ -11,6 +11,9 @@
 //!   error. It never panics and never grows: its buffer is one frame long.
 //! - [`Handoff`] and [`Channel`]: what a freshly forked worker receives (the
 //!   listening socket, the write end of its pipe, its slot number).
+//! - [`scoreboard`]: one row of shared memory per worker slot, written by
+//!   the worker around each connection without a syscall, read by the
+//!   master to find workers hung on one connection and to show status.
 //!
 //! The master and the worker crates both depend on this one and on nothing of
 //! each other: a master can run workers written without `respawn-worker`, as
@@ -24,6 +27,7 @@ compile_error!(
 
 mod channel;
 mod message;
+pub mod scoreboard;
 
 /// How a worker process ends, as its exit code. Part of the contract so that
 /// the master's log (`worker 4321 exited (code 70)`) means one thing.
