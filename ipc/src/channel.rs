@@ -1,5 +1,6 @@
 //! The worker's end of the conversation.
 
+use crate::scoreboard::RowWriter;
 use crate::Message;
 use nix::errno::Errno;
 use std::io;
@@ -16,6 +17,9 @@ pub struct Handoff {
     pub listener: TcpListener,
     /// Where the worker reports to the master.
     pub channel: Channel,
+    /// The worker's row in the scoreboard, to stamp around each connection;
+    /// None if the master keeps no row for this slot.
+    pub scoreboard: Option<RowWriter>,
 }
 
 /// The write end of a worker's pipe to its master.

@@ -13,12 +13,14 @@ pub struct Config {
     pub(crate) backoff_cap: Duration,
     pub(crate) max_restarts: usize,
     pub(crate) restart_window: Duration,
+    pub(crate) timeout: Option<Duration>,
 }
 
 impl Config {
     /// `workers` workers; 30 s to stop gracefully; a worker that dies within
     /// 1 s is replaced after a delay doubling from 100 ms to 10 s; more than
-    /// 10 restarts in 60 s and the master gives up.
+    /// 10 restarts in 60 s and the master gives up; a worker busy with one
+    /// connection for 60 s is killed.
     pub fn new(workers: usize) -> Config {
         Config {
             workers,
@@ -28,6 +30,7 @@ impl Config {
             backoff_cap: Duration::from_secs(10),
             max_restarts: 10,
             restart_window: Duration::from_secs(60),
+            timeout: Some(Duration::from_secs(60)),
         }
     }
 
@@ -64,6 +67,16 @@ impl Config {
     pub fn restart_limit(mut self, max: usize, window: Duration) -> Config {
         self.max_restarts = max;
         self.restart_window = window;
+        self
+    }
+}
+
+impl Config {
+    /// A worker busy with one connection for longer than `timeout` is hung:
+    /// the master kills and replaces it. None: never (and then the master
+    /// keeps no deadline for it: an idle master does not wake at all).
+    pub fn timeout(mut self, timeout: Option<Duration>) -> Config {
+        self.timeout = timeout.filter(|t| !t.is_zero());
         self
     }
 }

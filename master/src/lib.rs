@@ -72,6 +72,7 @@ compile_error!(
 
 mod config;
 mod error;
+mod hung;
 mod listen;
 mod master;
 mod policy;

@@ -14,6 +14,7 @@
 //! worker's SIGCHLD, a Suicide read before or after the exit, both end in
 //! the same table.
 
+use crate::hung::{self, Sample, Verdict};
 use crate::policy::{Backoff, Exceeded, RestartLimit};
 use crate::reap;
 use crate::signals::Signals;
@@ -23,9 +24,10 @@ use crate::{Config, Error};
 use log::{debug, error, info, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{self, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
+use respawn_ipc::scoreboard::{self, Scoreboard};
 use respawn_ipc::{Handoff, Message};
 use std::io;
 use std::net::TcpListener;
@@ -33,6 +35,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 const SIGNALS: Token = Token(0);
+
+/// Scoreboard rows: slots beyond have no row, so no hung-worker check. The
+/// mapping is touched only where rows are used (192 bytes each).
+const SCOREBOARD_ROWS: usize = 4096;
 
 pub(crate) struct Master<W> {
     config: Config,
@@ -48,6 +54,9 @@ pub(crate) struct Master<W> {
     generation: u64,
     backoff: Backoff,
     restarts: RestartLimit,
+    scoreboard: Scoreboard,
+    /// When to look for hung workers next; None without a timeout.
+    next_hung_check: Option<Instant>,
     /// Set by TERM, QUIT or INT: no more forks, exit once the table is empty.
     stopping: bool,
     /// Why the master gave up, if it did: `run` returns it once all stopped.
@@ -60,12 +69,16 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         refuse_threads()?;
         let signals = Signals::block().map_err(|err| Error::io("blocking signals for the signalfd", err))?;
         let poll = Poll::new().map_err(|err| Error::io("creating the epoll instance", err))?;
+        let scoreboard =
+            Scoreboard::new(SCOREBOARD_ROWS).map_err(|err| Error::io("creating the scoreboard", err))?;
         poll.registry()
             .register(&mut SourceFd(&signals.as_raw_fd()), SIGNALS, Interest::READABLE)
             .map_err(|err| Error::io("watching the signalfd", err))?;
         Ok(Master {
             backoff: Backoff::new(config.backoff_initial, config.backoff_cap),
             restarts: RestartLimit::new(config.max_restarts, config.restart_window),
+            scoreboard,
+            next_hung_check: config.timeout.map(|timeout| Instant::now() + timeout / 2),
             target: config.workers,
             generation: 0,
             config,
@@ -108,11 +121,15 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// an event: an idle master does not wake at all.
     fn wait_for_events(&mut self, events: &mut Events) -> Result<(), Error> {
         let now = Instant::now();
-        let timeout = [self.workers.next_deadline(), self.backoff.next_deadline(now)]
-            .into_iter()
-            .flatten()
-            .min()
-            .map(|at| at.saturating_duration_since(now));
+        let timeout = [
+            self.workers.next_deadline(),
+            self.backoff.next_deadline(now),
+            self.next_hung_check,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|at| at.saturating_duration_since(now));
         match self.poll.poll(events, timeout) {
             // Every signal we handle is blocked, but one we do not handle
             // (SIGSTOP/SIGCONT from a debugger) can still interrupt.
@@ -244,12 +261,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         self.stopping = true;
         for worker in self.workers.iter_mut() {
             worker.state = worker.state.next(Event::Stop);
-            worker.kill_at = None;
-            send(worker.pid, Signal::SIGKILL);
+            kill(worker);
         }
     }
 
-    /// Kills every retiring worker whose graceful timeout has passed.
+    /// Kills every retiring worker whose graceful timeout has passed, and
+    /// every worker hung on one connection.
     fn enforce_deadlines(&mut self) {
         let now = Instant::now();
         for worker in self.workers.iter_mut() {
@@ -259,10 +276,50 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                     worker.pid,
                     self.config.graceful_timeout.as_secs_f64()
                 );
-                send(worker.pid, Signal::SIGKILL);
-                worker.kill_at = None;
+                kill(worker);
             }
         }
+        if self.next_hung_check.is_some_and(|at| at <= now) {
+            self.kill_hung_workers(now);
+        }
+    }
+
+    /// Reads the scoreboard: kills a worker busy with one connection for
+    /// longer than the timeout (its replacement is forked at once: a hung
+    /// request is a request's fault, not a failed worker), samples the CPU
+    /// time of one busy for half of it, and sets the next look (hung.rs).
+    fn kill_hung_workers(&mut self, now: Instant) {
+        let Some(timeout) = self.config.timeout else {
+            return;
+        };
+        let now_ns = scoreboard::now_ns();
+        let mut next = now + timeout / 2;
+        for worker in self.workers.iter_mut().filter(|w| !w.killed) {
+            let Some(row) = self.scoreboard.read(worker.slot) else {
+                continue;
+            };
+            match hung::judge(&row, worker.cpu_sample, timeout, now, now_ns) {
+                Verdict::Idle => {}
+                Verdict::LookAgainAt(at) => next = next.min(at),
+                Verdict::SampleAndLookAgainAt(at) => {
+                    worker.cpu_sample = hung::cpu(worker.pid).map(|(_, cpu_ticks)| Sample {
+                        busy_since: row.busy_since.unwrap_or_default(),
+                        at: now,
+                        cpu_ticks,
+                    });
+                    next = next.min(at);
+                }
+                Verdict::Hung(busy) => {
+                    warn!(
+                        "{}; killing it",
+                        hung::describe(worker.pid, &row, busy, worker.cpu_sample, now)
+                    );
+                    worker.state = worker.state.next(Event::Stop);
+                    kill(worker);
+                }
+            }
+        }
+        self.next_hung_check = Some(next);
     }
 
     /// HUP: a rolling restart. Every worker of the current generation
@@ -345,11 +402,13 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
 
     fn spawn_worker(&mut self, slot: usize) -> Result<(), Error> {
         let master_fds = self.master_fds();
+        self.scoreboard.reset(slot);
         let setup = ChildSetup {
             slot,
             listener: &self.listener,
             master_fds: &master_fds,
             mask: self.signals.saved_mask(),
+            row: self.scoreboard.writer(slot),
         };
         let spawned = spawn::spawn_worker(&setup, &mut self.work)
             .map_err(|err| Error::io(format!("forking worker {slot}"), err))?;
@@ -450,9 +509,16 @@ fn close_pipe(registry: &Registry, worker: &mut Worker) {
     }
 }
 
+/// SIGKILL; from then on only its exit is awaited.
+fn kill(worker: &mut Worker) {
+    send(worker.pid, Signal::SIGKILL);
+    worker.kill_at = None;
+    worker.killed = true;
+}
+
 fn send(pid: Pid, signal: Signal) {
     // ESRCH: it died already; its SIGCHLD is on the way.
-    if let Err(err) = kill(pid, signal) {
+    if let Err(err) = signal::kill(pid, signal) {
         debug!("sending {signal} to worker {pid}: {err}");
     }
 }

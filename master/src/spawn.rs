@@ -16,6 +16,7 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::prctl;
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::{fork, getpid, getppid, pipe2, ForkResult, Pid};
+use respawn_ipc::scoreboard::RowWriter;
 use respawn_ipc::{exit_code, Channel, Handoff};
 use std::ffi::CString;
 use std::io::{self, Write};
@@ -37,6 +38,8 @@ pub(crate) struct ChildSetup<'a> {
     /// Every fd of the master's that the worker must not hold.
     pub master_fds: &'a [RawFd],
     pub mask: &'a SigSet,
+    /// Its row in the scoreboard, already reset.
+    pub row: Option<RowWriter>,
 }
 
 /// Forks a worker. Returns in the master only; the child runs `work` and
@@ -94,6 +97,7 @@ where
         slot: setup.slot,
         listener,
         channel: Channel::new(write_end),
+        scoreboard: setup.row,
     };
     let code = catch_unwind(AssertUnwindSafe(|| work(handoff))).unwrap_or(exit_code::PANICKED);
     std::process::exit(code)

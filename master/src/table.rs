@@ -11,6 +11,7 @@
 //! why: it holds no connection, so there is nothing to hand over, and its
 //! exit is a failed start, replaced after the slot's backoff.
 
+use crate::hung::Sample;
 use mio::Token;
 use nix::unistd::Pid;
 use respawn_ipc::{DecodeError, Decoder, Message};
@@ -74,6 +75,10 @@ pub(crate) struct Worker {
     pub decoder: Decoder,
     /// When it is SIGKILLed if still alive: set when it starts retiring.
     pub kill_at: Option<Instant>,
+    /// SIGKILL was sent; only its exit is awaited.
+    pub killed: bool,
+    /// Its CPU time, read while it was busy for half the hung timeout.
+    pub cpu_sample: Option<Sample>,
 }
 
 impl Worker {
@@ -89,6 +94,8 @@ impl Worker {
             pipe,
             decoder: Decoder::new(),
             kill_at: None,
+            killed: false,
+            cpu_sample: None,
         }
     }
 

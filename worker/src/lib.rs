@@ -51,6 +51,7 @@ pub mod panic;
 pub mod stop;
 
 use log::{debug, error, warn};
+use respawn_ipc::scoreboard::RowWriter;
 use respawn_ipc::{Channel, Handoff, Message};
 use std::io;
 use std::net::TcpStream;
@@ -129,7 +130,11 @@ pub fn run_with<S: Service>(handoff: Handoff, mut service: S, config: &Config) -
         slot: _,
         listener,
         channel,
+        scoreboard,
     } = handoff;
+    if let Some(row) = scoreboard {
+        let _ = ROW.set(row);
+    }
     let pid = std::process::id();
     panic::install_hook();
     if let Err(err) = stop::install(listener.as_raw_fd()) {
@@ -154,7 +159,12 @@ pub fn run_with<S: Service>(handoff: Handoff, mut service: S, config: &Config) -
             return exit_code::STOPPED;
         }
         let mut conn = match listener.accept() {
-            Ok((conn, _peer)) => conn,
+            Ok((conn, peer)) => {
+                if let Some(row) = scoreboard {
+                    row.begin(&peer);
+                }
+                conn
+            }
             // After a stop request the listener fd is /dev/null: ENOTSOCK.
             Err(_) if stop::requested() => continue,
             Err(err) if is_transient(&err) => {
@@ -174,7 +184,8 @@ pub fn run_with<S: Service>(handoff: Handoff, mut service: S, config: &Config) -
             // connection is served.
             retire(&channel, &format!("served its {accepted} requests"));
         }
-        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| service.serve(&mut conn))) {
+        let served = catch_unwind(AssertUnwindSafe(|| service.serve(&mut conn)));
+        if let Err(payload) = served {
             let message = panic::message(payload.as_ref());
             if !last {
                 retire(&channel, &format!("panicked: {message}"));
@@ -182,9 +193,25 @@ pub fn run_with<S: Service>(handoff: Handoff, mut service: S, config: &Config) -
             let _ = catch_unwind(AssertUnwindSafe(|| service.recover(&mut conn, &message)));
             return exit_code::PANICKED;
         }
+        if let Some(row) = scoreboard {
+            row.end();
+        }
         if last {
             return exit_code::STOPPED;
         }
+    }
+}
+
+/// This worker's scoreboard row, for [`note_request`].
+static ROW: std::sync::OnceLock<RowWriter> = std::sync::OnceLock::new();
+
+/// Notes what the connection being served asks for (the request line, or
+/// its start), so that the master can say what a hung worker was stuck on:
+/// `worker 4321 hung 61.2 s on GET /hang from 127.0.0.1:50312`. Costs a
+/// copy into shared memory, no syscall; does nothing outside a worker.
+pub fn note_request(line: &[u8]) {
+    if let Some(row) = ROW.get() {
+        row.note_request(line);
     }
 }
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 pub const USAGE: &str = "usage: respawn [--workers N] [--listen ADDR] [--graceful-timeout SECS] \
                          [--max-restarts R] [--restart-window SECS] [--min-uptime SECS] \
-                         [--max-requests N] [--max-requests-jitter J] [-h|--help] [-V|--version]";
+                         [--timeout SECS] [--max-requests N] [--max-requests-jitter J] [--demo-fail-start] \
+                         [-h|--help] [-V|--version]";
 
 pub const HELP: &str = "\
 respawn: a prefork supervisor, and a demo HTTP server to watch it heal
@@ -22,6 +23,8 @@ usage: respawn [flags]
       --restart-window SECS  within this many seconds (defaults: 10 in 60)
       --min-uptime SECS      a worker that dies sooner died young: its slot
                              waits 0.1 s, doubling to 10 s (default: 1)
+  -t, --timeout SECS         a worker busy with one connection for longer
+                             is killed and replaced (default: 60; 0: never)
       --max-requests N       a worker retires after N connections, its
                              replacement forked first (default: 0, never)
       --max-requests-jitter J  plus a random 0 to J, so workers started
@@ -33,8 +36,11 @@ usage: respawn [flags]
 routes: GET /            which worker answered (\"handle by child <pid>\")
         GET /crash       the handler panics: 500, and the worker is replaced
         GET /sleep/<ms>  answers after <ms> milliseconds (at most 60000)
+        GET /hang        spins forever: a hung worker, for --timeout
 
-signals to the master: TERM or QUIT stop gracefully, INT stops at once.
+signals to the master: TERM or QUIT stop gracefully, INT stops at once,
+HUP replaces every worker one at a time, TTIN and TTOU add and remove one.
+exit codes: 0 stopped, 1 failed (cannot bind, ...), 2 bad flag, 3 gave up.
 RUST_LOG sets the log level (default: info).
 ";
 
@@ -48,6 +54,7 @@ pub struct Args {
     pub max_restarts: usize,
     pub restart_window: Duration,
     pub min_uptime: Duration,
+    pub timeout: Duration,
     pub max_requests: u64,
     pub max_requests_jitter: u64,
     pub demo_fail_start: bool,
@@ -67,6 +74,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         max_restarts: 10,
         restart_window: Duration::from_secs(60),
         min_uptime: Duration::from_secs(1),
+        timeout: Duration::from_secs(60),
         max_requests: 0,
         max_requests_jitter: 0,
         demo_fail_start: false,
@@ -84,6 +92,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
             Long("graceful-timeout") => args.graceful_timeout = seconds(&mut parser, "--graceful-timeout")?,
             Long("max-restarts") => args.max_restarts = parser.value()?.parse()?,
             Long("restart-window") => args.restart_window = seconds(&mut parser, "--restart-window")?,
+            Short('t') | Long("timeout") => args.timeout = seconds(&mut parser, "--timeout")?,
             Long("max-requests") => args.max_requests = parser.value()?.parse()?,
             Long("max-requests-jitter") => args.max_requests_jitter = parser.value()?.parse()?,
             Long("min-uptime") => args.min_uptime = seconds(&mut parser, "--min-uptime")?,

@@ -74,6 +74,10 @@ impl Demo {
         match path {
             "/" => Response::text(200, format!("handle by child {}\n", self.pid)),
             "/crash" => panic!("crash requested by GET /crash"),
+            "/hang" => loop {
+                // A handler stuck for good, burning CPU: what --timeout is for.
+                std::hint::spin_loop();
+            },
             _ => match path.strip_prefix("/sleep/") {
                 Some(ms) => sleep(ms),
                 None => Response::text(404, format!("no route for {path}\n")),
@@ -124,6 +128,7 @@ fn read_request(conn: &mut TcpStream) -> Result<Option<Request>, Bad> {
         let mut request = httparse::Request::new(&mut headers);
         match request.parse(&buf[..len]) {
             Ok(httparse::Status::Complete(_)) => {
+                respawn_worker::note_request(&buf[..len]);
                 let method = request.method.unwrap_or("");
                 let target = request.path.unwrap_or("/");
                 if method != "GET" && method != "HEAD" {

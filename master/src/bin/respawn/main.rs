@@ -51,7 +51,8 @@ fn serve(args: &Args) -> i32 {
     let config = respawn_master::Config::new(args.workers)
         .graceful_timeout(args.graceful_timeout)
         .restart_limit(args.max_restarts, args.restart_window)
-        .min_uptime(args.min_uptime);
+        .min_uptime(args.min_uptime)
+        .timeout(Some(args.timeout));
     let worker = respawn_worker::Config::new().max_requests(args.max_requests, args.max_requests_jitter);
     let demo = |handoff| respawn_worker::run_with(handoff, http::Demo::new(args.demo_fail_start), &worker);
     match respawn_master::run(listener, config, demo) {
