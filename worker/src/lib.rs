@@ -25,7 +25,7 @@
 //!
 //! ```no_run
 //! use std::io::Write;
-//! use std::net::TcpStream;
+//! use std::net::{TcpListener, TcpStream};
 //!
 //! struct Hello;
 //!
@@ -54,7 +54,7 @@ use log::{debug, error, warn};
 use respawn_ipc::scoreboard::RowWriter;
 use respawn_ipc::{Channel, Handoff, Message};
 use std::io;
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
@@ -132,45 +132,18 @@ pub fn run_with<S: Service>(handoff: Handoff, mut service: S, config: &Config) -
         channel,
         scoreboard,
     } = handoff;
-    if let Some(row) = scoreboard {
-        let _ = ROW.set(row);
-    }
     let pid = std::process::id();
-    panic::install_hook();
-    if let Err(err) = stop::install(listener.as_raw_fd()) {
-        error!("worker {pid}: installing the stop handler: {err}");
-        return exit_code::SETUP_FAILED;
-    }
-    if let Err(payload) = catch_unwind(AssertUnwindSafe(|| service.start())) {
-        let message = panic::message(payload.as_ref());
-        let reason = format!("panicked while starting: {message}");
-        let _ = channel.send(&Message::suicide(&reason));
-        return exit_code::PANICKED;
-    }
-    if let Err(err) = channel.send(&Message::Ready) {
-        error!("worker {pid}: telling the master it is ready: {err}");
-        return exit_code::SETUP_FAILED;
+    if let Err(code) = set_up(&listener, &channel, scoreboard, &mut service) {
+        return code;
     }
     let share = config.share();
     let mut accepted: u64 = 0;
     loop {
-        if stop::requested() {
-            debug!("worker {pid} stopping");
-            return exit_code::STOPPED;
-        }
-        let mut conn = match listener.accept() {
-            Ok((conn, peer)) => {
-                if let Some(row) = scoreboard {
-                    row.begin(&peer);
-                }
-                conn
-            }
-            // After a stop request the listener fd is /dev/null: ENOTSOCK.
-            Err(_) if stop::requested() => continue,
-            Err(err) if is_transient(&err) => {
-                warn!("worker {pid}: accepting: {err}; retrying");
-                back_off_after(&err);
-                continue;
+        let mut conn = match accept_next(&listener, scoreboard) {
+            Ok(Some(conn)) => conn,
+            Ok(None) => {
+                debug!("worker {pid} stopping");
+                return exit_code::STOPPED;
             }
             Err(err) => {
                 error!("worker {pid}: accepting: {err}");
@@ -184,8 +157,7 @@ pub fn run_with<S: Service>(handoff: Handoff, mut service: S, config: &Config) -
             // connection is served.
             retire(&channel, &format!("served its {accepted} requests"));
         }
-        let served = catch_unwind(AssertUnwindSafe(|| service.serve(&mut conn)));
-        if let Err(payload) = served {
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| service.serve(&mut conn))) {
             let message = panic::message(payload.as_ref());
             if !last {
                 retire(&channel, &format!("panicked: {message}"));
@@ -198,6 +170,60 @@ pub fn run_with<S: Service>(handoff: Handoff, mut service: S, config: &Config) -
         }
         if last {
             return exit_code::STOPPED;
+        }
+    }
+}
+
+/// Everything before the first accept: the panic hook, the stop handler,
+/// the service's own start, then Ready. Err is the exit code.
+fn set_up<S: Service>(
+    listener: &TcpListener,
+    channel: &Channel,
+    scoreboard: Option<RowWriter>,
+    service: &mut S,
+) -> Result<(), i32> {
+    let pid = std::process::id();
+    if let Some(row) = scoreboard {
+        let _ = ROW.set(row);
+    }
+    panic::install_hook();
+    if let Err(err) = stop::install(listener.as_raw_fd()) {
+        error!("worker {pid}: installing the stop handler: {err}");
+        return Err(exit_code::SETUP_FAILED);
+    }
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(|| service.start())) {
+        let reason = format!("panicked while starting: {}", panic::message(payload.as_ref()));
+        let _ = channel.send(&Message::suicide(&reason));
+        return Err(exit_code::PANICKED);
+    }
+    if let Err(err) = channel.send(&Message::Ready) {
+        error!("worker {pid}: telling the master it is ready: {err}");
+        return Err(exit_code::SETUP_FAILED);
+    }
+    Ok(())
+}
+
+/// The next connection, stamped on the scoreboard; None once a stop was
+/// requested (see [`stop`] for why none is ever missed).
+fn accept_next(listener: &TcpListener, row: Option<RowWriter>) -> io::Result<Option<TcpStream>> {
+    loop {
+        if stop::requested() {
+            return Ok(None);
+        }
+        match listener.accept() {
+            Ok((conn, peer)) => {
+                if let Some(row) = row {
+                    row.begin(&peer);
+                }
+                return Ok(Some(conn));
+            }
+            // After a stop request the listener fd is /dev/null: ENOTSOCK.
+            Err(_) if stop::requested() => return Ok(None),
+            Err(err) if is_transient(&err) => {
+                warn!("worker {}: accepting: {err}; retrying", std::process::id());
+                back_off_after(&err);
+            }
+            Err(err) => return Err(err),
         }
     }
 }
