@@ -35,7 +35,8 @@ pub mod exit_code {
     /// It was asked to stop, finished what it held, and left.
     pub const STOPPED: i32 = 0;
     /// It could not set itself up (its master was already gone, a signal
-    /// could not be armed, the master's pipe was closed) and never served.
+    /// could not be armed, the master's pipe was closed), or its listening
+    /// socket failed for good.
     pub const SETUP_FAILED: i32 = 3;
     /// It panicked, sent Suicide, and retired. 70 is EX_SOFTWARE.
     pub const PANICKED: i32 = 70;

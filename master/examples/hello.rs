@@ -35,9 +35,13 @@ fn main() {
         log::info!("listening on {local}");
     }
     let config = respawn_master::Config::new(2).graceful_timeout(Duration::from_secs(10));
-    let result = respawn_master::run(listener, config, |handoff| respawn_worker::run(handoff, Hello));
-    if let Err(err) = result {
-        eprintln!("hello: {err}");
-        std::process::exit(1);
+    match respawn_master::run(listener, config, |handoff| respawn_worker::run(handoff, Hello)) {
+        Ok(()) => {}
+        // Workers kept failing; the master logged why when it gave up.
+        Err(respawn_master::Error::GaveUp { .. }) => std::process::exit(3),
+        Err(err) => {
+            eprintln!("hello: {err}");
+            std::process::exit(1);
+        }
     }
 }

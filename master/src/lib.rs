@@ -17,6 +17,9 @@
 //! before any thread is started. `run` forks; in each child it calls your
 //! function with the [`Handoff`] and exits with the code it returns. It
 //! returns once every worker has stopped after SIGTERM, SIGQUIT or SIGINT.
+//! Meanwhile it replaces workers that die (after a backoff if they die
+//! young, giving up after too many restarts), kills hung ones, replaces all
+//! one at a time on SIGHUP, and adds or removes one on SIGTTIN or SIGTTOU.
 //!
 //! ```no_run
 //! use std::io::Write;
@@ -53,11 +56,15 @@
 //!
 //! # What the master does to the process
 //!
-//! - It sets SIGCHLD, SIGTERM, SIGQUIT and SIGINT to their default action
-//!   (an ignored signal never reaches a signalfd), blocks them for the
+//! - It sets CHLD, TERM, QUIT, INT, HUP, TTIN and TTOU to their default
+//!   action (an ignored signal never reaches a signalfd), blocks them for the
 //!   calling thread and reads them from a signalfd. Dispositions and mask are
 //!   restored when `run` returns; the mask also in every worker before your
-//!   function runs.
+//!   function runs, where HUP, TTIN and TTOU are ignored (they steer the
+//!   master only).
+//! - It maps a small shared-memory scoreboard before the first fork, one
+//!   row per worker slot, for the hung-worker check; the mapping stays for
+//!   the life of the process.
 //! - It reaps every child of the process (`waitpid(-1)`): do not run other
 //!   children of your own beside it.
 //! - It refuses to start if the process already runs other threads: `fork`

@@ -108,12 +108,10 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.enforce_deadlines();
             self.manage_workers()?;
         }
+        info!("all workers stopped, master exiting");
         match self.gave_up.take() {
             Some(reason) => Err(Error::GaveUp { reason }),
-            None => {
-                info!("all workers stopped, master exiting");
-                Ok(())
-            }
+            None => Ok(()),
         }
     }
 
@@ -181,6 +179,11 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             Some(why) => format!("{}: {why}", reap::describe(status)),
             None => reap::describe(status),
         };
+        let lived = worker.spawned_at.elapsed();
+        if worker.state != State::Starting && lived >= self.config.min_uptime {
+            // However it left, it proved its slot can hold a worker.
+            self.backoff.lived(worker.slot);
+        }
         if !worker.state.counts() || self.stopping {
             // A retiring worker's replacement comes before its exit, even
             // when its Suicide and its SIGCHLD are read in the same turn.
@@ -220,7 +223,6 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 delay.as_secs_f64()
             );
         } else {
-            self.backoff.lived(slot);
             warn!("worker {pid} exited ({how}), replacing");
         }
     }
@@ -329,7 +331,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             info!("received SIGHUP while stopping; ignored");
             return;
         }
-        if self.workers.outdated(self.generation) > 0 {
+        if self.workers.counted() == 0 {
+            info!("received SIGHUP with no worker running; nothing to replace");
+        } else if self.workers.outdated(self.generation) > 0 {
             info!(
                 "received SIGHUP during a rolling restart; every worker started before now will be replaced"
             );
@@ -367,12 +371,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         let rolling = self.workers.outdated(self.generation) > 0;
         let wanted = self.target + usize::from(rolling && self.target > 0);
-        let now = Instant::now();
-        let slots: Vec<usize> = self.workers.free_slots(self.workers.missing(wanted)).collect();
-        for slot in slots {
-            if self.backoff.allows(slot, now) {
-                self.spawn_worker(slot)?;
-            }
+        let waiting: Vec<usize> = self.backoff.waiting(Instant::now()).collect();
+        for slot in self.workers.slots_to_fill(wanted, &waiting) {
+            self.spawn_worker(slot)?;
         }
         while self.workers.counted() > self.target && !self.workers.any_starting() {
             self.retire_one();

@@ -69,12 +69,13 @@ impl Backoff {
         *self.slot(slot) = SlotDelay::default();
     }
 
-    /// May a worker be forked into `slot` at `now`?
-    pub(crate) fn allows(&self, slot: usize, now: Instant) -> bool {
+    /// The slots that must not be filled at `now`.
+    pub(crate) fn waiting(&self, now: Instant) -> impl Iterator<Item = usize> + '_ {
         self.slots
-            .get(slot)
-            .and_then(|s| s.not_before)
-            .is_none_or(|at| at <= now)
+            .iter()
+            .enumerate()
+            .filter(move |(_, s)| s.not_before.is_some_and(|at| at > now))
+            .map(|(slot, _)| slot)
     }
 
     /// The nearest moment a waiting slot may be filled, if any waits.
@@ -147,11 +148,11 @@ mod tests {
             delays,
             [100 * MS, 200 * MS, 400 * MS, 800 * MS, 1000 * MS, 1000 * MS]
         );
-        assert!(!backoff.allows(3, now));
-        assert!(backoff.allows(3, now + 1000 * MS));
+        assert_eq!(backoff.waiting(now).collect::<Vec<_>>(), [3]);
+        assert_eq!(backoff.waiting(now + 1000 * MS).count(), 0);
         assert_eq!(backoff.next_deadline(now), Some(now + 1000 * MS));
         backoff.lived(3);
-        assert!(backoff.allows(3, now));
+        assert_eq!(backoff.waiting(now).count(), 0);
         assert_eq!(backoff.died_young(3, now), 100 * MS);
     }
 
@@ -161,7 +162,11 @@ mod tests {
         let now = Instant::now();
         backoff.died_young(0, now);
         backoff.died_young(0, now);
-        assert!(backoff.allows(1, now), "slot 1 never failed");
+        assert_eq!(
+            backoff.waiting(now).collect::<Vec<_>>(),
+            [0],
+            "slot 1 never failed"
+        );
         assert_eq!(backoff.died_young(1, now), 100 * MS);
         assert_eq!(backoff.next_deadline(now), Some(now + 100 * MS));
         assert_eq!(backoff.next_deadline(now + 150 * MS), Some(now + 200 * MS));

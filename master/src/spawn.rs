@@ -14,7 +14,7 @@
 use log::error;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::prctl;
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::unistd::{fork, getpid, getppid, pipe2, ForkResult, Pid};
 use respawn_ipc::scoreboard::RowWriter;
 use respawn_ipc::{exit_code, Channel, Handoff};
@@ -86,6 +86,7 @@ where
         std::process::exit(exit_code::SETUP_FAILED);
     }
     name_process(setup.slot);
+    ignore_master_controls();
     if let Err(err) = setup.mask.thread_set_mask() {
         error!("worker {}: restoring the signal mask: {err}", std::process::id());
         std::process::exit(exit_code::SETUP_FAILED);
@@ -113,6 +114,18 @@ fn die_with_master(master: Pid) -> io::Result<()> {
         return Err(io::Error::other("master exited before the worker started"));
     }
     Ok(())
+}
+
+/// HUP, TTIN and TTOU steer the master; to a worker they mean nothing, and
+/// by default TTIN and TTOU would stop it for good and HUP kill it. They
+/// reach workers through `kill -- -PGID` or `systemctl kill`, which signal
+/// every process: ignored here, the master alone acts on them.
+fn ignore_master_controls() {
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    for signal in [Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU] {
+        // SAFETY: SIG_IGN installs no handler code.
+        let _ = unsafe { sigaction(signal, &ignore) };
+    }
 }
 
 /// `ps -e` and `top` show the name (at most 15 bytes): `worker 3`.

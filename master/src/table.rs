@@ -201,11 +201,20 @@ impl Table {
             .max_by_key(|w| w.spawned_at)
     }
 
-    /// The `n` lowest slots no live worker (retiring ones included) holds.
-    pub(crate) fn free_slots(&self, n: usize) -> impl Iterator<Item = usize> + '_ {
-        (0..)
-            .filter(|slot| self.workers.iter().all(|w| w.slot != *slot))
-            .take(n)
+    /// The slots no live worker (retiring ones included) holds, lowest first.
+    fn free_slots(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..).filter(|slot| self.workers.iter().all(|w| w.slot != *slot))
+    }
+
+    /// Where to fork now so that `target` count. A slot that waits out its
+    /// backoff keeps its vacancy: forking into another free slot instead
+    /// would skip the delay.
+    pub(crate) fn slots_to_fill(&self, target: usize, waiting: &[usize]) -> Vec<usize> {
+        let forks = self.missing(target).saturating_sub(waiting.len());
+        self.free_slots()
+            .filter(|slot| !waiting.contains(slot))
+            .take(forks)
+            .collect()
     }
 
     /// The nearest moment a retiring worker must be killed.
@@ -242,7 +251,7 @@ mod tests {
     }
 
     fn free_slot(table: &Table) -> usize {
-        table.free_slots(1).next().unwrap()
+        table.slots_to_fill(table.counted() + 1, &[])[0]
     }
 
     fn table_of(n: i32) -> Table {
@@ -311,6 +320,26 @@ mod tests {
         assert_eq!(free_slot(&table), 2);
         table.remove(Pid::from_raw(100));
         assert_eq!(free_slot(&table), 0);
+    }
+
+    #[test]
+    fn a_waiting_slot_keeps_its_vacancy() {
+        // Slots 0 and 2 are held; slot 3's worker died young and waits.
+        let mut table = table_of(4);
+        table.remove(Pid::from_raw(101));
+        table.remove(Pid::from_raw(103));
+        assert_eq!(
+            table.slots_to_fill(4, &[3]),
+            [1],
+            "slot 1 is free and owes nothing"
+        );
+        assert_eq!(
+            table.slots_to_fill(3, &[3]),
+            Vec::<usize>::new(),
+            "the one missing waits"
+        );
+        assert_eq!(table.slots_to_fill(3, &[]), [1]);
+        assert_eq!(table.slots_to_fill(5, &[3]), [1, 4]);
     }
 
     #[test]

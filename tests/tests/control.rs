@@ -193,3 +193,45 @@ fn signals_while_stopping_do_not_restart_anything() {
     );
     assert!(client.join().unwrap().is_err(), "the sleeping request was cut");
 }
+
+#[test]
+fn control_signals_sent_to_every_process_steer_only_the_master() {
+    // `kill -- -PGID` and `systemctl kill` signal every process. Workers
+    // ignore HUP, TTIN and TTOU, which would otherwise kill or stop them.
+    let respawn = Respawn::with_workers(2, &[]);
+    let stopped = |pids: &std::collections::BTreeSet<i32>| {
+        pids.iter()
+            .filter(|&&pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s[s.rfind(')').unwrap() + 2..].starts_with('T'))
+            })
+            .count()
+    };
+
+    respawn.signal_group(libc::SIGTTIN);
+    respawn.wait_for_log("the TTIN", |l| l.contains("received SIGTTIN, 3 workers wanted"));
+    let workers = respawn.wait_for_workers(3);
+    assert_eq!(
+        stopped(&workers),
+        0,
+        "no worker stopped by TTIN\n{}",
+        respawn.dump()
+    );
+
+    respawn.signal_group(libc::SIGHUP);
+    respawn.wait_for_log("the rolling restart", |l| l.contains("rolling restart done"));
+    let workers = respawn.wait_for_workers(3);
+    assert_eq!(
+        respawn.count_log("exited (signal 1)"),
+        0,
+        "no worker killed by HUP\n{}",
+        respawn.dump()
+    );
+
+    respawn.signal_group(libc::SIGTTOU);
+    respawn.wait_for_log("the TTOU", |l| l.contains("received SIGTTOU, 2 workers wanted"));
+    let left = respawn.wait_for_workers(2);
+    assert!(left.is_subset(&workers));
+    assert_eq!(stopped(&left), 0, "no worker stopped by TTOU\n{}", respawn.dump());
+    assert_eq!(respawn.get("/").unwrap().status, 200);
+}
