@@ -14,6 +14,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -244,6 +245,46 @@ impl Drop for Respawn {
         // the test must not rely on what it tests.
         send(-self.pid, libc::SIGKILL);
         let _ = self.child.wait();
+    }
+}
+
+/// Clients that GET / in a loop until told to stop; they return how many
+/// answers were 200 and what went wrong otherwise.
+pub struct Load {
+    done: Arc<AtomicBool>,
+    clients: Vec<std::thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Load {
+    pub fn start(respawn: &Respawn, clients: usize) -> Load {
+        let done = Arc::new(AtomicBool::new(false));
+        let clients = (0..clients)
+            .map(|_| {
+                let (addr, done) = (respawn.addr, Arc::clone(&done));
+                std::thread::spawn(move || {
+                    let (mut ok, mut failed) = (0, Vec::new());
+                    while !done.load(Ordering::SeqCst) {
+                        match get(addr, "/") {
+                            Ok(answer) if answer.status == 200 => ok += 1,
+                            other => failed.push(format!("{other:?}")),
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Load { done, clients }
+    }
+
+    pub fn stop(self) -> (usize, Vec<String>) {
+        self.done.store(true, Ordering::SeqCst);
+        let (mut ok, mut failed) = (0, Vec::new());
+        for client in self.clients {
+            let (client_ok, client_failed) = client.join().unwrap();
+            ok += client_ok;
+            failed.extend(client_failed);
+        }
+        (ok, failed)
     }
 }
 

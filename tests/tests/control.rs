@@ -4,49 +4,7 @@
 
 use respawn_tests::*;
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread;
-
-/// Clients that GET / in a loop until told to stop; they return how many
-/// answers were 200 and what went wrong otherwise.
-struct Load {
-    done: Arc<AtomicBool>,
-    clients: Vec<thread::JoinHandle<(usize, Vec<String>)>>,
-}
-
-impl Load {
-    fn start(respawn: &Respawn, clients: usize) -> Load {
-        let done = Arc::new(AtomicBool::new(false));
-        let clients = (0..clients)
-            .map(|_| {
-                let (addr, done) = (respawn.addr, Arc::clone(&done));
-                thread::spawn(move || {
-                    let (mut ok, mut failed) = (0, Vec::new());
-                    while !done.load(Ordering::SeqCst) {
-                        match get(addr, "/") {
-                            Ok(answer) if answer.status == 200 => ok += 1,
-                            other => failed.push(format!("{other:?}")),
-                        }
-                    }
-                    (ok, failed)
-                })
-            })
-            .collect();
-        Load { done, clients }
-    }
-
-    fn stop(self) -> (usize, Vec<String>) {
-        self.done.store(true, Ordering::SeqCst);
-        let (mut ok, mut failed) = (0, Vec::new());
-        for client in self.clients {
-            let (client_ok, client_failed) = client.join().unwrap();
-            ok += client_ok;
-            failed.extend(client_failed);
-        }
-        (ok, failed)
-    }
-}
 
 #[test]
 fn hup_replaces_every_worker_without_failing_a_request() {

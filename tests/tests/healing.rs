@@ -2,8 +2,6 @@
 //! no request lost to a crash but the one that caused it.
 
 use respawn_tests::*;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread;
 
 #[test]
@@ -146,34 +144,12 @@ fn crash_storm_loses_no_request() {
     let respawn = Respawn::with_workers(2, &[]);
     respawn.wait_for_workers(2);
 
-    let done = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let (addr, done) = (respawn.addr, Arc::clone(&done));
-            thread::spawn(move || {
-                let (mut ok, mut failed) = (0, Vec::new());
-                while !done.load(Ordering::SeqCst) {
-                    match get(addr, "/") {
-                        Ok(answer) if answer.status == 200 => ok += 1,
-                        other => failed.push(format!("{other:?}")),
-                    }
-                }
-                (ok, failed)
-            })
-        })
-        .collect();
+    let load = Load::start(&respawn, CLIENTS);
     let mut crash_answers = Vec::new();
     for _ in 0..CRASHES {
         crash_answers.push(get(respawn.addr, "/crash").map(|a| a.status));
     }
-    done.store(true, Ordering::SeqCst);
-
-    let (mut ok, mut failed) = (0, Vec::new());
-    for client in clients {
-        let (client_ok, client_failed) = client.join().unwrap();
-        ok += client_ok;
-        failed.extend(client_failed);
-    }
+    let (ok, failed) = load.stop();
     assert!(
         failed.is_empty(),
         "{} of {} requests to / failed: {:?}\n{}",
