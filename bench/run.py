@@ -1,0 +1,686 @@
+#!/usr/bin/env python3
+"""make bench: what a supervisor is for, measured for respawn and for a
+Node.js cluster server (bench/baseline/server.js), in one run.
+
+    python3 bench/run.py [--runs 3] [--only NAME[,NAME]] [--out docs/benchmarks.md]
+
+Each scenario runs --runs times per system; the table holds medians. Every
+process started here is in a process group of its own and is killed at the
+end of its scenario, whatever happens; every wait has a deadline. All
+traffic goes to 127.0.0.1. Needs wrk (make bench installs it), node for the
+baseline column (without it the column says so), and a release build of
+respawn (make bench builds it).
+"""
+
+import argparse
+import atexit
+import math
+import os
+import platform
+import random
+import re
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESPAWN = os.path.join(ROOT, "target", "release", "respawn")
+BASELINE = os.path.join(ROOT, "bench", "baseline", "server.js")
+PATIENCE = 30.0  # seconds any one wait may take
+
+# Everything started here, so that an error, Ctrl-C or a TERM leaves nothing.
+STARTED = []
+
+
+def stop_everything(*_):
+    for thing in list(STARTED):
+        thing.stop()
+
+
+def exit_on_signal(signum, _frame):
+    raise SystemExit(f"bench: stopped by signal {signum}")
+
+
+atexit.register(stop_everything)
+signal.signal(signal.SIGTERM, exit_on_signal)
+
+
+def progress(text):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def wait_until(condition, limit=PATIENCE, step=0.002):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return condition()
+
+
+# ---------------------------------------------------------------- /proc
+
+
+def stat(pid):
+    """(state, ppid, utime+stime) of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def children(parent):
+    """{pid: state} of the children of parent."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            s = stat(int(name))
+            if s and s[1] == parent:
+                found[int(name)] = s[0]
+    return found
+
+
+def live_children(parent):
+    return sorted(pid for pid, state in children(parent).items() if state != "Z")
+
+
+def status_field(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def context_switches(pid):
+    return status_field(pid, "voluntary_ctxt_switches") + status_field(pid, "nonvoluntary_ctxt_switches")
+
+
+def private_kib(pid):
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    return total
+
+
+def socket_inodes(pid):
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        pass
+    return inodes
+
+
+def tcp_states():
+    """{inode: (state, local port)} of every TCP socket on the host."""
+    states = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    states[parts[9]] = (parts[3], int(parts[1].rsplit(":", 1)[1], 16))
+        except OSError:
+            pass
+    return states
+
+
+def unix_inodes():
+    with open("/proc/net/unix") as f:
+        next(f)
+        return {line.split()[6] for line in f if len(line.split()) > 6}
+
+
+def held_connections(pid, listener):
+    """Connections process pid holds now: its socket fds, less the listener
+    and unix sockets (Node's channel to its primary). The fds are read first
+    and at once; a connection that closes while the rest is read still
+    counts, as it was held at that moment."""
+    held = socket_inodes(pid) - {listener}
+    return len(held - unix_inodes())
+
+
+# ---------------------------------------------------------------- systems
+
+
+class Running:
+    """A started server: its process group, its log, its port."""
+
+    def __init__(self, argv, env):
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1, env=env,
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+        STARTED.append(self)
+        self.lines = []  # (monotonic time, line)
+        self.lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+        line = self.wait_for(lambda l: "listening on " in l, "its address")
+        self.port = int(re.search(r":(\d+)\s*$", line).group(1))
+
+    def _read(self):
+        for line in self.proc.stderr:
+            with self.lock:
+                self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def log(self):
+        with self.lock:
+            return list(self.lines)
+
+    def count(self, needle):
+        return sum(1 for _, l in self.log() if needle in l)
+
+    def wait_for(self, matches, what, start=0):
+        found = []
+
+        def seen():
+            found[:] = [(t, l) for t, l in self.log()[start:] if matches(l)]
+            return bool(found)
+
+        if not wait_until(seen):
+            self.stop()
+            raise RuntimeError(f"no log line for {what} within {PATIENCE} s")
+        return found[0][1]
+
+    def workers(self):
+        return live_children(self.pid)
+
+    def ready(self, n):
+        """Waits until n live workers, each of which logged ready."""
+        def settled():
+            pids = self.workers()
+            text = "\n".join(l for _, l in self.log())
+            return len(pids) == n and all(f"worker {p} ready" in text for p in pids)
+        if not wait_until(settled):
+            raise RuntimeError(f"{n} workers never ready (have {len(self.workers())})")
+        return self.workers()
+
+    def url(self, path="/"):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self):
+        """TERM, then KILL for the whole group: nothing is left running."""
+        if self in STARTED:
+            STARTED.remove(self)
+        try:
+            os.killpg(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+class System:
+    def __init__(self, name, argv, env=None, extra=(), kill_flags=()):
+        self.name, self.argv, self.env, self.extra = name, argv, env, list(extra)
+        # For the scenarios that kill workers on purpose, many times a second.
+        self.kill_flags = list(kill_flags)
+
+    def start(self, workers, *flags):
+        env = dict(os.environ, **(self.env or {}))
+        # A fixed port, not 0: when its last worker dies, Node's cluster
+        # closes the listener, and a replacement listening on port 0 would
+        # get a new port, so clients of the old one are refused for good.
+        return Running(self.argv + ["--workers", str(workers), "--listen", f"127.0.0.1:{free_port()}"]
+                       + self.extra + list(flags), env)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def respawn_system():
+    # --timeout 0: the idle figure is about the master's own wakeups.
+    # Killing workers every few milliseconds is what the crash-loop guard is
+    # for: these scenarios measure the respawn path itself, so they turn the
+    # guard off (no backoff, no give-up). The report says so.
+    return System("respawn", [RESPAWN], {"RUST_LOG": "info", "RUST_LOG_STYLE": "never"},
+                  ["--timeout", "0"], ["--min-uptime", "0", "--max-restarts", "1000000"])
+
+
+def baseline_system():
+    node = shutil.which("node")
+    return System("node cluster", [node, BASELINE]) if node else None
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+def get(port, path="/", timeout=5.0):
+    """GET on a new connection: the status, or an exception."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def wrk(url, connections, seconds, *extra):
+    """Runs wrk; returns its figures."""
+    argv = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", *extra, url]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30).stdout
+    figures = wrk_figures(out)
+    figures["rps"], figures["p99_ms"] = 0.0, None
+    if m := re.search(r"Requests/sec:\s+([\d.]+)", out):
+        figures["rps"] = float(m.group(1))
+    if m := re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
+        figures["p99_ms"] = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    return figures
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def throughput(system, keepalive):
+    server = system.start(2)
+    try:
+        server.ready(2)
+        wrk(server.url(), 64, 1, *([] if keepalive else ["-H", "Connection: close"]))  # warm up
+        f = wrk(server.url(), 64, 10, *([] if keepalive else ["-H", "Connection: close"]))
+        return {"req/s": f["rps"], "errors": f["errors"], "timeouts": f["timeouts"], "p99 ms": f["p99_ms"]}
+    finally:
+        server.stop()
+
+
+def respawn_gap(system, kills=50):
+    """Kill the only worker; once it is dead, GET / on a new connection."""
+    server = system.start(1, *system.kill_flags)
+    gaps = []
+    try:
+        server.ready(1)
+        for _ in range(kills):
+            victim = server.ready(1)[0]
+            pidfd = os.pidfd_open(victim)
+            t0 = time.perf_counter()
+            os.kill(victim, signal.SIGKILL)
+            select.select([pidfd], [], [], PATIENCE)
+            os.close(pidfd)
+            deadline = time.monotonic() + PATIENCE
+            while time.monotonic() < deadline:
+                try:
+                    if get(server.port, "/", timeout=2) == 200:
+                        break
+                except OSError:
+                    time.sleep(0.0005)  # refused or reset: the next try
+            gaps.append((time.perf_counter() - t0) * 1000)
+        gaps.sort()
+        return {"p50 ms": statistics.median(gaps), "p90 ms": gaps[int(len(gaps) * 0.9) - 1], "max ms": gaps[-1]}
+    finally:
+        server.stop()
+
+
+def storm(system, kind, seconds=15, every=0.25, *flags):
+    """wrk -c32 on / while a worker is SIGKILLed (kind 'kill') or /crash is
+    requested (kind 'crash') every 250 ms."""
+    server = system.start(2, *flags)
+    held = 0
+    try:
+        server.ready(2)
+        listener = next(inode for inode, state in tcp_states().items() if state == ("0A", server.port))
+        load = subprocess.Popen(["wrk", "-t2", "-c32", f"-d{seconds}s", server.url()],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+        STARTED.append(Wrk(load))
+        end = time.monotonic() + seconds - 0.5
+        time.sleep(0.5)
+        rng = random.Random(7)
+        while time.monotonic() < end:
+            if kind == "kill":
+                pids = server.workers()
+                if pids:
+                    victim = rng.choice(pids)
+                    held += held_connections(victim, listener)
+                    try:
+                        os.kill(victim, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            else:
+                try:
+                    get(server.port, "/crash", timeout=5)
+                except OSError:
+                    pass
+            time.sleep(every)
+        out = load.communicate(timeout=seconds + 30)[0]
+        f = wrk_figures(out)
+        wait_until(lambda: len(server.workers()) == 2 and not zombies(server), limit=5)
+        result = {"errors": f["errors"], "requests": f["requests"], "final count": len(server.workers()),
+                  "zombies": len(zombies(server))}
+        if kind == "kill":
+            result["held at kills"] = held
+            # The loss the design allows: what the killed workers held.
+            result["errors beyond held"] = max(0, f["errors"] - held)
+        return result
+    finally:
+        server.stop()
+
+
+class Wrk:
+    """A wrk in the background, so that stop_everything can end it."""
+
+    def __init__(self, proc):
+        self.proc = proc
+
+    def stop(self):
+        if self in STARTED:
+            STARTED.remove(self)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wrk_figures(out):
+    """Requests, errors (socket errors and non-2xx answers) and timeouts."""
+    f = {"errors": 0, "requests": 0, "timeouts": 0}
+    if m := re.search(r"(\d+) requests in", out):
+        f["requests"] = int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        f["errors"] += sum(int(x) for x in m.groups())
+        f["timeouts"] = int(m.group(4))
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        f["errors"] += int(m.group(1))
+    return f
+
+
+def zombies(server):
+    return [pid for pid, state in children(server.pid).items() if state == "Z"]
+
+
+def idle_cost(system):
+    server = system.start(2)
+    try:
+        workers = server.ready(2)
+        for _ in range(100):
+            get(server.port)
+        time.sleep(1)  # let the last request's wakeups settle before the window
+        before = context_switches(server.pid)
+        time.sleep(10)  # the idle window measured
+        after = context_switches(server.pid)
+        return {"master wakeups/s": (after - before) / 10,
+                "master VmRSS MiB": status_field(server.pid, "VmRSS") / 1024,
+                "master private MiB": private_kib(server.pid) / 1024,
+                "worker private MiB": max(private_kib(w) for w in workers) / 1024}
+    finally:
+        server.stop()
+
+
+def scale(system):
+    result = {}
+    for n in (256, 2):
+        t0 = time.monotonic()
+        server = system.start(n, *system.kill_flags)
+        try:
+            server.ready(n)
+            if n == 256:
+                result["start 256 s"] = time.monotonic() - t0
+            victim = server.workers()[0]
+            listener = next(inode for inode, state in tcp_states().items() if state == ("0A", server.port))
+            mark = len(server.log())
+            t0 = time.perf_counter()
+            os.kill(victim, signal.SIGKILL)
+            if system.name == "respawn":
+                # The replacement holds the listener from its fork on: look
+                # at the fds of each pid the master says it spawned.
+                def replaced():
+                    spawned = (re.search(r"worker (\d+) spawned", l) for _, l in server.log()[mark:])
+                    return any(m and listener in socket_inodes(int(m.group(1))) for m in spawned)
+            else:
+                # Node's round-robin workers do not hold the listener: its
+                # replacement is up when it says so.
+                def replaced():
+                    return any(" ready" in l for _, l in server.log()[mark:])
+            wait_until(replaced, step=0.0002)
+            result[f"replace 1 of {n} ms"] = (time.perf_counter() - t0) * 1000
+        finally:
+            server.stop()
+    result["256 / 2"] = result["replace 1 of 256 ms"] / result["replace 1 of 2 ms"]
+    return result
+
+
+def herd(system, requests=200):
+    server = system.start(8)
+    try:
+        workers = server.ready(8)
+        for _ in range(20):
+            get(server.port)
+        before = sum(status_field(w, "voluntary_ctxt_switches") for w in workers)
+        for _ in range(requests):
+            get(server.port)
+        after = sum(status_field(w, "voluntary_ctxt_switches") for w in workers)
+        return {"worker wakeups/request": (after - before) / requests}
+    finally:
+        server.stop()
+
+
+SCENARIOS = [
+    ("throughput, close", lambda s: throughput(s, keepalive=False)),
+    ("throughput, keep-alive client", lambda s: throughput(s, keepalive=True)),
+    ("respawn gap", respawn_gap),
+    ("kill storm", lambda s: storm(s, "kill", 15, 0.25, *s.kill_flags)),
+    ("crash storm", lambda s: storm(s, "crash", 15, 0.25)),
+    ("idle cost", idle_cost),
+    ("scale", scale),
+    ("herd", herd),
+]
+
+TARGETS = {
+    ("throughput, close", "req/s"): ("≥ 2.5× the baseline", lambda r, b: b is not None and r >= 2.5 * b),
+    ("throughput, keep-alive client", "errors"): ("0", lambda r, b: r == 0),
+    ("throughput, keep-alive client", "timeouts"): ("0", lambda r, b: r == 0),
+    ("respawn gap", "p50 ms"): ("< 1 ms", lambda r, b: r < 1.0),
+    ("kill storm", "final count"): ("exactly 2", lambda r, b: r == 2),
+    ("kill storm", "zombies"): ("0", lambda r, b: r == 0),
+    ("kill storm", "errors beyond held"): ("0", lambda r, b: r == 0),
+    ("crash storm", "errors"): ("0", lambda r, b: r == 0),
+    ("crash storm", "final count"): ("exactly 2", lambda r, b: r == 2),
+    ("idle cost", "master wakeups/s"): ("0", lambda r, b: r == 0),
+    ("idle cost", "master VmRSS MiB"): ("≤ 2", lambda r, b: r <= 2.0),
+    ("idle cost", "worker private MiB"): ("≤ 0.5", lambda r, b: r <= 0.5),
+    ("scale", "start 256 s"): ("< 0.25 s", lambda r, b: r < 0.25),
+    ("scale", "256 / 2"): ("≤ 2", lambda r, b: r <= 2.0),
+    ("herd", "worker wakeups/request"): ("≤ 2", lambda r, b: r <= 2.0),
+}
+
+
+# ---------------------------------------------------------------- report
+
+
+def medians(runs):
+    keys = runs[0].keys()
+    return {k: statistics.median(r[k] for r in runs) if all(r[k] is not None for r in runs) else None
+            for k in keys}
+
+
+def fmt(value):
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if value >= 1000:
+            return f"{value:,.0f}"
+        if value >= 10:
+            return f"{value:.1f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def machine():
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+
+    def version(argv):
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "not found"
+
+    return {
+        "cores": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
+        "rustc": version(["rustc", "--version"]),
+        "respawn": version([RESPAWN, "--version"]),
+        "node": version(["node", "--version"]),
+        "wrk": version(["wrk", "-v"]).split(" Copyright")[0] or "wrk",
+    }
+
+
+def write_svg(path, results):
+    """Respawn gap (p50, p90) and crash-storm errors, side by side."""
+    systems = list(results)
+    colours = {"respawn": "#2b6cb0", "node cluster": "#c05621"}
+    panels = [
+        ("respawn gap: kill the only worker, GET / (ms, log scale)", "respawn gap", ["p50 ms", "p90 ms", "max ms"], True),
+        ("crash storm: failed requests to / in 15 s", "crash storm", ["errors"], False),
+    ]
+    width, height, top, bottom = 920, 340, 60, 60
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>']
+    for i, (title, scenario, keys, log) in enumerate(panels):
+        x0, pw = 40 + i * (width // 2), width // 2 - 80
+        parts.append(f'<text x="{x0}" y="24" font-size="13" font-weight="bold">{title}</text>')
+        values = [(s, k, (results[s].get(scenario) or {}).get(k)) for k in keys for s in systems]
+        top_value = max([v for _, _, v in values if v] + [1])
+        scaled = (lambda v: math.log10(max(v, 0.01)) + 2) if log else (lambda v: v)
+        ymax = scaled(top_value) * 1.15 or 1
+        plot_h = height - top - bottom
+        slot = pw / max(len(values), 1)
+        for j, (s, k, v) in enumerate(values):
+            x = x0 + j * slot + slot * 0.15
+            h = 0 if v is None else max(scaled(v), 0) / ymax * plot_h
+            y = height - bottom - h
+            parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{slot * 0.7:.1f}" height="{h:.1f}" '
+                         f'fill="{colours.get(s, "#555")}"/>')
+            parts.append(f'<text x="{x + slot * 0.35:.1f}" y="{y - 4:.1f}" text-anchor="middle">{fmt(v)}</text>')
+            parts.append(f'<text x="{x + slot * 0.35:.1f}" y="{height - bottom + 16:.1f}" '
+                         f'text-anchor="middle">{k.replace(" ms", "")}</text>')
+        parts.append(f'<line x1="{x0}" y1="{height - bottom}" x2="{x0 + pw}" y2="{height - bottom}" stroke="black"/>')
+    for j, s in enumerate(systems):
+        parts.append(f'<rect x="{40 + j * 160}" y="{height - 22}" width="12" height="12" fill="{colours.get(s, "#555")}"/>')
+        parts.append(f'<text x="{58 + j * 160}" y="{height - 12}">{s}</text>')
+    parts.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(parts) + "\n")
+
+
+def write_report(path, info, results, runs, elapsed, missing_baseline):
+    systems = list(results)
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`python3 bench/run.py`); do not edit by hand. Each figure is the",
+        f"median of {runs} runs. respawn runs its demo binary (`target/release/respawn --timeout 0`);",
+        "the baseline is an idiomatic Node.js cluster server with the same routes",
+        "(`bench/baseline/server.js`). All traffic is on 127.0.0.1, and wrk shares the machine's",
+        "cores with the servers, so throughput figures are noisy and low. In the scenarios that",
+        "kill workers many times a second (respawn gap, kill storm, scale) respawn runs with",
+        "`--min-uptime 0 --max-restarts 1000000`: they measure the respawn path, and its crash-loop",
+        "guard would otherwise (rightly) back off and give up.",
+        "",
+        f"Machine: {info['cores']} cores ({info['cpu']}), Linux {info['kernel']}. "
+        f"{info['rustc']}; {info['respawn']}; node {info['node']}; {info['wrk']}. "
+        f"The whole run took {elapsed / 60:.1f} minutes.",
+        "",
+    ]
+    if missing_baseline:
+        lines += ["**node was not found**: the baseline column is empty.", ""]
+    lines += [
+        "| scenario | figure | " + " | ".join(systems) + " | respawn / baseline | target | holds |",
+        "|---|---|" + "---|" * len(systems) + "---|---|---|",
+    ]
+    for scenario, _ in SCENARIOS:
+        keys = []
+        for s in systems:
+            for k in (results[s].get(scenario) or {}):
+                if k not in keys:
+                    keys.append(k)
+        for k in keys:
+            values = [(results[s].get(scenario) or {}).get(k) for s in systems]
+            r = values[0]
+            b = values[1] if len(values) > 1 else None
+            ratio = f"{r / b:.2f}" if isinstance(r, (int, float)) and isinstance(b, (int, float)) and b else ""
+            target, check = TARGETS.get((scenario, k), ("", None))
+            holds = ("yes" if check(r, b) else "**no**") if check and r is not None else ""
+            lines.append(f"| {scenario} | {k} | " + " | ".join(fmt(v) for v in values)
+                         + f" | {ratio} | {target} | {holds} |")
+    lines += ["", "![respawn gap and crash-storm errors](benchmarks.svg)", ""]
+    lines += [open(os.path.join(ROOT, "bench", "notes.md")).read()] if os.path.exists(
+        os.path.join(ROOT, "bench", "notes.md")) else []
+    with open(path, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated scenario names")
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    args = parser.parse_args()
+    if not os.path.exists(RESPAWN):
+        sys.exit(f"bench: {RESPAWN} is missing: run 'make bench', which builds it")
+    if not shutil.which("wrk"):
+        sys.exit("bench: wrk is missing: run 'make bench', which installs it")
+    started = time.monotonic()
+    systems = [respawn_system()]
+    baseline = baseline_system()
+    if baseline:
+        systems.append(baseline)
+    else:
+        progress("node not found: the baseline column will say so")
+    only = {n.strip() for n in args.only.split(",") if n.strip()}
+    results = {s.name: {} for s in systems}
+    if not baseline:
+        results["node cluster (missing)"] = {}
+    chosen = [(n, f) for n, f in SCENARIOS if not only or n in only]
+    for i, (name, scenario) in enumerate(chosen, 1):
+        for system in systems:
+            runs = []
+            for run in range(args.runs):
+                progress(f"{i}/{len(chosen)} {name}: {system.name}, run {run + 1} of {args.runs}")
+                try:
+                    runs.append(scenario(system))
+                except Exception as err:  # a failed run is reported, not fatal
+                    progress(f"{name}: {system.name} run {run + 1} failed: {err}")
+            if runs:
+                results[system.name][name] = medians(runs)
+    elapsed = time.monotonic() - started
+    write_report(args.out, machine(), results, args.runs, elapsed, baseline is None)
+    write_svg(os.path.join(os.path.dirname(args.out), "benchmarks.svg"), results)
+    progress(f"wrote {args.out} in {elapsed / 60:.1f} minutes")
+
+
+if __name__ == "__main__":
+    main()
