@@ -187,9 +187,6 @@ class Running:
         with self.lock:
             return list(self.lines)
 
-    def count(self, needle):
-        return sum(1 for _, l in self.log() if needle in l)
-
     def wait_for(self, matches, what, start=0):
         found = []
 
