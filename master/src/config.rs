@@ -14,6 +14,7 @@ pub struct Config {
     pub(crate) max_restarts: usize,
     pub(crate) restart_window: Duration,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) start_timeout: Option<Duration>,
 }
 
 impl Config {
@@ -31,6 +32,7 @@ impl Config {
             max_restarts: 10,
             restart_window: Duration::from_secs(60),
             timeout: Some(Duration::from_secs(60)),
+            start_timeout: Some(Duration::from_secs(60)),
         }
     }
 
@@ -77,6 +79,15 @@ impl Config {
     /// keeps no deadline for it: an idle master does not wake at all).
     pub fn timeout(mut self, timeout: Option<Duration>) -> Config {
         self.timeout = timeout.filter(|t| !t.is_zero());
+        self
+    }
+}
+
+impl Config {
+    /// A worker that has not said Ready this long after its fork is killed,
+    /// and counts as a failed start (backoff, restart limit). None: never.
+    pub fn start_timeout(mut self, timeout: Option<Duration>) -> Config {
+        self.start_timeout = timeout.filter(|t| !t.is_zero());
         self
     }
 }

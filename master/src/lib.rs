@@ -81,6 +81,7 @@ mod config;
 mod error;
 mod hung;
 mod listen;
+mod logbuf;
 mod master;
 mod policy;
 mod reap;
@@ -91,6 +92,7 @@ mod table;
 pub use config::Config;
 pub use error::Error;
 pub use listen::bind;
+pub use logbuf::{log_writer, LogWriter};
 pub use respawn_ipc::Handoff;
 
 use std::net::TcpListener;
