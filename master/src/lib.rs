@@ -80,6 +80,7 @@ compile_error!(
 mod config;
 mod error;
 mod hung;
+mod limits;
 mod listen;
 mod logbuf;
 mod master;

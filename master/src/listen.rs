@@ -6,6 +6,12 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 
+/// How long the kernel holds a connection that has sent nothing before it
+/// hands it to accept (TCP_DEFER_ACCEPT, rounded by the kernel to SYN-ACK
+/// retransmissions): a client that connects and stays silent does not hold
+/// a worker for this long. The demo's whole-head deadline is the same.
+const DEFER_ACCEPT_SECS: u32 = 5;
+
 /// How many connections may wait for a worker (the kernel caps it at
 /// net.core.somaxconn). Deep on purpose: while a worker is being replaced,
 /// this queue is where clients wait instead of being refused.
@@ -26,6 +32,35 @@ pub fn bind(addr: &str) -> Result<TcpListener, Error> {
         }
     }
     Err(Error::io(format!("binding {addr}"), last))
+}
+
+/// Makes a listener fit for the workers' accept loop, whoever bound it: a
+/// non-blocking listener (the caller's own, say) would make every accept
+/// fail at once with EAGAIN, so it is made blocking; and connections that
+/// have sent nothing yet are not handed to accept (TCP_DEFER_ACCEPT, as
+/// unicorn and nginx's `deferred` do), so silent clients wake no worker.
+pub(crate) fn prepare(listener: &TcpListener) -> Result<(), Error> {
+    listener
+        .set_nonblocking(false)
+        .map_err(|err| Error::io("making the listener blocking", err))?;
+    let secs = DEFER_ACCEPT_SECS as libc::c_int;
+    // SAFETY: setsockopt reads one c_int from `secs`, which lives for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            std::ptr::addr_of!(secs).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        log::debug!(
+            "setting TCP_DEFER_ACCEPT on the listener: {}",
+            io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 fn listen_on(addr: SocketAddr) -> io::Result<TcpListener> {

@@ -18,3 +18,24 @@ impl Write for LogWriter {
         io::stderr().flush()
     }
 }
+
+/// The fd to watch for WRITABLE (stub).
+pub(crate) fn watch_fd() -> Option<std::os::fd::RawFd> {
+    None
+}
+
+/// Writes what is queued; true if bytes remain (stub).
+pub(crate) fn flush_pending() -> bool {
+    false
+}
+
+/// At exit (stub).
+pub(crate) fn flush_before_exit(_limit: std::time::Duration) {}
+
+/// In a forked child (stub).
+pub(crate) fn become_worker() {}
+
+/// The master's own fd, if open (stub).
+pub(crate) fn master_fd() -> Option<std::os::fd::RawFd> {
+    None
+}

@@ -6,39 +6,57 @@
 //! kill deadlines ───────┘                                   (fork, signal, reap)
 //! ```
 //!
-//! Handlers only record what happened in the worker table; the count
-//! invariant is restored by one function, `manage_workers`, at the end
-//! of every turn of the loop (and before a retiring worker's exit is logged,
-//! so that the log shows its replacement first). The order of events within
-//! a turn therefore does not matter: a pipe's EOF before or after its
-//! worker's SIGCHLD, a Suicide read before or after the exit, both end in
-//! the same table.
+//! Handlers record what happened in the worker table and send signals; they
+//! never fork. The count invariant is restored by one function,
+//! `manage_workers`, at the end of every turn of the loop, and also before a
+//! retiring worker's exit is logged, so that the log shows its replacement
+//! first: that is the one place outside the end of a turn where a fork can
+//! happen. The order of events within a turn therefore does not matter: a
+//! pipe's EOF before or after its worker's SIGCHLD, a Suicide read before or
+//! after the exit, both end in the same table.
+//!
+//! Nothing the host does can stop the loop but a stop signal: a fork or a
+//! pipe that fails is a line naming the limit and a retry on the slot's
+//! backoff; a log pipe nobody reads fills a bounded buffer (logbuf.rs),
+//! written only when stderr is writable; a stray signal is a line.
 
+use crate::error::describe;
 use crate::hung::{self, Sample, Verdict};
 use crate::policy::{Backoff, Exceeded, RestartLimit};
-use crate::reap;
-use crate::signals::Signals;
-use crate::spawn::{self, ChildSetup};
+use crate::signals::{self, Signals, Signo};
+use crate::spawn::{self, ChildSetup, FdFloor, SpawnError};
 use crate::table::{Event, Received, State, Table, Worker};
+use crate::{limits, listen, logbuf, reap};
 use crate::{Config, Error};
 use log::{debug, error, info, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
-use nix::sys::signal::{self, Signal};
+use nix::sys::signal::{self as nix_signal, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use respawn_ipc::scoreboard::{self, Scoreboard};
-use respawn_ipc::{Handoff, Message};
+use respawn_ipc::{DecodeError, Handoff, Message};
 use std::io;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 const SIGNALS: Token = Token(0);
+/// Stderr became writable: what the log buffer holds can go out.
+const LOG: Token = Token(1);
 
-/// Scoreboard rows: slots beyond have no row, so no hung-worker check. The
-/// mapping is touched only where rows are used (192 bytes each).
-const SCOREBOARD_ROWS: usize = 4096;
+/// The most workers a master keeps. Each has a scoreboard row, and so has
+/// every worker that can be alive beside them: at most as many retiring
+/// ones again, and one more during a rolling restart.
+pub(crate) const MAX_WORKERS: usize = 4096;
+
+/// Scoreboard rows: one per slot that can be in use at once, so that every
+/// worker is watched for hangs. The mapping is touched only where rows are
+/// used (192 bytes each, 1.5 MiB of address space in all).
+const SCOREBOARD_ROWS: usize = 2 * MAX_WORKERS + 1;
+
+/// How long the master waits, at its exit, for stderr to take its last lines.
+const LAST_LINES_PATIENCE: Duration = Duration::from_secs(1);
 
 pub(crate) struct Master<W> {
     config: Config,
@@ -59,14 +77,37 @@ pub(crate) struct Master<W> {
     next_hung_check: Option<Instant>,
     /// Set by TERM, QUIT or INT: no more forks, exit once the table is empty.
     stopping: bool,
+    /// Set by HUP, cleared with the `rolling restart done` line.
+    rolling: bool,
     /// Why the master gave up, if it did: `run` returns it once all stopped.
     gave_up: Option<String>,
     next_token: usize,
+    /// The lowest fd number of the worker pipes (see spawn.rs).
+    floor: FdFloor,
+    /// Forks or pipes that failed in a row: the first is logged, the others
+    /// wait for the line that says forking works again.
+    failed_forks: usize,
+    /// A replacement waits for a retiring worker to leave (logged once).
+    waiting_for_room: bool,
+    /// Lines about signals that mean nothing, at most one a second each.
+    stray_signals: signals::RateLimit,
 }
 
 impl<W: FnMut(Handoff) -> i32> Master<W> {
     pub(crate) fn new(listener: TcpListener, config: Config, work: W) -> Result<Self, Error> {
         refuse_threads()?;
+        if config.workers > MAX_WORKERS {
+            return Err(Error::io(
+                format!("starting {} workers", config.workers),
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("at most {MAX_WORKERS} are supported"),
+                ),
+            ));
+        }
+        listen::prepare(&listener)?;
+        let floor =
+            FdFloor::above_open_fds().map_err(|err| Error::io("listing open fds in /proc/self/fd", err))?;
         let signals = Signals::block().map_err(|err| Error::io("blocking signals for the signalfd", err))?;
         let poll = Poll::new().map_err(|err| Error::io("creating the epoll instance", err))?;
         let scoreboard =
@@ -74,6 +115,15 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         poll.registry()
             .register(&mut SourceFd(&signals.as_raw_fd()), SIGNALS, Interest::READABLE)
             .map_err(|err| Error::io("watching the signalfd", err))?;
+        if let Some(fd) = logbuf::watch_fd() {
+            // A file or a terminal that epoll refuses never makes a write wait.
+            if let Err(err) = poll
+                .registry()
+                .register(&mut SourceFd(&fd), LOG, Interest::WRITABLE)
+            {
+                debug!("not watching stderr for writability: {err}");
+            }
+        }
         Ok(Master {
             backoff: Backoff::new(config.backoff_initial, config.backoff_cap),
             restarts: RestartLimit::new(config.max_restarts, config.restart_window),
@@ -88,31 +138,46 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             signals,
             workers: Table::default(),
             stopping: false,
+            rolling: false,
             gave_up: None,
-            next_token: SIGNALS.0 + 1,
+            next_token: LOG.0 + 1,
+            floor,
+            failed_forks: 0,
+            waiting_for_room: false,
+            stray_signals: signals::RateLimit::default(),
         })
     }
 
     /// The loop. Returns once stopped and every worker is reaped.
     pub(crate) fn run(&mut self) -> Result<(), Error> {
         let mut events = Events::with_capacity(64);
-        self.manage_workers()?;
+        self.manage_workers();
         while !(self.stopping && self.workers.is_empty()) {
+            self.write_log();
             self.wait_for_events(&mut events)?;
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => self.handle_signals()?,
+                    LOG => {} // written at the top of every turn
                     token => self.read_worker_messages(token),
                 }
             }
             self.enforce_deadlines();
-            self.manage_workers()?;
+            self.manage_workers();
         }
         info!("all workers stopped, master exiting");
+        logbuf::flush_before_exit(LAST_LINES_PATIENCE);
         match self.gave_up.take() {
             Some(reason) => Err(Error::GaveUp { reason }),
             None => Ok(()),
         }
+    }
+
+    /// Writes what the log buffer holds, as far as stderr takes it now. The
+    /// rest waits for the LOG event: stderr is watched edge-triggered, so
+    /// the rule is "always try, and wait only after it would block".
+    fn write_log(&mut self) {
+        logbuf::flush_pending();
     }
 
     /// Sleeps until an event or the nearest deadline; with no deadline, until
@@ -120,7 +185,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     fn wait_for_events(&mut self, events: &mut Events) -> Result<(), Error> {
         let now = Instant::now();
         let timeout = [
-            self.workers.next_deadline(),
+            self.workers.next_deadline(self.config.start_timeout),
             self.backoff.next_deadline(now),
             self.next_hung_check,
         ]
@@ -146,61 +211,91 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             .map_err(|err| Error::io("reading the signalfd", err))?
         {
             match signal {
-                Signal::SIGCHLD => self.reap_children()?,
-                Signal::SIGTERM | Signal::SIGQUIT => self.stop_gracefully(Some(signal)),
-                Signal::SIGINT => self.stop_now(),
-                Signal::SIGHUP => self.restart_every_worker(),
-                Signal::SIGTTIN => self.change_target(1),
-                Signal::SIGTTOU => self.change_target(-1),
-                _ => {}
+                libc::SIGCHLD => self.reap_children(),
+                libc::SIGTERM | libc::SIGQUIT => self.stop_gracefully(Some(signal)),
+                libc::SIGINT => self.stop_now(),
+                libc::SIGHUP => self.restart_every_worker(),
+                libc::SIGTTIN => self.change_target(1),
+                libc::SIGTTOU => self.change_target(-1),
+                other => self.ignore_signal(other),
             }
         }
         Ok(())
     }
 
-    /// 'exit': collect every dead child; one SIGCHLD may stand for many.
-    fn reap_children(&mut self) -> Result<(), Error> {
-        while let Some((pid, status)) = reap::next_exited() {
-            self.forget_worker(pid, &status)?;
-        }
-        Ok(())
+    /// Any other signal: a line saying what it means to respawn (at most one
+    /// a second per signal), and nothing else.
+    fn ignore_signal(&mut self, signal: Signo) {
+        let Some(unsaid) = self.stray_signals.allow(signal, Instant::now()) else {
+            return;
+        };
+        let name = signals::name(signal);
+        let meaning = match signal {
+            libc::SIGUSR1 => ": respawn logs to stderr and has no log file to reopen",
+            libc::SIGUSR2 => ": reserved for upgrading to a new binary, which this version cannot do yet",
+            _ => ", which means nothing to respawn",
+        };
+        let more = match unsaid {
+            0 => String::new(),
+            n => format!(" ({n} more since the last line)"),
+        };
+        info!("received {name}{meaning}; ignored{more}");
     }
 
-    fn forget_worker(&mut self, pid: Pid, status: &WaitStatus) -> Result<(), Error> {
+    /// 'exit': collect every dead child; one SIGCHLD may stand for many.
+    fn reap_children(&mut self) {
+        while let Some((pid, status)) = reap::next_exited() {
+            self.forget_worker(pid, &status);
+        }
+    }
+
+    fn forget_worker(&mut self, pid: Pid, status: &WaitStatus) {
         let Some(mut worker) = self.workers.remove(pid) else {
             debug!("reaped process {pid}, not a worker ({})", reap::describe(status));
-            return Ok(());
+            return;
         };
         // Its last words: a Suicide written just before it exited may still
-        // be in the pipe, and tells why it went.
-        drain_pipe(self.poll.registry(), &mut worker, self.config.graceful_timeout);
+        // be in the pipe, and tells why it went. It is reaped: whatever the
+        // pipe holds, nothing may signal its pid now (it may be reused).
+        if let Some(err) = read_messages(self.poll.registry(), &mut worker, self.config.graceful_timeout) {
+            debug!("worker {pid} left malformed ipc behind ({err})");
+        }
         close_pipe(self.poll.registry(), &mut worker);
         let how = match &worker.last_words {
             Some(why) => format!("{}: {why}", reap::describe(status)),
             None => reap::describe(status),
         };
         let lived = worker.spawned_at.elapsed();
-        if worker.state != State::Starting && lived >= self.config.min_uptime {
+        if worker.was_ready && lived >= self.config.min_uptime {
             // However it left, it proved its slot can hold a worker.
             self.backoff.lived(worker.slot);
         }
         if !worker.state.counts() || self.stopping {
             // A retiring worker's replacement comes before its exit, even
             // when its Suicide and its SIGCHLD are read in the same turn.
-            self.manage_workers()?;
+            self.manage_workers();
             info!("worker {pid} exited ({how})");
         } else {
             self.plan_replacement(&worker, &how);
         }
-        Ok(())
     }
 
-    /// A worker died without warning, or failed to start: count the restart,
-    /// give up if there were too many, and delay it if the worker died young.
+    /// A worker died without warning, or failed to start. A mature worker
+    /// (Ready, and older than the minimum uptime) is replaced at once and
+    /// counts for nothing: whatever killed it (the OOM killer, a segfault in
+    /// one request), the slot has shown it can serve, and giving up would
+    /// turn a partial failure into a total outage. Each slot is refilled at
+    /// most once per minimum uptime that way, which bounds the fork rate.
+    /// A young death is a failed start: the slot backs off, and the restart
+    /// limit counts it.
     fn plan_replacement(&mut self, worker: &Worker, how: &str) {
         let now = Instant::now();
         let (pid, slot) = (worker.pid, worker.slot);
         let lived = now.saturating_duration_since(worker.spawned_at);
+        if worker.was_ready && lived >= self.config.min_uptime {
+            warn!("worker {pid} exited ({how}), replacing");
+            return;
+        }
         if let Err(Exceeded { count, span }) = self.restarts.record(now) {
             let reason = format!(
                 "{count} restarts in {:.1} s, more than the {} allowed in {} s; \
@@ -215,39 +310,51 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.stop_gracefully(None);
             return;
         }
-        if worker.state == State::Starting || lived < self.config.min_uptime {
-            let delay = self.backoff.died_young(slot, now);
-            warn!(
-                "worker {pid} exited ({how}) {:.2} s after it was forked; slot {slot} respawns in {:.1} s",
-                lived.as_secs_f64(),
-                delay.as_secs_f64()
-            );
-        } else {
-            warn!("worker {pid} exited ({how}), replacing");
-        }
+        let delay = self.backoff.died_young(slot, now);
+        warn!(
+            "worker {pid} exited ({how}) {:.2} s after it was forked; slot {slot} respawns in {:.1} s",
+            lived.as_secs_f64(),
+            delay.as_secs_f64()
+        );
     }
 
-    /// 'message': everything a worker's pipe holds now.
+    /// 'message': everything a worker's pipe holds now. A worker that speaks
+    /// garbage is stopped; its exit is judged like any death (plan_replacement).
     fn read_worker_messages(&mut self, token: Token) {
+        let graceful = self.config.graceful_timeout;
         // A stale token: the worker was reaped earlier in this turn.
-        if let Some(worker) = self.workers.by_token(token) {
-            drain_pipe(self.poll.registry(), worker, self.config.graceful_timeout);
+        let Some(worker) = self.workers.by_token(token) else {
+            return;
+        };
+        if let Some(err) = read_messages(self.poll.registry(), worker, graceful) {
+            match worker.state {
+                State::Retiring => debug!("worker {} sent malformed ipc ({err}) while retiring", worker.pid),
+                _ => warn!("worker {} sent malformed ipc ({err}); replacing it", worker.pid),
+            }
+            worker.state = worker.state.next(Event::Malformed);
+            terminate(worker, graceful);
         }
     }
 
     /// TERM, QUIT (or giving up, with no signal): every worker finishes what
     /// it holds and exits; any still alive after the graceful timeout is
     /// killed.
-    fn stop_gracefully(&mut self, signal: Option<Signal>) {
+    fn stop_gracefully(&mut self, signal: Option<Signo>) {
         if self.stopping {
             if let Some(signal) = signal {
-                info!("received {signal} while stopping; already stopping");
+                info!(
+                    "received {} while stopping; already stopping",
+                    signals::name(signal)
+                );
             }
             return;
         }
         let timeout = self.config.graceful_timeout.as_secs_f64();
         match signal {
-            Some(signal) => info!("received {signal}, stopping gracefully (graceful timeout {timeout} s)"),
+            Some(signal) => info!(
+                "received {}, stopping gracefully (graceful timeout {timeout} s)",
+                signals::name(signal)
+            ),
             None => info!("stopping gracefully (graceful timeout {timeout} s)"),
         }
         self.stopping = true;
@@ -267,16 +374,25 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
     }
 
-    /// Kills every retiring worker whose graceful timeout has passed, and
-    /// every worker hung on one connection.
+    /// Kills every stopping worker whose graceful timeout has passed, every
+    /// worker that did not say Ready within the start timeout (its exit is
+    /// then a failed start), and every worker hung on one connection.
     fn enforce_deadlines(&mut self) {
         let now = Instant::now();
-        for worker in self.workers.iter_mut() {
+        let (graceful, start_timeout) = (self.config.graceful_timeout, self.config.start_timeout);
+        for worker in self.workers.iter_mut().filter(|w| !w.killed) {
             if worker.kill_at.is_some_and(|at| at <= now) {
                 warn!(
                     "worker {} did not stop within {} s; killing it",
                     worker.pid,
-                    self.config.graceful_timeout.as_secs_f64()
+                    graceful.as_secs_f64()
+                );
+                kill(worker);
+            } else if worker.start_deadline(start_timeout).is_some_and(|at| at <= now) {
+                warn!(
+                    "worker {} did not say ready within {} s; killing it",
+                    worker.pid,
+                    start_timeout.unwrap_or_default().as_secs_f64()
                 );
                 kill(worker);
             }
@@ -333,7 +449,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         if self.workers.counted() == 0 {
             info!("received SIGHUP with no worker running; nothing to replace");
-        } else if self.workers.outdated(self.generation) > 0 {
+            return;
+        } else if self.rolling {
             info!(
                 "received SIGHUP during a rolling restart; every worker started before now will be replaced"
             );
@@ -341,6 +458,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             info!("received SIGHUP, replacing every worker, one at a time");
         }
         self.generation += 1;
+        self.rolling = true;
     }
 
     /// TTIN (+1) and TTOU (-1): one worker more or one fewer, never below 0.
@@ -350,7 +468,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             info!("received {name} while stopping; ignored");
             return;
         }
+        let most = self.most_workers();
         match self.target.checked_add_signed(change) {
+            Some(target) if target > most.0 => info!(
+                "received {name}, but {target} workers would be more than {}; still {} wanted",
+                most.1, self.target
+            ),
             Some(target) => {
                 self.target = target;
                 let plural = if target == 1 { "" } else { "s" };
@@ -360,28 +483,83 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
     }
 
+    /// The most workers TTIN may ask for, and why that many: the scoreboard's
+    /// rows, or the master's open-file limit (a pipe per live worker).
+    fn most_workers(&self) -> (usize, String) {
+        let pipes = self.workers.iter().filter(|w| w.pipe.is_some()).count();
+        let fixed = limits::open_fds().saturating_sub(pipes);
+        match limits::workers_for_open_files(fixed) {
+            (most, Some(limit)) if most < MAX_WORKERS => (
+                most,
+                format!(
+                    "the {most} that the master's open-file limit allows \
+                     (RLIMIT_NOFILE {limit}: a pipe per worker, and as many again while they are replaced)"
+                ),
+            ),
+            _ => (MAX_WORKERS, format!("the {MAX_WORKERS} respawn supports")),
+        }
+    }
+
     /// The count invariant, in one place: fork while fewer workers count
     /// than wanted (except into a slot that waits out its backoff), and
-    /// retire while more count. During a rolling restart one more is wanted,
-    /// and the surplus is retired only once nothing is starting, so an
-    /// outdated worker leaves only when its replacement is Ready.
-    fn manage_workers(&mut self) -> Result<(), Error> {
+    /// retire while more count, until neither changes anything. During a
+    /// rolling restart one more is wanted, and the surplus is retired only
+    /// once nothing is starting, so an outdated worker leaves only when its
+    /// replacement is Ready, and the next replacement is forked at once,
+    /// without waiting for the old worker to finish.
+    ///
+    /// At most twice the target plus one workers live at once: the counted
+    /// ones, one more during a rolling restart, and as many retiring ones
+    /// as the target. Past that, a replacement waits for a retiring worker
+    /// to leave (within the graceful timeout), so that clients who hold
+    /// retiring workers (slow requests, --max-requests 1) cannot make the
+    /// master fork without bound.
+    fn manage_workers(&mut self) {
         if self.stopping {
-            return Ok(());
+            return;
         }
-        let rolling = self.workers.outdated(self.generation) > 0;
-        let wanted = self.target + usize::from(rolling && self.target > 0);
-        let waiting: Vec<usize> = self.backoff.waiting(Instant::now()).collect();
-        for slot in self.workers.slots_to_fill(wanted, &waiting) {
-            self.spawn_worker(slot)?;
-        }
-        while self.workers.counted() > self.target && !self.workers.any_starting() {
-            self.retire_one();
-        }
-        if rolling && self.workers.outdated(self.generation) == 0 {
+        while self.spawn_missing_workers() | self.retire_surplus_workers() {}
+        if self.rolling && self.workers.outdated(self.generation) == 0 && !self.workers.any_starting() {
+            self.rolling = false;
             info!("rolling restart done: every worker is new");
         }
-        Ok(())
+    }
+
+    /// Forks into the slots to fill now; true if it forked any.
+    fn spawn_missing_workers(&mut self) -> bool {
+        let rolling = self.workers.outdated(self.generation) > 0;
+        let wanted = self.target + usize::from(rolling && self.target > 0);
+        let room = (2 * self.target + 1).saturating_sub(self.workers.iter().count());
+        let waiting: Vec<usize> = self.backoff.waiting(Instant::now()).collect();
+        let slots = self.workers.slots_to_fill(wanted, &waiting, room);
+        let owed = self.workers.slots_to_fill(wanted, &waiting, usize::MAX).len();
+        self.note_waiting_for_room(owed > slots.len());
+        let mut forked = false;
+        for slot in slots {
+            forked |= self.spawn_worker(slot);
+        }
+        forked
+    }
+
+    /// Retires counted workers beyond the target; true if it retired any.
+    fn retire_surplus_workers(&mut self) -> bool {
+        let mut retired = false;
+        while self.workers.counted() > self.target && !self.workers.any_starting() {
+            self.retire_one();
+            retired = true;
+        }
+        retired
+    }
+
+    fn note_waiting_for_room(&mut self, waiting: bool) {
+        if waiting && !self.waiting_for_room {
+            warn!(
+                "{} workers are retiring, as many as are wanted; \
+                 the next replacement waits for one of them to leave",
+                self.workers.retiring()
+            );
+        }
+        self.waiting_for_room = waiting;
     }
 
     /// Retires the oldest outdated worker if a rolling restart is under
@@ -401,42 +579,89 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
     }
 
-    fn spawn_worker(&mut self, slot: usize) -> Result<(), Error> {
+    /// Forks a worker into `slot`; false if the host refused (logged, and
+    /// retried on the slot's backoff).
+    fn spawn_worker(&mut self, slot: usize) -> bool {
         let master_fds = self.master_fds();
         self.scoreboard.reset(slot);
         let setup = ChildSetup {
             slot,
             listener: &self.listener,
             master_fds: &master_fds,
-            mask: self.signals.saved_mask(),
+            floor: self.floor,
+            signals: &self.signals,
             row: self.scoreboard.writer(slot),
         };
-        let spawned = spawn::spawn_worker(&setup, &mut self.work)
-            .map_err(|err| Error::io(format!("forking worker {slot}"), err))?;
+        let spawned = match spawn::spawn_worker(&setup, &mut self.work) {
+            Ok(spawned) => spawned,
+            Err(failure) => {
+                self.fork_failed(slot, failure);
+                return false;
+            }
+        };
+        self.fork_works_again();
         let token = Token(self.next_token);
         self.next_token += 1;
         let fd = spawned.pipe.as_raw_fd();
         let mut worker = Worker::new(spawned.pid, slot, token, Some(spawned.pipe));
         worker.generation = self.generation;
-        self.workers.insert(worker);
         info!("worker {} spawned", spawned.pid);
-        self.poll
+        if let Err(err) = self
+            .poll
             .registry()
             .register(&mut SourceFd(&fd), token, Interest::READABLE)
-            .map_err(|err| Error::io(format!("watching the pipe of worker {}", spawned.pid), err))
+        {
+            // Without its pipe it could never say Ready: a failed start.
+            error!(
+                "watching the pipe of worker {}: {}; killing it",
+                spawned.pid,
+                describe(&err)
+            );
+            kill(&mut worker);
+        }
+        self.workers.insert(worker);
+        true
     }
 
-    /// The fds a worker must not inherit: the epoll, the signalfd, and every
-    /// worker's pipe.
+    /// A fork or a pipe failed: the host is out of something. The workers
+    /// that run go on serving; the slot is retried on its backoff. One line
+    /// per burst, naming the limit.
+    fn fork_failed(&mut self, slot: usize, SpawnError { doing, err }: SpawnError) {
+        let delay = self.backoff.died_young(slot, Instant::now());
+        self.failed_forks += 1;
+        if self.failed_forks > 1 {
+            debug!("{doing} for slot {slot} failed again: {}", describe(&err));
+            return;
+        }
+        let limit = limits::explain(&err).map_or(String::new(), |why| format!(" ({why})"));
+        warn!(
+            "{doing} for a worker in slot {slot}: {}{limit}; {} of {} workers running, retrying in {:.1} s",
+            describe(&err),
+            self.workers.counted(),
+            self.target,
+            delay.as_secs_f64()
+        );
+    }
+
+    fn fork_works_again(&mut self) {
+        if self.failed_forks > 0 {
+            info!("forking works again, after {} failed attempts", self.failed_forks);
+            self.failed_forks = 0;
+        }
+    }
+
+    /// The master's fds that the worker must not inherit and that may lie
+    /// below the floor: the epoll, the signalfd, the log's fd. (The pipes are
+    /// all at or above the floor, closed in one call.)
     fn master_fds(&self) -> Vec<RawFd> {
-        let pipes = self
-            .workers
-            .iter()
-            .filter_map(|w| w.pipe.as_ref().map(|p| p.as_raw_fd()));
-        [self.poll.as_raw_fd(), self.signals.as_raw_fd()]
-            .into_iter()
-            .chain(pipes)
-            .collect()
+        [
+            Some(self.poll.as_raw_fd()),
+            Some(self.signals.as_raw_fd()),
+            logbuf::master_fd(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 
     /// After an error: no worker may outlive the master or become a zombie.
@@ -451,23 +676,25 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
 }
 
 /// Reads and acts on every message in a worker's pipe, until it would block.
-fn drain_pipe(registry: &Registry, worker: &mut Worker, graceful: Duration) {
+/// Garbage closes the pipe and is returned: the caller decides whether the
+/// worker is still there to be signalled.
+fn read_messages(registry: &Registry, worker: &mut Worker, graceful: Duration) -> Option<DecodeError> {
     loop {
         match worker.receive() {
             Received::Message(message) => on_message(worker, message, graceful),
-            Received::Nothing => return,
-            Received::Closed => return close_pipe(registry, worker),
+            Received::Nothing => return None,
+            Received::Closed => {
+                close_pipe(registry, worker);
+                return None;
+            }
             Received::Malformed(err) => {
-                if worker.state.counts() {
-                    warn!("worker {} sent malformed ipc ({err}); replacing it", worker.pid);
-                }
-                worker.state = worker.state.next(Event::Malformed);
-                ask_to_stop(worker, graceful);
-                return close_pipe(registry, worker);
+                close_pipe(registry, worker);
+                return Some(err);
             }
             Received::Failed(err) => {
                 error!("reading the pipe of worker {}: {err}", worker.pid);
-                return close_pipe(registry, worker);
+                close_pipe(registry, worker);
+                return None;
             }
         }
     }
@@ -479,6 +706,7 @@ fn on_message(worker: &mut Worker, message: Message, graceful: Duration) {
         Message::Ready => {
             if worker.state == State::Starting {
                 info!("worker {pid} ready");
+                worker.was_ready = true;
             }
             worker.state = worker.state.next(Event::Ready);
         }
@@ -497,9 +725,19 @@ fn on_message(worker: &mut Worker, message: Message, graceful: Duration) {
     }
 }
 
-/// SIGTERM, and SIGKILL after `graceful` if it has not gone by then.
+/// The worker stops counting, and is asked to stop (see `terminate`).
 fn ask_to_stop(worker: &mut Worker, graceful: Duration) {
     worker.state = worker.state.next(Event::Stop);
+    terminate(worker, graceful);
+}
+
+/// SIGTERM, and SIGKILL after `graceful` if it has not gone by then. Its
+/// state is the caller's business: a worker stopped for garbage still counts
+/// until its exit, which is then judged like any other death.
+fn terminate(worker: &mut Worker, graceful: Duration) {
+    if worker.killed {
+        return;
+    }
     worker.kill_at.get_or_insert(Instant::now() + graceful);
     send(worker.pid, Signal::SIGTERM);
 }
@@ -519,7 +757,7 @@ fn kill(worker: &mut Worker) {
 
 fn send(pid: Pid, signal: Signal) {
     // ESRCH: it died already; its SIGCHLD is on the way.
-    if let Err(err) = signal::kill(pid, signal) {
+    if let Err(err) = nix_signal::kill(pid, signal) {
         debug!("sending {signal} to worker {pid}: {err}");
     }
 }

@@ -5,73 +5,202 @@
 //! SIGCHLD coalesces (one pending SIGCHLD may stand for many exits), which is
 //! why every SIGCHLD leads to a reap loop, not to one waitpid.
 //!
+//! Every signal that could kill or stop the master by its default action is
+//! taken this way, not only the seven it acts on: a stray USR1 from a
+//! logrotate script, a WINCH from a terminal, an ALRM from a forgotten
+//! `timeout` are each a log line, never the end of the service. The
+//! exceptions are SIGKILL and SIGSTOP, which cannot be caught, and the fault
+//! signals (SEGV, BUS, FPE, ILL, TRAP, SYS, ABRT): a master that really
+//! faults must die loudly, not log and carry on in a broken state.
+//!
+//! The set is kept as the kernel's 64-bit mask and set with the raw
+//! `rt_sigprocmask`: glibc's wrappers silently refuse signals 32 and 33,
+//! which it reserves for its thread library, and whose default action is
+//! still to terminate.
+//!
 //! Blocking is not enough: a signal whose disposition is "ignore" is thrown
 //! away when sent, before any signalfd can see it, and an ignored SIGCHLD
 //! even makes the kernel reap children itself. A shell starts a background
 //! job (`respawn &`) with INT and QUIT ignored, so the dispositions are set
-//! to default first; blocked, the default action never runs.
+//! to default, *after* the signals are blocked: blocked, the default action
+//! never runs, even for a signal sent between the two steps.
 
-use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-/// The signals the master handles. Blocking TTIN and TTOU also keeps their
-/// default action (stop the process, for job control) from ever running.
-pub(crate) const HANDLED: [Signal; 7] = [
-    Signal::SIGCHLD,
-    Signal::SIGTERM,
-    Signal::SIGQUIT,
-    Signal::SIGINT,
-    Signal::SIGHUP,
-    Signal::SIGTTIN,
-    Signal::SIGTTOU,
+/// A signal number, as the kernel numbers them: 1 to 64.
+pub(crate) type Signo = i32;
+
+/// The highest signal number on Linux.
+const LAST: Signo = 64;
+
+/// Signals whose default action is the right one even in the master.
+const UNTOUCHED: [Signo; 9] = [
+    libc::SIGKILL,
+    libc::SIGSTOP,
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGFPE,
+    libc::SIGILL,
+    libc::SIGTRAP,
+    libc::SIGSYS,
+    libc::SIGABRT,
 ];
 
+/// A set of signals as the kernel's mask: bit n-1 for signal n.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub(crate) struct Mask(u64);
+
+impl Mask {
+    /// Every signal the master takes through its signalfd.
+    pub(crate) fn taken() -> Mask {
+        (1..=LAST).filter(|s| !UNTOUCHED.contains(s)).collect()
+    }
+
+    pub(crate) fn contains(self, signal: Signo) -> bool {
+        (1..=LAST).contains(&signal) && self.0 & bit(signal) != 0
+    }
+
+    fn signals(self) -> impl Iterator<Item = Signo> {
+        (1..=LAST).filter(move |&s| self.contains(s))
+    }
+
+    fn sigset(self) -> libc::sigset_t {
+        // SAFETY: sigset_t is plain bits; all zeroes is the empty set.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: on Linux sigset_t is an array of unsigned longs at least
+        // 64 bits long, and the kernel reads signals 1 to 64 from its first
+        // 64 bits; writing a u64 at its start is in bounds and aligned.
+        unsafe { std::ptr::write(std::ptr::addr_of_mut!(set).cast::<u64>(), self.0) };
+        set
+    }
+}
+
+impl FromIterator<Signo> for Mask {
+    fn from_iter<I: IntoIterator<Item = Signo>>(signals: I) -> Mask {
+        Mask(
+            signals
+                .into_iter()
+                .filter(|s| (1..=LAST).contains(s))
+                .map(bit)
+                .fold(0, |a, b| a | b),
+        )
+    }
+}
+
+fn bit(signal: Signo) -> u64 {
+    1 << (signal - 1)
+}
+
+/// Changes the calling thread's mask; returns the mask before.
+fn sigprocmask(how: libc::c_int, mask: Mask) -> io::Result<Mask> {
+    let set = mask.sigset();
+    let mut old: u64 = 0;
+    // SAFETY: the raw syscall reads 8 bytes from `set` (a full sigset_t)
+    // and writes 8 bytes to `old`, a u64; both live for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            how,
+            std::ptr::addr_of!(set),
+            std::ptr::addr_of_mut!(old),
+            8usize,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Mask(old))
+}
+
+/// Sets one signal's disposition; returns the one it had.
+fn set_action(signal: Signo, action: &libc::sigaction) -> io::Result<libc::sigaction> {
+    let mut old = MaybeUninit::<libc::sigaction>::uninit();
+    // SAFETY: both pointers are valid for the call; `action` is either
+    // SIG_DFL (no handler code) or a disposition this process had before.
+    if unsafe { libc::sigaction(signal, action, old.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: sigaction succeeded, so it filled `old`.
+    Ok(unsafe { old.assume_init() })
+}
+
+fn default_action() -> libc::sigaction {
+    // SAFETY: all zeroes is SIG_DFL with no flags and an empty mask.
+    unsafe { std::mem::zeroed() }
+}
+
 pub(crate) struct Signals {
-    fd: SignalFd,
+    fd: OwnedFd,
     /// The mask before `block`: restored in every worker, and on drop.
-    saved_mask: SigSet,
-    /// The dispositions before `block`, restored on drop.
-    saved_actions: Vec<(Signal, SigAction)>,
+    saved_mask: Mask,
+    /// The dispositions before `block`, restored in every worker and on drop.
+    saved_actions: Vec<(Signo, libc::sigaction)>,
 }
 
 impl Signals {
-    /// Blocks the handled signals and opens a non-blocking signalfd for them.
+    /// Blocks every taken signal, then sets their dispositions to default,
+    /// and opens a non-blocking signalfd for them.
     pub(crate) fn block() -> io::Result<Signals> {
-        let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
-        let mut saved_actions = Vec::with_capacity(HANDLED.len());
-        for signal in HANDLED {
-            // SAFETY: SIG_DFL installs no handler code, so there is nothing
-            // that could run at an unsafe moment.
-            saved_actions.push((signal, unsafe { sigaction(signal, &default) }?));
+        let taken = Mask::taken();
+        let saved_mask = sigprocmask(libc::SIG_BLOCK, taken)?;
+        let mut saved_actions = Vec::new();
+        for signal in taken.signals() {
+            match set_action(signal, &default_action()) {
+                Ok(old) => saved_actions.push((signal, old)),
+                // 32 and 33 on some libcs: they refuse; the mask holds them.
+                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(err) => return Err(err),
+            }
         }
-        let handled: SigSet = HANDLED.into_iter().collect();
-        let mut saved_mask = SigSet::empty();
-        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled), Some(&mut saved_mask))?;
-        let fd = SignalFd::with_flags(&handled, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+        let set = taken.sigset();
+        // SAFETY: signalfd with fd -1 creates a new fd from a valid set.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(Signals {
-            fd,
+            // SAFETY: signalfd just returned this fd; nothing else owns it.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
             saved_mask,
             saved_actions,
         })
     }
 
     /// The next pending signal, or None once all have been read.
-    pub(crate) fn next(&self) -> io::Result<Option<Signal>> {
+    pub(crate) fn next(&self) -> io::Result<Option<Signo>> {
+        let mut info = MaybeUninit::<libc::signalfd_siginfo>::uninit();
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
         loop {
-            match self.fd.read_signal()? {
-                None => return Ok(None),
-                Some(info) => match Signal::try_from(info.ssi_signo as i32) {
-                    Ok(signal) => return Ok(Some(signal)),
-                    Err(_) => continue, // not one of ours: cannot happen with our mask
-                },
+            // SAFETY: reads at most `size` bytes into `info`, which holds them.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), info.as_mut_ptr().cast(), size) };
+            if n == size as isize {
+                // SAFETY: the kernel filled the whole struct.
+                return Ok(Some(unsafe { info.assume_init() }.ssi_signo as Signo));
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                _ if n >= 0 => return Err(io::Error::other(format!("short read of {n} bytes"))),
+                Some(libc::EAGAIN) => return Ok(None),
+                Some(libc::EINTR) => continue,
+                _ => return Err(err),
             }
         }
     }
 
-    pub(crate) fn saved_mask(&self) -> &SigSet {
-        &self.saved_mask
+    /// In a freshly forked worker: the dispositions and the mask the program
+    /// had before the master took its signals, except that TERM and QUIT stay
+    /// blocked. A stop request that comes before the worker has armed its
+    /// handler then waits, pending, instead of killing it (TERM) or dumping
+    /// its core (QUIT); the worker unblocks them once it handles them.
+    pub(crate) fn restore_in_worker(&self) -> io::Result<()> {
+        for (signal, action) in &self.saved_actions {
+            set_action(*signal, action)?;
+        }
+        let stop: Mask = [libc::SIGTERM, libc::SIGQUIT].into_iter().collect();
+        sigprocmask(libc::SIG_SETMASK, Mask(self.saved_mask.0 | stop.0))?;
+        Ok(())
     }
 }
 
@@ -82,13 +211,118 @@ impl AsRawFd for Signals {
 }
 
 impl Drop for Signals {
+    /// Gives an embedding program its signals back. What arrived after the
+    /// loop's last turn was meant for the master (a second TERM, the CHLD of
+    /// the last worker): read and dropped first, so that it does not take
+    /// its default action, killing the program, once unblocked.
     fn drop(&mut self) {
-        // Give an embedding program its signals back.
-        for (signal, action) in &self.saved_actions {
-            // SAFETY: these are the dispositions the program had before
-            // `block`; putting them back is what it expects.
-            let _ = unsafe { sigaction(*signal, action) };
+        while let Ok(Some(signal)) = self.next() {
+            log::debug!("received {} after the master stopped; ignored", name(signal));
         }
-        let _ = self.saved_mask.thread_set_mask();
+        for (signal, action) in &self.saved_actions {
+            let _ = set_action(*signal, action);
+        }
+        let _ = sigprocmask(libc::SIG_SETMASK, self.saved_mask);
+    }
+}
+
+/// At most one line a second for each signal that means nothing, so that a
+/// script sending WINCH in a loop cannot flood the log.
+#[derive(Default)]
+pub(crate) struct RateLimit {
+    /// Per signal: when its last line was written, and how many since.
+    seen: std::collections::HashMap<Signo, (std::time::Instant, usize)>,
+}
+
+impl RateLimit {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// Some(how many went unsaid since the last line) if a line may be
+    /// written now; None if this one is to go unsaid.
+    pub(crate) fn allow(&mut self, signal: Signo, now: std::time::Instant) -> Option<usize> {
+        match self.seen.get_mut(&signal) {
+            Some((last, unsaid)) if now.saturating_duration_since(*last) < Self::EVERY => {
+                *unsaid += 1;
+                None
+            }
+            Some((last, unsaid)) => {
+                *last = now;
+                Some(std::mem::take(unsaid))
+            }
+            None => {
+                self.seen.insert(signal, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// A signal's name as the log says it: `SIGUSR1`, `SIGRTMIN+3`, `signal 32`.
+pub(crate) fn name(signal: Signo) -> String {
+    let rtmin = libc::SIGRTMIN();
+    match nix::sys::signal::Signal::try_from(signal) {
+        Ok(known) => known.as_str().to_owned(),
+        Err(_) if signal >= rtmin && signal <= libc::SIGRTMAX() => match signal - rtmin {
+            0 => "SIGRTMIN".to_owned(),
+            n => format!("SIGRTMIN+{n}"),
+        },
+        Err(_) => format!("signal {signal}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_master_takes_every_signal_but_kill_stop_and_the_faults() {
+        let taken = Mask::taken();
+        for signal in [
+            libc::SIGKILL,
+            libc::SIGSTOP,
+            libc::SIGSEGV,
+            libc::SIGABRT,
+            libc::SIGBUS,
+        ] {
+            assert!(!taken.contains(signal), "{}", name(signal));
+        }
+        for signal in [
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGPIPE,
+            libc::SIGWINCH,
+            32,
+            33,
+            64,
+        ] {
+            assert!(taken.contains(signal), "{}", name(signal));
+        }
+        assert_eq!(taken.signals().count(), 64 - UNTOUCHED.len());
+        assert!(!taken.contains(0) && !taken.contains(65));
+    }
+
+    #[test]
+    fn stray_signal_lines_are_rate_limited_per_signal() {
+        let mut limit = RateLimit::default();
+        let now = std::time::Instant::now();
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(limit.allow(libc::SIGWINCH, now), Some(0));
+        assert_eq!(limit.allow(libc::SIGWINCH, now + ms(10)), None);
+        assert_eq!(limit.allow(libc::SIGWINCH, now + ms(999)), None);
+        assert_eq!(
+            limit.allow(libc::SIGUSR1, now + ms(999)),
+            Some(0),
+            "another signal"
+        );
+        assert_eq!(limit.allow(libc::SIGWINCH, now + ms(1000)), Some(2));
+        assert_eq!(limit.allow(libc::SIGWINCH, now + ms(2500)), Some(0));
+    }
+
+    #[test]
+    fn signals_are_named_as_the_log_says_them() {
+        assert_eq!(name(libc::SIGUSR1), "SIGUSR1");
+        assert_eq!(name(libc::SIGRTMIN()), "SIGRTMIN");
+        assert_eq!(name(libc::SIGRTMIN() + 3), "SIGRTMIN+3");
+        assert_eq!(name(32), "signal 32");
     }
 }

@@ -1,16 +1,29 @@
 //! fork: the article's `child_process.fork()`, with the hygiene it implies.
 //!
 //! A forked child starts as a copy of the master: its signal mask (with the
-//! master's signals blocked), its fds (the epoll, the signalfd, every other
-//! worker's pipe), and nothing that ties its life to the master's. Before
-//! the worker's code runs, the child undoes each of these:
+//! master's signals blocked), its dispositions, its fds (the epoll, the
+//! signalfd, every other worker's pipe), and nothing that ties its life to
+//! the master's. Before the worker's code runs, the child undoes each of
+//! these:
 //!
-//! 1. close every fd that belongs to the master;
+//! 1. close every fd that belongs to the master, in a constant number of
+//!    system calls whatever the number of workers: the master keeps its
+//!    pipes at or above a floor (`FdFloor`), so one `close_range` takes them
+//!    all, and the few others (epoll, signalfd, the log's fd) are closed by
+//!    name;
 //! 2. ask for SIGKILL when the master dies (PR_SET_PDEATHSIG), then check the
 //!    master did not die before that request was made;
 //! 3. take a name that `ps` shows: `worker 3`;
-//! 4. restore the signal mask the master had before it blocked its signals.
+//! 4. restore the dispositions and the mask the program had before the
+//!    master took its signals, with TERM and QUIT still blocked until the
+//!    worker arms its stop handler.
+//!
+//! The child never returns into the master's code: everything it runs is
+//! inside `catch_unwind`, and it leaves with `_exit`, which runs no atexit
+//! handler and flushes no stdio buffer of the master's.
 
+use crate::logbuf;
+use crate::signals::Signals;
 use log::error;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::prctl;
@@ -27,72 +40,107 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// What the master keeps of a forked worker.
 pub(crate) struct Spawned {
     pub pid: Pid,
-    /// The read end of the worker's pipe, non-blocking.
+    /// The read end of the worker's pipe, non-blocking, at or above the floor.
     pub pipe: OwnedFd,
+}
+
+/// A failed spawn: what was being done, and the error.
+pub(crate) struct SpawnError {
+    pub doing: &'static str,
+    pub err: io::Error,
+}
+
+/// The lowest fd number the master gives its worker pipes: one above every
+/// fd the process had when the master started. Below it are the program's
+/// own fds (the listener among them), which workers inherit as they are.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FdFloor(pub RawFd);
+
+impl FdFloor {
+    /// One above the highest fd open now (read from /proc/self/fd).
+    pub(crate) fn above_open_fds() -> io::Result<FdFloor> {
+        let highest = std::fs::read_dir("/proc/self/fd")?
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<RawFd>().ok())
+            .max()
+            .unwrap_or(2);
+        Ok(FdFloor(highest + 1))
+    }
+
+    /// Moves `fd` to the lowest free number at or above the floor.
+    fn lift(self, fd: OwnedFd) -> io::Result<OwnedFd> {
+        let lifted = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(self.0))?;
+        // SAFETY: F_DUPFD_CLOEXEC just returned this new fd; we own it.
+        Ok(unsafe { OwnedFd::from_raw_fd(lifted) })
+    }
 }
 
 /// What the child must know to clean up and become a worker.
 pub(crate) struct ChildSetup<'a> {
     pub slot: usize,
     pub listener: &'a TcpListener,
-    /// Every fd of the master's that the worker must not hold.
+    /// The master's fds that may lie below the floor: epoll, signalfd, log.
     pub master_fds: &'a [RawFd],
-    pub mask: &'a SigSet,
+    pub floor: FdFloor,
+    pub signals: &'a Signals,
     /// Its row in the scoreboard, already reset.
     pub row: Option<RowWriter>,
 }
 
 /// Forks a worker. Returns in the master only; the child runs `work` and
 /// exits with the code it returns.
-pub(crate) fn spawn_worker<W>(setup: &ChildSetup, work: &mut W) -> io::Result<Spawned>
+pub(crate) fn spawn_worker<W>(setup: &ChildSetup, work: &mut W) -> Result<Spawned, SpawnError>
 where
     W: FnMut(Handoff) -> i32,
 {
-    let (read_end, write_end) = pipe2(OFlag::O_CLOEXEC)?;
+    let failed = |doing| move |err| SpawnError { doing, err };
+    let (read_end, write_end) = pipe2(OFlag::O_CLOEXEC).map_err(|e| failed("creating its pipe")(e.into()))?;
+    let read_end = setup.floor.lift(read_end).map_err(failed("creating its pipe"))?;
     // Only the master's end is non-blocking: the worker's writes are tiny
     // and must not fail with EAGAIN.
-    fcntl(&read_end, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    fcntl(&read_end, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+        .map_err(|e| failed("creating its pipe")(e.into()))?;
     let master = getpid();
     // Whatever sits in stdout's buffer would be printed again by the child.
     let _ = io::stdout().flush();
-    // SAFETY: the master runs one thread (checked before the first fork), so
-    // the child is a consistent copy: no lock is held by a thread that does
-    // not exist there, and allocating in the child is sound.
-    match unsafe { fork() }? {
-        ForkResult::Parent { child } => Ok(Spawned {
+    // SAFETY: the master runs one thread (checked when it started, and it
+    // starts none), so the child is a consistent copy: no lock is held by a
+    // thread that does not exist there, and allocating in the child is sound.
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { child }) => Ok(Spawned {
             pid: child,
             pipe: read_end,
         }),
-        ForkResult::Child => {
-            drop(read_end);
-            become_worker(setup, master, write_end, work)
+        Ok(ForkResult::Child) => {
+            let code = catch_unwind(AssertUnwindSafe(|| become_worker(setup, master, write_end, work)))
+                .unwrap_or(exit_code::PANICKED);
+            // SAFETY: _exit ends the process at once; nothing of the master's
+            // copy in this address space runs (no destructor, no atexit).
+            unsafe { libc::_exit(code) }
         }
+        Err(errno) => Err(failed("forking")(errno.into())),
     }
 }
 
-fn become_worker<W>(setup: &ChildSetup, master: Pid, write_end: OwnedFd, work: &mut W) -> !
+fn become_worker<W>(setup: &ChildSetup, master: Pid, write_end: OwnedFd, work: &mut W) -> i32
 where
     W: FnMut(Handoff) -> i32,
 {
-    for &fd in setup.master_fds {
-        // SAFETY: these fds belong to the master's Poll, SignalFd and worker
-        // pipes, whose owners live on in this copy of the address space but
-        // are never dropped here: this function never returns, and exit runs
-        // no destructors. So nothing closes them twice or uses them after.
-        unsafe { libc::close(fd) };
-    }
+    let pid = std::process::id();
+    close_master_fds(setup, write_end.as_raw_fd());
+    logbuf::become_worker();
     if let Err(err) = die_with_master(master) {
-        error!("worker {}: {err}", std::process::id());
-        std::process::exit(exit_code::SETUP_FAILED);
+        error!("worker {pid}: {err}");
+        return exit_code::SETUP_FAILED;
     }
     name_process(setup.slot);
-    ignore_master_controls();
-    if let Err(err) = setup.mask.thread_set_mask() {
-        error!("worker {}: restoring the signal mask: {err}", std::process::id());
-        std::process::exit(exit_code::SETUP_FAILED);
+    if let Err(err) = setup.signals.restore_in_worker() {
+        error!("worker {pid}: restoring the signal mask: {err}");
+        return exit_code::SETUP_FAILED;
     }
-    // SAFETY: as above, the master's TcpListener in this address space is
-    // never dropped, so this one is the only owner of the fd in the child.
+    ignore_master_controls();
+    // SAFETY: the master's TcpListener in this address space is never
+    // dropped (the child leaves with _exit), so this one is the only owner
+    // of the fd in the child.
     let listener = unsafe { TcpListener::from_raw_fd(setup.listener.as_raw_fd()) };
     let handoff = Handoff {
         slot: setup.slot,
@@ -100,8 +148,56 @@ where
         channel: Channel::new(write_end),
         scoreboard: setup.row,
     };
-    let code = catch_unwind(AssertUnwindSafe(|| work(handoff))).unwrap_or(exit_code::PANICKED);
-    std::process::exit(code)
+    work(handoff)
+}
+
+/// Closes the master's fds: by name those that may lie below the floor, and
+/// everything from the floor up but the worker's own end of its pipe.
+fn close_master_fds(setup: &ChildSetup, keep: RawFd) {
+    for &fd in setup.master_fds {
+        // SAFETY: these fds belong to the master's Poll, signalfd and log,
+        // whose owners live on in this copy of the address space but are
+        // never dropped here (the child leaves with _exit): nothing closes
+        // them twice or uses them after.
+        unsafe { libc::close(fd) };
+    }
+    let floor = setup.floor.0;
+    if keep >= floor {
+        close_range(floor, keep - 1);
+        close_range(keep + 1, RawFd::MAX);
+    } else {
+        close_range(floor, RawFd::MAX);
+    }
+}
+
+/// close_range(2), Linux 5.9: closes every open fd from `first` to `last`
+/// in one call. The same ownership argument as above holds for the pipes.
+fn close_range(first: RawFd, last: RawFd) {
+    if first > last {
+        return;
+    }
+    // SAFETY: closes fds only; see close_master_fds for why none is used again.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            last as libc::c_uint,
+            0,
+        )
+    };
+    if rc != 0 {
+        // An older kernel: close what /proc says is open in the range.
+        let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<RawFd>().ok())
+            .filter(|fd| (first..=last).contains(fd))
+            .collect();
+        for fd in open {
+            // SAFETY: as above.
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 /// A worker must never outlive its master: an orphan would go on accepting

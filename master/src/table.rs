@@ -10,13 +10,19 @@
 //! A Suicide from a worker still Starting changes nothing but the record of
 //! why: it holds no connection, so there is nothing to hand over, and its
 //! exit is a failed start, replaced after the slot's backoff.
+//!
+//! Garbage on a worker's pipe changes no count either: the master stops that
+//! worker, and its exit is judged like any death without warning (a failed
+//! start if it never said Ready), so a worker that speaks a newer contract
+//! backs off and gives up like any crash loop, instead of being replaced at
+//! once, forever.
 
 use crate::hung::Sample;
 use mio::Token;
 use nix::unistd::Pid;
 use respawn_ipc::{DecodeError, Decoder, Message};
 use std::os::fd::OwnedFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum State {
@@ -46,7 +52,8 @@ impl State {
             (State::Starting | State::Ready, Event::Ready) => State::Ready,
             (State::Retiring, Event::Ready) => State::Retiring,
             (State::Starting, Event::Suicide) => State::Starting,
-            (_, Event::Suicide | Event::Malformed | Event::Stop) => State::Retiring,
+            (state, Event::Malformed) => state,
+            (_, Event::Suicide | Event::Stop) => State::Retiring,
         }
     }
 
@@ -79,6 +86,8 @@ pub(crate) struct Worker {
     pub killed: bool,
     /// Its CPU time, read while it was busy for half the hung timeout.
     pub cpu_sample: Option<Sample>,
+    /// It said Ready once: from then on its death is not a failed start.
+    pub was_ready: bool,
 }
 
 impl Worker {
@@ -96,6 +105,15 @@ impl Worker {
             kill_at: None,
             killed: false,
             cpu_sample: None,
+            was_ready: false,
+        }
+    }
+
+    /// When it must have said Ready, if it has not yet.
+    pub(crate) fn start_deadline(&self, start_timeout: Option<Duration>) -> Option<Instant> {
+        match (self.state, start_timeout) {
+            (State::Starting, Some(timeout)) if !self.killed => Some(self.spawned_at + timeout),
+            _ => None,
         }
     }
 
@@ -206,20 +224,33 @@ impl Table {
         (0..).filter(|slot| self.workers.iter().all(|w| w.slot != *slot))
     }
 
-    /// Where to fork now so that `target` count. A slot that waits out its
-    /// backoff keeps its vacancy: forking into another free slot instead
-    /// would skip the delay.
-    pub(crate) fn slots_to_fill(&self, target: usize, waiting: &[usize]) -> Vec<usize> {
-        let forks = self.missing(target).saturating_sub(waiting.len());
+    /// Where to fork now so that `target` count, at most `room` forks: the
+    /// lowest free slots, one per missing worker, except those that wait out
+    /// their backoff. A waiting slot keeps its vacancy (forking into another
+    /// free slot instead would skip the delay), but only when it is among
+    /// the slots to fill: one left above the target by a TTOU owes nothing.
+    pub(crate) fn slots_to_fill(&self, target: usize, waiting: &[usize], room: usize) -> Vec<usize> {
         self.free_slots()
+            .take(self.missing(target))
             .filter(|slot| !waiting.contains(slot))
-            .take(forks)
+            .take(room)
             .collect()
     }
 
-    /// The nearest moment a retiring worker must be killed.
-    pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.workers.iter().filter_map(|w| w.kill_at).min()
+    /// How many live workers no longer count (they are on their way out).
+    pub(crate) fn retiring(&self) -> usize {
+        self.workers.len() - self.counted()
+    }
+
+    /// The nearest moment a worker must be killed: a stopping one after the
+    /// graceful timeout, a starting one after `start_timeout`.
+    pub(crate) fn next_deadline(&self, start_timeout: Option<Duration>) -> Option<Instant> {
+        self.workers
+            .iter()
+            .filter(|w| !w.killed)
+            .flat_map(|w| [w.kill_at, w.start_deadline(start_timeout)])
+            .flatten()
+            .min()
     }
 }
 
@@ -234,11 +265,11 @@ mod tests {
         let table = [
             (Starting, Event::Ready, State::Ready),
             (Starting, Suicide, Starting),
-            (Starting, Malformed, Retiring),
+            (Starting, Malformed, Starting),
             (Starting, Stop, Retiring),
             (State::Ready, Event::Ready, State::Ready),
             (State::Ready, Suicide, Retiring),
-            (State::Ready, Malformed, Retiring),
+            (State::Ready, Malformed, State::Ready),
             (State::Ready, Stop, Retiring),
             (Retiring, Event::Ready, Retiring),
             (Retiring, Suicide, Retiring),
@@ -251,7 +282,7 @@ mod tests {
     }
 
     fn free_slot(table: &Table) -> usize {
-        table.slots_to_fill(table.counted() + 1, &[])[0]
+        table.slots_to_fill(table.counted() + 1, &[], usize::MAX)[0]
     }
 
     fn table_of(n: i32) -> Table {
@@ -324,22 +355,45 @@ mod tests {
 
     #[test]
     fn a_waiting_slot_keeps_its_vacancy() {
-        // Slots 0 and 2 are held; slot 3's worker died young and waits.
+        // Slots 0 and 2 are held; slot 1's and slot 3's workers are gone,
+        // and slot 3's died young: it waits.
         let mut table = table_of(4);
         table.remove(Pid::from_raw(101));
         table.remove(Pid::from_raw(103));
-        assert_eq!(
-            table.slots_to_fill(4, &[3]),
-            [1],
-            "slot 1 is free and owes nothing"
-        );
-        assert_eq!(
-            table.slots_to_fill(3, &[3]),
-            Vec::<usize>::new(),
-            "the one missing waits"
-        );
-        assert_eq!(table.slots_to_fill(3, &[]), [1]);
-        assert_eq!(table.slots_to_fill(5, &[3]), [1, 4]);
+        let fill = |target, waiting: &[usize]| table.slots_to_fill(target, waiting, usize::MAX);
+        assert_eq!(fill(4, &[3]), [1], "slot 1 is free and owes nothing; 3 waits");
+        assert_eq!(fill(4, &[1, 3]), Vec::<usize>::new(), "both wait");
+        assert_eq!(fill(4, &[]), [1, 3]);
+        assert_eq!(fill(5, &[3]), [1, 4]);
+        assert_eq!(fill(3, &[3]), [1], "after a TTOU, the waiting slot is not needed");
+    }
+
+    #[test]
+    fn a_backoff_above_the_target_does_not_delay_a_refill() {
+        // The case: slot_to_fill(2, [2]) with one worker in slot 1.
+        let mut table = table_of(2);
+        table.remove(Pid::from_raw(100));
+        assert_eq!(table.slots_to_fill(2, &[2], usize::MAX), [0]);
+    }
+
+    #[test]
+    fn forks_never_exceed_the_room() {
+        let table = Table::default();
+        assert_eq!(table.slots_to_fill(4, &[], 2), [0, 1]);
+        assert_eq!(table.slots_to_fill(4, &[0], 2), [1, 2]);
+        assert_eq!(table.slots_to_fill(4, &[], 0), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn retiring_workers_are_counted_apart() {
+        let mut table = table_of(3);
+        assert_eq!(table.retiring(), 0);
+        apply(&mut table, 100, Stop);
+        apply(&mut table, 101, Suicide);
+        assert_eq!((table.counted(), table.retiring()), (2, 1), "101 never was ready");
+        apply(&mut table, 102, Event::Ready);
+        apply(&mut table, 102, Suicide);
+        assert_eq!((table.counted(), table.retiring()), (1, 2));
     }
 
     #[test]
@@ -353,11 +407,37 @@ mod tests {
     #[test]
     fn the_nearest_kill_deadline_wins() {
         let mut table = table_of(3);
-        assert_eq!(table.next_deadline(), None);
+        for worker in table.iter_mut() {
+            worker.state = State::Ready;
+        }
+        assert_eq!(table.next_deadline(None), None);
         let now = Instant::now();
-        let later = now + std::time::Duration::from_secs(5);
+        let later = now + Duration::from_secs(5);
         table.iter_mut().next().unwrap().kill_at = Some(later);
         table.iter_mut().last().unwrap().kill_at = Some(now);
-        assert_eq!(table.next_deadline(), Some(now));
+        assert_eq!(table.next_deadline(None), Some(now));
+        table.iter_mut().last().unwrap().killed = true;
+        assert_eq!(
+            table.next_deadline(None),
+            Some(later),
+            "a killed worker is only awaited"
+        );
+    }
+
+    #[test]
+    fn a_starting_worker_has_a_start_deadline() {
+        let mut table = table_of(2);
+        let timeout = Duration::from_secs(7);
+        let first = table.iter().map(|w| w.spawned_at).min().unwrap();
+        assert_eq!(table.next_deadline(Some(timeout)), Some(first + timeout));
+        assert_eq!(table.next_deadline(None), None, "no start timeout, no deadline");
+        for worker in table.iter_mut() {
+            worker.state = worker.state.next(Event::Ready);
+        }
+        assert_eq!(
+            table.next_deadline(Some(timeout)),
+            None,
+            "ready: no start deadline"
+        );
     }
 }
