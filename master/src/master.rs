@@ -532,12 +532,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         let room = (2 * self.target + 1).saturating_sub(self.workers.iter().count());
         let waiting: Vec<usize> = self.backoff.waiting(Instant::now()).collect();
         let slots = self.workers.slots_to_fill(wanted, &waiting, room);
-        let owed = self.workers.slots_to_fill(wanted, &waiting, usize::MAX).len();
-        self.note_waiting_for_room(owed > slots.len());
+        let short_of_room = self.workers.slots_to_fill(wanted, &waiting, usize::MAX).len() > slots.len();
         let mut forked = false;
         for slot in slots {
             forked |= self.spawn_worker(slot);
         }
+        self.note_waiting_for_room(short_of_room);
         forked
     }
 
@@ -554,9 +554,11 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     fn note_waiting_for_room(&mut self, waiting: bool) {
         if waiting && !self.waiting_for_room {
             warn!(
-                "{} workers are retiring, as many as are wanted; \
-                 the next replacement waits for one of them to leave",
-                self.workers.retiring()
+                "{} workers alive, {} of them retiring: the most allowed (twice the {} wanted, plus one); \
+                 the next replacement waits for a retiring one to leave",
+                self.workers.iter().count(),
+                self.workers.retiring(),
+                self.target
             );
         }
         self.waiting_for_room = waiting;
@@ -630,12 +632,16 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         let delay = self.backoff.died_young(slot, Instant::now());
         self.failed_forks += 1;
         if self.failed_forks > 1 {
-            debug!("{doing} for slot {slot} failed again: {}", describe(&err));
+            debug!(
+                "starting a worker in slot {slot}: {doing} failed again: {}",
+                describe(&err)
+            );
             return;
         }
         let limit = limits::explain(&err).map_or(String::new(), |why| format!(" ({why})"));
         warn!(
-            "{doing} for a worker in slot {slot}: {}{limit}; {} of {} workers running, retrying in {:.1} s",
+            "starting a worker in slot {slot}: {doing} failed: {}{limit}; \
+             {} of {} workers running, retrying in {:.1} s",
             describe(&err),
             self.workers.counted(),
             self.target,
@@ -651,17 +657,21 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     }
 
     /// The master's fds that the worker must not inherit and that may lie
-    /// below the floor: the epoll, the signalfd, the log's fd. (The pipes are
-    /// all at or above the floor, closed in one call.)
+    /// below the floor: the epoll, the signalfd, the log's fd, and a pipe
+    /// that could not be lifted (a floor at the open-file limit). The other
+    /// pipes are at or above the floor, closed in one call.
     fn master_fds(&self) -> Vec<RawFd> {
-        [
-            Some(self.poll.as_raw_fd()),
-            Some(self.signals.as_raw_fd()),
-            logbuf::master_fd(),
-        ]
-        .into_iter()
-        .flatten()
-        .collect()
+        let floor = self.floor.0;
+        let low_pipes = self
+            .workers
+            .iter()
+            .filter_map(|w| w.pipe.as_ref().map(|p| p.as_raw_fd()))
+            .filter(|&fd| fd < floor);
+        [self.poll.as_raw_fd(), self.signals.as_raw_fd()]
+            .into_iter()
+            .chain(logbuf::master_fd())
+            .chain(low_pipes)
+            .collect()
     }
 
     /// After an error: no worker may outlive the master or become a zombie.

@@ -66,11 +66,17 @@ impl FdFloor {
         Ok(FdFloor(highest + 1))
     }
 
-    /// Moves `fd` to the lowest free number at or above the floor.
+    /// Moves `fd` to the lowest free number at or above the floor. A floor
+    /// at or past the open-file limit (fds inherited above a low `ulimit
+    /// -n`) leaves it where it is: the master then closes it in each worker
+    /// by name, like its other fds below the floor.
     fn lift(self, fd: OwnedFd) -> io::Result<OwnedFd> {
-        let lifted = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(self.0))?;
-        // SAFETY: F_DUPFD_CLOEXEC just returned this new fd; we own it.
-        Ok(unsafe { OwnedFd::from_raw_fd(lifted) })
+        match fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(self.0)) {
+            // SAFETY: F_DUPFD_CLOEXEC just returned this new fd; we own it.
+            Ok(lifted) => Ok(unsafe { OwnedFd::from_raw_fd(lifted) }),
+            Err(nix::errno::Errno::EINVAL) => Ok(fd),
+            Err(errno) => Err(errno.into()),
+        }
     }
 }
 
@@ -78,7 +84,8 @@ impl FdFloor {
 pub(crate) struct ChildSetup<'a> {
     pub slot: usize,
     pub listener: &'a TcpListener,
-    /// The master's fds that may lie below the floor: epoll, signalfd, log.
+    /// The master's fds that may lie below the floor: epoll, signalfd, log,
+    /// and any pipe that could not be lifted.
     pub master_fds: &'a [RawFd],
     pub floor: FdFloor,
     pub signals: &'a Signals,
@@ -93,12 +100,11 @@ where
     W: FnMut(Handoff) -> i32,
 {
     let failed = |doing| move |err| SpawnError { doing, err };
-    let (read_end, write_end) = pipe2(OFlag::O_CLOEXEC).map_err(|e| failed("creating its pipe")(e.into()))?;
-    let read_end = setup.floor.lift(read_end).map_err(failed("creating its pipe"))?;
+    let (read_end, write_end) = pipe2(OFlag::O_CLOEXEC).map_err(|e| failed("pipe")(e.into()))?;
+    let read_end = setup.floor.lift(read_end).map_err(failed("pipe"))?;
     // Only the master's end is non-blocking: the worker's writes are tiny
     // and must not fail with EAGAIN.
-    fcntl(&read_end, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
-        .map_err(|e| failed("creating its pipe")(e.into()))?;
+    fcntl(&read_end, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(|e| failed("pipe")(e.into()))?;
     let master = getpid();
     // Whatever sits in stdout's buffer would be printed again by the child.
     let _ = io::stdout().flush();
@@ -117,7 +123,7 @@ where
             // copy in this address space runs (no destructor, no atexit).
             unsafe { libc::_exit(code) }
         }
-        Err(errno) => Err(failed("forking")(errno.into())),
+        Err(errno) => Err(failed("fork")(errno.into())),
     }
 }
 

@@ -1,0 +1,321 @@
+//! The supervisor never takes the service down: a starved host, stray
+//! signals, deaths from outside, clients that hold workers, a busy HUP.
+//! Each test is a row of docs/robustness.md.
+
+use respawn_tests::*;
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Runs the master as `uid` (no privileges: limits apply) with `resource`
+/// lowered to `limit` for it.
+fn unprivileged(command: &mut Command, uid: u32, resource: libc::__rlimit_resource_t, limit: u64) {
+    command.uid(uid).gid(uid);
+    // SAFETY: setrlimit is async-signal-safe, and the closure touches
+    // nothing but its copied arguments.
+    unsafe {
+        command.pre_exec(move || {
+            let rlimit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(resource, &rlimit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn failed_fork_keeps_the_workers_and_recovers() {
+    // Two workers and the master are all the processes uid 42001 may have:
+    // the replacement of a crashed worker cannot be forked until the crashed
+    // one has left.
+    let respawn = Respawn::start_with(&["--workers", "2"], |command| {
+        unprivileged(command, 42001, libc::RLIMIT_NPROC, 3)
+    });
+    let before = respawn.wait_for_workers(2);
+    let mut crashes = 0;
+    while respawn.count_log("fork failed") == 0 && crashes < 50 {
+        assert_eq!(respawn.get("/crash").map(|r| r.status).ok(), Some(500));
+        crashes += 1;
+    }
+    let line = respawn.wait_for_log("the failed fork", |l| l.contains("starting a worker in slot"));
+    assert!(
+        line.contains(": fork failed: resource temporarily unavailable (the limit on processes of uid 42001, RLIMIT_NPROC (ulimit -u), is 3")
+            && line.contains("of 2 workers running, retrying in"),
+        "the line names the limit and its value: {line}"
+    );
+    respawn.wait_for_log("the recovery", |l| {
+        l.ends_with("forking works again, after 1 failed attempts")
+    });
+    let after = respawn.wait_for_workers(2);
+    assert!(alive(respawn.pid), "the master goes on\n{}", respawn.dump());
+    assert_ne!(before, after);
+    assert_eq!(respawn.get("/").unwrap().status, 200);
+    assert_eq!(respawn.count_log("giving up"), 0, "{}", respawn.dump());
+}
+
+#[test]
+fn ttin_past_the_open_file_limit_is_refused_with_a_line() {
+    let respawn = Respawn::start_with(&["--workers", "2"], |command| {
+        unprivileged(command, 42002, libc::RLIMIT_NOFILE, 32)
+    });
+    respawn.wait_for_workers(2);
+    let mut wanted = 2;
+    while respawn.count_log("received SIGTTIN, but") == 0 {
+        assert!(wanted < 32, "TTIN never refused\n{}", respawn.dump());
+        respawn.signal(libc::SIGTTIN);
+        wanted += 1;
+        respawn.wait_for_log("the TTIN's answer", |l| {
+            l.ends_with(&format!("received SIGTTIN, {wanted} workers wanted"))
+                || l.contains("received SIGTTIN, but")
+        });
+    }
+    let most = wanted - 1;
+    let line = respawn.wait_for_log("the refusal", |l| l.contains("received SIGTTIN, but"));
+    assert!(
+        line.contains(&format!("{wanted} workers would be more than the {most}"))
+            && line.contains("RLIMIT_NOFILE 32")
+            && line.ends_with(&format!("still {most} wanted")),
+        "{line}"
+    );
+    let old = respawn.wait_for_workers(most);
+    // A HUP at the limit still has the fds it needs.
+    respawn.signal(libc::SIGHUP);
+    respawn.wait_for_log("the rollout", |l| {
+        l.ends_with("rolling restart done: every worker is new")
+    });
+    let new = respawn.wait_for_workers(most);
+    assert!(old.is_disjoint(&new), "{}", respawn.dump());
+    assert_eq!(respawn.get("/").unwrap().status, 200);
+    assert_eq!(
+        respawn.count_log("starting a worker in slot"),
+        0,
+        "{}",
+        respawn.dump()
+    );
+}
+
+#[test]
+fn clients_cannot_pile_up_retiring_workers() {
+    // Each worker retires after one connection, and each connection sends
+    // half a request and stays: every worker retires holding one.
+    let respawn = Respawn::with_workers(2, &["--max-requests", "1"]);
+    let mut held = Vec::new();
+    let mut most = 0;
+    for _ in 0..12 {
+        let mut conn = TcpStream::connect(respawn.addr).unwrap();
+        conn.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+        held.push(conn);
+        most = most.max(respawn.workers().len());
+    }
+    respawn.wait_for_log("the bound", |l| {
+        l.contains("] 5 workers alive, ")
+            && l.ends_with(
+                "retiring: the most allowed (twice the 2 wanted, plus one); \
+                 the next replacement waits for a retiring one to leave",
+            )
+    });
+    // Watch the count for a moment: it must never pass 2 x 2 + 1.
+    wait_until(Duration::from_millis(500), || {
+        most = most.max(respawn.workers().len());
+        false
+    });
+    assert!(
+        most <= 5,
+        "at most 2 x 2 + 1 workers alive, saw {most}\n{}",
+        respawn.dump()
+    );
+    drop(held);
+    respawn.wait_for_workers(2);
+    assert_eq!(respawn.get("/").unwrap().status, 200);
+}
+
+/// Every catchable signal that has no meaning for respawn: all of 1 to 64
+/// but KILL and STOP (uncatchable), the fault signals (a faulting master must
+/// die), and those the master acts on.
+fn meaningless_signals() -> Vec<i32> {
+    let meaningful = [
+        libc::SIGKILL,
+        libc::SIGSTOP,
+        libc::SIGSEGV,
+        libc::SIGBUS,
+        libc::SIGFPE,
+        libc::SIGILL,
+        libc::SIGTRAP,
+        libc::SIGSYS,
+        libc::SIGABRT,
+        libc::SIGHUP,
+        libc::SIGINT,
+        libc::SIGQUIT,
+        libc::SIGTERM,
+        libc::SIGCHLD,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+    ];
+    (1..=64).filter(|s| !meaningful.contains(s)).collect()
+}
+
+#[test]
+fn every_stray_signal_is_a_line_and_changes_nothing() {
+    let respawn = Respawn::with_workers(2, &[]);
+    let before = respawn.wait_for_workers(2);
+    let signals = meaningless_signals();
+    for &signal in &signals {
+        // One at a time, each awaited: the test is that each has its line.
+        let lines = respawn.count_log("; ignored");
+        respawn.signal(signal);
+        assert!(
+            wait_until(PATIENCE, || respawn.count_log("; ignored") > lines),
+            "no line for signal {signal}\n{}",
+            respawn.dump()
+        );
+    }
+    assert_eq!(
+        respawn.count_log("; ignored"),
+        signals.len(),
+        "{}",
+        respawn.dump()
+    );
+    assert_eq!(
+        respawn.count_log("received SIGUSR1: respawn logs to stderr and has no log file to reopen; ignored"),
+        1
+    );
+    assert_eq!(
+        respawn.count_log("received SIGUSR2: reserved for upgrading to a new binary, which this version cannot do yet; ignored"),
+        1
+    );
+    assert!(alive(respawn.pid));
+    assert_eq!(respawn.workers(), before, "the same workers\n{}", respawn.dump());
+    assert_eq!(respawn.get("/").unwrap().status, 200);
+}
+
+/// Waits until one of the workers has lived `age`, and returns it.
+fn a_worker_older_than(respawn: &Respawn, seen: &mut Vec<(i32, Instant)>, age: Duration) -> i32 {
+    let mut found = None;
+    let ok = wait_until(PATIENCE, || {
+        let now = Instant::now();
+        for pid in respawn.workers() {
+            if !seen.iter().any(|&(p, _)| p == pid) {
+                seen.push((pid, now));
+            }
+        }
+        found = seen
+            .iter()
+            .find(|&&(pid, since)| alive(pid) && now - since >= age)
+            .map(|&(pid, _)| pid);
+        found.is_some()
+    });
+    assert!(ok, "no worker lived {age:?}\n{}", respawn.dump());
+    found.unwrap_or_default()
+}
+
+#[test]
+fn mature_deaths_never_make_it_give_up() {
+    // Default flags: more than 10 restarts in 60 s gives up, but only for
+    // workers that die young. These lived past the 1 s minimum uptime.
+    let respawn = Respawn::with_workers(2, &[]);
+    let mut seen = Vec::new();
+    let kills = 12;
+    for i in 0..kills {
+        let pid = a_worker_older_than(&respawn, &mut seen, Duration::from_millis(1200));
+        let signal = if i == kills - 1 {
+            libc::SIGSEGV
+        } else {
+            libc::SIGKILL
+        };
+        // Rust's stack-overflow handler takes the first SEGV that is not a
+        // fault and puts the default back; the next one kills.
+        assert!(wait_until(PATIENCE, || {
+            send(pid, signal);
+            !alive(pid)
+        }));
+        respawn.wait_for_log("the replacement", |l| {
+            l.contains(&format!("worker {pid} exited (signal {signal}")) && l.ends_with("), replacing")
+        });
+        respawn.wait_for_workers(2);
+    }
+    assert!(alive(respawn.pid), "{}", respawn.dump());
+    assert_eq!(respawn.count_log("giving up"), 0, "{}", respawn.dump());
+    assert_eq!(respawn.get("/").unwrap().status, 200);
+}
+
+#[test]
+fn hup_with_busy_workers_rolls_without_waiting_for_them() {
+    let respawn = Respawn::with_workers(3, &["--graceful-timeout", "30"]);
+    let old = respawn.wait_for_workers(3);
+    let answered = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (addr, answered) = (respawn.addr, Arc::clone(&answered));
+            thread::spawn(move || {
+                let answer = get(addr, "/sleep/8000");
+                answered.fetch_add(1, Ordering::SeqCst);
+                answer
+            })
+        })
+        .collect();
+    assert!(wait_until(PATIENCE, || respawn
+        .count_log("serving GET /sleep/8000")
+        == 3));
+
+    respawn.signal(libc::SIGHUP);
+    respawn.wait_for_log("the end of the rollout", |l| {
+        l.ends_with("rolling restart done: every worker is new")
+    });
+    let done_while_busy = answered.load(Ordering::SeqCst);
+    let new: BTreeSet<i32> = respawn.workers().difference(&old).copied().collect();
+    assert_eq!(
+        new.len(),
+        3,
+        "3 new workers beside the 3 busy old ones\n{}",
+        respawn.dump()
+    );
+    let answer = respawn.get("/").unwrap();
+    assert!(
+        new.contains(&answer.pid().unwrap_or_default()),
+        "a new worker answers"
+    );
+    assert_eq!(
+        done_while_busy,
+        0,
+        "the rollout finished before the old workers' requests did\n{}",
+        respawn.dump()
+    );
+    for client in clients {
+        assert_eq!(
+            client.join().unwrap().unwrap().status,
+            200,
+            "the old workers finish their requests"
+        );
+    }
+    assert_eq!(respawn.wait_for_workers(3), new);
+}
+
+#[test]
+fn rolling_restart_done_even_when_the_old_workers_die_on_their_own() {
+    let respawn = Respawn::with_workers(2, &[]);
+    let old = respawn.wait_for_workers(2);
+    // Stopped, the master reads the HUP and both deaths in one turn: the
+    // last outdated workers leave by themselves, not by the rollout.
+    respawn.signal(libc::SIGSTOP);
+    respawn.signal(libc::SIGHUP);
+    for &pid in &old {
+        send(pid, libc::SIGKILL);
+    }
+    assert!(wait_until(PATIENCE, || old.iter().all(|&pid| !alive(pid))));
+    respawn.signal(libc::SIGCONT);
+    respawn.wait_for_log("the end of the rollout", |l| {
+        l.ends_with("rolling restart done: every worker is new")
+    });
+    let new = respawn.wait_for_workers(2);
+    assert!(new.is_disjoint(&old));
+}
