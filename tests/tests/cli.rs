@@ -1,86 +1,250 @@
-//! Bad input at the command line gets one clear line and a failing exit
-//! code, and forks nothing.
+//! Bad input at the command line gets one clear line that names the flag
+//! and its range, a failing exit code, and forks nothing; failures to bind
+//! say what to do; the help fits a terminal; a failed write to stdout or
+//! stderr ends in the documented exit code, never a panic.
 
 use respawn_tests::*;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitStatus, Stdio};
+
+/// The first line of the output, which for a bad flag is the one that says
+/// what is wrong (the usage follows).
+fn first_line(output: &str) -> &str {
+    output.lines().next().unwrap_or_default()
+}
 
 #[test]
-fn bad_flags_and_port_in_use_fail_clearly() {
-    for (args, expected) in [
-        (&["--bogus"][..], "invalid option '--bogus'"),
-        (&["--workers", "many"][..], "many"),
-        (&["--workers", "0"][..], "--workers must be between 1 and"),
-        (&["--workers"][..], "missing argument"),
-        (&["--graceful-timeout", "-3"][..], "--graceful-timeout"),
+fn every_flag_out_of_range_exits_2_naming_the_flag_and_its_range() {
+    for (args, line) in [
+        (
+            &["--workers", "0"][..],
+            r#"--workers: "0" is not a whole number from 1 to 4096"#,
+        ),
+        (
+            &["-w", "4097"][..],
+            r#"--workers: "4097" is not a whole number from 1 to 4096"#,
+        ),
+        (
+            &["--max-restarts", "1000000000000"][..],
+            r#"--max-restarts: "1000000000000" is not a whole number from 0 to 10000"#,
+        ),
+        (
+            &["--max-requests", "1000000000001"][..],
+            r#"--max-requests: "1000000000001" is not a whole number from 0 to 10^12"#,
+        ),
+        (
+            &["--max-requests-jitter", "18446744073709551615"][..],
+            r#"--max-requests-jitter: "18446744073709551615" is not a whole number from 0 to 10^12"#,
+        ),
+        (
+            &["--graceful-timeout", "1e19"][..],
+            r#"--graceful-timeout: "1e19" is not a number of seconds from 0 to 86400"#,
+        ),
+        (
+            &["--graceful-timeout", "-3"][..],
+            r#"--graceful-timeout: "-3" is not a number of seconds from 0 to 86400"#,
+        ),
+        (
+            &["-t", "86401"][..],
+            r#"--timeout: "86401" is not a number of seconds from 0 to 86400"#,
+        ),
+        (
+            &["--start-timeout", "inf"][..],
+            r#"--start-timeout: "inf" is not a number of seconds from 0 to 86400"#,
+        ),
+        (
+            &["--restart-window", "604801"][..],
+            r#"--restart-window: "604801" is not a number of seconds from 0 to 604800"#,
+        ),
+        (
+            &["--min-uptime", "NaN"][..],
+            r#"--min-uptime: "NaN" is not a number of seconds from 0 to 86400"#,
+        ),
     ] {
         let (status, output) = run_to_exit(args);
         assert_eq!(status.code(), Some(2), "{args:?}: {output}");
-        assert!(
-            output.contains(expected),
-            "{args:?} should say {expected:?}: {output}"
-        );
-        assert!(output.contains("usage: respawn"), "{args:?}: {output}");
+        assert_eq!(first_line(&output), format!("respawn: {line}"), "{args:?}");
+        assert!(output.contains("\nusage: respawn "), "{args:?}: {output}");
+        assert!(!output.contains("spawned"), "{args:?}: {output}");
     }
+}
 
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = taken.local_addr().unwrap().to_string();
-    let (status, output) = run_to_exit(&["--workers", "2", "--listen", &addr]);
+#[test]
+fn a_value_that_does_not_parse_names_its_flag() {
+    let (status, output) = run_to_exit(&["--workers", "abc"]);
+    assert_eq!(status.code(), Some(2), "{output}");
+    assert_eq!(
+        first_line(&output),
+        r#"respawn: --workers: "abc" is not a whole number from 1 to 4096"#
+    );
+    let (status, output) = run_to_exit(&["--timeout", "soon"]);
+    assert_eq!(status.code(), Some(2), "{output}");
+    assert_eq!(
+        first_line(&output),
+        r#"respawn: --timeout: "soon" is not a number of seconds from 0 to 86400"#
+    );
+    for (args, expected) in [
+        (&["--bogus"][..], "respawn: invalid option '--bogus'"),
+        (
+            &["--workers"][..],
+            "respawn: missing argument for option '--workers'",
+        ),
+        (
+            &["--demo-fail-start", "--demo-hang-start"][..],
+            "respawn: --demo-fail-start and --demo-hang-start exclude each other: pick one",
+        ),
+    ] {
+        let (status, output) = run_to_exit(args);
+        assert_eq!(status.code(), Some(2), "{args:?}: {output}");
+        assert_eq!(first_line(&output), expected, "{args:?}");
+    }
+}
+
+#[test]
+fn a_malformed_listen_is_a_bad_flag() {
+    for bad in ["nonsense", "1.2.3.4", "1.2.3.4:65536", "::1:80"] {
+        let (status, output) = run_to_exit(&["--listen", bad]);
+        assert_eq!(status.code(), Some(2), "{bad}: {output}");
+        assert_eq!(
+            first_line(&output),
+            format!(
+                "respawn: --listen: {bad:?} is not HOST:PORT with a port from 0 to 65535 \
+                 (127.0.0.1:8080, [::1]:8080, localhost:8080)"
+            )
+        );
+    }
+    // A name that does not resolve is well formed: it fails at bind time
+    // (exit 1), as DNS may be back on the next try.
+    let (status, output) = run_to_exit(&["--listen", "no-such-host.invalid:80"]);
     assert_eq!(status.code(), Some(1), "{output}");
     assert!(
-        output.contains(&format!("binding {addr}: address already in use")),
+        output.starts_with("respawn: resolving no-such-host.invalid:80: "),
         "{output}"
     );
-    assert!(!output.contains("spawned"), "no worker is forked: {output}");
+    // And a name that resolves is served on.
+    let respawn = Respawn::start(&["--workers", "1", "--listen", "localhost:0"]);
+    assert!(respawn.addr.ip().is_loopback(), "{}", respawn.addr);
+    respawn.wait_for_workers(1);
+    assert_eq!(respawn.get("/").unwrap().status, 200);
+}
+
+#[test]
+fn a_busy_port_says_to_choose_another_with_listen() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let (status, output) = run_to_exit(&["--workers", "2", "--listen", &addr.to_string()]);
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert_eq!(
+        output,
+        format!(
+            "respawn: binding {addr}: address already in use; is another respawn running? \
+             choose another port with --listen (under make: make run ARGS='--listen 127.0.0.1:{}')\n",
+            addr.port() + 1
+        )
+    );
 
     // An address this host does not have.
     let (status, output) = run_to_exit(&["--listen", "192.0.2.1:0"]);
     assert_eq!(status.code(), Some(1), "{output}");
-    assert!(
-        output.contains("binding 192.0.2.1:0: cannot assign requested address"),
-        "{output}"
+    assert_eq!(
+        output,
+        "respawn: binding 192.0.2.1:0: cannot assign requested address\n"
     );
+}
 
-    let (status, output) = run_to_exit(&["--listen", "no-such-host.invalid:80"]);
-    assert_eq!(status.code(), Some(1), "{output}");
-    assert!(output.contains("resolving no-such-host.invalid:80"), "{output}");
+/// The copy of the binary that user nobody runs, removed even if the test
+/// fails. (nobody may not reach the build tree: a clone under /root, say.)
+struct NobodysCopy(std::path::PathBuf);
+
+impl NobodysCopy {
+    fn new() -> NobodysCopy {
+        let dir = std::env::temp_dir().join(format!("respawn-permission-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(binary(), dir.join("respawn")).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        NobodysCopy(dir)
+    }
+}
+
+impl Drop for NobodysCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Makes `command` run as nobody (uid and gid 65534), in a network
+/// namespace of its own if `new_netns`: there the low-port bound is the
+/// kernel's default, 1024, whatever the host (or container) set.
+fn as_nobody(command: &mut Command, new_netns: bool) {
+    // SAFETY: the closure runs in the forked child before exec and makes
+    // only async-signal-safe system calls (unshare, setgroups, setgid,
+    // setuid), touching no lock or allocation. It does the uid change itself
+    // because std's uid() would come before it, and unshare needs root.
+    unsafe {
+        command.pre_exec(move || {
+            if new_netns && libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
 }
 
 #[test]
-fn missing_permission_is_said_clearly() {
-    // Ports below ip_unprivileged_port_start need privilege. As root, run
-    // as nobody (uid 65534) to lack it.
+fn a_privileged_port_says_what_would_allow_it() {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!(
+            "\n*** SKIPPED a_privileged_port_says_what_would_allow_it: it runs respawn as user \
+             nobody, which needs root ***\n"
+        );
+        return;
+    }
     let start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(1024);
-    if start <= 1 {
-        eprintln!("every port is unprivileged on this host: nothing to deny");
-        return;
+    // Ports from `start` up need no privilege. If every port does (Docker
+    // sets the bound to 0), use a network namespace of our own, where it is
+    // 1024 again.
+    let new_netns = start <= 1;
+    let port = if new_netns { 80 } else { (start - 1).min(80) };
+    if new_netns {
+        let mut probe = Command::new("/bin/true");
+        as_nobody(&mut probe, true);
+        if let Err(err) = probe.status() {
+            eprintln!(
+                "\n*** SKIPPED a_privileged_port_says_what_would_allow_it: every port is \
+                 unprivileged here (ip_unprivileged_port_start = {start}) and no network \
+                 namespace can be made ({err}) ***\n"
+            );
+            return;
+        }
     }
-    let mut command = std::process::Command::new(binary());
-    let dir = std::env::temp_dir().join(format!("respawn-permission-{}", std::process::id()));
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } == 0 {
-        // nobody may not reach the build tree (a clone under /root, say):
-        // give it a copy of the binary in a place it can reach.
-        std::fs::create_dir_all(&dir).unwrap();
-        let copy = dir.join("respawn");
-        std::fs::copy(binary(), &copy).unwrap();
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        command = std::process::Command::new(&copy);
-        std::os::unix::process::CommandExt::uid(&mut command, 65534);
-        std::os::unix::process::CommandExt::gid(&mut command, 65534);
-    }
-    command.args(["--listen", "127.0.0.1:1"]);
+    let copy = NobodysCopy::new();
+    let binary = copy.0.join("respawn");
+    let mut command = Command::new(&binary);
+    as_nobody(&mut command, new_netns);
+    let listen = format!("127.0.0.1:{port}");
+    command.args(["--listen", &listen]);
     let (status, output) = run_command_to_exit(command);
-    let _ = std::fs::remove_dir_all(
-        std::env::temp_dir().join(format!("respawn-permission-{}", std::process::id())),
-    );
     assert_eq!(status.code(), Some(1), "{output}");
-    assert!(
-        output.contains("binding 127.0.0.1:1: permission denied"),
-        "{output}"
+    let bound = if new_netns { 1024 } else { start };
+    assert_eq!(
+        output,
+        format!(
+            "respawn: binding {listen}: permission denied; ports below {bound} need privilege: \
+             run as root, or give the binary the capability (setcap cap_net_bind_service=+ep {}), \
+             or lower the bound (sysctl net.ipv4.ip_unprivileged_port_start={port})\n",
+            binary.display()
+        )
     );
-    assert!(!output.contains("spawned"), "{output}");
 }
 
 #[test]
@@ -94,6 +258,104 @@ fn help_and_version_exit_zero() {
 }
 
 #[test]
+fn help_fits_80_columns_and_24_lines_with_every_range() {
+    let (status, help) = run_to_exit(&["--help"]);
+    assert_eq!(status.code(), Some(0), "{help}");
+    let lines: Vec<&str> = help.lines().collect();
+    assert!(lines.len() <= 24, "{} lines:\n{help}", lines.len());
+    for line in &lines {
+        assert!(
+            line.chars().count() <= 80,
+            "{} columns: {line:?}",
+            line.chars().count()
+        );
+        assert!(
+            !line.contains('\t'),
+            "a tab's width depends on the terminal: {line:?}"
+        );
+    }
+    // Each flag's line: the descriptions start in one column, and every flag
+    // that takes a value states its range there.
+    let flags: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.trim_start().starts_with('-'))
+        .collect();
+    let columns: std::collections::BTreeSet<_> = flags.iter().map(|l| description_column(l)).collect();
+    assert_eq!(
+        columns.len(),
+        1,
+        "descriptions not aligned:\n{}",
+        flags.join("\n")
+    );
+    for flag in [
+        "--workers N",
+        "--listen HOST:PORT",
+        "--graceful-timeout SECS",
+        "--timeout SECS",
+        "--start-timeout SECS",
+        "--max-requests N",
+        "--max-requests-jitter J",
+        "--max-restarts R",
+        "--restart-window SECS",
+        "--min-uptime SECS",
+    ] {
+        let line = flags
+            .iter()
+            .find(|l| l.contains(&format!(" {flag} ")))
+            .unwrap_or_else(|| panic!("{flag} is not in the help:\n{help}"));
+        assert!(line.contains(" to "), "{flag} states no range: {line:?}");
+    }
+    for switch in ["--demo-fail-start", "--demo-hang-start", "--help", "--version"] {
+        assert!(help.contains(switch), "{switch} is not in the help:\n{help}");
+    }
+}
+
+/// Where the description starts in a flag's line of the help: after the
+/// flag and the run of spaces (two or more) that follows it.
+fn description_column(line: &str) -> Option<usize> {
+    let flag = line.len() - line.trim_start().len();
+    let gap = flag + line[flag..].find("  ")?;
+    Some(line.len() - line[gap..].trim_start().len())
+}
+
+/// Runs the binary with stdout or stderr on /dev/full (the other piped
+/// away), to its exit or [`PATIENCE`]; the exit status.
+fn run_with_full(args: &[&str], full_stdout: bool) -> ExitStatus {
+    let full = || std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let (stdout, stderr) = if full_stdout {
+        (Stdio::from(full()), Stdio::null())
+    } else {
+        (Stdio::null(), Stdio::from(full()))
+    };
+    let mut child = Command::new(binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0)
+        .spawn()
+        .expect("starting the respawn binary");
+    let mut status = None;
+    wait_until(PATIENCE, || {
+        status = child.try_wait().expect("waiting for respawn");
+        status.is_some()
+    });
+    send(-(child.id() as i32), libc::SIGKILL);
+    status.unwrap_or_else(|| panic!("respawn {args:?} did not exit within {PATIENCE:?}"))
+}
+
+#[test]
+fn a_failed_write_ends_in_the_documented_exit_code_not_a_panic() {
+    // Nothing can be printed, so the help "fails" (1); never 101.
+    assert_eq!(run_with_full(&["--help"], true).code(), Some(1));
+    assert_eq!(run_with_full(&["--version"], true).code(), Some(1));
+    // A bad flag is a bad flag (2), even when saying so fails.
+    assert_eq!(run_with_full(&["--workers", "abc"], false).code(), Some(2));
+    assert_eq!(run_with_full(&["--bogus"], false).code(), Some(2));
+}
+
+#[test]
 fn malformed_requests_get_400_and_the_worker_serves_on() {
     let respawn = Respawn::with_workers(1, &[]);
     let worker = *respawn.wait_for_workers(1).iter().next().unwrap();
@@ -103,13 +365,71 @@ fn malformed_requests_get_400_and_the_worker_serves_on() {
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
     let answer = exchange(respawn.addr, b"GET /nowhere HTTP/1.1\r\n\r\n").unwrap();
     assert!(answer.starts_with("HTTP/1.1 404 "), "{answer:?}");
-    let answer = exchange(respawn.addr, &[b'a'; 9000]).unwrap_or_default();
+    // More than the worker reads: it answers, then reads the rest before it
+    // closes, so that its close does not reset the connection and take the
+    // answer with it.
+    let answer = exchange(respawn.addr, &[b'a'; 9000]).expect("the 431 answer, not a reset");
     assert!(
-        answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
+        answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
         "{answer:?}"
     );
     // Bad requests are the client's fault: the same worker still serves.
     let answer = respawn.get("/").unwrap();
     assert_eq!(answer.pid(), Some(worker));
     assert_eq!(respawn.count_log("spawned"), 1);
+}
+
+#[test]
+#[ignore = "needs the start deadline in the master"]
+fn a_worker_that_hangs_before_ready_is_killed_and_the_master_gives_up() {
+    // One slot, a 1 s start deadline, give up after more than 2 restarts:
+    // the 3rd worker killed for not starting is one too many.
+    let mut respawn = Respawn::start(&[
+        "--workers",
+        "1",
+        "--demo-hang-start",
+        "--start-timeout",
+        "1",
+        "--max-restarts",
+        "2",
+        "--graceful-timeout",
+        "1",
+    ]);
+    let started = std::time::Instant::now();
+    let status = respawn.wait_exit();
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(3), "{}", respawn.dump());
+    let log = respawn.log();
+    let hung: Vec<i32> = log
+        .iter()
+        .filter(|l| l.ends_with(" hangs before Ready on purpose (--demo-hang-start)"))
+        .filter_map(|l| worker_pid(l))
+        .collect();
+    assert!(hung.len() >= 3, "{}", respawn.dump());
+    for pid in &hung {
+        assert!(
+            !alive(*pid),
+            "worker {pid} outlived the master\n{}",
+            respawn.dump()
+        );
+    }
+    // Each of the first three was killed by the deadline, not by anything
+    // else: SIGKILL, at least 1 s after its fork, so giving up took 3 s.
+    for pid in &hung[..3] {
+        let exit = format!("] worker {pid} exited (signal 9)");
+        assert!(
+            log.iter().any(|l| l.contains(&exit)),
+            "no {exit:?}\n{}",
+            respawn.dump()
+        );
+    }
+    assert!(
+        took >= std::time::Duration::from_secs(3),
+        "gave up after {took:?}"
+    );
+    assert!(
+        log.iter().any(|l| l.contains("] giving up: 3 restarts in ")),
+        "{}",
+        respawn.dump()
+    );
 }

@@ -1,51 +1,94 @@
-//! Command-line flags.
+//! Command-line flags, each with a range.
+//!
+//! Every flag that takes a number has an upper bound, checked here: a value
+//! the parser accepts must never crash the master later (`--graceful-timeout
+//! 1e19` would overflow an `Instant` on the first stop; `--max-restarts 10^12`
+//! would ask for terabytes up front). A value out of range, or one that does
+//! not parse, gets one line that names the flag and its range, and exit 2.
 
 use lexopt::prelude::*;
 use std::ffi::OsString;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-pub const USAGE: &str = "usage: respawn [--workers N] [--listen ADDR] [--graceful-timeout SECS] \
-                         [--max-restarts R] [--restart-window SECS] [--min-uptime SECS] \
-                         [--timeout SECS] [--max-requests N] [--max-requests-jitter J] [--demo-fail-start] \
-                         [-h|--help] [-V|--version]";
+pub const USAGE: &str = "\
+usage: respawn [-w N] [-l HOST:PORT] [--graceful-timeout SECS] [-t SECS]
+       [--start-timeout SECS] [--max-requests N] [--max-requests-jitter J]
+       [--max-restarts R] [--restart-window SECS] [--min-uptime SECS]
+       [--demo-fail-start | --demo-hang-start] [-h|--help] [-V|--version]";
 
+/// At most 80 columns and 24 lines, so that it reads whole in any terminal
+/// (a test checks). The ranges are the constants below (a test checks that
+/// too).
 pub const HELP: &str = "\
 respawn: a prefork supervisor, and a demo HTTP server to watch it heal
+usage: respawn [flags]         SECS may have a fraction; defaults in [brackets]
 
-usage: respawn [flags]
+  -w, --workers N              1 to 4096 workers to keep alive [one per CPU]
+  -l, --listen HOST:PORT       port 0 to 65535, 0 picks one [127.0.0.1:8080]
+      --graceful-timeout SECS  0 to 86400: time to finish when stopping [30]
+  -t, --timeout SECS           0 to 86400, 0 off: kill a worker busy longer [60]
+      --start-timeout SECS     0 to 86400, 0 off: deadline to say Ready [60]
+      --max-requests N         0 to 10^12, 0 off: retire a worker after N [0]
+      --max-requests-jitter J  0 to 10^12: plus a random 0 to J [0]
+      --max-restarts R         0 to 10000: give up (exit 3) after more than R
+      --restart-window SECS    0 to 604800: ...restarts within SECS [10 in 60]
+      --min-uptime SECS        0 to 86400: dying sooner backs the slot off [1]
+      --demo-fail-start        every worker panics before Ready: a crash loop
+      --demo-hang-start        every worker hangs before Ready (--start-timeout)
+  -h, --help, -V, --version    this help, the version
 
-  -w, --workers N            workers to keep alive (default: one per CPU)
-  -l, --listen ADDR          host:port to listen on, IPv4 or IPv6; port 0
-                             picks a free port (default: 127.0.0.1:8080)
-      --graceful-timeout SECS  how long a stopping worker may finish what it
-                             holds before it is killed (default: 30)
-      --max-restarts R       give up (exit 3) after more than R restarts
-      --restart-window SECS  within this many seconds (defaults: 10 in 60)
-      --min-uptime SECS      a worker that dies sooner died young: its slot
-                             waits 0.1 s, doubling to 10 s (default: 1)
-  -t, --timeout SECS         a worker busy with one connection for longer
-                             is killed and replaced (default: 60; 0: never)
-      --max-requests N       a worker retires after N connections, its
-                             replacement forked first (default: 0, never)
-      --max-requests-jitter J  plus a random 0 to J, so workers started
-                             together do not retire together (default: 0)
-      --demo-fail-start      every worker panics before Ready: a crash loop
-  -h, --help                 this help
-  -V, --version              the version
-
-routes: GET /            which worker answered (\"handle by child <pid>\")
-        GET /crash       the handler panics: 500, and the worker is replaced
-        GET /sleep/<ms>  answers after <ms> milliseconds (at most 60000)
-        GET /hang        spins forever: a hung worker, for --timeout
-
-signals to the master: TERM or QUIT stop gracefully, INT stops at once,
-HUP replaces every worker one at a time, TTIN and TTOU add and remove one.
-exit codes: 0 stopped, 1 failed (cannot bind, ...), 2 bad flag, 3 gave up.
-RUST_LOG sets the log level (default: info).
+routes: GET /     which worker answered   GET /crash     the handler panics
+        GET /hang spins: for --timeout    GET /sleep/MS  answers after MS ms
+signals: TERM, QUIT stop gracefully, INT at once, HUP replaces every worker,
+         TTIN adds a worker, TTOU removes one.  RUST_LOG=debug logs more.
+exit: 0 stopped, 1 failed (cannot bind...), 2 bad flag, 3 gave up
 ";
 
-/// The most workers the flag accepts: a typo must not fork-bomb the host.
-const MAX_WORKERS: usize = 4096;
+const DAY: u64 = 24 * 60 * 60;
+const WEEK: u64 = 7 * DAY;
+
+/// A flag that takes a whole number from `min` to `max`.
+struct Whole {
+    flag: &'static str,
+    min: u64,
+    max: u64,
+}
+
+/// A flag that takes seconds, fractions allowed, from 0 to `max`.
+struct Seconds {
+    flag: &'static str,
+    max: u64,
+}
+
+impl Whole {
+    const fn new(flag: &'static str, min: u64, max: u64) -> Whole {
+        Whole { flag, min, max }
+    }
+}
+
+impl Seconds {
+    const fn new(flag: &'static str, max: u64) -> Seconds {
+        Seconds { flag, max }
+    }
+}
+
+/// A typo must not fork-bomb the host.
+const WORKERS: Whole = Whole::new("--workers", 1, 4096);
+/// The restart record holds up to this many entries (16 bytes each).
+const MAX_RESTARTS: Whole = Whole::new("--max-restarts", 0, 10_000);
+/// Far beyond any worker's life, far below an overflow of max plus jitter.
+const MAX_REQUESTS: Whole = Whole::new("--max-requests", 0, 1_000_000_000_000);
+/// The same: max plus jitter stays far from u64::MAX.
+const MAX_REQUESTS_JITTER: Whole = Whole::new("--max-requests-jitter", 0, 1_000_000_000_000);
+/// A day: longer than any sane request, far from overflowing an Instant.
+const GRACEFUL_TIMEOUT: Seconds = Seconds::new("--graceful-timeout", DAY);
+const TIMEOUT: Seconds = Seconds::new("--timeout", DAY);
+const START_TIMEOUT: Seconds = Seconds::new("--start-timeout", DAY);
+/// A week: the longest window in which a count of restarts still says
+/// something about a crash loop.
+const RESTART_WINDOW: Seconds = Seconds::new("--restart-window", WEEK);
+const MIN_UPTIME: Seconds = Seconds::new("--min-uptime", DAY);
 
 pub struct Args {
     pub workers: usize,
@@ -55,9 +98,11 @@ pub struct Args {
     pub restart_window: Duration,
     pub min_uptime: Duration,
     pub timeout: Duration,
+    pub start_timeout: Duration,
     pub max_requests: u64,
     pub max_requests_jitter: u64,
     pub demo_fail_start: bool,
+    pub demo_hang_start: bool,
 }
 
 pub enum Parsed {
@@ -75,41 +120,130 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         restart_window: Duration::from_secs(60),
         min_uptime: Duration::from_secs(1),
         timeout: Duration::from_secs(60),
+        start_timeout: Duration::from_secs(60),
         max_requests: 0,
         max_requests_jitter: 0,
         demo_fail_start: false,
+        demo_hang_start: false,
     };
     let mut parser = lexopt::Parser::from_args(argv);
     while let Some(arg) = parser.next()? {
         match arg {
-            Short('w') | Long("workers") => {
-                args.workers = parser.value()?.parse()?;
-                if !(1..=MAX_WORKERS).contains(&args.workers) {
-                    return Err(format!("--workers must be between 1 and {MAX_WORKERS}").into());
-                }
+            // Both bounds fit in usize on every target Rust supports.
+            Short('w') | Long("workers") => args.workers = WORKERS.parse(&mut parser)? as usize,
+            Short('l') | Long("listen") => args.listen = listen(&mut parser)?,
+            Long("graceful-timeout") => args.graceful_timeout = GRACEFUL_TIMEOUT.parse(&mut parser)?,
+            Long("max-restarts") => args.max_restarts = MAX_RESTARTS.parse(&mut parser)? as usize,
+            Long("restart-window") => args.restart_window = RESTART_WINDOW.parse(&mut parser)?,
+            Short('t') | Long("timeout") => args.timeout = TIMEOUT.parse(&mut parser)?,
+            Long("start-timeout") => args.start_timeout = START_TIMEOUT.parse(&mut parser)?,
+            Long("max-requests") => args.max_requests = MAX_REQUESTS.parse(&mut parser)?,
+            Long("max-requests-jitter") => {
+                args.max_requests_jitter = MAX_REQUESTS_JITTER.parse(&mut parser)?
             }
-            Short('l') | Long("listen") => args.listen = parser.value()?.string()?,
-            Long("graceful-timeout") => args.graceful_timeout = seconds(&mut parser, "--graceful-timeout")?,
-            Long("max-restarts") => args.max_restarts = parser.value()?.parse()?,
-            Long("restart-window") => args.restart_window = seconds(&mut parser, "--restart-window")?,
-            Short('t') | Long("timeout") => args.timeout = seconds(&mut parser, "--timeout")?,
-            Long("max-requests") => args.max_requests = parser.value()?.parse()?,
-            Long("max-requests-jitter") => args.max_requests_jitter = parser.value()?.parse()?,
-            Long("min-uptime") => args.min_uptime = seconds(&mut parser, "--min-uptime")?,
+            Long("min-uptime") => args.min_uptime = MIN_UPTIME.parse(&mut parser)?,
             Long("demo-fail-start") => args.demo_fail_start = true,
+            Long("demo-hang-start") => args.demo_hang_start = true,
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             _ => return Err(arg.unexpected()),
         }
     }
+    if args.demo_fail_start && args.demo_hang_start {
+        return Err("--demo-fail-start and --demo-hang-start exclude each other: pick one".into());
+    }
     Ok(Parsed::Run(args))
 }
 
-/// The value of a flag that takes seconds, fractions allowed.
-fn seconds(parser: &mut lexopt::Parser, flag: &str) -> Result<Duration, lexopt::Error> {
-    let secs: f64 = parser.value()?.parse()?;
-    Duration::try_from_secs_f64(secs)
-        .map_err(|_| format!("{flag} must be a number of seconds, not {secs}").into())
+/// A flag's value as text; the error names the flag.
+fn text(parser: &mut lexopt::Parser, flag: &str) -> Result<String, lexopt::Error> {
+    parser
+        .value()?
+        .into_string()
+        .map_err(|_| format!("{flag}: the value is not valid UTF-8").into())
+}
+
+impl Whole {
+    fn parse(&self, parser: &mut lexopt::Parser) -> Result<u64, lexopt::Error> {
+        let value = text(parser, self.flag)?;
+        match value.parse::<u64>() {
+            Ok(n) if (self.min..=self.max).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "{}: {value:?} is not a whole number from {} to {}",
+                self.flag,
+                self.min,
+                shown(self.max)
+            )
+            .into()),
+        }
+    }
+}
+
+impl Seconds {
+    fn parse(&self, parser: &mut lexopt::Parser) -> Result<Duration, lexopt::Error> {
+        let value = text(parser, self.flag)?;
+        match value.parse::<f64>() {
+            // NaN and the infinities fail the range check too.
+            Ok(secs) if (0.0..=self.max as f64).contains(&secs) => Ok(Duration::from_secs_f64(secs)),
+            _ => Err(format!(
+                "{}: {value:?} is not a number of seconds from 0 to {}",
+                self.flag, self.max
+            )
+            .into()),
+        }
+    }
+}
+
+/// A bound as --help writes it: 10^12 rather than thirteen digits.
+fn shown(n: u64) -> String {
+    match n {
+        1_000_000_000_000 => "10^12".to_owned(),
+        n => n.to_string(),
+    }
+}
+
+/// `--listen`: checked for form here, so that a typo is a bad flag (exit 2,
+/// which a service manager can be told not to restart on), while a name that
+/// does not resolve is left to bind time (exit 1): DNS can fail for a while.
+fn listen(parser: &mut lexopt::Parser) -> Result<String, lexopt::Error> {
+    let value = text(parser, "--listen")?;
+    if value.parse::<SocketAddr>().is_ok() || is_name_and_port(&value) {
+        return Ok(value);
+    }
+    Err(format!(
+        "--listen: {value:?} is not HOST:PORT with a port from 0 to 65535 \
+         (127.0.0.1:8080, [::1]:8080, localhost:8080)"
+    )
+    .into())
+}
+
+/// `name:port`, where name is a host name (an IPv6 address needs brackets,
+/// and `SocketAddr` has taken those already).
+fn is_name_and_port(value: &str) -> bool {
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return false;
+    };
+    port.parse::<u16>().is_ok() && is_host_name(host)
+}
+
+/// RFC 1123 labels (plus `_`, which resolvers pass through). A name whose
+/// last label is all digits must be an IPv4 address: no top-level domain is
+/// numeric, so `999.1.1.1` is a typo, not a name.
+fn is_host_name(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let labels_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    let numeric = host
+        .rsplit('.')
+        .next()
+        .is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()));
+    labels_ok && (!numeric || host.parse::<Ipv4Addr>().is_ok())
 }
 
 #[cfg(test)]
@@ -118,6 +252,10 @@ mod tests {
 
     fn parse_strs(args: &[&str]) -> Result<Parsed, String> {
         parse(args.iter().map(OsString::from)).map_err(|e| e.to_string())
+    }
+
+    fn err(args: &[&str]) -> String {
+        parse_strs(args).err().unwrap_or_default()
     }
 
     #[test]
@@ -129,22 +267,122 @@ mod tests {
             "[::1]:0",
             "--graceful-timeout",
             "2.5",
+            "--start-timeout",
+            "0",
+            "--demo-hang-start",
+            "--max-requests",
+            "1000000000000",
+            "--restart-window",
+            "604800",
         ]) else {
             panic!("flags rejected")
         };
         assert_eq!(args.workers, 3);
         assert_eq!(args.listen, "[::1]:0");
         assert_eq!(args.graceful_timeout, Duration::from_millis(2500));
+        assert_eq!(args.start_timeout, Duration::ZERO);
+        assert!(args.demo_hang_start);
+        assert_eq!(args.max_requests, 1_000_000_000_000);
+        assert_eq!(args.restart_window, Duration::from_secs(WEEK));
     }
 
     #[test]
     fn bad_flags_say_what_is_wrong() {
-        let err = |args: &[&str]| parse_strs(args).err().unwrap_or_default();
         assert!(err(&["--bogus"]).contains("--bogus"));
-        assert!(err(&["--workers", "many"]).contains("many"));
-        assert!(err(&["--workers", "0"]).contains("between 1 and"));
+        assert_eq!(
+            err(&["--workers", "many"]),
+            r#"--workers: "many" is not a whole number from 1 to 4096"#
+        );
+        assert_eq!(
+            err(&["-w", "0"]),
+            r#"--workers: "0" is not a whole number from 1 to 4096"#
+        );
         assert!(err(&["--workers"]).contains("missing"));
-        assert!(err(&["--graceful-timeout", "-1"]).contains("seconds"));
+        assert_eq!(
+            err(&["--graceful-timeout", "-1"]),
+            r#"--graceful-timeout: "-1" is not a number of seconds from 0 to 86400"#
+        );
         assert!(err(&["extra"]).contains("extra"));
+        assert!(err(&["--demo-fail-start", "--demo-hang-start"]).contains("exclude each other"));
+    }
+
+    #[test]
+    fn every_number_has_an_upper_bound() {
+        for (flag, too_big, range) in [
+            ("--workers", "4097", "from 1 to 4096"),
+            ("--max-restarts", "1000000000000", "from 0 to 10000"),
+            ("--max-requests", "1000000000001", "from 0 to 10^12"),
+            ("--max-requests-jitter", "18446744073709551615", "from 0 to 10^12"),
+            ("--graceful-timeout", "1e19", "from 0 to 86400"),
+            ("--timeout", "86400.5", "from 0 to 86400"),
+            ("--start-timeout", "inf", "from 0 to 86400"),
+            ("--restart-window", "604801", "from 0 to 604800"),
+            ("--min-uptime", "NaN", "from 0 to 86400"),
+        ] {
+            let message = err(&[flag, too_big]);
+            assert!(
+                message.starts_with(&format!("{flag}: \"{too_big}\" is not ")),
+                "{message}"
+            );
+            assert!(message.ends_with(range), "{message}");
+        }
+    }
+
+    #[test]
+    fn help_states_the_ranges_that_are_checked() {
+        let line = |flag: &str| {
+            HELP.lines()
+                .find(|l| l.contains(&format!("{flag} ")))
+                .unwrap_or_else(|| panic!("no help line for {flag}"))
+        };
+        for whole in [&WORKERS, &MAX_RESTARTS, &MAX_REQUESTS, &MAX_REQUESTS_JITTER] {
+            let range = format!("{} to {}", whole.min, shown(whole.max));
+            assert!(line(whole.flag).contains(&range), "{}: {range}", whole.flag);
+        }
+        for secs in [
+            &GRACEFUL_TIMEOUT,
+            &TIMEOUT,
+            &START_TIMEOUT,
+            &RESTART_WINDOW,
+            &MIN_UPTIME,
+        ] {
+            let range = format!("0 to {}", secs.max);
+            assert!(line(secs.flag).contains(&range), "{}: {range}", secs.flag);
+        }
+    }
+
+    #[test]
+    fn listen_takes_host_and_port_in_any_form() {
+        for good in [
+            "127.0.0.1:8080",
+            "0.0.0.0:0",
+            "[::1]:8080",
+            "[::]:65535",
+            "localhost:8080",
+            "my-host.example.com.:80",
+            "host_1:80",
+        ] {
+            assert!(
+                matches!(parse_strs(&["--listen", good]), Ok(Parsed::Run(_))),
+                "{good}"
+            );
+        }
+        for bad in [
+            "nonsense",
+            "1.2.3.4",
+            "1.2.3.4:",
+            "1.2.3.4:65536",
+            "999.1.1.1:80",
+            ":80",
+            "::1:80",
+            "[::1]",
+            "local host:80",
+            "a..b:80",
+        ] {
+            assert!(
+                err(&["--listen", bad]).starts_with(&format!("--listen: {bad:?} is not HOST:PORT")),
+                "{bad}"
+            );
+        }
     }
 }

@@ -5,50 +5,89 @@
 //! has to queue on the listener again for its next request like everybody
 //! else. (wrk and curl reconnect on `Connection: close`.)
 
+use log::{debug, info, warn};
 use respawn_worker::Service;
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
 
 /// Requests larger than this are refused (431): the demo serves GETs.
 const MAX_REQUEST: usize = 8192;
-/// A client that sends nothing does not hold a worker for longer than this.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The whole request head must be in within this of the accept, however it
+/// trickles in: a worker serves one connection at a time, so a client that
+/// sends a byte every few seconds must not hold it for longer. One deadline
+/// for the head, not one per read, or each byte would buy a new timeout.
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(5);
+/// How long sending the answer may take: it fits in the socket buffer, so
+/// only a client that reads nothing and a full buffer make this matter.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After refusing a request, the rest of it is read and discarded for at
+/// most this long (and this many bytes) before close: closing a socket with
+/// unread input sends a reset, and the client may then lose our answer.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
+/// At most one `dropped a slow connection` line per this, per worker: a flood
+/// of slow clients must not become a flood of log lines.
+const SLOW_LOG_EVERY: Duration = Duration::from_secs(1);
 /// The longest /sleep, so that a typo cannot hold a worker for hours.
 const MAX_SLEEP_MS: u64 = 60_000;
 
+/// What a worker does before it says Ready: the two faults are demos of
+/// the restart policy and of the start deadline.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    Normal,
+    /// `--demo-fail-start`: panic, a crash loop.
+    Fail,
+    /// `--demo-hang-start`: never return, until killed.
+    Hang,
+}
+
 pub struct Demo {
     pid: u32,
-    fail_start: bool,
+    start: Start,
+    slow: SlowLog,
 }
 
 impl Demo {
-    /// Made in the worker. `fail_start`: panic before Ready, to show what
-    /// the master does with a crash loop.
-    pub fn new(fail_start: bool) -> Demo {
+    /// Made in the worker.
+    pub fn new(start: Start) -> Demo {
         Demo {
             pid: std::process::id(),
-            fail_start,
+            start,
+            slow: SlowLog::default(),
         }
     }
 }
 
 impl Service for Demo {
     fn start(&mut self) {
-        if self.fail_start {
-            panic!("--demo-fail-start: failing before Ready on purpose");
+        match self.start {
+            Start::Normal => {}
+            Start::Fail => panic!("--demo-fail-start: failing before Ready on purpose"),
+            Start::Hang => {
+                info!(
+                    "worker {} hangs before Ready on purpose (--demo-hang-start)",
+                    self.pid
+                );
+                loop {
+                    // Asleep, not spinning: a stuck start costs no CPU. std
+                    // resumes the sleep after the stop handler runs, so only
+                    // the master's SIGKILL ends it.
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
         }
     }
 
     fn serve(&mut self, conn: &mut TcpStream) {
-        let _ = conn.set_read_timeout(Some(READ_TIMEOUT));
-        let response = match read_request(conn) {
-            Ok(Some(request)) => {
-                log::debug!(
+        let deadline = Instant::now() + HEAD_DEADLINE;
+        let _ = conn.set_write_timeout(Some(WRITE_TIMEOUT));
+        let response = match read_head(conn, deadline) {
+            Head::Request(request) => {
+                debug!(
                     "worker {} serving {} {}",
-                    self.pid,
-                    request.method,
-                    request.target
+                    self.pid, request.method, request.target
                 );
                 let response = self.route(&request.target);
                 Response {
@@ -56,8 +95,22 @@ impl Service for Demo {
                     ..response
                 }
             }
-            Ok(None) => return,
-            Err(Bad(status, why)) => Response::text(status, why),
+            Head::Gone => return,
+            Head::TooSlow { received } => {
+                self.dropped_slow(conn, received);
+                // A client that sent part of a request may be a real one on
+                // a bad link: tell it why. One that sent nothing gets nothing.
+                if received > 0 {
+                    let why = format!("no complete request head within {} s\n", HEAD_DEADLINE.as_secs());
+                    let _ = Response::text(408, why).send(conn);
+                }
+                return;
+            }
+            Head::Refused(status, why) => {
+                let _ = Response::text(status, why).send(conn);
+                linger(conn);
+                return;
+            }
         };
         let _ = response.send(conn);
     }
@@ -84,6 +137,55 @@ impl Demo {
             },
         }
     }
+
+    /// Says, at warn (an operator must see that clients are holding
+    /// workers), that a slow connection was dropped, unless a line went out
+    /// less than [`SLOW_LOG_EVERY`] ago; the next line counts those.
+    fn dropped_slow(&mut self, conn: &TcpStream, received: usize) {
+        let Some(unlogged) = self.slow.note(Instant::now()) else {
+            return;
+        };
+        let peer = conn
+            .peer_addr()
+            .map_or_else(|_| "a peer already gone".to_owned(), |addr| addr.to_string());
+        let secs = HEAD_DEADLINE.as_secs();
+        let what = match received {
+            0 => format!("nothing received within {secs} s"),
+            _ => format!("no complete request head within {secs} s"),
+        };
+        let more = match unlogged {
+            0 => String::new(),
+            n => format!("; {n} more since the last line"),
+        };
+        warn!(
+            "worker {} dropped a slow connection from {peer} ({what}{more})",
+            self.pid
+        );
+    }
+}
+
+/// The rate limit of the slow-connection line.
+#[derive(Default)]
+struct SlowLog {
+    last_line: Option<Instant>,
+    unlogged: u64,
+}
+
+impl SlowLog {
+    /// A drop at `now`: Some(how many went unlogged before it) if it is to
+    /// be logged, None if it is only counted.
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        match self.last_line {
+            Some(last) if now.saturating_duration_since(last) < SLOW_LOG_EVERY => {
+                self.unlogged += 1;
+                None
+            }
+            _ => {
+                self.last_line = Some(now);
+                Some(std::mem::take(&mut self.unlogged))
+            }
+        }
+    }
 }
 
 fn sleep(ms: &str) -> Response {
@@ -98,58 +200,114 @@ fn sleep(ms: &str) -> Response {
     }
 }
 
-/// Why a request cannot be served: the status and the body that says why.
-struct Bad(u16, String);
-
 /// What the demo needs of a request.
 struct Request {
     method: String,
     target: String,
 }
 
-/// Reads one request head, or None if the client closed (or went silent)
-/// before sending one.
-fn read_request(conn: &mut TcpStream) -> Result<Option<Request>, Bad> {
+/// How reading a request head ended.
+enum Head {
+    /// A whole head, of a request the demo serves.
+    Request(Request),
+    /// The client closed, or the connection failed, first.
+    Gone,
+    /// The deadline passed with `received` bytes of a head in.
+    TooSlow { received: usize },
+    /// A head the demo refuses: the status and the body that says why.
+    Refused(u16, String),
+}
+
+/// Reads one request head, all of it before `deadline`.
+fn read_head(conn: &mut TcpStream, deadline: Instant) -> Head {
     let mut buf = [0u8; MAX_REQUEST];
     let mut len = 0;
     loop {
-        let n = match conn.read(&mut buf[len..]) {
-            Ok(n) => n,
-            // The stop handler interrupts reads (no SA_RESTART); the request
-            // in flight is still to be served.
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return Ok(None),
+        let Some(left) = time_left(deadline) else {
+            return Head::TooSlow { received: len };
         };
-        if n == 0 {
-            return Ok(None);
+        if conn.set_read_timeout(Some(left)).is_err() {
+            return Head::Gone;
         }
-        len += n;
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&buf[..len]) {
-            Ok(httparse::Status::Complete(_)) => {
-                respawn_worker::note_request(&buf[..len]);
-                let method = request.method.unwrap_or("");
-                let target = request.path.unwrap_or("/");
-                if method != "GET" && method != "HEAD" {
-                    return Err(Bad(
-                        405,
-                        format!("method {method} not allowed: the demo serves GET\n"),
-                    ));
-                }
-                return Ok(Some(Request {
-                    method: method.to_owned(),
-                    target: target.to_owned(),
-                }));
+        match conn.read(&mut buf[len..]) {
+            Ok(0) => return Head::Gone,
+            Ok(n) => len += n,
+            // The stop handler interrupts reads (no SA_RESTART); the request
+            // in flight is still to be served. A timeout (EAGAIN) is checked
+            // against the deadline above, as the kernel's timer may round.
+            Err(err) if is_retry(&err) => continue,
+            Err(_) => return Head::Gone,
+        }
+        if let Some(head) = parse_head(&buf[..len], len == buf.len()) {
+            return head;
+        }
+    }
+}
+
+/// The head in `bytes`, or None if more is to come. `full`: no room left.
+fn parse_head(bytes: &[u8], full: bool) -> Option<Head> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(bytes) {
+        Ok(httparse::Status::Complete(_)) => {
+            respawn_worker::note_request(bytes);
+            let method = request.method.unwrap_or("");
+            let target = request.path.unwrap_or("/");
+            if method != "GET" && method != "HEAD" {
+                let why = format!("method {method} not allowed: the demo serves GET\n");
+                return Some(Head::Refused(405, why));
             }
-            Ok(httparse::Status::Partial) if len == buf.len() => {
-                return Err(Bad(
-                    431,
-                    format!("request head larger than {MAX_REQUEST} bytes\n"),
-                ));
-            }
-            Ok(httparse::Status::Partial) => continue,
-            Err(err) => return Err(Bad(400, format!("malformed request: {err}\n"))),
+            Some(Head::Request(Request {
+                method: method.to_owned(),
+                target: target.to_owned(),
+            }))
+        }
+        Ok(httparse::Status::Partial) if full => Some(Head::Refused(
+            431,
+            format!("request head larger than {MAX_REQUEST} bytes\n"),
+        )),
+        Ok(httparse::Status::Partial) => None,
+        Err(err) => Some(Head::Refused(400, format!("malformed request: {err}\n"))),
+    }
+}
+
+/// What is left before `deadline`, if anything.
+fn time_left(deadline: Instant) -> Option<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|left| !left.is_zero())
+}
+
+/// Interrupted by a signal, or out of time for this read (SO_RCVTIMEO
+/// reports EAGAIN): the caller checks its deadline and reads again.
+fn is_retry(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// After an answer to a refused request: say we are done (FIN), then read
+/// and discard what the client still sends, within bounds, so that the
+/// close does not reset the connection before the client reads the answer
+/// (a reset makes its kernel drop what it had not read yet).
+fn linger(conn: &mut TcpStream) {
+    if conn.shutdown(Shutdown::Write).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER;
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        let Some(left) = time_left(deadline) else { return };
+        if conn.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match conn.read(&mut sink) {
+            Ok(0) => return,
+            Ok(n) => drained += n,
+            Err(err) if is_retry(&err) => continue,
+            Err(_) => return,
         }
     }
 }
@@ -177,6 +335,7 @@ impl Response {
             400 => "Bad Request",
             404 => "Not Found",
             405 => "Method Not Allowed",
+            408 => "Request Timeout",
             431 => "Request Header Fields Too Large",
             _ => "Internal Server Error",
         };
@@ -187,5 +346,79 @@ impl Response {
             self.body.len(),
         );
         conn.write_all(message.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A connected pair on loopback: (the client's end, the server's end).
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    #[test]
+    fn a_trickled_head_gets_one_deadline_not_one_per_read() {
+        let (mut client, mut server) = pair();
+        let trickle = std::thread::spawn(move || {
+            client.write_all(b"GET /slo").unwrap();
+            // A byte of the path every 100 ms: each read succeeds long
+            // before its own timeout would, and the head is never complete
+            // nor malformed, so only a deadline for the whole head stops it.
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(100));
+                if client.write_all(b"w").is_err() {
+                    break;
+                }
+            }
+        });
+        let started = Instant::now();
+        let head = read_head(&mut server, started + Duration::from_millis(400));
+        let took = started.elapsed();
+        assert!(matches!(head, Head::TooSlow { received } if received >= 8));
+        assert!(took < Duration::from_millis(900), "held for {took:?}");
+        drop(server);
+        trickle.join().unwrap();
+    }
+
+    #[test]
+    fn a_silent_connection_is_too_slow_with_nothing_received() {
+        let (_client, mut server) = pair();
+        let head = read_head(&mut server, Instant::now() + Duration::from_millis(100));
+        assert!(matches!(head, Head::TooSlow { received: 0 }));
+    }
+
+    #[test]
+    fn a_whole_head_is_a_request() {
+        let (mut client, mut server) = pair();
+        client
+            .write_all(b"HEAD /sleep/1?x HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let Head::Request(request) = read_head(&mut server, Instant::now() + HEAD_DEADLINE) else {
+            panic!("not a request");
+        };
+        assert_eq!(
+            (request.method.as_str(), request.target.as_str()),
+            ("HEAD", "/sleep/1?x")
+        );
+    }
+
+    #[test]
+    fn slow_connection_lines_are_one_a_second_and_count_the_rest() {
+        let mut slow = SlowLog::default();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(slow.note(at(0)), Some(0));
+        assert_eq!(slow.note(at(500)), None);
+        assert_eq!(slow.note(at(999)), None);
+        assert_eq!(slow.note(at(1000)), Some(2));
+        assert_eq!(slow.note(at(1999)), None);
+        assert_eq!(slow.note(at(5000)), Some(1));
+        assert_eq!(slow.note(at(6000)), Some(0));
     }
 }

@@ -4,45 +4,54 @@
 //!
 //! It is the article's example, done with the library: start it, curl it,
 //! crash a worker, and watch the log as it heals.
+//!
+//! Nothing here uses `print!` or `eprintln!`: they panic when the write
+//! fails (`respawn --help >/dev/full`), and a failed write must end in the
+//! documented exit code, not 101.
 
 mod args;
 mod http;
 
 use args::{Args, Parsed};
 use log::info;
+use std::io::{self, IsTerminal, Write};
+use std::net::TcpListener;
 use std::process::exit;
 
+/// Exit code when the master stopped for any other reason than a stop
+/// signal: it cannot bind, cannot go on, or could not print its help.
+const EXIT_FAILED: i32 = 1;
+/// Exit code for a bad flag: a service manager can be told not to restart
+/// on it (systemd's RestartPreventExitStatus=2), as no retry will fix it.
+const EXIT_BAD_FLAG: i32 = 2;
 /// Exit code when workers kept failing and the master gave up (gunicorn's
-/// WORKER_BOOT_ERROR is 3 too). 1 is any other failure, 2 a bad flag.
+/// WORKER_BOOT_ERROR is 3 too).
 const EXIT_GAVE_UP: i32 = 3;
 
 fn main() {
     let args = match args::parse(std::env::args_os().skip(1)) {
         Ok(Parsed::Run(args)) => args,
-        Ok(Parsed::Help) => {
-            print!("{}", args::HELP);
-            return;
-        }
-        Ok(Parsed::Version) => {
-            println!("respawn {}", env!("CARGO_PKG_VERSION"));
-            return;
-        }
+        Ok(Parsed::Help) => exit(print(args::HELP)),
+        Ok(Parsed::Version) => exit(print(&format!("respawn {}\n", env!("CARGO_PKG_VERSION")))),
         Err(err) => {
-            eprintln!("respawn: {err}\n{}\ntry 'respawn --help' for more", args::USAGE);
-            exit(2);
+            say(&format!(
+                "respawn: {err}\n{}\n'respawn --help' gives every flag's range and default\n",
+                args::USAGE
+            ));
+            exit(EXIT_BAD_FLAG);
         }
     };
     init_logging();
-    exit(serve(&args));
+    let code = serve(&args);
+    // Whatever the log path still holds goes out before the process does.
+    log::logger().flush();
+    exit(code);
 }
 
 fn serve(args: &Args) -> i32 {
-    let listener = match respawn_master::bind(&args.listen) {
+    let listener = match bind(&args.listen) {
         Ok(listener) => listener,
-        Err(err) => {
-            eprintln!("respawn: {err}");
-            return 1;
-        }
+        Err(code) => return code,
     };
     match listener.local_addr() {
         Ok(addr) => info!("listening on {addr}"),
@@ -52,25 +61,129 @@ fn serve(args: &Args) -> i32 {
         .graceful_timeout(args.graceful_timeout)
         .restart_limit(args.max_restarts, args.restart_window)
         .min_uptime(args.min_uptime)
-        .timeout(Some(args.timeout));
+        .timeout(Some(args.timeout))
+        .start_timeout(Some(args.start_timeout));
     let worker = respawn_worker::Config::new().max_requests(args.max_requests, args.max_requests_jitter);
-    let demo = |handoff| respawn_worker::run_with(handoff, http::Demo::new(args.demo_fail_start), &worker);
+    let start = match (args.demo_fail_start, args.demo_hang_start) {
+        (true, _) => http::Start::Fail,
+        (_, true) => http::Start::Hang,
+        _ => http::Start::Normal,
+    };
+    let demo = |handoff| respawn_worker::run_with(handoff, http::Demo::new(start), &worker);
     match respawn_master::run(listener, config, demo) {
         Ok(()) => 0,
         // The master logged why when it decided; say nothing twice.
         Err(respawn_master::Error::GaveUp { .. }) => EXIT_GAVE_UP,
         Err(err) => {
-            eprintln!("respawn: {err}");
-            1
+            log::logger().flush();
+            say(&format!("respawn: {err}\n"));
+            EXIT_FAILED
         }
     }
 }
 
+/// Binds `--listen`; a failure is said with what would fix it, and is the
+/// exit code.
+fn bind(listen: &str) -> Result<TcpListener, i32> {
+    respawn_master::bind(listen).map_err(|err| {
+        let advice = match &err {
+            respawn_master::Error::Io { source, .. } => advice(listen, source.kind()),
+            _ => String::new(),
+        };
+        say(&format!("respawn: {err}{advice}\n"));
+        EXIT_FAILED
+    })
+}
+
+/// What to do about a failed bind, for the two failures a newcomer meets.
+fn advice(listen: &str, kind: io::ErrorKind) -> String {
+    let (host, port) = listen.rsplit_once(':').unwrap_or(("127.0.0.1", "8080"));
+    let port: u16 = port.parse().unwrap_or(8080);
+    match kind {
+        io::ErrorKind::AddrInUse => {
+            let other = format!("{host}:{}", port.checked_add(1).unwrap_or(8081));
+            format!(
+                "; is another respawn running? choose another port with --listen \
+                 (under make: make run ARGS='--listen {other}')"
+            )
+        }
+        io::ErrorKind::PermissionDenied => {
+            let Some(start) = unprivileged_port_start().filter(|&start| port < start) else {
+                // Not the low-port rule: a security module, say. Nothing
+                // general to suggest.
+                return String::new();
+            };
+            let binary = std::env::current_exe()
+                .map_or_else(|_| "respawn".to_owned(), |path| path.display().to_string());
+            format!(
+                "; ports below {start} need privilege: run as root, \
+                 or give the binary the capability (setcap cap_net_bind_service=+ep {binary}), \
+                 or lower the bound (sysctl net.ipv4.ip_unprivileged_port_start={port})"
+            )
+        }
+        _ => String::new(),
+    }
+}
+
+/// The first port an unprivileged process may bind (1024 unless changed).
+fn unprivileged_port_start() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Writes to stdout; the exit code: 0 if it got out, 1 if not. (With
+/// stdout on /dev/full nothing can be printed, but the code still says.)
+fn print(text: &str) -> i32 {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => 0,
+        Err(err) => {
+            say(&format!("respawn: writing to stdout: {}\n", describe(&err)));
+            EXIT_FAILED
+        }
+    }
+}
+
+/// An io::Error as the end of a sentence: "no space left on device".
+fn describe(err: &io::Error) -> String {
+    let text = err.to_string();
+    let text = text.split(" (os error").next().unwrap_or(&text);
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map_or_else(String::new, |first| first.to_lowercase().chain(chars).collect())
+}
+
+/// Writes to stderr. If that fails there is nowhere left to say so: the
+/// exit code that follows is the only report.
+fn say(text: &str) {
+    let _ = io::stderr().write_all(text.as_bytes());
+}
+
 /// Log lines on stderr, info and up unless RUST_LOG says otherwise, with
-/// milliseconds: a respawn takes a few of them.
+/// milliseconds: a respawn takes a few of them. They go through the
+/// library's log path, which never blocks the master on a full pipe.
 fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    let mut builder = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    builder
         .format_timestamp_millis()
         .format_target(false)
-        .init();
+        .target(env_logger::Target::Pipe(Box::new(respawn_master::log_writer())));
+    // env_logger colours a terminal it writes to itself, but cannot see one
+    // through a pipe target: decide here, as it would have.
+    if colour_wanted() {
+        builder.write_style(env_logger::WriteStyle::Always);
+    }
+    builder.init();
+}
+
+/// RUST_LOG_STYLE unset or `auto`, NO_COLOR unset or empty, and stderr is a
+/// terminal.
+fn colour_wanted() -> bool {
+    let auto = std::env::var("RUST_LOG_STYLE").map_or(true, |style| style == "auto");
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    auto && !no_color && io::stderr().is_terminal()
 }
