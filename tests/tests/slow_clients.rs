@@ -107,7 +107,6 @@ fn slow_head_is_dropped_within_the_head_deadline() {
 }
 
 #[test]
-#[ignore = "needs TCP_DEFER_ACCEPT on the listener, in the library"]
 fn silent_connections_never_reach_a_worker() {
     let respawn = Respawn::with_workers(2, &[]);
     // Ten connections that send nothing: with TCP_DEFER_ACCEPT the kernel
