@@ -21,6 +21,11 @@
 //! plainly, as is anything else that cannot be reopened (no /proc mounted):
 //! on such a stderr a log write can still block.
 //!
+//! Each record is written with one write(2) of its own, so a line of up to
+//! PIPE_BUF (4096 bytes) lands whole in a pipe, never mixed with a worker's;
+//! a longer one may be written in parts, and the master keeps the tail until
+//! it is out. A record over 64 KiB (the queue's bound) is always dropped.
+//!
 //! The rule for the loop: the fd is registered edge-triggered, so an event
 //! comes only when the output *becomes* writable after a write hit EAGAIN.
 //! Always try to write first; wait for WRITABLE only after
@@ -234,6 +239,9 @@ impl LogPath {
                 return;
             }
         } else {
+            // Make room first: without the loop's WRITABLE events (an
+            // embedder logging outside `run`) this is what empties the queue.
+            self.drain();
             let report = (self.dropped > 0).then(|| self.report(""));
             let need = record.len() + report.as_ref().map_or(0, Vec::len);
             if self.queued + need > CAPACITY {
@@ -498,6 +506,19 @@ mod tests {
         let lines = drain_all(&mut path, &mut reader);
         let tail = &lines[lines.len() - 2..];
         assert_eq!(tail, [report(10_000 - kept), "after".into()]);
+    }
+
+    #[test]
+    fn a_full_queue_moves_on_the_next_record_without_the_loop() {
+        let (mut path, mut reader) = pipe_path(false);
+        fill(&path);
+        for i in 0..10_000 {
+            path.record(format!("line {i}\n").as_bytes());
+        }
+        read_lines(&mut reader);
+        path.record(b"one more\n");
+        let lines = read_lines(&mut reader);
+        assert_eq!(lines.first().map(String::as_str), Some("line 0"));
     }
 
     #[test]
