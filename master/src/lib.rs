@@ -116,5 +116,10 @@ where
     if result.is_err() {
         master.kill_all_and_reap();
     }
+    logbuf::flush_before_exit(LAST_LINES_PATIENCE);
     result
 }
+
+/// How long `run` waits, at its end, for stderr to take the last log lines
+/// queued by [`log_writer`]; a reader that never comes does not hold it up.
+const LAST_LINES_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);

@@ -77,21 +77,18 @@ impl Write for LogWriter {
 
 /// The fd the master registers with mio for WRITABLE, edge-triggered; None
 /// when writes never wait (a regular file, or the blocking fallback).
-#[allow(dead_code)] // until the master loop calls it (issue 8.1)
 pub(crate) fn watch_fd() -> Option<RawFd> {
     with_path(|path| path.watch_fd())
 }
 
 /// Writes what the queue holds until it is empty or the output would block.
 /// True if bytes remain: then wait for the next WRITABLE event.
-#[allow(dead_code)] // until the master loop calls it (issue 8.1)
 pub(crate) fn flush_pending() -> bool {
     with_path(LogPath::drain)
 }
 
 /// At the master's exit: waits for the output at most `limit` in all, then
 /// drops what is left and says so, if the output takes that one line.
-#[allow(dead_code)] // until the master loop calls it (issue 8.1)
 pub(crate) fn flush_before_exit(limit: Duration) {
     with_path(|path| path.flush_before_exit(limit));
 }
@@ -100,7 +97,6 @@ pub(crate) fn flush_before_exit(limit: Duration) {
 /// to write, so they are discarded here. The master's fd is not closed (the
 /// child closes the master's fds itself, see [`master_fd`]); the worker
 /// opens its own on its first record.
-#[allow(dead_code)] // until the master loop calls it (issue 8.1)
 pub(crate) fn become_worker() {
     let mut global = GLOBAL.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(path) = global.path.take() {
@@ -115,7 +111,6 @@ pub(crate) fn become_worker() {
 
 /// The master's own fd onto stderr, if it has opened one: a forked child
 /// closes it with the master's other fds.
-#[allow(dead_code)] // until the master loop calls it (issue 8.1)
 pub(crate) fn master_fd() -> Option<RawFd> {
     let global = GLOBAL.lock().unwrap_or_else(PoisonError::into_inner);
     match &global.path {
@@ -607,25 +602,4 @@ mod tests {
         assert_eq!(file.out.as_ref().map(|out| &out.kind), Some(&Kind::Blocking));
         assert_eq!(file.watch_fd(), None);
     }
-}
-
-/// The fd to watch for WRITABLE (stub).
-pub(crate) fn watch_fd() -> Option<std::os::fd::RawFd> {
-    None
-}
-
-/// Writes what is queued; true if bytes remain (stub).
-pub(crate) fn flush_pending() -> bool {
-    false
-}
-
-/// At exit (stub).
-pub(crate) fn flush_before_exit(_limit: std::time::Duration) {}
-
-/// In a forked child (stub).
-pub(crate) fn become_worker() {}
-
-/// The master's own fd, if open (stub).
-pub(crate) fn master_fd() -> Option<std::os::fd::RawFd> {
-    None
 }

@@ -55,9 +55,6 @@ pub(crate) const MAX_WORKERS: usize = 4096;
 /// used (192 bytes each, 1.5 MiB of address space in all).
 const SCOREBOARD_ROWS: usize = 2 * MAX_WORKERS + 1;
 
-/// How long the master waits, at its exit, for stderr to take its last lines.
-const LAST_LINES_PATIENCE: Duration = Duration::from_secs(1);
-
 pub(crate) struct Master<W> {
     config: Config,
     listener: TcpListener,
@@ -166,7 +163,6 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.manage_workers();
         }
         info!("all workers stopped, master exiting");
-        logbuf::flush_before_exit(LAST_LINES_PATIENCE);
         match self.gave_up.take() {
             Some(reason) => Err(Error::GaveUp { reason }),
             None => Ok(()),
@@ -230,6 +226,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             return;
         };
         let name = signals::name(signal);
+        if signal == libc::SIGPIPE {
+            // The master's own write to a closed stderr or socket raises it:
+            // the write fails with EPIPE, which is all there is to know.
+            debug!("received {name}: a pipe or socket has no reader; ignored");
+            return;
+        }
         let meaning = match signal {
             libc::SIGUSR1 => ": respawn logs to stderr and has no log file to reopen",
             libc::SIGUSR2 => ": reserved for upgrading to a new binary, which this version cannot do yet",

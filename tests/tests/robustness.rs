@@ -319,3 +319,94 @@ fn rolling_restart_done_even_when_the_old_workers_die_on_their_own() {
     let new = respawn.wait_for_workers(2);
     assert!(new.is_disjoint(&old));
 }
+
+/// A master whose stderr is a pipe that nobody reads until the test says
+/// so; the whole process group is killed on drop.
+struct Unread {
+    child: std::process::Child,
+}
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        send(-(self.child.id() as i32), libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_log_pipe_nobody_reads_never_stalls_the_service() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut command = Command::new(binary());
+    command
+        .args(["--workers", "2", "--listen", &addr.to_string()])
+        .env("RUST_LOG", "debug")
+        .env("RUST_LOG_STYLE", "never")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0);
+    let mut master = Unread {
+        child: command.spawn().expect("starting respawn"),
+    };
+    let pid = master.child.id() as i32;
+    assert!(wait_until(PATIENCE, || get(addr, "/").is_ok_and(|r| r.status == 200)));
+
+    // About 5 log lines a crash and 2 a request, 100 bytes each: ten times
+    // what the pipe (64 KiB) and the master's buffer (64 KiB) hold.
+    for i in 0..1000 {
+        let crash = get(addr, "/crash").map(|r| r.status);
+        let plain = get(addr, "/").map(|r| r.status);
+        assert!(
+            matches!((&crash, &plain), (Ok(500), Ok(200))),
+            "round {i}: /crash {crash:?}, / {plain:?}"
+        );
+    }
+    let settled = wait_until(PATIENCE, || {
+        children(pid).iter().filter(|&&(_, state)| state != 'Z').count() == 2
+    });
+    assert!(settled, "exactly 2 workers: {:?}", children(pid));
+
+    // Now read: the lines that were kept, then the count of those that were
+    // not, then the log goes on.
+    let stderr = master.child.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + PATIENCE;
+    let mut dropped = None;
+    let mut seen_after = false;
+    while Instant::now() < deadline && !seen_after {
+        let Ok(line) = lines.recv_timeout(Duration::from_millis(100)) else {
+            continue;
+        };
+        if let Some(count) = line
+            .strip_prefix("respawn: ")
+            .and_then(|rest| rest.strip_suffix(" log lines dropped: stderr was not being read"))
+        {
+            dropped = count.parse::<u64>().ok();
+            // The pipe is being read now: a new line gets out.
+            send(pid, libc::SIGTTIN);
+        }
+        seen_after = dropped.is_some() && line.ends_with("received SIGTTIN, 3 workers wanted");
+    }
+    assert!(
+        dropped.is_some_and(|n| n > 0),
+        "a line says how many were dropped"
+    );
+    assert!(
+        seen_after,
+        "the log resumes after the count ({dropped:?} dropped)"
+    );
+}
