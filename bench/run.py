@@ -598,6 +598,11 @@ def start(system, repetitions=3):
             "2048: last fork s": statistics.median(forked) if forked else None}
 
 
+# The baseline's start takes 12 to 40 s: one run of it is enough, and keeps
+# make bench within 10 minutes.
+start.baseline_runs = 1
+
+
 LATE = 0.005  # seconds from connect to request in the herd's second figure
 LATE_KEY = f"same, request {LATE * 1000:.0f} ms after connect"
 
@@ -825,8 +830,9 @@ def main():
     for i, (name, scenario) in enumerate(chosen, 1):
         for system in systems:
             runs = []
-            for run in range(args.runs):
-                progress(f"{i}/{len(chosen)} {name}: {system.name}, run {run + 1} of {args.runs}")
+            count = args.runs if system is systems[0] else min(args.runs, getattr(scenario, "baseline_runs", args.runs))
+            for run in range(count):
+                progress(f"{i}/{len(chosen)} {name}: {system.name}, run {run + 1} of {count}")
                 try:
                     runs.append(scenario(system))
                 except Exception as err:  # a failed run is reported, not fatal
