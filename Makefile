@@ -25,7 +25,8 @@ doc:
 
 # Load and fault benchmarks, respawn beside a Node.js cluster server; writes
 # docs/benchmarks.md and docs/benchmarks.svg. Installs wrk from Debian's
-# packages if it is missing. Takes about 8 minutes; never part of make test.
+# packages if it is missing. Takes about 9 minutes on an idle machine, more
+# when others use its cores; never part of make test.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 bench: linux-only
 	@command -v wrk >/dev/null || { echo "bench: installing wrk from Debian's packages"; \
