@@ -220,8 +220,16 @@ impl Table {
     }
 
     /// The slots no live worker (retiring ones included) holds, lowest first.
-    fn free_slots(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..).filter(|slot| self.workers.iter().all(|w| w.slot != *slot))
+    /// One pass over the table, not one per slot: with thousands of workers
+    /// a respawn must not cost a quadratic scan.
+    fn free_slots(&self) -> impl Iterator<Item = usize> {
+        let end = self.workers.iter().map(|w| w.slot + 1).max().unwrap_or(0);
+        let mut taken = vec![false; end];
+        for worker in &self.workers {
+            taken[worker.slot] = true;
+        }
+        let holes: Vec<usize> = (0..taken.len()).filter(|&slot| !taken[slot]).collect();
+        holes.into_iter().chain(taken.len()..)
     }
 
     /// Where to fork now so that `target` count, at most `room` forks: the
