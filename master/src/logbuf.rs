@@ -24,7 +24,7 @@
 //! Each record is written with one write(2) of its own, so a line of up to
 //! PIPE_BUF (4096 bytes) lands whole in a pipe, never mixed with a worker's;
 //! a longer one may be written in parts, and the master keeps the tail until
-//! it is out. A record over 64 KiB (the queue's bound) is always dropped.
+//! it is out. A record over 256 KiB (the queue's bound) is always dropped.
 //!
 //! The rule for the loop: the fd is registered edge-triggered, so an event
 //! comes only when the output *becomes* writable after a write hit EAGAIN.
@@ -48,9 +48,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// At most this many bytes wait in the master's queue: the size of a default
-/// pipe, i.e. a full pipe's worth of lines on top of the pipe itself.
-const CAPACITY: usize = 64 * 1024;
+/// At most this many bytes wait in the master's queue, on top of what the
+/// pipe holds (64 KiB by default): the `spawned` and `ready` lines of 2,048
+/// workers started at once fit, for a reader that falls behind for a moment;
+/// a reader that is gone costs at most this much memory.
+const CAPACITY: usize = 256 * 1024;
 
 /// Where a logger (env_logger's `Target::Pipe`, say) writes its lines.
 /// Each `write` call is one record (a whole line); it never blocks and never
@@ -449,7 +451,7 @@ mod tests {
         fill(&path);
         let record = b"worker 4321 exited (signal 9), replacing\n";
         let started = Instant::now();
-        for _ in 0..10_000 {
+        for _ in 0..40_000 {
             path.record(record);
         }
         assert!(
@@ -463,7 +465,7 @@ mod tests {
             path.queue.len() * record.len(),
             "a half line was kept"
         );
-        assert_eq!(path.dropped, 10_000 - path.queue.len() as u64);
+        assert_eq!(path.dropped, 40_000 - path.queue.len() as u64);
         assert!(path.dropped > 0 && path.queue.len() > 1000);
     }
 
@@ -471,11 +473,11 @@ mod tests {
     fn the_dropped_report_comes_once_with_the_count_before_later_lines() {
         let (mut path, mut reader) = pipe_path(false);
         fill(&path);
-        for i in 0..10_000 {
+        for i in 0..40_000 {
             path.record(format!("line {i}\n").as_bytes());
         }
         let kept = path.queue.len();
-        let dropped = 10_000 - kept;
+        let dropped = 40_000 - kept;
         let mut lines = drain_all(&mut path, &mut reader);
         path.record(b"after\n");
         lines.extend(drain_all(&mut path, &mut reader));
@@ -490,7 +492,7 @@ mod tests {
     fn a_line_queued_after_drops_goes_out_behind_its_report() {
         let (mut path, mut reader) = pipe_path(false);
         fill(&path);
-        for i in 0..10_000 {
+        for i in 0..40_000 {
             path.record(format!("line {i}\n").as_bytes());
         }
         let kept = path.queue.len();
@@ -500,14 +502,14 @@ mod tests {
         path.record(b"after\n");
         let lines = drain_all(&mut path, &mut reader);
         let tail = &lines[lines.len() - 2..];
-        assert_eq!(tail, [report(10_000 - kept), "after".into()]);
+        assert_eq!(tail, [report(40_000 - kept), "after".into()]);
     }
 
     #[test]
     fn a_full_queue_moves_on_the_next_record_without_the_loop() {
         let (mut path, mut reader) = pipe_path(false);
         fill(&path);
-        for i in 0..10_000 {
+        for i in 0..40_000 {
             path.record(format!("line {i}\n").as_bytes());
         }
         read_lines(&mut reader);
