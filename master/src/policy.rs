@@ -206,4 +206,28 @@ mod tests {
         let mut limit = RestartLimit::new(0, Duration::from_secs(60));
         assert!(limit.record(Instant::now()).is_err());
     }
+
+    #[test]
+    fn a_restart_exactly_one_window_old_still_counts() {
+        let mut limit = RestartLimit::new(1, Duration::from_secs(10));
+        let start = Instant::now();
+        assert!(limit.record(start).is_ok());
+        assert!(
+            limit.record(start + Duration::from_secs(10)).is_err(),
+            "10 s apart is within a 10 s window"
+        );
+    }
+
+    #[test]
+    fn a_slot_free_at_now_is_no_deadline() {
+        let mut backoff = Backoff::new(100 * MS, 1000 * MS);
+        let now = Instant::now();
+        backoff.died_young(0, now);
+        assert_eq!(
+            backoff.next_deadline(now + 100 * MS),
+            None,
+            "it may be filled now"
+        );
+        assert_eq!(backoff.waiting(now + 100 * MS).count(), 0);
+    }
 }

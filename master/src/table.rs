@@ -448,4 +448,55 @@ mod tests {
             "ready: no start deadline"
         );
     }
+
+    #[test]
+    fn starting_outdated_oldest_and_newest_are_found() {
+        let mut table = table_of(3);
+        assert!(!table.is_empty());
+        assert!(table.any_starting(), "all three are starting");
+        for worker in table.iter_mut() {
+            worker.state = worker.state.next(Event::Ready);
+        }
+        assert!(!table.any_starting());
+        let now = Instant::now();
+        for (i, worker) in table.iter_mut().enumerate() {
+            worker.generation = i as u64; // 100: gen 0, 101: gen 1, 102: gen 2
+            worker.spawned_at = now + Duration::from_secs(i as u64);
+        }
+        assert_eq!(table.outdated(0), 0);
+        assert_eq!(table.outdated(1), 1, "only generations below 1");
+        assert_eq!(table.outdated(2), 2);
+        assert_eq!(table.outdated(9), 3);
+        apply(&mut table, 100, Stop);
+        assert_eq!(table.outdated(9), 2, "a retiring worker is not outdated");
+        let oldest = table.oldest_outdated(2).map(|w| w.pid.as_raw());
+        assert_eq!(oldest, Some(101), "100 retires already; 102 is current");
+        assert_eq!(table.oldest_outdated(1).map(|w| w.pid.as_raw()), None);
+        assert_eq!(table.newest_counted().map(|w| w.pid.as_raw()), Some(102));
+        apply(&mut table, 102, Suicide);
+        assert_eq!(table.newest_counted().map(|w| w.pid.as_raw()), Some(101));
+        table.remove(Pid::from_raw(100));
+        table.remove(Pid::from_raw(101));
+        table.remove(Pid::from_raw(102));
+        assert!(table.is_empty());
+        assert_eq!(table.newest_counted().map(|w| w.pid.as_raw()), None);
+    }
+
+    #[test]
+    fn a_killed_starting_worker_has_no_start_deadline() {
+        let mut table = table_of(1);
+        let timeout = Some(Duration::from_secs(7));
+        let worker = table.iter_mut().next().unwrap();
+        assert!(worker.start_deadline(timeout).is_some());
+        worker.killed = true;
+        assert_eq!(worker.start_deadline(timeout), None, "only its exit is awaited");
+    }
+
+    #[test]
+    fn free_slots_skip_every_held_slot() {
+        let mut table = table_of(4);
+        table.remove(Pid::from_raw(101));
+        assert_eq!(table.free_slots().take(3).collect::<Vec<_>>(), [1, 4, 5]);
+        assert_eq!(Table::default().free_slots().take(2).collect::<Vec<_>>(), [0, 1]);
+    }
 }
