@@ -42,16 +42,23 @@ bench: linux-only
 # target/mutants.out/ (missed.txt, caught.txt, timeout.txt, outcomes.json).
 # Installs cargo-mutants if missing. Slow (an hour or more): never part of
 # make test or CI. One file: make mutants MUTATE=ipc/src/message.rs
-# No jobserver: its pipe would be inherited by every process the tests
-# start. RESPAWN_BIN would test one fixed binary instead of the mutants, and
-# a shared CARGO_TARGET_DIR would be rebuilt by each scratch copy in turn.
+# Every mutant is judged by every test of the workspace (a mutant in ipc/
+# is mostly caught by what the master and workers do), with all features, so
+# that the scratch copy builds the mutated demo binary the end-to-end tests
+# run. A test that waits out its 20 s deadline needs time to fail rather than
+# time out. No jobserver: its pipe would be inherited by every process the
+# tests start. RESPAWN_BIN would test one fixed binary instead of the
+# mutants, and a shared CARGO_TARGET_DIR would be rebuilt by each copy.
 MUTATE ?= ipc/src/message.rs ipc/src/scoreboard.rs \
 	master/src/table.rs master/src/policy.rs master/src/hung.rs \
 	master/src/master.rs master/src/logbuf.rs master/src/signals.rs \
 	worker/src/lib.rs worker/src/stop.rs
-mutants: linux-only
+# cargo-mutants' own baseline runs only the mutated crate's tests: make test
+# first proves the whole suite passes on the unmutated tree.
+mutants: linux-only test
 	@$(CARGO) mutants --version >/dev/null 2>&1 || $(CARGO) install --locked cargo-mutants
-	env -u RESPAWN_BIN -u CARGO_TARGET_DIR $(CARGO) mutants --jobserver false \
+	env -u RESPAWN_BIN -u CARGO_TARGET_DIR $(CARGO) mutants --test-workspace true \
+		--all-features --jobserver false --minimum-test-timeout 60 \
 		--output target $(addprefix --file ,$(MUTATE)) $(MUTANTS_ARGS)
 
 linux-only:
