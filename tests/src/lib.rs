@@ -2,38 +2,197 @@
 //! an ephemeral port, read its log, find its workers in /proc, speak HTTP to
 //! it, and make sure nothing it started outlives the test.
 //!
-//! Every wait has a deadline ([`PATIENCE`]) and fails with the log attached;
-//! nothing sleeps to synchronise. [`Respawn`]'s drop kills the master's whole
-//! process group, so a failing test leaves nothing behind.
+//! What it guarantees, so that a test can fail only for what it tests:
 //!
-//! The binary is `target/debug/respawn`, built by `make test` before the
-//! tests run (set RESPAWN_BIN to test another).
+//! - **Deadlines.** Every wait has one ([`PATIENCE`]) and fails with the log
+//!   attached; nothing sleeps to synchronise.
+//! - **Nothing outlives a test.** Each master runs in its own process group,
+//!   and [`Respawn`]'s drop kills the whole group, so a failing test leaves
+//!   nothing behind.
+//! - **Nothing outlives the test process.** Each master is started with
+//!   PR_SET_PDEATHSIG(SIGKILL), from a thread that lives as long as the
+//!   test binary (see [`spawn_tied`]): an interrupted `cargo test` takes its
+//!   masters with it, and their workers follow by their own PDEATHSIG.
+//! - **The binary under test is the one just built.** [`binary`] finds it
+//!   beside the test executable (so `CARGO_TARGET_DIR`, `--release` and
+//!   cargo-mutants' scratch copies all work), and refuses to run one that is
+//!   older than the sources it is built from.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 /// How long any one condition may take before the test fails. Generous: the
 /// tests must pass on a slow, busy 2-core machine; they are not benchmarks.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
-/// The demo binary under test.
+/// The demo binary under test: RESPAWN_BIN if set, else the `respawn`
+/// beside this test executable. Panics, saying what to run, if it is
+/// missing or older than any of its sources.
 pub fn binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("RESPAWN_BIN") {
-        return path.into();
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let found = BINARY.get_or_init(|| {
+        if let Some(path) = std::env::var_os("RESPAWN_BIN") {
+            // Chosen by hand: whatever it was built from is not ours to judge.
+            return Ok(path.into());
+        }
+        let path = default_binary();
+        check_fresh(&path, &workspace())?;
+        Ok(path)
+    });
+    match found {
+        Ok(path) => path.clone(),
+        Err(why) => panic!("{why}"),
     }
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/respawn");
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with 'make test', which builds it first",
-        path.display()
-    );
-    path
+}
+
+/// The root of the workspace the tests were compiled in (a cargo-mutants
+/// scratch copy, when run from one).
+pub fn workspace() -> PathBuf {
+    let tests = Path::new(env!("CARGO_MANIFEST_DIR"));
+    tests.parent().unwrap_or(tests).to_path_buf()
+}
+
+/// Where cargo put the binary of the build this test belongs to. A test
+/// executable is `<target>/<profile>/deps/<name>-<hash>`, and the binaries
+/// of the same build are in `<target>/<profile>`: that follows
+/// CARGO_TARGET_DIR, `--release`, `--target` and scratch copies, which a
+/// path fixed at compile time would not.
+fn default_binary() -> PathBuf {
+    let beside_me = std::env::current_exe().ok().and_then(|exe| {
+        let deps = exe.parent()?;
+        (deps.file_name()? == "deps").then(|| deps.parent().map(|p| p.join("respawn")))?
+    });
+    beside_me.unwrap_or_else(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace().join("target"));
+        target.join("debug/respawn")
+    })
+}
+
+const BUILD_IT: &str = "run 'make test', which builds it \
+    (or 'cargo build -p respawn-master --features demo --bin respawn'; \
+    RESPAWN_BIN=path tests another binary)";
+
+/// Fails, saying what to run, when `bin` is missing or older than one of
+/// the workspace sources it is built from.
+fn check_fresh(bin: &Path, workspace: &Path) -> Result<(), String> {
+    let shown = |path: &Path| path.strip_prefix(workspace).unwrap_or(path).display().to_string();
+    let built = std::fs::metadata(bin)
+        .and_then(|m| m.modified())
+        .map_err(|err| format!("{} is missing ({err}): {BUILD_IT}", shown(bin)))?;
+    match newest(&sources(bin, workspace)) {
+        Some((source, changed)) if changed > built => Err(format!(
+            "{} is older than {}: {BUILD_IT}",
+            shown(bin),
+            shown(&source)
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The workspace files the binary is built from: the list cargo wrote
+/// beside it (`respawn.d`, written by `cargo build`), else every `.rs` file
+/// of the three crates it links. The list is better: a file not yet in the
+/// module tree changes nothing cargo would rebuild for.
+fn sources(bin: &Path, workspace: &Path) -> Vec<PathBuf> {
+    if let Ok(depinfo) = std::fs::read_to_string(bin.with_extension("d")) {
+        let listed: Vec<PathBuf> = depinfo
+            .split_once(": ")
+            .map(|(_, deps)| deps.replace("\\ ", "\u{0}"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(|dep| PathBuf::from(dep.replace('\u{0}', " ")))
+            .filter(|dep| dep.starts_with(workspace))
+            .collect();
+        if !listed.is_empty() {
+            return listed;
+        }
+    }
+    let mut found = Vec::new();
+    for krate in ["master/src", "worker/src", "ipc/src"] {
+        rust_files(&workspace.join(krate), &mut found);
+    }
+    found
+}
+
+fn rust_files(dir: &Path, found: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for path in entries.filter_map(|e| Some(e.ok()?.path())) {
+        if path.is_dir() {
+            rust_files(&path, found);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            found.push(path);
+        }
+    }
+}
+
+/// The most recently modified of `paths` (those that exist).
+fn newest(paths: &[PathBuf]) -> Option<(PathBuf, SystemTime)> {
+    paths
+        .iter()
+        .filter_map(|p| Some((p.clone(), std::fs::metadata(p).ok()?.modified().ok()?)))
+        .max_by_key(|&(_, modified)| modified)
+}
+
+/// Spawns `command` tied to the test process: the child gets SIGKILL when
+/// the test process dies, however it dies (an interrupted `cargo test`, a
+/// SIGKILL), so no master outlives a run.
+///
+/// PR_SET_PDEATHSIG fires when the *thread* that forked exits, not the
+/// process, and libtest runs each test on a thread of its own that ends
+/// with the test. So the fork happens on one thread that lives as long as
+/// the test binary, and a master started by a test lives until the test
+/// drops it, even if the test hands it to another thread.
+pub fn spawn_tied(mut command: Command) -> std::io::Result<Child> {
+    type Job = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in queue {
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("starting the thread that spawns masters");
+        jobs
+    });
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: prctl and getppid are async-signal-safe, as pre_exec requires,
+    // and the closure touches no memory but its own copy of `parent`.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The test process may have died before the prctl: then no
+            // signal will come, and nobody is left to want this process.
+            // (An error that allocates nothing: this runs between fork and
+            // exec, where another thread may have held the allocator's lock.)
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    let (reply, answer) = mpsc::channel();
+    spawner
+        .send((command, reply))
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
 }
 
 /// A running master, started in its own process group; dropping it kills
@@ -73,8 +232,8 @@ impl Respawn {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let mut child = command.spawn().expect("starting the respawn binary");
+        command.process_group(0);
+        let mut child = spawn_tied(command).expect("starting the respawn binary");
         let log = Arc::new(Log::default());
         let stderr = child.stderr.take().expect("stderr is piped");
         let writer = Arc::clone(&log);
@@ -152,6 +311,18 @@ impl Respawn {
         self.log().iter().filter(|l| l.contains(needle)).count()
     }
 
+    /// How many log lines say exactly `message` (after the timestamp and
+    /// level): whole lines, so that `worker 12 ready` is not also counted
+    /// in `rolling restart: stopping worker 12, its replacement is ready`.
+    pub fn count_lines(&self, message: &str) -> usize {
+        self.log().iter().filter(|l| says(l, message)).count()
+    }
+
+    /// Waits for a log line that says exactly `message`, and returns it.
+    pub fn wait_for_line(&self, message: &str) -> String {
+        self.wait_for_log(&format!("{message:?}"), |l| says(l, message))
+    }
+
     /// The master's live children (zombies excluded), from /proc.
     pub fn workers(&self) -> BTreeSet<i32> {
         children(self.pid)
@@ -181,7 +352,7 @@ impl Respawn {
                 && self.zombies().is_empty()
                 && last
                     .iter()
-                    .all(|pid| log.iter().any(|l| l.ends_with(&format!("worker {pid} ready"))))
+                    .all(|&pid| log.iter().any(|l| worker_says(l, "ready") == Some(pid)))
         });
         assert!(
             settled,
@@ -382,6 +553,30 @@ fn stat(pid: i32) -> Option<(char, i32)> {
     Some((state, ppid))
 }
 
+/// A log line without its `[timestamp LEVEL] ` prefix: what the master said.
+pub fn message(line: &str) -> &str {
+    match line.strip_prefix('[') {
+        Some(rest) => rest.split_once("] ").map_or(line, |(_, message)| message),
+        None => line,
+    }
+}
+
+/// Does `line` say exactly `expected`?
+pub fn says(line: &str, expected: &str) -> bool {
+    message(line) == expected
+}
+
+/// The pid of a line that says `worker <pid> <rest>` (`rest` ending the
+/// line, after one space), as in `worker_says(line, "ready")`.
+pub fn worker_says(line: &str, rest: &str) -> Option<i32> {
+    let after = message(line).strip_prefix("worker ")?;
+    let (pid, tail) = after.split_once(' ')?;
+    if tail != rest || pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
 /// The pid in a log line of the form `... worker <pid> <what>`.
 pub fn worker_pid(line: &str) -> Option<i32> {
     let after = &line[line.find("worker ")? + "worker ".len()..];
@@ -409,8 +604,8 @@ pub fn run_command_to_exit(mut command: Command) -> (ExitStatus, String) {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    std::os::unix::process::CommandExt::process_group(&mut command, 0);
-    let mut child = command.spawn().expect("starting the respawn binary");
+    command.process_group(0);
+    let mut child = spawn_tied(command).expect("starting the respawn binary");
     let pid = child.id() as i32;
     let mut status = None;
     wait_until(PATIENCE, || {
@@ -432,4 +627,88 @@ pub fn run_command_to_exit(mut command: Command) -> (ExitStatus, String) {
 /// Can `addr` be bound again (nothing holds the port any more)?
 pub fn port_is_free(addr: SocketAddr) -> bool {
     std::net::TcpListener::bind(addr).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+
+    #[test]
+    fn a_message_is_the_line_without_timestamp_and_level() {
+        let line = "[2026-11-25T18:39:57.419Z INFO ] worker 1239 ready";
+        assert_eq!(message(line), "worker 1239 ready");
+        assert!(says(line, "worker 1239 ready"));
+        assert_eq!(worker_says(line, "ready"), Some(1239));
+        let stopping = "[2026-11-25T18:39:57.419Z INFO ] rolling restart: stopping worker \
+                        1239, its replacement is ready";
+        assert_eq!(worker_says(stopping, "ready"), None);
+        assert_eq!(worker_says("[t INFO ] worker 12 ready now", "ready"), None);
+        assert_eq!(worker_says("[t INFO ] worker x12 ready", "ready"), None);
+        assert_eq!(message("no prefix"), "no prefix");
+    }
+
+    /// An empty scratch workspace of this test's own.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("respawn-tests-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("master/src")).unwrap();
+        dir
+    }
+
+    fn file_at(path: &Path, seconds_ago: u64) {
+        let file = File::create(path).unwrap();
+        file.set_modified(SystemTime::now() - Duration::from_secs(seconds_ago))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_binary_older_than_a_source_is_refused_by_name() {
+        let dir = scratch("stale");
+        let bin = dir.join("target/debug/respawn");
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        file_at(&dir.join("master/src/old.rs"), 100);
+        file_at(&bin, 50);
+        assert_eq!(check_fresh(&bin, &dir), Ok(()));
+
+        file_at(&dir.join("master/src/new.rs"), 10);
+        let err = check_fresh(&bin, &dir).unwrap_err();
+        assert!(
+            err.starts_with("target/debug/respawn is older than master/src/new.rs: run 'make test'"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cargo_s_list_of_sources_wins_over_the_directories() {
+        let dir = scratch("depinfo");
+        let bin = dir.join("target/debug/respawn");
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        file_at(&dir.join("master/src/lib.rs"), 100);
+        // Not in the module tree yet: cargo would not rebuild for it.
+        file_at(&dir.join("master/src/draft.rs"), 10);
+        file_at(&bin, 50);
+        let lib = dir.join("master/src/lib.rs");
+        std::fs::write(
+            bin.with_extension("d"),
+            format!("{}: {} /elsewhere/registry/x.rs\n", bin.display(), lib.display()),
+        )
+        .unwrap();
+        assert_eq!(check_fresh(&bin, &dir), Ok(()));
+
+        file_at(&lib, 0);
+        let err = check_fresh(&bin, &dir).unwrap_err();
+        assert!(err.contains("older than master/src/lib.rs"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_binary_says_what_to_run() {
+        let dir = scratch("missing");
+        let err = check_fresh(&dir.join("target/debug/respawn"), &dir).unwrap_err();
+        assert!(err.starts_with("target/debug/respawn is missing ("), "{err}");
+        assert!(err.contains("run 'make test'"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

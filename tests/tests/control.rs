@@ -36,24 +36,38 @@ fn hup_replaces_every_worker_without_failing_a_request() {
         "every old worker replaced: {old:?} -> {new:?}"
     );
     assert!(old.iter().all(|&pid| !alive(pid)), "old workers gone");
-    // Never fewer than N ready: each old worker is asked to stop only after
-    // a new one said Ready, and at most one new worker starts at a time.
-    let log = respawn.log();
-    let hup = position(&log, |l| l.contains("received SIGHUP")).unwrap();
-    let mut ready_new = 0;
-    for line in &log[hup..] {
-        if line.ends_with(" ready") {
-            ready_new += 1;
-        }
-        if line.contains("rolling restart: stopping worker") {
+    // Never fewer than N ready: an old worker is asked to stop only once a
+    // new one said Ready. Replay the master's view from its whole lines:
+    // who is ready, and who has been asked to stop or has exited.
+    let mut ready = std::collections::BTreeSet::new();
+    let mut stops = 0;
+    for line in respawn.log() {
+        if let Some(pid) = worker_says(&line, "ready") {
+            ready.insert(pid);
+        } else if let Some(pid) = message(&line)
+            .strip_prefix("rolling restart: stopping worker ")
+            .and_then(|rest| rest.strip_suffix(", its replacement is ready"))
+        {
+            let pid: i32 = pid.parse().expect("a pid");
             assert!(
-                ready_new >= 1,
-                "an old worker stopped before its replacement was ready\n{}",
+                ready.len() > 2 && ready.contains(&pid),
+                "worker {pid} was asked to stop with {ready:?} ready, not 2 besides it\n{}",
                 respawn.dump()
             );
-            ready_new -= 1;
+            ready.remove(&pid);
+            stops += 1;
+        } else if let Some(pid) = exited_pid(&line) {
+            ready.remove(&pid);
         }
     }
+    assert_eq!(stops, 2, "one stop per old worker\n{}", respawn.dump());
+}
+
+/// The pid of a `worker <pid> exited (...)` line, however it goes on.
+fn exited_pid(line: &str) -> Option<i32> {
+    let rest = message(line).strip_prefix("worker ")?;
+    let (pid, how) = rest.split_once(' ')?;
+    how.starts_with("exited (").then(|| pid.parse().ok())?
 }
 
 #[test]

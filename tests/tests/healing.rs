@@ -122,9 +122,22 @@ fn crash_storm_keeps_exactly_n() {
     }
 
     respawn.wait_for_workers(2);
-    assert!(wait_until(PATIENCE, || respawn.count_log(") exited (")
-        + respawn.count_log(" exited (")
-        >= CRASHES));
+    // Every crashed worker exited with the panic's code and said why; each
+    // counted once, by whole lines.
+    let crashed = || {
+        respawn
+            .log()
+            .iter()
+            .filter_map(|l| worker_says(l, "exited (code 70: panicked: crash requested by GET /crash)"))
+            .collect::<std::collections::BTreeSet<i32>>()
+    };
+    assert!(
+        wait_until(PATIENCE, || crashed().len() >= CRASHES),
+        "{} of {CRASHES} crashed workers exited with code 70\n{}",
+        crashed().len(),
+        respawn.dump()
+    );
+    assert_eq!(crashed().len(), CRASHES, "{}", respawn.dump());
     // The article's master replaced a worker on its suicide *and* on its
     // exit: 2 + 2 x 30 forks, and a pool that grows with every crash.
     assert_eq!(
@@ -166,6 +179,54 @@ fn crash_storm_loses_no_request() {
     respawn.wait_for_workers(2);
 }
 
+/// The pipes a process holds: (fd, pipe inode, whether it is the write end).
+fn pipes(pid: i32) -> Vec<(i32, u64, bool)> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|err| panic!("listing /proc/{pid}/fd: {err}"));
+    fds.filter_map(|entry| {
+        let entry = entry.ok()?;
+        let fd: i32 = entry.file_name().to_str()?.parse().ok()?;
+        let target = std::fs::read_link(entry.path()).ok()?;
+        let inode = target
+            .to_str()?
+            .strip_prefix("pipe:[")?
+            .strip_suffix(']')?
+            .parse()
+            .ok()?;
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?.trim();
+        let flags = u32::from_str_radix(flags, 8).ok()?;
+        Some((fd, inode, flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32))
+    })
+    .collect()
+}
+
+/// The /proc path of `worker`'s end of its pipe to `master`: the pipe the
+/// worker writes and the master reads. A pipe inherited from whoever
+/// started the test (cargo's jobserver, say) is held by the master and the
+/// worker as well, but by this process too, so it is left out; and the
+/// answer must be unique, or the test would pick one at random.
+fn pipe_to_master(worker: i32, master: i32) -> std::path::PathBuf {
+    let ours: Vec<u64> = pipes(std::process::id() as i32).iter().map(|p| p.1).collect();
+    let masters = pipes(master);
+    let candidates: Vec<i32> = pipes(worker)
+        .into_iter()
+        .filter(|&(_, inode, writes)| {
+            writes
+                && !ours.contains(&inode)
+                && masters.iter().any(|&(_, m, m_writes)| m == inode && !m_writes)
+        })
+        .map(|(fd, _, _)| fd)
+        .collect();
+    assert_eq!(
+        candidates.len(),
+        1,
+        "worker {worker} writes exactly one pipe that master {master} reads: {:?} / {masters:?}",
+        pipes(worker)
+    );
+    format!("/proc/{worker}/fd/{}", candidates[0]).into()
+}
+
 #[test]
 fn malformed_ipc_replaces_the_worker() {
     let respawn = Respawn::with_workers(2, &[]);
@@ -174,21 +235,11 @@ fn malformed_ipc_replaces_the_worker() {
 
     // Write garbage into the victim's pipe to the master, through the pipe's
     // entry in /proc: to the master it looks as if the worker wrote it.
-    let pipe = std::fs::read_dir(format!("/proc/{victim}/fd"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-                .is_some_and(|fd| fd > 2)
-        })
-        .find(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("pipe:")))
-        .expect("the worker's pipe");
+    let pipe = pipe_to_master(victim, respawn.pid);
     let mut writer = std::fs::OpenOptions::new()
         .write(true)
-        .open(pipe.path())
-        .expect("opening the pipe");
+        .open(&pipe)
+        .unwrap_or_else(|err| panic!("opening {}: {err}", pipe.display()));
     std::io::Write::write_all(&mut writer, b"GET / HTTP/1.1\r\n").unwrap();
     drop(writer);
 

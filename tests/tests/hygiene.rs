@@ -116,11 +116,34 @@ fn status_field(pid: i32, name: &str) -> String {
         .to_owned()
 }
 
+/// Makes this process the reaper of orphans among its descendants (or
+/// stops it being one), so that it can see how they end.
+fn reap_orphans(on: bool) {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes a plain integer; no memory.
+    let done = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, libc::c_ulong::from(on), 0, 0, 0) };
+    assert_eq!(done, 0, "prctl: {}", std::io::Error::last_os_error());
+}
+
+/// How a child of this process ended, once it has: waits up to
+/// [`PATIENCE`]. None if it did not end (or never became a child of ours).
+fn wait_for_child(pid: i32) -> Option<libc::c_int> {
+    let mut status = 0;
+    let ended = wait_until(PATIENCE, || {
+        // SAFETY: waitpid writes only into `status`, which outlives the call.
+        unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) == pid }
+    });
+    ended.then_some(status)
+}
+
 #[test]
 fn workers_start_clean_named_and_tied_to_the_master() {
-    let respawn = Respawn::with_workers(2, &[]);
+    // An orphaned worker is reparented to us rather than to init: we can
+    // then reap it and see what killed it.
+    reap_orphans(true);
+    let mut respawn = Respawn::with_workers(2, &[]);
+    let workers = respawn.wait_for_workers(2);
     let mut names = Vec::new();
-    for worker in respawn.wait_for_workers(2) {
+    for &worker in &workers {
         // The master blocks CHLD, TERM, QUIT and INT for its signalfd; a
         // worker must not inherit that mask.
         assert_eq!(
@@ -149,4 +172,18 @@ fn workers_start_clean_named_and_tied_to_the_master() {
     }
     names.sort();
     assert_eq!(names, ["worker 0", "worker 1"]);
+
+    // Tied: when the master dies, the kernel kills each worker with SIGKILL
+    // (PR_SET_PDEATHSIG). Not a worker that noticed and left on its own: the
+    // signal says who did it.
+    respawn.signal(libc::SIGKILL);
+    respawn.wait_exit();
+    for &worker in &workers {
+        let status = wait_for_child(worker);
+        assert!(
+            status.is_some_and(|s| libc::WIFSIGNALED(s) && libc::WTERMSIG(s) == libc::SIGKILL),
+            "worker {worker} killed by SIGKILL when its master died: {status:?}"
+        );
+    }
+    reap_orphans(false);
 }

@@ -53,6 +53,16 @@ fn term_lets_in_flight_requests_finish() {
         workers.iter().all(|&pid| !alive(pid)),
         "workers left: {workers:?}"
     );
+    // A graceful stop is a clean exit for each worker too: code 0, not a
+    // worker that fell out of accept() with an error (code 3).
+    for pid in &workers {
+        assert_eq!(
+            respawn.count_lines(&format!("worker {pid} exited (code 0)")),
+            1,
+            "worker {pid} stopped cleanly\n{}",
+            respawn.dump()
+        );
+    }
     assert!(port_is_free(respawn.addr), "the port is free again");
 }
 
