@@ -351,7 +351,7 @@ fn a_log_pipe_nobody_reads_never_stalls_the_service() {
         .stderr(std::process::Stdio::piped())
         .process_group(0);
     let mut master = Unread {
-        child: command.spawn().expect("starting respawn"),
+        child: spawn_tied(command).expect("starting respawn"),
     };
     let pid = master.child.id() as i32;
     assert!(wait_until(PATIENCE, || get(addr, "/").is_ok_and(|r| r.status == 200)));
