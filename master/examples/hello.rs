@@ -22,8 +22,12 @@ impl respawn_worker::Service for Hello {
 }
 
 fn main() {
-    // The library logs through the `log` crate; show its lines on stderr.
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // The library logs through the `log` crate; show its lines on stderr,
+    // through the library's log writer, which never blocks the master (a
+    // full stderr pipe drops lines and says how many, instead of stalling).
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Pipe(Box::new(respawn_master::log_writer())))
+        .init();
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:8080".to_owned());

@@ -47,8 +47,22 @@
 //! }
 //! ```
 //!
-//! The same program is `examples/hello.rs`:
-//! `cargo run -p respawn-master --example hello`.
+//! `examples/hello.rs` is this program grown a little (an address from the
+//! command line, logging, exit codes):
+//! `cargo run -p respawn-master --example hello -- 127.0.0.1:0`.
+//!
+//! # Logging
+//!
+//! The library logs through the `log` crate and writes nothing to stderr by
+//! itself: the program's logger does. A logger that writes to stderr itself
+//! blocks the master when nobody reads stderr (a stalled journald, a full
+//! pipe), and a blocked master reaps, replaces and kills nothing. Point the
+//! logger at [`log_writer`] instead: each line is queued (at most 256 KiB)
+//! and written by the master's loop only when stderr is writable; lines that
+//! do not fit are dropped whole, and the next line out says how many. With
+//! env_logger:
+//! `.target(env_logger::Target::Pipe(Box::new(respawn_master::log_writer())))`.
+//! In workers, the same writer writes at once without blocking, and drops.
 //!
 //! The worker side is any function of a [`Handoff`]; `respawn-worker` is one
 //! (a blocking accept loop that survives panics), and this crate does not
@@ -56,15 +70,24 @@
 //!
 //! # What the master does to the process
 //!
-//! - It sets CHLD, TERM, QUIT, INT, HUP, TTIN and TTOU to their default
-//!   action (an ignored signal never reaches a signalfd), blocks them for the
-//!   calling thread and reads them from a signalfd. Dispositions and mask are
-//!   restored when `run` returns; the mask also in every worker before your
-//!   function runs, where HUP, TTIN and TTOU are ignored (they steer the
-//!   master only).
-//! - It maps a small shared-memory scoreboard before the first fork, one
-//!   row per worker slot, for the hung-worker check; the mapping stays for
-//!   the life of the process.
+//! - It blocks every signal but KILL, STOP and the fault signals (SEGV,
+//!   BUS, FPE, ILL, TRAP, SYS, ABRT), sets their dispositions to default (an
+//!   ignored signal never reaches a signalfd), and reads them from a
+//!   signalfd: a signal it has no use for is a log line, never the end of
+//!   the service. Dispositions and mask are restored when `run` returns
+//!   (signals that arrived after its last turn are read and dropped first),
+//!   and in every worker before your function runs, where HUP, TTIN and TTOU
+//!   are ignored (they steer the master only) and TERM and QUIT stay blocked:
+//!   unblock them once your worker handles them (`respawn-worker` does).
+//! - It maps a shared-memory scoreboard before the first fork, one row per
+//!   worker slot that can be in use at once (8,193 rows, 1.5 MiB of address
+//!   space, touched only where used), for the hung-worker check; the mapping
+//!   stays for the life of the process.
+//! - It makes the listener blocking (the workers' accept sleeps) and sets
+//!   TCP_DEFER_ACCEPT on it, so connections that send nothing wake no worker.
+//! - It keeps its own fds (a pipe per worker) at or above one past the
+//!   highest fd open when `run` starts; each worker closes them with one
+//!   `close_range` and inherits the program's other fds as they are.
 //! - It reaps every child of the process (`waitpid(-1)`): do not run other
 //!   children of your own beside it.
 //! - It refuses to start if the process already runs other threads: `fork`

@@ -76,3 +76,31 @@ fn listen_on(addr: SocketAddr) -> io::Result<TcpListener> {
     socket::listen(&fd, Backlog::new(BACKLOG)?)?;
     Ok(TcpListener::from(fd))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_is_made_blocking_and_deferred() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding a test listener");
+        listener.set_nonblocking(true).expect("making it non-blocking");
+        prepare(&listener).expect("preparing it");
+        let flags = nix::fcntl::fcntl(&listener, nix::fcntl::FcntlArg::F_GETFL).expect("F_GETFL");
+        assert_eq!(flags & libc::O_NONBLOCK, 0, "blocking again");
+        let mut secs: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `secs`.
+        let rc = unsafe {
+            libc::getsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                std::ptr::addr_of_mut!(secs).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        assert!(secs > 0, "TCP_DEFER_ACCEPT is set ({secs})");
+    }
+}

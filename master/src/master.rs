@@ -55,6 +55,11 @@ pub(crate) const MAX_WORKERS: usize = 4096;
 /// used (192 bytes each, 1.5 MiB of address space in all).
 const SCOREBOARD_ROWS: usize = 2 * MAX_WORKERS + 1;
 
+// Slots are the lowest free ones, so a slot is always below the number of
+// live workers, which `manage_workers` keeps at most twice the target plus
+// one: every worker has a row.
+const _: () = assert!(SCOREBOARD_ROWS > 2 * MAX_WORKERS);
+
 pub(crate) struct Master<W> {
     config: Config,
     listener: TcpListener,
