@@ -13,6 +13,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// A uid of its own for this test run: RLIMIT_NPROC counts every process of
+/// a uid, so two runs at once (CI beside a mutants run) must not share one.
+fn own_uid(offset: u32) -> u32 {
+    40_000 + (std::process::id() % 10_000) * 2 + offset
+}
+
 /// Runs the master as `uid` (no privileges: limits apply) with `resource`
 /// lowered to `limit` for it.
 fn unprivileged(command: &mut Command, uid: u32, resource: libc::__rlimit_resource_t, limit: u64) {
@@ -38,8 +44,9 @@ fn failed_fork_keeps_the_workers_and_recovers() {
     // Two workers and the master are all the processes uid 42001 may have:
     // the replacement of a crashed worker cannot be forked until the crashed
     // one has left.
+    let uid = own_uid(0);
     let respawn = Respawn::start_with(&["--workers", "2"], |command| {
-        unprivileged(command, 42001, libc::RLIMIT_NPROC, 3)
+        unprivileged(command, uid, libc::RLIMIT_NPROC, 3)
     });
     let before = respawn.wait_for_workers(2);
     let mut crashes = 0;
@@ -49,8 +56,10 @@ fn failed_fork_keeps_the_workers_and_recovers() {
     }
     let line = respawn.wait_for_log("the failed fork", |l| l.contains("starting a worker in slot"));
     assert!(
-        line.contains(": fork failed: resource temporarily unavailable (the limit on processes of uid 42001, RLIMIT_NPROC (ulimit -u), is 3")
-            && line.contains("of 2 workers running, retrying in"),
+        line.contains(&format!(
+            ": fork failed: resource temporarily unavailable (the limit on processes of uid {uid}, \
+             RLIMIT_NPROC (ulimit -u), is 3"
+        )) && line.contains("of 2 workers running, retrying in"),
         "the line names the limit and its value: {line}"
     );
     respawn.wait_for_log("the recovery", |l| {
@@ -66,7 +75,7 @@ fn failed_fork_keeps_the_workers_and_recovers() {
 #[test]
 fn ttin_past_the_open_file_limit_is_refused_with_a_line() {
     let respawn = Respawn::start_with(&["--workers", "2"], |command| {
-        unprivileged(command, 42002, libc::RLIMIT_NOFILE, 32)
+        unprivileged(command, own_uid(1), libc::RLIMIT_NOFILE, 32)
     });
     respawn.wait_for_workers(2);
     let mut wanted = 2;
