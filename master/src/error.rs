@@ -7,7 +7,7 @@ use std::{fmt, io};
 #[non_exhaustive]
 pub enum Error {
     /// A system call failed; `context` says what the master was doing,
-    /// as in "binding 127.0.0.1:80" or "forking worker 3".
+    /// as in "binding 127.0.0.1:80" or "creating the epoll instance".
     Io { context: String, source: io::Error },
     /// The process already runs other threads, and fork would copy one.
     Threads { count: usize },

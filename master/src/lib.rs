@@ -70,8 +70,8 @@
 //!
 //! # What the master does to the process
 //!
-//! - It blocks every signal but KILL, STOP and the fault signals (SEGV,
-//!   BUS, FPE, ILL, TRAP, SYS, ABRT), sets their dispositions to default (an
+//! - It blocks every signal but KILL, STOP, TSTP and CONT (job control) and
+//!   the fault signals (SEGV, BUS, FPE, ILL, TRAP, SYS, ABRT), sets their dispositions to default (an
 //!   ignored signal never reaches a signalfd), and reads them from a
 //!   signalfd: a signal it has no use for is a log line, never the end of
 //!   the service. Dispositions and mask are restored when `run` returns
@@ -128,8 +128,10 @@ use std::net::TcpListener;
 /// SIGQUIT: graceful, SIGINT: at once) once every worker is gone. Returns
 /// [`Error::GaveUp`], once every worker has stopped, if workers kept failing
 /// (see [`Config::restart_limit`]). Returns another error, with every worker
-/// killed and reaped, if the master itself cannot go on (it runs in a
-/// multi-threaded process, or cannot fork).
+/// killed and reaped, if the master itself cannot go on: it runs in a
+/// multi-threaded process, or its epoll or signalfd fails. A fork that fails
+/// is not such an error: the master logs it, keeps the workers it has, and
+/// retries.
 pub fn run<W>(listener: TcpListener, config: Config, worker: W) -> Result<(), Error>
 where
     W: FnMut(Handoff) -> i32,

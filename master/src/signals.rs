@@ -35,10 +35,16 @@ pub(crate) type Signo = i32;
 /// The highest signal number on Linux.
 const LAST: Signo = 64;
 
-/// Signals whose default action is the right one even in the master.
-const UNTOUCHED: [Signo; 9] = [
+/// Signals whose default action is the right one even in the master. TSTP
+/// and CONT are job control: Ctrl-Z stops the master and its workers
+/// together, as it stops any program, and `fg` (CONT) resumes them; taken
+/// here, Ctrl-Z would stop the workers and leave the master running, with
+/// the terminal never given back. Neither kills.
+const UNTOUCHED: [Signo; 11] = [
     libc::SIGKILL,
     libc::SIGSTOP,
+    libc::SIGTSTP,
+    libc::SIGCONT,
     libc::SIGSEGV,
     libc::SIGBUS,
     libc::SIGFPE,

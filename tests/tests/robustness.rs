@@ -149,12 +149,15 @@ fn clients_cannot_pile_up_retiring_workers() {
 }
 
 /// Every catchable signal that has no meaning for respawn: all of 1 to 64
-/// but KILL and STOP (uncatchable), the fault signals (a faulting master must
-/// die), and those the master acts on.
+/// but KILL and STOP (uncatchable), TSTP and CONT (job control, which stops
+/// and resumes), the fault signals (a faulting master must die), and those
+/// the master acts on.
 fn meaningless_signals() -> Vec<i32> {
     let meaningful = [
         libc::SIGKILL,
         libc::SIGSTOP,
+        libc::SIGTSTP,
+        libc::SIGCONT,
         libc::SIGSEGV,
         libc::SIGBUS,
         libc::SIGFPE,
@@ -366,7 +369,7 @@ fn a_log_pipe_nobody_reads_never_stalls_the_service() {
     assert!(wait_until(PATIENCE, || get(addr, "/").is_ok_and(|r| r.status == 200)));
 
     // About 5 log lines a crash and 2 a request, 100 bytes each: ten times
-    // what the pipe (64 KiB) and the master's buffer (64 KiB) hold.
+    // what the pipe (64 KiB) and the master's buffer (256 KiB) hold.
     for i in 0..1000 {
         let crash = get(addr, "/crash").map(|r| r.status);
         let plain = get(addr, "/").map(|r| r.status);
