@@ -8,6 +8,14 @@ use std::net::TcpListener;
 use std::os::fd::OwnedFd;
 
 /// What a freshly forked worker receives from its master.
+///
+/// The worker process starts with SIGTERM and SIGQUIT **blocked**: a master
+/// forks it so, so that a stop request sent before the worker can handle
+/// one is held pending rather than killing it (TERM's default action) or
+/// dumping its core (QUIT's). `respawn_worker::run` installs its handler and
+/// then unblocks both; a worker function of your own must do the same once
+/// it handles them (`SigSet::thread_unblock` in nix, `pthread_sigmask`),
+/// or it never hears a stop request and is killed at the graceful timeout.
 pub struct Handoff {
     /// The worker's slot, 0-based: a small stable number for logs and the
     /// process name ("worker 3"). A replacement takes a free slot.
