@@ -272,6 +272,41 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_never_splits_a_character() {
+        // 239 ASCII bytes then a 3-byte character: byte 240 is inside it.
+        let reason = format!("{}€ and more", "x".repeat(MAX_REASON - 1));
+        assert_eq!(Message::suicide(&reason), suicide(&"x".repeat(MAX_REASON - 1)));
+        let frame = suicide(&reason).encode();
+        assert_eq!(frame.len(), HEADER_LEN + MAX_REASON - 1);
+        assert_eq!(frame[2..4], ((MAX_REASON - 1) as u16).to_le_bytes());
+        assert_eq!(
+            decode(&frame),
+            Ok(Some((suicide(&"x".repeat(MAX_REASON - 1)), frame.len())))
+        );
+
+        // 238 ASCII bytes then the same character: it ends exactly at 241,
+        // so it goes; 237 then it: it ends at 240 and stays.
+        let ends_past = format!("{}€", "x".repeat(MAX_REASON - 2));
+        assert_eq!(Message::suicide(&ends_past), suicide(&"x".repeat(MAX_REASON - 2)));
+        let fits = format!("{}€", "x".repeat(MAX_REASON - 3));
+        assert_eq!(Message::suicide(&fits), suicide(&fits));
+
+        // Exactly MAX_REASON bytes is kept whole; one more is cut.
+        let exact = "y".repeat(MAX_REASON);
+        assert_eq!(Message::suicide(&exact), suicide(&exact));
+        assert_eq!(Message::suicide(&format!("{exact}z")), suicide(&exact));
+    }
+
+    #[test]
+    fn frames_are_laid_out_as_documented() {
+        assert_eq!(*Message::Ready.encode(), [VERSION, KIND_READY, 0, 0]);
+        assert_eq!(*suicide("ab").encode(), [VERSION, KIND_SUICIDE, 2, 0, b'a', b'b']);
+        let long = suicide(&"r".repeat(MAX_REASON)).encode();
+        assert_eq!(long[..4], [VERSION, KIND_SUICIDE, MAX_REASON as u8, 0]);
+        assert_eq!((VERSION, KIND_READY, KIND_SUICIDE), (1, 1, 2));
+    }
+
+    #[test]
     fn truncated_frames_need_more() {
         let frame = suicide("panicked: boom").encode();
         for end in 0..frame.len() {
