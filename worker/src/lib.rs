@@ -14,9 +14,9 @@
 //!   be lost, even when it lands just before `accept(2)`, is the subject of
 //!   [`stop`].
 //! - **A panic** in [`Service::serve`]: the worker stops accepting, tells the
-//!   master (`Suicide`, so the replacement starts now), only then logs the
-//!   panic, lets [`Service::recover`] answer the client (a 500, say), and
-//!   returns non-zero. A process that panicked is not trusted to serve
+//!   master (`Suicide`, so the replacement starts now), lets
+//!   [`Service::recover`] answer the client (a 500, say), only then logs
+//!   the panic, and returns non-zero. A process that panicked is not trusted to serve
 //!   again. This is Node's `uncaughtException` handler with its `suicide`
 //!   message, in [`mod@panic`].
 //!
@@ -195,9 +195,11 @@ pub fn run_with<S: Service>(handoff: Handoff, mut service: S, config: &Config) -
             if !last {
                 retire(&channel, &format!("panicked: {}", panic.message));
             }
-            // Only now: a log that blocks can no longer hold up the handover.
+            let again = panic::catch(|| service.recover(&mut conn, &panic.message)).err();
+            // Only now: a log that blocks can hold up neither the handover
+            // nor the client's answer.
             panic.log();
-            if let Err(again) = panic::catch(|| service.recover(&mut conn, &panic.message)) {
+            if let Some(again) = again {
                 again.log();
             }
             return exit_code::PANICKED;
@@ -293,7 +295,7 @@ fn splitmix64(seed: u64) -> u64 {
 mod tests {
     use super::*;
     use crate::testkit::{
-        global, in_syscall, logged, logged_with_pipe, pipe_bytes, signal_thread, tid, watch, Watchdog,
+        global, in_syscall, logged, logged_lines, mark, pipe_bytes, signal_thread, tid, watch, Watchdog,
     };
     use respawn_ipc::scoreboard::Scoreboard;
     use respawn_ipc::Decoder;
@@ -349,6 +351,7 @@ mod tests {
 
         fn recover(&mut self, conn: &mut TcpStream, panic: &str) {
             let _ = write!(conn, "recovered from {panic}");
+            mark();
             if self.recover_panics {
                 panic!("again");
             }
@@ -491,15 +494,22 @@ mod tests {
         let suicide = Message::suicide("panicked: boom 2");
         assert_eq!(ran.messages, [Message::Ready, suicide.clone()]);
         assert_eq!(ran.answers, ["served 1 (pipe 4)", "recovered from boom 2"]);
-        let lines = logged_with_pipe();
+        let lines = logged_lines();
         assert_eq!(lines.len(), 1, "{lines:?}");
-        let (line, waiting) = &lines[0];
+        let line = &lines[0];
         let at = format!("ERROR worker {} panicked at {}:", pid(), file!());
-        assert!(line.starts_with(&at) && line.ends_with(": boom 2"), "{line}");
+        assert!(
+            line.text.starts_with(&at) && line.text.ends_with(": boom 2"),
+            "{line:?}"
+        );
         assert_eq!(
-            *waiting,
+            line.waiting,
             frame_len(&Message::Ready) + frame_len(&suicide),
             "the Suicide was in the pipe when the panic was logged"
+        );
+        assert_eq!(
+            line.marks, 1,
+            "the client was answered before the panic was logged"
         );
     }
 
@@ -514,15 +524,19 @@ mod tests {
         assert_eq!(ran.code, exit_code::PANICKED);
         let suicide = Message::suicide("panicked while starting: no config");
         assert_eq!(ran.messages, std::slice::from_ref(&suicide), "no Ready");
-        let lines = logged_with_pipe();
+        let lines = logged_lines();
         assert_eq!(lines.len(), 1, "{lines:?}");
-        let (line, waiting) = &lines[0];
+        let line = &lines[0];
+        let at = format!("ERROR worker {} panicked at {}:", pid(), file!());
         assert!(
-            line.starts_with(&format!("ERROR worker {} panicked at {}:", pid(), file!())),
-            "{line}"
+            line.text.starts_with(&at) && line.text.ends_with(": no config"),
+            "{line:?}"
         );
-        assert!(line.ends_with(": no config"), "{line}");
-        assert_eq!(*waiting, frame_len(&suicide));
+        assert_eq!(
+            line.waiting,
+            frame_len(&suicide),
+            "the Suicide was in the pipe when the panic was logged"
+        );
     }
 
     #[test]

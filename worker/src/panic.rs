@@ -10,8 +10,8 @@
 //!    queued connection is lost;
 //! 2. send `Suicide { reason }`: the master marks this worker Retiring and
 //!    forks its replacement now;
-//! 3. log `worker 4321 panicked at src/app.rs:76:25: <message>`;
-//! 4. answer the client of the failed request if it can, and exit.
+//! 3. answer the client of the failed request if it can;
+//! 4. log `worker 4321 panicked at src/app.rs:76:25: <message>`, and exit.
 //!
 //! Steps 1 and 2 are `retire` in the crate root, shared with the worker
 //! that retires after serving its share (`Config::max_requests`); this
@@ -26,9 +26,10 @@
 //! the Suicide is never sent, and the master never forks the replacement.
 //! So while the worker's own code runs a service call ([`catch`]), the hook
 //! only records the message and where it was raised, in memory; the worker
-//! sends Suicide first and logs the recorded line after. A blocked log can
-//! then still hold up the exit of a worker that already handed over, but
-//! never the handover.
+//! sends Suicide and answers its client first, and logs the recorded line
+//! last. A blocked log can then still hold up the exit of a worker that has
+//! handed over (a logger that never blocks is the embedder's to choose),
+//! but never the handover or the answer.
 //!
 //! A panic outside [`catch`] (in code of the embedder's around the worker,
 //! say) is logged by the hook at once, as a default hook would.

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 static GLOBAL: Mutex<()> = Mutex::new(());
 
 thread_local! {
-    /// This thread's log lines: `LEVEL message`, with the bytes waiting in
-    /// the watched pipe when each was logged.
-    static LINES: RefCell<Vec<(String, usize)>> = const { RefCell::new(Vec::new()) };
+    /// This thread's log lines.
+    static LINES: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+    /// How many times the code under test called [`mark`].
+    static MARKS: Cell<u32> = const { Cell::new(0) };
     /// The read end of a pipe whose unread bytes each line notes.
     static WATCHED: Cell<RawFd> = const { Cell::new(-1) };
 }
@@ -37,7 +38,13 @@ impl Log for ThreadLogger {
         let waiting = pipe_bytes(WATCHED.get());
         // Shown with the output of a test that fails.
         eprintln!("{line}");
-        LINES.with_borrow_mut(|lines| lines.push((line, waiting)));
+        LINES.with_borrow_mut(|lines| {
+            lines.push(Line {
+                text: line,
+                waiting,
+                marks: MARKS.get(),
+            })
+        });
     }
 
     fn flush(&self) {}
@@ -58,6 +65,23 @@ pub fn pipe_bytes(fd: RawFd) -> usize {
     }
 }
 
+/// A log line as the test logger kept it.
+#[derive(Clone, Debug)]
+pub struct Line {
+    /// `LEVEL message`.
+    pub text: String,
+    /// Bytes waiting in the pipe [`watch`] named when it was logged.
+    pub waiting: usize,
+    /// [`mark`]s made on this thread before it was logged.
+    pub marks: u32,
+}
+
+/// Notes that something happened, so that a test can tell whether a line
+/// was logged before or after it.
+pub fn mark() {
+    MARKS.set(MARKS.get() + 1);
+}
+
 static LOGGER: Once = Once::new();
 
 /// Holds the process-wide worker state for one test: the stop flag is
@@ -67,6 +91,7 @@ pub fn global() -> MutexGuard<'static, ()> {
     init_logger();
     crate::stop::reset();
     LINES.with_borrow_mut(Vec::clear);
+    MARKS.set(0);
     guard
 }
 
@@ -79,12 +104,11 @@ fn init_logger() {
 
 /// The lines this thread logged (`ERROR worker 4321 ...`).
 pub fn logged() -> Vec<String> {
-    LINES.with_borrow(|lines| lines.iter().map(|(line, _)| line.clone()).collect())
+    LINES.with_borrow(|lines| lines.iter().map(|line| line.text.clone()).collect())
 }
 
-/// The lines this thread logged, each with the bytes that were waiting in
-/// the pipe [`watch`] named when it was logged.
-pub fn logged_with_pipe() -> Vec<(String, usize)> {
+/// The lines this thread logged, with what was true when each was.
+pub fn logged_lines() -> Vec<Line> {
     LINES.with_borrow(Clone::clone)
 }
 
