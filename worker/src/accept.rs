@@ -248,7 +248,7 @@ pub fn wait_readable(fd: RawFd) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::{global, in_syscall, logged, signal_thread, tid, Watchdog};
+    use crate::testkit::{global, in_syscall, logged, signal_thread, tid, Watchdog, DEADLINE};
     use respawn_ipc::scoreboard::Scoreboard;
 
     fn os(errno: i32) -> io::Error {
@@ -343,7 +343,7 @@ mod tests {
         let me = tid();
         type Wait = fn(RawFd);
         let waits: [(&str, Wait); 2] = [
-            ("pause", |_| pause(Duration::from_secs(15))),
+            ("pause", |_| pause(2 * DEADLINE)),
             ("wait_readable", wait_readable),
         ];
         for (what, wait) in waits {
@@ -352,11 +352,11 @@ mod tests {
             let addr = listener.local_addr().expect("address");
             stop::install(listener.as_raw_fd()).expect("installing");
             // If the signal did not end the wait, a connection will.
-            let _watchdog = Watchdog::new(Duration::from_secs(10), move || {
+            let _watchdog = Watchdog::new(DEADLINE, move || {
                 let _ = TcpStream::connect(addr);
             });
             let signaller = std::thread::spawn(move || {
-                in_syscall(me, &[libc::SYS_poll, libc::SYS_ppoll], Duration::from_secs(5))?;
+                in_syscall(me, &[libc::SYS_poll, libc::SYS_ppoll], DEADLINE)?;
                 signal_thread(me, libc::SIGTERM);
                 Ok::<(), String>(())
             });
@@ -365,9 +365,28 @@ mod tests {
             let waited = start.elapsed();
             signaller.join().expect("signaller").expect(what);
             assert!(stop::requested(), "{what}");
-            assert!(waited < Duration::from_secs(5), "{what}: {waited:?}");
+            assert!(waited < DEADLINE, "{what}: {waited:?}");
             std::mem::forget(listener);
         }
+    }
+
+    #[test]
+    fn wait_readable_sleeps_until_a_connection_comes() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
+        let addr = listener.local_addr().expect("address");
+        let me = tid();
+        let quiet = Duration::from_millis(50);
+        let client = std::thread::spawn(move || {
+            in_syscall(me, &[libc::SYS_poll, libc::SYS_ppoll], DEADLINE)?;
+            // Measured, not waited for: wait_readable must still sleep.
+            std::thread::sleep(quiet);
+            TcpStream::connect(addr).map_err(|err| err.to_string())
+        });
+        let start = Instant::now();
+        wait_readable(listener.as_raw_fd());
+        let waited = start.elapsed();
+        let _conn = client.join().expect("client").expect("connected");
+        assert!(waited >= quiet && waited < DEADLINE, "{waited:?}");
     }
 
     #[test]
@@ -390,10 +409,10 @@ mod tests {
         let mut acceptor = Acceptor::new(&listener, board.writer(0));
         let me = tid();
         // If no connection ends a wait, a stop request will.
-        let _watchdog = Watchdog::new(Duration::from_secs(10), move || signal_thread(me, libc::SIGTERM));
-        for round in 0..2 {
+        let _watchdog = Watchdog::new(DEADLINE, move || signal_thread(me, libc::SIGTERM));
+        for round in 0..3 {
             let client = std::thread::spawn(move || {
-                in_syscall(me, &[libc::SYS_poll, libc::SYS_ppoll], Duration::from_secs(5))?;
+                in_syscall(me, &[libc::SYS_poll, libc::SYS_ppoll], DEADLINE)?;
                 TcpStream::connect(addr).map_err(|err| err.to_string())
             });
             let conn = acceptor.accept().expect("accepting").expect("a connection");

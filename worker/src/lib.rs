@@ -278,7 +278,13 @@ fn random() -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::from(d.subsec_nanos()));
-    splitmix64((u64::from(std::process::id()) << 32) ^ nanos)
+    splitmix64(seed(std::process::id(), nanos))
+}
+
+/// The pid in the high half, the clock's nanoseconds (below 2^30) in the
+/// low: two workers forked in the same nanosecond still differ.
+fn seed(pid: u32, nanos: u64) -> u64 {
+    (u64::from(pid) << 32) ^ nanos
 }
 
 /// One output of Vigna's SplitMix64 from state `seed`: nearby seeds (pids
@@ -296,6 +302,7 @@ mod tests {
     use super::*;
     use crate::testkit::{
         global, in_syscall, logged, logged_lines, mark, pipe_bytes, signal_thread, tid, watch, Watchdog,
+        DEADLINE,
     };
     use respawn_ipc::scoreboard::Scoreboard;
     use respawn_ipc::Decoder;
@@ -389,15 +396,8 @@ mod tests {
         let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
         script.pipe = read_end.as_raw_fd();
         watch(read_end.as_raw_fd());
-        let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
-        let addr = listener.local_addr().expect("address");
-        let me = tid();
-        // Whatever goes wrong, a stop request ends the accept loop.
-        let _watchdog = Watchdog::new(Duration::from_secs(20), move || signal_thread(me, libc::SIGTERM));
-        let client = std::thread::spawn(move || client(addr, connections, stop.then_some(me)));
-        let code = run_with(handoff(listener, write_end, row), script, config);
+        let (code, answers) = serve_clients(script, config, connections, stop, row, write_end);
         watch(-1);
-        let answers = client.join().expect("client thread");
         Ran {
             code,
             messages: read_messages(read_end),
@@ -405,22 +405,51 @@ mod tests {
         }
     }
 
+    /// [`run_script`] with the write end of a pipe of the test's own.
+    /// Returns the exit code and the answers.
+    fn serve_clients(
+        script: Script,
+        config: &Config,
+        connections: usize,
+        stop: bool,
+        row: Option<RowWriter>,
+        channel: OwnedFd,
+    ) -> (i32, Vec<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
+        let addr = listener.local_addr().expect("address");
+        let fd = listener.as_raw_fd();
+        let me = tid();
+        // Whatever goes wrong, a stop request and a connection end accept.
+        let watchdog = Watchdog::new(DEADLINE, move || {
+            signal_thread(me, libc::SIGTERM);
+            let _ = std::net::TcpStream::connect(addr);
+        });
+        let client = std::thread::spawn(move || client(addr, connections, stop.then_some(me)));
+        let code = run_with(handoff(listener, channel, row), script, config);
+        drop(watchdog);
+        // The worker left the listener open; close it, so that a client
+        // still waiting (the worker returned early) is refused at once. The
+        // handler forgets the fd number first: nothing may dup2 over it once
+        // it is reused.
+        stop::reset();
+        // SAFETY: run_with left this fd open and holds it no more.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        let answers = client.join().expect("client thread");
+        (code, answers)
+    }
+
     fn client(addr: SocketAddr, connections: usize, stop: Option<libc::pid_t>) -> Vec<String> {
         let mut answers = Vec::new();
         for _ in 0..connections {
             let mut answer = String::new();
             if let Ok(mut conn) = std::net::TcpStream::connect(addr) {
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                let _ = conn.set_read_timeout(Some(DEADLINE));
                 let _ = conn.read_to_string(&mut answer);
             }
             answers.push(answer);
         }
         if let Some(worker) = stop {
-            let asleep = in_syscall(
-                worker,
-                &[libc::SYS_accept4, libc::SYS_accept],
-                Duration::from_secs(5),
-            );
+            let asleep = in_syscall(worker, &[libc::SYS_accept4, libc::SYS_accept], DEADLINE);
             assert_eq!(asleep, Ok(()));
             signal_thread(worker, libc::SIGTERM);
         }
@@ -606,11 +635,8 @@ mod tests {
         let _global = global();
         let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
         drop(read_end);
-        let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
-        assert_eq!(
-            run(handoff(listener, write_end, None), Script::default()),
-            exit_code::SETUP_FAILED
-        );
+        let (code, _) = serve_clients(Script::default(), &Config::new(), 0, false, None, write_end);
+        assert_eq!(code, exit_code::SETUP_FAILED);
         let epipe = std::io::Error::from_raw_os_error(libc::EPIPE);
         assert_eq!(
             logged(),
@@ -630,14 +656,9 @@ mod tests {
             close_in_serve: Some(read_end),
             ..Script::default()
         };
-        let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
-        let addr = listener.local_addr().expect("address");
-        let client = std::thread::spawn(move || client(addr, 1, None));
-        assert_eq!(
-            run(handoff(listener, write_end, None), script),
-            exit_code::PANICKED
-        );
-        assert_eq!(client.join().expect("client"), ["recovered from boom 1"]);
+        let (code, answers) = serve_clients(script, &Config::new(), 1, false, None, write_end);
+        assert_eq!(code, exit_code::PANICKED);
+        assert_eq!(answers, ["recovered from boom 1"]);
         let lines = logged();
         let epipe = std::io::Error::from_raw_os_error(libc::EPIPE);
         assert_eq!(lines.len(), 2, "{lines:?}");
@@ -657,11 +678,8 @@ mod tests {
             start_panics: Some("early"),
             ..Script::default()
         };
-        let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
-        assert_eq!(
-            run(handoff(listener, write_end, None), script),
-            exit_code::PANICKED
-        );
+        let (code, _) = serve_clients(script, &Config::new(), 0, false, None, write_end);
+        assert_eq!(code, exit_code::PANICKED);
         let lines = logged();
         let epipe = std::io::Error::from_raw_os_error(libc::EPIPE);
         assert_eq!(lines.len(), 2, "{lines:?}");
@@ -689,12 +707,22 @@ mod tests {
         );
     }
 
+    /// What an fd number refers to now (device and inode), if it is open.
+    fn identity(fd: RawFd) -> Option<(u64, u64)> {
+        // SAFETY: fstat writes one struct stat, to a valid one.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; a closed fd number is an error, not UB.
+        let rc = unsafe { libc::fstat(fd, &mut stat) };
+        (rc == 0).then_some((stat.st_dev, stat.st_ino))
+    }
+
     #[test]
     fn the_listener_fd_stays_open_after_the_worker_returns() {
         let _global = global();
         let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
         let fd = listener.as_raw_fd();
+        let before = identity(fd);
         let script = Script {
             start_panics: Some("early"),
             ..Script::default()
@@ -704,14 +732,15 @@ mod tests {
             exit_code::PANICKED
         );
         drop(read_end);
-        // SAFETY: fcntl(F_GETFD) on a number only reads its flags.
-        let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
-        assert!(
-            open,
-            "fd {fd} was closed: a late stop request would dup2 over its next owner"
+        let after = identity(fd);
+        assert!(before.is_some());
+        assert_eq!(
+            after, before,
+            "fd {fd} was closed (or reused): a late stop request would dup2 over its next owner"
         );
-        // SAFETY: the worker left the fd open, and nothing else owns it: the
-        // test takes it back to close it.
+        stop::reset();
+        // SAFETY: the worker left the fd open (checked above), and nothing
+        // else owns it: the test takes it back to close it.
         drop(unsafe { OwnedFd::from_raw_fd(fd) });
     }
 
@@ -747,6 +776,16 @@ mod tests {
         // The first outputs of SplitMix64 seeded with 0 (its reference code).
         assert_eq!(splitmix64(0), 0xe220_a839_7b1d_cdaf);
         assert_eq!(splitmix64(0x9e37_79b9_7f4a_7c15), 0x6e78_9e6a_a1b9_65f4);
+    }
+
+    #[test]
+    fn the_seed_keeps_the_pid_and_the_clock_apart() {
+        assert_eq!(seed(1, 0), 1 << 32);
+        assert_eq!(seed(0, 999_999_999), 999_999_999);
+        assert_eq!(
+            seed(u32::MAX, 999_999_999),
+            (u64::from(u32::MAX) << 32) | 999_999_999
+        );
     }
 
     #[test]

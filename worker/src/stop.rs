@@ -144,12 +144,11 @@ pub(crate) fn reset() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::{global, in_syscall, signal_thread, tid, Watchdog};
+    use crate::testkit::{global, in_syscall, signal_thread, tid, Watchdog, DEADLINE};
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
-    use std::time::Duration;
 
     fn raise(signal: Signal) {
         // SAFETY: sends a signal to this thread; the handler is installed.
@@ -240,11 +239,11 @@ mod tests {
         let addr = listener.local_addr().expect("address");
         let me = tid();
         // If the request does not end the accept, a connection will.
-        let _watchdog = Watchdog::new(Duration::from_secs(10), move || {
+        let _watchdog = Watchdog::new(DEADLINE, move || {
             let _ = TcpStream::connect(addr);
         });
         let signaller = std::thread::spawn(move || {
-            in_syscall(me, &[libc::SYS_accept4, libc::SYS_accept], Duration::from_secs(5))?;
+            in_syscall(me, &[libc::SYS_accept4, libc::SYS_accept], DEADLINE)?;
             signal_thread(me, libc::SIGTERM);
             Ok::<(), String>(())
         });
@@ -266,16 +265,16 @@ mod tests {
         let me = tid();
         let fd = conn.as_raw_fd();
         // If the read is never answered, an end of stream will end it.
-        let _watchdog = Watchdog::new(Duration::from_secs(10), move || {
+        let _watchdog = Watchdog::new(DEADLINE, move || {
             // SAFETY: shutdown on the test's socket, open until the test ends.
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         });
         let signaller = std::thread::spawn(move || {
-            in_syscall(me, &[libc::SYS_read, libc::SYS_recvfrom], Duration::from_secs(5))?;
+            in_syscall(me, &[libc::SYS_read, libc::SYS_recvfrom], DEADLINE)?;
             signal_thread(me, libc::SIGTERM);
             // The request in flight goes on; once the handler has run, the
             // rest of it comes.
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let deadline = std::time::Instant::now() + DEADLINE;
             while !requested() {
                 if std::time::Instant::now() > deadline {
                     return Err("the handler never ran".to_owned());

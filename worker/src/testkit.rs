@@ -149,19 +149,33 @@ pub fn in_syscall(tid: libc::pid_t, numbers: &[libc::c_long], within: Duration) 
     ))
 }
 
-/// Runs an action if it is not dropped within its deadline: what ends a
-/// test's blocking call when the code under test does not.
+/// What ends a test's blocking call when the code under test does not: if
+/// not dropped within its deadline, it runs its action, again every 100 ms
+/// for 2 s, and then aborts the test process with a line on stderr, so
+/// that no test hangs, whatever the code does.
 pub struct Watchdog {
     disarm: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// How long tests wait for what takes microseconds when the code works.
+pub const DEADLINE: Duration = Duration::from_secs(3);
+
 impl Watchdog {
-    pub fn new(deadline: Duration, action: impl FnOnce() + Send + 'static) -> Watchdog {
+    pub fn new(deadline: Duration, mut action: impl FnMut() + Send + 'static) -> Watchdog {
         let (disarm, disarmed) = mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(deadline) {
-                action();
+            let mut wait = deadline;
+            for _ in 0..20 {
+                match disarmed.recv_timeout(wait) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => action(),
+                    _ => return,
+                }
+                wait = Duration::from_millis(100);
+            }
+            if let Err(mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(wait) {
+                eprintln!("watchdog: a test is still stuck {deadline:?} after its deadline; aborting");
+                std::process::abort();
             }
         });
         Watchdog {
