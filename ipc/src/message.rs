@@ -185,7 +185,7 @@ impl Decoder {
     /// Records that `n` bytes were written at the start of [`Decoder::spare`].
     /// `n` is clamped to the free space, so a wrong count cannot overflow.
     pub fn filled(&mut self, n: usize) {
-        self.len = (self.len + n).min(MAX_FRAME);
+        self.len = self.len.saturating_add(n).min(MAX_FRAME);
     }
 
     /// Copies as much of `bytes` as fits, and says how much that was.
@@ -222,11 +222,8 @@ fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    let end = (0..=max).rev().find(|&end| s.is_char_boundary(end));
+    &s[..end.unwrap_or(0)]
 }
 
 #[cfg(test)]
@@ -269,6 +266,41 @@ mod tests {
         // encode cuts too, for a Suicide built by hand
         let frame = suicide(&reason).encode();
         assert_eq!(frame.len(), HEADER_LEN + cut.len());
+    }
+
+    #[test]
+    fn a_cut_never_splits_a_character() {
+        // 239 ASCII bytes then a 3-byte character: byte 240 is inside it.
+        let reason = format!("{}€ and more", "x".repeat(MAX_REASON - 1));
+        assert_eq!(Message::suicide(&reason), suicide(&"x".repeat(MAX_REASON - 1)));
+        let frame = suicide(&reason).encode();
+        assert_eq!(frame.len(), HEADER_LEN + MAX_REASON - 1);
+        assert_eq!(frame[2..4], ((MAX_REASON - 1) as u16).to_le_bytes());
+        assert_eq!(
+            decode(&frame),
+            Ok(Some((suicide(&"x".repeat(MAX_REASON - 1)), frame.len())))
+        );
+
+        // 238 ASCII bytes then the same character: it ends exactly at 241,
+        // so it goes; 237 then it: it ends at 240 and stays.
+        let ends_past = format!("{}€", "x".repeat(MAX_REASON - 2));
+        assert_eq!(Message::suicide(&ends_past), suicide(&"x".repeat(MAX_REASON - 2)));
+        let fits = format!("{}€", "x".repeat(MAX_REASON - 3));
+        assert_eq!(Message::suicide(&fits), suicide(&fits));
+
+        // Exactly MAX_REASON bytes is kept whole; one more is cut.
+        let exact = "y".repeat(MAX_REASON);
+        assert_eq!(Message::suicide(&exact), suicide(&exact));
+        assert_eq!(Message::suicide(&format!("{exact}z")), suicide(&exact));
+    }
+
+    #[test]
+    fn frames_are_laid_out_as_documented() {
+        assert_eq!(*Message::Ready.encode(), [VERSION, KIND_READY, 0, 0]);
+        assert_eq!(*suicide("ab").encode(), [VERSION, KIND_SUICIDE, 2, 0, b'a', b'b']);
+        let long = suicide(&"r".repeat(MAX_REASON)).encode();
+        assert_eq!(long[..4], [VERSION, KIND_SUICIDE, MAX_REASON as u8, 0]);
+        assert_eq!((VERSION, KIND_READY, KIND_SUICIDE), (1, 1, 2));
     }
 
     #[test]
@@ -341,6 +373,43 @@ mod tests {
     }
 
     #[test]
+    fn pending_counts_the_bytes_of_an_unfinished_frame() {
+        let frame = suicide("boom").encode();
+        let mut decoder = Decoder::new();
+        assert_eq!(decoder.pending(), 0);
+        assert_eq!(decoder.push(&frame[..5]), 5);
+        assert_eq!(decoder.next(), Ok(None));
+        assert_eq!(decoder.pending(), 5);
+        assert_eq!(decoder.spare().len(), MAX_FRAME - 5);
+        assert_eq!(decoder.push(&frame[5..]), frame.len() - 5);
+        assert_eq!(decoder.next(), Ok(Some(suicide("boom"))));
+        assert_eq!(decoder.pending(), 0);
+        // A count larger than the free space is clamped, never overflows.
+        decoder.filled(usize::MAX);
+        assert_eq!(decoder.pending(), MAX_FRAME);
+        assert_eq!(decoder.push(b"more"), 0, "full");
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        let cases = [
+            (
+                DecodeError::Version(2),
+                "unknown protocol version 2 (this master speaks 1)",
+            ),
+            (DecodeError::Kind(9), "unknown message kind 9"),
+            (
+                DecodeError::Length { kind: 1, len: 3 },
+                "message kind 1 cannot be 3 bytes long",
+            ),
+            (DecodeError::Utf8, "suicide reason is not UTF-8"),
+        ];
+        for (error, text) in cases {
+            assert_eq!(error.to_string(), text);
+        }
+    }
+
+    #[test]
     fn decoder_reports_garbage_and_stays_failed() {
         let mut decoder = Decoder::new();
         decoder.push(&Message::Ready.encode());
@@ -361,7 +430,12 @@ mod tests {
                 let mut decoder = Decoder::new();
                 decoder.push(&[VERSION, a, b, 0]);
                 decoder.push(&[0xff; MAX_FRAME]);
-                while let Ok(Some(_)) = decoder.next() {}
+                // Each message takes at least a header off the buffer.
+                let mut decoded = 0;
+                while let Ok(Some(_)) = decoder.next() {
+                    decoded += 1;
+                    assert!(decoded <= MAX_FRAME / HEADER_LEN, "messages out of nothing");
+                }
             }
         }
     }
@@ -372,7 +446,10 @@ mod tests {
         let mut state = 0x2545_f491_u32;
         for _ in 0..2000 {
             let mut decoder = Decoder::new();
-            loop {
+            // Garbage comes within a few frames; a decoder that never
+            // decides would spin here for good.
+            for pushed in 0.. {
+                assert!(pushed < 100_000, "no decision after {pushed} bytes");
                 state ^= state << 13;
                 state ^= state >> 17;
                 state ^= state << 5;

@@ -415,6 +415,28 @@ mod tests {
     }
 
     #[test]
+    fn now_ns_keeps_time_with_std_monotonic_clock() {
+        // Instant is CLOCK_MONOTONIC too, read another way: over a wait it
+        // measures, now_ns must advance by as much, within the reads.
+        let wait = std::time::Duration::from_millis(20);
+        let outer = std::time::Instant::now();
+        let first = now_ns();
+        let inner = std::time::Instant::now();
+        while inner.elapsed() < wait {}
+        let waited = inner.elapsed();
+        let last = now_ns();
+        let bound = outer.elapsed();
+        let advanced = last.checked_sub(first).expect("now_ns went backwards");
+        assert!(
+            advanced >= waited.as_nanos() as u64 && advanced <= bound.as_nanos() as u64,
+            "now_ns advanced {advanced} ns over a wait of {waited:?} (all reads within {bound:?})"
+        );
+        // It counts from boot: far above 0, which a row reserves for idle,
+        // and far below overflowing.
+        assert!(first > 1_000_000 && first < u64::MAX / 2, "{first}");
+    }
+
+    #[test]
     fn request_lines_are_cut_and_cleaned() {
         let board = mapped(1);
         let writer = board.writer(0).expect("slot 0");

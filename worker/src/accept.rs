@@ -1,0 +1,451 @@
+//! Taking the next connection, and what to do when `accept(2)` fails.
+//!
+//! `accept(2)` fails for three kinds of reason, and a worker must die of
+//! none of them:
+//!
+//! - **The connection, not the listener** (its [`Errors`] section, "Linux
+//!   accept() passes already-pending network errors on the new socket as an
+//!   error code from accept()"): ENETDOWN, EPROTO, ENOPROTOOPT, EHOSTDOWN,
+//!   ENONET, EHOSTUNREACH, EOPNOTSUPP, ENETUNREACH; ECONNABORTED when the
+//!   peer gave up while queued; EINTR. The connection is gone, the next one
+//!   may be fine: try again at once.
+//! - **Out of fds or memory** (EMFILE, ENFILE, ENOBUFS, ENOMEM): accept
+//!   would fail again at once and spin. Pause, from 1 ms doubling to 1 s,
+//!   back to 1 ms after the next success: a brief shortage costs almost
+//!   nothing, a long one costs one accept a second. (mini-redis pauses 1 s
+//!   doubling to 64 s; a worker should be back soon after the fds are.)
+//!   One warning every few seconds at most says so.
+//! - **EAGAIN on a non-blocking listener**: the master makes the listener
+//!   blocking before it forks, but a listener made non-blocking some other
+//!   way must not kill the worker either. It waits for a connection with
+//!   `poll(2)` (warning once that every idle worker now wakes for each
+//!   connection), then tries again.
+//!
+//! Anything else (EBADF, ENOTSOCK, EINVAL: the fd is not a listening
+//! socket) is for good, and so is the worker's end.
+//!
+//! The pauses and waits use `poll(2)`, which a stop request interrupts
+//! (EINTR, SA_RESTART or not), so the loop sees the request at once.
+//!
+//! [`Errors`]: https://man7.org/linux/man-pages/man2/accept.2.html#ERRORS
+
+use crate::stop;
+use log::{debug, warn};
+use respawn_ipc::scoreboard::RowWriter;
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// The first pause after running out of fds or memory.
+pub const MIN_PAUSE: Duration = Duration::from_millis(1);
+/// The longest pause.
+pub const MAX_PAUSE: Duration = Duration::from_secs(1);
+/// At most one warning about running out in this long.
+pub const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// What to do after accept failed with an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// The error was the connection's: try again now.
+    Retry,
+    /// Out of fds or memory: pause, then try again.
+    Pause,
+    /// The listener is non-blocking and has nothing queued: wait for it to
+    /// be readable, then try again.
+    WaitReadable,
+    /// The listener is unusable: the worker cannot go on.
+    Fail,
+}
+
+/// How accept(2)'s errors are handled (see the module docs).
+pub fn classify(err: &io::Error) -> Action {
+    match err.raw_os_error() {
+        Some(
+            libc::ENETDOWN
+            | libc::EPROTO
+            | libc::ENOPROTOOPT
+            | libc::EHOSTDOWN
+            | libc::ENONET
+            | libc::EHOSTUNREACH
+            | libc::EOPNOTSUPP
+            | libc::ENETUNREACH
+            | libc::ECONNABORTED
+            | libc::EINTR,
+        ) => Action::Retry,
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Action::Pause,
+        // EWOULDBLOCK is EAGAIN on Linux.
+        Some(libc::EAGAIN) => Action::WaitReadable,
+        _ => Action::Fail,
+    }
+}
+
+/// The pause after each failure in a row of fd or memory shortages:
+/// [`MIN_PAUSE`], doubling up to [`MAX_PAUSE`], until [`AcceptBackoff::reset`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcceptBackoff {
+    next: Duration,
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff { next: MIN_PAUSE }
+    }
+}
+
+impl AcceptBackoff {
+    pub fn new() -> AcceptBackoff {
+        AcceptBackoff::default()
+    }
+
+    /// How long to pause after this failure.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (delay * 2).min(MAX_PAUSE);
+        delay
+    }
+
+    /// An accept succeeded: the next shortage starts short again.
+    pub fn reset(&mut self) {
+        self.next = MIN_PAUSE;
+    }
+}
+
+/// Lets one line through every `every`, and counts the ones held back.
+#[derive(Clone, Debug)]
+pub struct RateLimit {
+    every: Duration,
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl RateLimit {
+    pub fn new(every: Duration) -> RateLimit {
+        RateLimit {
+            every,
+            last: None,
+            held_back: 0,
+        }
+    }
+
+    /// `Some(n)` if a line may be written at `now`, `n` being how many were
+    /// held back since the last one; None if this one is held back.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        let due = match self.last {
+            None => true,
+            Some(last) => now.saturating_duration_since(last) >= self.every,
+        };
+        if !due {
+            self.held_back += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held_back))
+    }
+}
+
+/// A worker's accept loop, with what it remembers between failures.
+pub struct Acceptor<'a> {
+    listener: &'a TcpListener,
+    row: Option<RowWriter>,
+    backoff: AcceptBackoff,
+    warnings: RateLimit,
+    warned_nonblocking: bool,
+}
+
+impl<'a> Acceptor<'a> {
+    pub fn new(listener: &'a TcpListener, row: Option<RowWriter>) -> Acceptor<'a> {
+        Acceptor {
+            listener,
+            row,
+            backoff: AcceptBackoff::new(),
+            warnings: RateLimit::new(WARN_EVERY),
+            warned_nonblocking: false,
+        }
+    }
+
+    /// The next connection, stamped on the scoreboard; None once a stop was
+    /// requested (see [`crate::stop`] for why none is ever missed); Err if
+    /// the listener cannot be used.
+    pub fn accept(&mut self) -> io::Result<Option<TcpStream>> {
+        let pid = std::process::id();
+        loop {
+            if stop::requested() {
+                return Ok(None);
+            }
+            let err = match self.listener.accept() {
+                Ok((conn, peer)) => {
+                    self.backoff.reset();
+                    if let Some(row) = self.row {
+                        row.begin(&peer);
+                    }
+                    return Ok(Some(conn));
+                }
+                Err(err) => err,
+            };
+            // After a stop request the listener fd is /dev/null: ENOTSOCK.
+            if stop::requested() {
+                return Ok(None);
+            }
+            match classify(&err) {
+                Action::Retry => debug!("worker {pid}: accepting: {err}; retrying"),
+                Action::Pause => {
+                    let delay = self.backoff.next_delay();
+                    if let Some(held_back) = self.warnings.allow(Instant::now()) {
+                        warn!("{}", shortage_line(pid, &err, delay, held_back));
+                    }
+                    pause(delay);
+                }
+                Action::WaitReadable => {
+                    if !std::mem::replace(&mut self.warned_nonblocking, true) {
+                        warn!(
+                            "worker {pid}: the listening socket is non-blocking; \
+                             waiting for connections with poll(2), which wakes every idle worker"
+                        );
+                    }
+                    wait_readable(self.listener.as_raw_fd());
+                }
+                Action::Fail => return Err(err),
+            }
+        }
+    }
+}
+
+/// `worker 4321 cannot accept: Too many open files (os error 24); retrying
+/// in 8 ms (12 more like it not logged)`.
+fn shortage_line(pid: u32, err: &io::Error, delay: Duration, held_back: u64) -> String {
+    let mut line = format!(
+        "worker {pid} cannot accept: {err}; retrying in {} ms",
+        delay.as_millis()
+    );
+    if held_back > 0 {
+        line.push_str(&format!(" ({held_back} more like it not logged)"));
+    }
+    line
+}
+
+/// Sleeps `delay`, or less if a signal (a stop request) comes.
+pub fn pause(delay: Duration) {
+    let ms = libc::c_int::try_from(delay.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: poll with no fds (a null pointer and a count of 0) only sleeps;
+    // nothing is read or written.
+    unsafe { libc::poll(std::ptr::null_mut(), 0, ms) };
+}
+
+/// Waits until `fd` is readable (a connection is queued on a listener), or
+/// a signal (a stop request) comes. An error, as EINTR, just returns: the
+/// caller tries accept again, which says what is wrong.
+pub fn wait_readable(fd: RawFd) {
+    let mut pollfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, and a count of 1.
+    unsafe { libc::poll(&mut pollfd, 1, -1) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{global, in_syscall, logged, signal_thread, tid, Watchdog, DEADLINE};
+    use respawn_ipc::scoreboard::Scoreboard;
+
+    fn os(errno: i32) -> io::Error {
+        io::Error::from_raw_os_error(errno)
+    }
+
+    #[test]
+    fn errors_of_the_connection_are_retried_at_once() {
+        for errno in [
+            libc::ENETDOWN,
+            libc::EPROTO,
+            libc::ENOPROTOOPT,
+            libc::EHOSTDOWN,
+            libc::ENONET,
+            libc::EHOSTUNREACH,
+            libc::EOPNOTSUPP,
+            libc::ENETUNREACH,
+            libc::ECONNABORTED,
+            libc::EINTR,
+        ] {
+            assert_eq!(classify(&os(errno)), Action::Retry, "{}", os(errno));
+        }
+    }
+
+    #[test]
+    fn shortages_pause_nonblocking_waits_the_rest_fails() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert_eq!(classify(&os(errno)), Action::Pause, "{}", os(errno));
+        }
+        assert_eq!(classify(&os(libc::EAGAIN)), Action::WaitReadable);
+        assert_eq!(classify(&os(libc::EWOULDBLOCK)), Action::WaitReadable);
+        for errno in [libc::EBADF, libc::ENOTSOCK, libc::EINVAL, libc::EFAULT] {
+            assert_eq!(classify(&os(errno)), Action::Fail, "{}", os(errno));
+        }
+        assert_eq!(classify(&io::Error::other("not from the OS")), Action::Fail);
+    }
+
+    #[test]
+    fn the_backoff_doubles_from_short_to_long_and_resets() {
+        let mut backoff = AcceptBackoff::new();
+        let delays: Vec<u128> = (0..13).map(|_| backoff.next_delay().as_millis()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 1000, 1000]);
+        backoff.reset();
+        assert_eq!(backoff.next_delay(), MIN_PAUSE);
+        assert_eq!(backoff.next_delay(), 2 * MIN_PAUSE);
+        assert_eq!(AcceptBackoff::default(), AcceptBackoff::new());
+    }
+
+    #[test]
+    fn warnings_are_rate_limited_and_count_what_they_held_back() {
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let mut limit = RateLimit::new(Duration::from_secs(10));
+        assert_eq!(limit.allow(at(0)), Some(0));
+        assert_eq!(limit.allow(at(1)), None);
+        assert_eq!(limit.allow(at(9_999)), None);
+        assert_eq!(limit.allow(at(10_000)), Some(2));
+        assert_eq!(limit.allow(at(10_001)), None);
+        assert_eq!(limit.allow(at(25_000)), Some(1));
+        assert_eq!(limit.allow(at(35_000)), Some(0));
+        // A clock read out of order holds the line back, never panics.
+        assert_eq!(limit.allow(at(0)), None);
+    }
+
+    #[test]
+    fn the_shortage_line_says_what_and_how_long() {
+        let err = os(libc::EMFILE);
+        assert_eq!(
+            shortage_line(4321, &err, Duration::from_millis(8), 0),
+            format!("worker 4321 cannot accept: {err}; retrying in 8 ms")
+        );
+        assert_eq!(
+            shortage_line(4321, &err, MAX_PAUSE, 12),
+            format!("worker 4321 cannot accept: {err}; retrying in 1000 ms (12 more like it not logged)")
+        );
+    }
+
+    #[test]
+    fn pause_sleeps_about_as_long_as_asked() {
+        let start = Instant::now();
+        pause(Duration::from_millis(20));
+        let slept = start.elapsed();
+        assert!(
+            slept >= Duration::from_millis(20) && slept < Duration::from_secs(5),
+            "{slept:?}"
+        );
+    }
+
+    #[test]
+    fn a_stop_request_ends_a_pause_and_a_wait() {
+        let _global = global();
+        let me = tid();
+        type Wait = fn(RawFd);
+        let waits: [(&str, Wait); 2] = [
+            ("pause", |_| pause(2 * DEADLINE)),
+            ("wait_readable", wait_readable),
+        ];
+        for (what, wait) in waits {
+            crate::stop::reset();
+            let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
+            let addr = listener.local_addr().expect("address");
+            stop::install(listener.as_raw_fd()).expect("installing");
+            // If the signal did not end the wait, a connection will.
+            let _watchdog = Watchdog::new(DEADLINE, move || {
+                let _ = TcpStream::connect(addr);
+            });
+            let signaller = std::thread::spawn(move || {
+                in_syscall(me, &[libc::SYS_poll, libc::SYS_ppoll], DEADLINE)?;
+                signal_thread(me, libc::SIGTERM);
+                Ok::<(), String>(())
+            });
+            let start = Instant::now();
+            wait(listener.as_raw_fd());
+            let waited = start.elapsed();
+            signaller.join().expect("signaller").expect(what);
+            assert!(stop::requested(), "{what}");
+            assert!(waited < DEADLINE, "{what}: {waited:?}");
+            std::mem::forget(listener);
+        }
+    }
+
+    #[test]
+    fn wait_readable_sleeps_until_a_connection_comes() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
+        let addr = listener.local_addr().expect("address");
+        let me = tid();
+        let quiet = Duration::from_millis(50);
+        let client = std::thread::spawn(move || {
+            in_syscall(me, &[libc::SYS_poll, libc::SYS_ppoll], DEADLINE)?;
+            // Measured, not waited for: wait_readable must still sleep.
+            std::thread::sleep(quiet);
+            TcpStream::connect(addr).map_err(|err| err.to_string())
+        });
+        let start = Instant::now();
+        wait_readable(listener.as_raw_fd());
+        let waited = start.elapsed();
+        let _conn = client.join().expect("client").expect("connected");
+        assert!(waited >= quiet && waited < DEADLINE, "{waited:?}");
+    }
+
+    #[test]
+    fn wait_readable_returns_when_a_connection_is_queued() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
+        let _client = TcpStream::connect(listener.local_addr().expect("address")).expect("connecting");
+        let start = Instant::now();
+        wait_readable(listener.as_raw_fd());
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_nonblocking_listener_is_waited_on_with_one_warning() {
+        let _global = global();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let addr = listener.local_addr().expect("address");
+        stop::install(listener.as_raw_fd()).expect("installing");
+        let board = Scoreboard::new(1).expect("scoreboard");
+        let mut acceptor = Acceptor::new(&listener, board.writer(0));
+        let me = tid();
+        // If no connection ends a wait, a stop request will.
+        let _watchdog = Watchdog::new(DEADLINE, move || signal_thread(me, libc::SIGTERM));
+        for round in 0..3 {
+            let client = std::thread::spawn(move || {
+                in_syscall(me, &[libc::SYS_poll, libc::SYS_ppoll], DEADLINE)?;
+                TcpStream::connect(addr).map_err(|err| err.to_string())
+            });
+            let conn = acceptor.accept().expect("accepting").expect("a connection");
+            let client = client.join().expect("client").expect("connected");
+            assert_eq!(conn.peer_addr().ok(), client.local_addr().ok(), "round {round}");
+            let row = board.read(0).expect("row 0");
+            assert_eq!(row.peer, client.local_addr().expect("client address").to_string());
+            assert!(row.busy_since.is_some());
+        }
+        let warnings: Vec<String> = logged().into_iter().filter(|l| l.starts_with("WARN")).collect();
+        let expected = format!(
+            "WARN worker {}: the listening socket is non-blocking; \
+             waiting for connections with poll(2), which wakes every idle worker",
+            std::process::id()
+        );
+        assert_eq!(warnings, [expected]);
+        std::mem::forget(listener);
+    }
+
+    #[test]
+    fn a_stop_request_ends_the_loop_and_a_dead_listener_fails_it() {
+        let _global = global();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
+        stop::install(listener.as_raw_fd()).expect("installing");
+        let mut acceptor = Acceptor::new(&listener, None);
+        // The door closed, but no request: the listener is unusable.
+        stop::stop_accepting();
+        let err = acceptor.accept().expect_err("ENOTSOCK is for good");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTSOCK));
+        // With a request, the same error is the way out.
+        // SAFETY: this thread; the stop handler is installed.
+        unsafe { libc::raise(libc::SIGTERM) };
+        assert!(acceptor.accept().expect("stopping").is_none());
+        std::mem::forget(listener);
+    }
+}
