@@ -33,6 +33,15 @@ pub struct Handoff {
 /// The write end of a worker's pipe to its master.
 pub struct Channel(OwnedFd);
 
+/// The pipe itself, for a worker that must watch it or write to it in a way
+/// `send` does not (the demo's `--demo-bad-ipc` writes a frame of a newer
+/// contract, to show what the master does with one).
+impl std::os::fd::AsFd for Channel {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
 impl Channel {
     /// Wraps the write end of the pipe whose read end the master watches.
     pub fn new(fd: OwnedFd) -> Channel {

@@ -91,7 +91,7 @@ fn a_value_that_does_not_parse_names_its_flag() {
         ),
         (
             &["--demo-fail-start", "--demo-hang-start"][..],
-            "respawn: --demo-fail-start and --demo-hang-start exclude each other: pick one",
+            "respawn: --demo-fail-start, --demo-hang-start and --demo-bad-ipc exclude each other: pick one",
         ),
     ] {
         let (status, output) = run_to_exit(args);

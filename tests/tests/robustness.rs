@@ -422,3 +422,35 @@ fn a_log_pipe_nobody_reads_never_stalls_the_service() {
         "the log resumes after the count ({dropped:?} dropped)"
     );
 }
+
+#[test]
+fn a_worker_speaking_a_newer_contract_backs_off_and_gives_up() {
+    // Its first frame has a version byte this master does not speak: the
+    // master stops it, and since it never said Ready, its exit is a failed
+    // start, like a crash loop's, not a handover replaced at once forever.
+    let mut respawn = Respawn::start(&["--workers", "1", "--demo-bad-ipc", "--max-restarts", "3"]);
+    assert_eq!(respawn.wait_exit().code(), Some(3), "{}", respawn.dump());
+    assert_eq!(
+        respawn.count_log(" spawned"),
+        4,
+        "1 start and 3 restarts\n{}",
+        respawn.dump()
+    );
+    assert_eq!(
+        respawn.count_log(
+            "sent malformed ipc (unknown protocol version 2 (this master speaks 1)); replacing it"
+        ),
+        4,
+        "{}",
+        respawn.dump()
+    );
+    for delay in ["respawns in 0.1 s", "respawns in 0.2 s", "respawns in 0.4 s"] {
+        assert_eq!(respawn.count_log(delay), 1, "{delay}\n{}", respawn.dump());
+    }
+    assert_eq!(
+        respawn.count_log("] giving up: 4 restarts in "),
+        1,
+        "{}",
+        respawn.dump()
+    );
+}

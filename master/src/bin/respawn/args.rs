@@ -15,7 +15,8 @@ pub const USAGE: &str = "\
 usage: respawn [-w N] [-l HOST:PORT] [--graceful-timeout SECS] [-t SECS]
        [--start-timeout SECS] [--max-requests N] [--max-requests-jitter J]
        [--max-restarts R] [--restart-window SECS] [--min-uptime SECS]
-       [--demo-fail-start | --demo-hang-start] [-h|--help] [-V|--version]";
+       [--demo-fail-start | --demo-hang-start | --demo-bad-ipc]
+       [-h|--help] [-V|--version]";
 
 /// At most 80 columns and 24 lines, so that it reads whole in any terminal
 /// (a test checks). The ranges are the constants below (a test checks that
@@ -36,6 +37,7 @@ usage: respawn [flags]         SECS may have a fraction; defaults in [brackets]
       --min-uptime SECS        0 to 86400: dying sooner backs the slot off [1]
       --demo-fail-start        every worker panics before Ready: a crash loop
       --demo-hang-start        every worker hangs before Ready (--start-timeout)
+      --demo-bad-ipc           every worker speaks a newer ipc version: backoff
   -h, --help, -V, --version    this help, the version
 
 routes: GET /     which worker answered   GET /crash     the handler panics
@@ -103,6 +105,7 @@ pub struct Args {
     pub max_requests_jitter: u64,
     pub demo_fail_start: bool,
     pub demo_hang_start: bool,
+    pub demo_bad_ipc: bool,
 }
 
 pub enum Parsed {
@@ -125,6 +128,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         max_requests_jitter: 0,
         demo_fail_start: false,
         demo_hang_start: false,
+        demo_bad_ipc: false,
     };
     let mut parser = lexopt::Parser::from_args(argv);
     while let Some(arg) = parser.next()? {
@@ -144,13 +148,17 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
             Long("min-uptime") => args.min_uptime = MIN_UPTIME.parse(&mut parser)?,
             Long("demo-fail-start") => args.demo_fail_start = true,
             Long("demo-hang-start") => args.demo_hang_start = true,
+            Long("demo-bad-ipc") => args.demo_bad_ipc = true,
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             _ => return Err(arg.unexpected()),
         }
     }
-    if args.demo_fail_start && args.demo_hang_start {
-        return Err("--demo-fail-start and --demo-hang-start exclude each other: pick one".into());
+    let demos = [args.demo_fail_start, args.demo_hang_start, args.demo_bad_ipc];
+    if demos.into_iter().filter(|&on| on).count() > 1 {
+        return Err(
+            "--demo-fail-start, --demo-hang-start and --demo-bad-ipc exclude each other: pick one".into(),
+        );
     }
     Ok(Parsed::Run(args))
 }

@@ -69,7 +69,13 @@ fn serve(args: &Args) -> i32 {
         (_, true) => http::Start::Hang,
         _ => http::Start::Normal,
     };
-    let demo = |handoff| respawn_worker::run_with(handoff, http::Demo::new(start), &worker);
+    let bad_ipc = args.demo_bad_ipc;
+    let demo = |handoff: respawn_master::Handoff| {
+        if bad_ipc {
+            speak_a_newer_contract(&handoff);
+        }
+        respawn_worker::run_with(handoff, http::Demo::new(start), &worker)
+    };
     match respawn_master::run(listener, config, demo) {
         Ok(()) => 0,
         // The master logged why when it decided; say nothing twice.
@@ -80,6 +86,16 @@ fn serve(args: &Args) -> i32 {
             EXIT_FAILED
         }
     }
+}
+
+/// `--demo-bad-ipc`: before Ready, a frame whose version byte is one this
+/// master does not speak, as a worker built against a newer contract would
+/// send. The master stops the worker, and since it never was Ready, its exit
+/// is a failed start: the slot backs off, and the master gives up in the end.
+fn speak_a_newer_contract(handoff: &respawn_master::Handoff) {
+    use std::os::fd::AsFd;
+    let frame = [respawn_ipc::VERSION + 1, 1, 0, 0];
+    let _ = nix::unistd::write(handoff.channel.as_fd(), &frame);
 }
 
 /// Binds `--listen`; a failure is said with what would fix it, and is the
