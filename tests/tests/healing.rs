@@ -349,3 +349,63 @@ fn max_requests_recycles_workers_without_losing_a_request() {
     assert_eq!(respawn.count_log("giving up"), 0, "recycling is not a failure");
     respawn.wait_for_workers(2);
 }
+
+#[test]
+fn a_good_life_resets_the_slots_backoff() {
+    // Two young deaths double the slot's delay; a worker that then lives
+    // past --min-uptime proves the slot sound, and the next young death
+    // starts again from 0.1 s.
+    let respawn = Respawn::with_workers(1, &["--min-uptime", "3"]);
+    let mut worker = *respawn.wait_for_workers(1).iter().next().unwrap();
+    let kill_and_replace = |pid: i32| {
+        send(pid, libc::SIGKILL);
+        assert!(wait_until(PATIENCE, || !alive(pid)));
+        respawn.wait_for_log("the exit", |l| {
+            l.contains(&format!("worker {pid} exited (signal 9"))
+        });
+        let next = respawn.wait_for_workers(1);
+        *next.iter().next().unwrap()
+    };
+    worker = kill_and_replace(worker);
+    worker = kill_and_replace(worker);
+    assert_eq!(
+        respawn.count_log("slot 0 respawns in 0.1 s"),
+        1,
+        "{}",
+        respawn.dump()
+    );
+    assert_eq!(
+        respawn.count_log("slot 0 respawns in 0.2 s"),
+        1,
+        "{}",
+        respawn.dump()
+    );
+    let ready = std::time::Instant::now();
+    assert!(!wait_until(std::time::Duration::from_millis(3200), || !alive(
+        worker
+    )));
+    assert!(ready.elapsed() >= std::time::Duration::from_millis(3200));
+    let mature = worker;
+    worker = kill_and_replace(worker);
+    assert!(
+        respawn
+            .log()
+            .iter()
+            .any(|l| l.ends_with(&format!("worker {mature} exited (signal 9), replacing"))),
+        "a mature death is replaced at once\n{}",
+        respawn.dump()
+    );
+    kill_and_replace(worker);
+    assert_eq!(
+        respawn.count_log("slot 0 respawns in 0.1 s"),
+        2,
+        "the delay starts over after a good life\n{}",
+        respawn.dump()
+    );
+    assert_eq!(
+        respawn.count_log("slot 0 respawns in 0.4 s"),
+        0,
+        "{}",
+        respawn.dump()
+    );
+}
