@@ -2,8 +2,10 @@
 //!
 //! ```text
 //! signals ──► signalfd ─┐
-//! worker pipes ─────────┼──► poll(until the nearest deadline) ──► handle ──► act
-//! kill deadlines ───────┘                                   (fork, signal, reap)
+//! worker pipes ─────────┤
+//! stderr writable ──────┼──► poll(until the nearest deadline) ──► handle ──► act
+//! deadlines: kill, ─────┘                                   (fork, signal, reap)
+//!   start, backoff, hung check
 //! ```
 //!
 //! Handlers record what happened in the worker table and send signals; they
