@@ -364,6 +364,7 @@ mod tests {
                     piece = &piece[n..];
                     while let Some(message) = decoder.next().unwrap() {
                         received.push(message);
+                        assert!(received.len() <= sent.len(), "messages out of nothing");
                     }
                 }
             }

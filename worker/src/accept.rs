@@ -376,6 +376,9 @@ mod tests {
         let addr = listener.local_addr().expect("address");
         let me = tid();
         let quiet = Duration::from_millis(50);
+        let _watchdog = Watchdog::new(DEADLINE, move || {
+            let _ = TcpStream::connect(addr);
+        });
         let client = std::thread::spawn(move || {
             in_syscall(me, &[libc::SYS_poll, libc::SYS_ppoll], DEADLINE)?;
             // Measured, not waited for: wait_readable must still sleep.
@@ -436,8 +439,13 @@ mod tests {
     fn a_stop_request_ends_the_loop_and_a_dead_listener_fails_it() {
         let _global = global();
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
+        let addr = listener.local_addr().expect("address");
         stop::install(listener.as_raw_fd()).expect("installing");
         let mut acceptor = Acceptor::new(&listener, None);
+        // If the door stays open, a connection ends the accept.
+        let _watchdog = Watchdog::new(DEADLINE, move || {
+            let _ = TcpStream::connect(addr);
+        });
         // The door closed, but no request: the listener is unusable.
         stop::stop_accepting();
         let err = acceptor.accept().expect_err("ENOTSOCK is for good");

@@ -468,6 +468,7 @@ mod tests {
             decoder.filled(n);
             while let Some(message) = decoder.next().expect("a well-formed frame") {
                 messages.push(message);
+                assert!(messages.len() < 1000, "messages out of nothing");
             }
         }
     }
@@ -723,6 +724,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
         let fd = listener.as_raw_fd();
         let before = identity(fd);
+        let addr = listener.local_addr().expect("address");
+        let me = tid();
+        // Should the worker not return at once, this ends its accept loop.
+        let watchdog = Watchdog::new(DEADLINE, move || {
+            signal_thread(me, libc::SIGTERM);
+            let _ = std::net::TcpStream::connect(addr);
+        });
         let script = Script {
             start_panics: Some("early"),
             ..Script::default()
@@ -731,6 +739,7 @@ mod tests {
             run(handoff(listener, write_end, None), script),
             exit_code::PANICKED
         );
+        drop(watchdog);
         drop(read_end);
         let after = identity(fd);
         assert!(before.is_some());

@@ -84,15 +84,28 @@ pub fn mark() {
 
 static LOGGER: Once = Once::new();
 
+/// The process-wide worker state, held by one test at a time.
+pub struct Global {
+    // Dropped in this order: the watchdog first, then the lock.
+    _watchdog: Watchdog,
+    _guard: MutexGuard<'static, ()>,
+}
+
 /// Holds the process-wide worker state for one test: the stop flag is
-/// cleared, the listener forgotten, this thread's log emptied.
-pub fn global() -> MutexGuard<'static, ()> {
+/// cleared, the listener forgotten, this thread's log emptied. A test that
+/// holds it for more than 20 s aborts the test process: the stop handler
+/// ignores SIGTERM, so a hung test binary would outlive whoever tries to
+/// stop it that way (cargo-mutants' timeout does).
+pub fn global() -> Global {
     let guard = GLOBAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     init_logger();
     crate::stop::reset();
     LINES.with_borrow_mut(Vec::clear);
     MARKS.set(0);
-    guard
+    Global {
+        _watchdog: Watchdog::new(Duration::from_secs(20), || {}),
+        _guard: guard,
+    }
 }
 
 fn init_logger() {
