@@ -50,10 +50,10 @@ bench: linux-only
 # time out. No jobserver: its pipe would be inherited by every process the
 # tests start. RESPAWN_BIN would test one fixed binary instead of the
 # mutants, and a shared CARGO_TARGET_DIR would be rebuilt by each copy.
-MUTATE ?= ipc/src/message.rs ipc/src/scoreboard.rs \
+MUTATE ?= ipc/src/message.rs ipc/src/scoreboard.rs ipc/src/channel.rs \
 	master/src/table.rs master/src/policy.rs master/src/hung.rs \
 	master/src/master.rs master/src/logbuf.rs master/src/signals.rs \
-	worker/src/lib.rs worker/src/stop.rs
+	master/src/limits.rs worker/src/lib.rs worker/src/stop.rs worker/src/accept.rs
 # cargo-mutants' own baseline runs only the mutated crate's tests: make test
 # first proves the whole suite passes on the unmutated tree.
 mutants: linux-only test

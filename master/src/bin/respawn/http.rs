@@ -232,8 +232,9 @@ fn read_head(conn: &mut TcpStream, deadline: Instant) -> Head {
         match conn.read(&mut buf[len..]) {
             Ok(0) => return Head::Gone,
             Ok(n) => len += n,
-            // The stop handler interrupts reads (no SA_RESTART); the request
-            // in flight is still to be served. A timeout (EAGAIN) is checked
+            // The stop handler is SA_RESTART, but a read with a timeout
+            // (SO_RCVTIMEO) is never restarted: it fails with EINTR, and the
+            // request in flight is still to be served. A timeout (EAGAIN) is checked
             // against the deadline above, as the kernel's timer may round.
             Err(err) if is_retry(&err) => continue,
             Err(_) => return Head::Gone,
