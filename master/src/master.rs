@@ -497,16 +497,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     fn most_workers(&self) -> (usize, String) {
         let pipes = self.workers.iter().filter(|w| w.pipe.is_some()).count();
         let fixed = limits::open_fds().saturating_sub(pipes);
-        match limits::workers_for_open_files(fixed) {
-            (most, Some(limit)) if most < MAX_WORKERS => (
-                most,
-                format!(
-                    "the {most} that the master's open-file limit allows \
-                     (RLIMIT_NOFILE {limit}: a pipe per worker, and as many again while they are replaced)"
-                ),
-            ),
-            _ => (MAX_WORKERS, format!("the {MAX_WORKERS} respawn supports")),
-        }
+        the_most_workers(limits::workers_for_open_files(fixed))
     }
 
     /// The count invariant, in one place: fork while fewer workers count
@@ -750,6 +741,22 @@ fn ask_to_stop(worker: &mut Worker, graceful: Duration) {
     terminate(worker, graceful);
 }
 
+/// The lower of the two bounds on the target, and the words for it: what
+/// the open-file limit allows (`files`: so many workers, under that limit),
+/// and what respawn supports.
+fn the_most_workers(files: (usize, Option<u64>)) -> (usize, String) {
+    match files {
+        (most, Some(limit)) if most < MAX_WORKERS => (
+            most,
+            format!(
+                "the {most} that the master's open-file limit allows \
+                 (RLIMIT_NOFILE {limit}: a pipe per worker, and as many again while they are replaced)"
+            ),
+        ),
+        _ => (MAX_WORKERS, format!("the {MAX_WORKERS} respawn supports")),
+    }
+}
+
 /// SIGTERM, and SIGKILL after `graceful` if it has not gone by then. Its
 /// state is the caller's business: a worker stopped for garbage still counts
 /// until its exit, which is then judged like any other death.
@@ -791,4 +798,26 @@ fn refuse_threads() -> Result<(), Error> {
         return Err(Error::Threads { count });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttin_is_bounded_by_open_files_or_by_what_respawn_supports() {
+        let (most, why) = the_most_workers((10, Some(32)));
+        assert_eq!(most, 10);
+        assert!(
+            why.starts_with("the 10 that the master's open-file limit allows (RLIMIT_NOFILE 32"),
+            "{why}"
+        );
+        assert_eq!(
+            the_most_workers((MAX_WORKERS, Some(100_000))),
+            (MAX_WORKERS, "the 4096 respawn supports".to_owned()),
+            "at the bound, the bound is what respawn supports"
+        );
+        assert_eq!(the_most_workers((50_000, Some(100_000))).0, MAX_WORKERS);
+        assert_eq!(the_most_workers((usize::MAX, None)).0, MAX_WORKERS, "no limit");
+    }
 }
