@@ -518,27 +518,31 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         if self.stopping {
             return;
         }
-        while self.spawn_missing_workers() | self.retire_surplus_workers() {}
+        loop {
+            self.spawn_missing_workers();
+            // A retired worker makes room for the next new one of a rollout.
+            if !self.retire_surplus_workers() {
+                break;
+            }
+        }
         if self.rolling && self.workers.outdated(self.generation) == 0 && !self.workers.any_starting() {
             self.rolling = false;
             info!("rolling restart done: every worker is new");
         }
     }
 
-    /// Forks into the slots to fill now; true if it forked any.
-    fn spawn_missing_workers(&mut self) -> bool {
+    /// Forks into the slots to fill now, as far as the room allows.
+    fn spawn_missing_workers(&mut self) {
         let rolling = self.workers.outdated(self.generation) > 0;
         let wanted = self.target + usize::from(rolling && self.target > 0);
         let room = (2 * self.target + 1).saturating_sub(self.workers.iter().count());
         let waiting: Vec<usize> = self.backoff.waiting(Instant::now()).collect();
         let slots = self.workers.slots_to_fill(wanted, &waiting, room);
         let short_of_room = self.workers.slots_to_fill(wanted, &waiting, usize::MAX).len() > slots.len();
-        let mut forked = false;
         for slot in slots {
-            forked |= self.spawn_worker(slot);
+            self.spawn_worker(slot);
         }
         self.note_waiting_for_room(short_of_room);
-        forked
     }
 
     /// Retires counted workers beyond the target; true if it retired any.
@@ -581,9 +585,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
     }
 
-    /// Forks a worker into `slot`; false if the host refused (logged, and
-    /// retried on the slot's backoff).
-    fn spawn_worker(&mut self, slot: usize) -> bool {
+    /// Forks a worker into `slot`. If the host refuses, that is logged, and
+    /// the slot is retried on its backoff.
+    fn spawn_worker(&mut self, slot: usize) {
         let master_fds = self.master_fds();
         self.scoreboard.reset(slot);
         let setup = ChildSetup {
@@ -598,7 +602,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             Ok(spawned) => spawned,
             Err(failure) => {
                 self.fork_failed(slot, failure);
-                return false;
+                return;
             }
         };
         self.fork_works_again();
@@ -622,7 +626,6 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             kill(&mut worker);
         }
         self.workers.insert(worker);
-        true
     }
 
     /// A fork or a pipe failed: the host is out of something. The workers
