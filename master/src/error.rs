@@ -74,4 +74,38 @@ mod tests {
         let err = Error::io("binding 0.0.0.0:80", io::Error::from_raw_os_error(libc::EACCES));
         assert_eq!(err.to_string(), "binding 0.0.0.0:80: permission denied");
     }
+
+    #[test]
+    fn each_error_says_what_to_do_about_it() {
+        let threads = Error::Threads { count: 3 };
+        assert_eq!(
+            threads.to_string(),
+            "refusing to fork from a process that runs 3 threads: \
+             call respawn_master::run before starting any thread"
+        );
+        let gave_up = Error::GaveUp {
+            reason: "11 restarts in 2.0 s".into(),
+        };
+        assert_eq!(gave_up.to_string(), "giving up: 11 restarts in 2.0 s");
+    }
+
+    #[test]
+    fn only_a_failed_system_call_has_a_source() {
+        use std::error::Error as _;
+        let err = Error::io("forking worker 3", io::Error::from_raw_os_error(libc::EAGAIN));
+        let source = err.source().and_then(|s| s.downcast_ref::<io::Error>());
+        assert_eq!(source.and_then(io::Error::raw_os_error), Some(libc::EAGAIN));
+        assert!(Error::Threads { count: 2 }.source().is_none());
+        assert!(Error::GaveUp {
+            reason: String::new()
+        }
+        .source()
+        .is_none());
+    }
+
+    #[test]
+    fn an_error_without_an_errno_reads_as_it_is_said() {
+        assert_eq!(describe(&io::Error::other("Short read")), "short read");
+        assert_eq!(describe(&io::Error::other("")), "");
+    }
 }

@@ -87,13 +87,77 @@ mod tests {
         assert_eq!(explain(&io::Error::from_raw_os_error(libc::EPERM)), None);
     }
 
+    /// A soft limit as /proc/self/limits states it: a number or `unlimited`.
+    fn stated(name: &str) -> String {
+        let table = std::fs::read_to_string("/proc/self/limits").expect("/proc/self/limits");
+        let row = table.lines().find(|row| row.starts_with(name)).expect(name);
+        let soft = row[name.len()..].split_whitespace().next();
+        soft.expect("a soft limit").to_owned()
+    }
+
+    #[test]
+    fn soft_limits_read_as_proc_self_limits_states_them() {
+        for (resource, name) in [
+            (libc::RLIMIT_NOFILE, "Max open files"),
+            (libc::RLIMIT_NPROC, "Max processes"),
+            (libc::RLIMIT_CPU, "Max cpu time"),
+            (libc::RLIMIT_AS, "Max address space"),
+            (libc::RLIMIT_CORE, "Max core file size"),
+        ] {
+            assert_eq!(soft_limit(resource), stated(name), "{name}");
+        }
+        assert_ne!(stated("Max open files"), "unlimited", "the kernel caps it");
+        assert_eq!(soft(libc::RLIMIT_NOFILE), stated("Max open files").parse().ok());
+        assert_eq!(soft(9999), None, "no such resource: unknown");
+    }
+
+    #[test]
+    fn each_limit_is_explained_with_its_value() {
+        let explain = |errno| explain(&io::Error::from_raw_os_error(errno));
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        let uids = status.lines().find_map(|line| line.strip_prefix("Uid:"));
+        let uid = uids.and_then(|ids| ids.split_whitespace().next()).expect("a uid");
+        let nproc = stated("Max processes");
+        assert_eq!(
+            explain(libc::EAGAIN),
+            Some(format!(
+                "the limit on processes of uid {uid}, RLIMIT_NPROC (ulimit -u), is {nproc} \
+                 (or the cgroup's pids.max, or kernel.threads-max, was reached)"
+            ))
+        );
+        let nofile = stated("Max open files");
+        assert_eq!(
+            explain(libc::EMFILE),
+            Some(format!(
+                "the limit on the master's open files, RLIMIT_NOFILE (ulimit -n), is {nofile}"
+            ))
+        );
+        let file_max = std::fs::read_to_string("/proc/sys/fs/file-max").expect("fs.file-max");
+        assert_eq!(
+            explain(libc::ENFILE),
+            Some(format!(
+                "the system's limit on open files, fs.file-max, is {}",
+                file_max.trim()
+            ))
+        );
+    }
+
     #[test]
     fn the_worker_budget_leaves_room_for_a_pipe_each_twice_over() {
         let (most, limit) = workers_for_open_files(10);
-        if let Some(limit) = limit {
-            let most = most as u64;
-            assert!(10 + 3 + 2 * most < limit, "{most} workers within {limit} fds");
-            assert!(10 + 3 + 2 * (most + 1) + 1 > limit, "{most} is the most");
-        }
+        let limit = limit.expect("RLIMIT_NOFILE is never unlimited");
+        assert_eq!(limit.to_string(), stated("Max open files"));
+        let most = most as u64;
+        assert!(10 + 3 + 2 * most < limit, "{most} workers within {limit} fds");
+        assert!(10 + 3 + 2 * (most + 1) + 1 > limit, "{most} is the most");
+    }
+
+    #[test]
+    fn open_fds_counts_what_this_process_holds() {
+        let files: Vec<std::fs::File> = (0..32)
+            .map(|_| std::fs::File::open("/dev/null").expect("/dev/null"))
+            .collect();
+        let open = open_fds();
+        assert!(open >= 3 + files.len(), "{open} fds open");
     }
 }

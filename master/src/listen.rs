@@ -103,4 +103,53 @@ mod tests {
         assert_eq!(rc, 0);
         assert!(secs > 0, "TCP_DEFER_ACCEPT is set ({secs})");
     }
+
+    #[test]
+    fn a_busy_address_is_named_in_the_error() {
+        let taken = TcpListener::bind("127.0.0.1:0").expect("binding a test listener");
+        let addr = taken.local_addr().expect("its address").to_string();
+        let err = bind(&addr).map(|_| ()).unwrap_err();
+        assert_eq!(err.to_string(), format!("binding {addr}: address already in use"));
+        let err = bind("127.0.0.1").map(|_| ()).unwrap_err();
+        assert_eq!(err.to_string(), "resolving 127.0.0.1: invalid socket address");
+    }
+
+    /// The log lines of a forked child, as its logger received them.
+    static LINES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+    struct Lines;
+
+    impl log::Log for Lines {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record) {
+            let mut lines = LINES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            lines.push(record.args().to_string());
+        }
+        fn flush(&self) {}
+    }
+
+    #[test]
+    fn a_listener_without_tcp_options_is_prepared_all_the_same_and_says_why_at_debug() {
+        let outcome = crate::signals::tests::in_child(|| {
+            log::set_logger(&Lines).map_err(|e| e.to_string())?;
+            log::set_max_level(log::LevelFilter::Debug);
+            let lines = || LINES.lock().map(|lines| lines.clone()).unwrap_or_default();
+            let tcp = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+            prepare(&tcp).map_err(|e| e.to_string())?;
+            if !lines().is_empty() {
+                return Err(format!("a TCP listener logged {:?}", lines()));
+            }
+            // A unix socket, handed in as a listener: no TCP options.
+            let (unix, _peer) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+            let listener = TcpListener::from(std::os::fd::OwnedFd::from(unix));
+            prepare(&listener).map_err(|e| e.to_string())?;
+            match lines().as_slice() {
+                [line] if line.starts_with("setting TCP_DEFER_ACCEPT on the listener: ") => Ok(()),
+                other => Err(format!("logged {other:?}")),
+            }
+        });
+        assert_eq!(outcome, Ok(()));
+    }
 }

@@ -375,7 +375,7 @@ mod tests {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     use nix::unistd::pipe2;
     use std::fs::File;
-    use std::io::Read;
+    use std::io::{Read, Seek};
     use std::os::unix::net::UnixStream;
 
     /// A path writing to a fresh pipe of one page; returns the read end.
@@ -603,5 +603,218 @@ mod tests {
         let file = LogPath::new(open_out(file.as_fd()), false);
         assert_eq!(file.out.as_ref().map(|out| &out.kind), Some(&Kind::Blocking));
         assert_eq!(file.watch_fd(), None);
+    }
+
+    /// Bytes queued, as `queued` must always say.
+    fn queued_bytes(path: &LogPath) -> usize {
+        path.queue.iter().map(|entry| entry.bytes.len()).sum()
+    }
+
+    #[test]
+    fn lines_written_at_once_leave_nothing_queued() {
+        let (mut path, mut reader) = pipe_path(false);
+        path.record(b"one\n");
+        path.record(b"two\n");
+        assert_eq!((path.queue.len(), path.queued), (0, 0));
+        assert_eq!(read_lines(&mut reader), ["one", "two"]);
+    }
+
+    #[test]
+    fn a_record_of_exactly_the_capacity_is_kept_and_one_byte_more_dropped() {
+        let (mut path, _reader) = pipe_path(false);
+        fill(&path);
+        path.record(&[b'x'; CAPACITY]);
+        assert_eq!((path.queue.len(), path.dropped), (1, 0), "kept");
+        let (mut path, _reader) = pipe_path(false);
+        fill(&path);
+        path.record(&[b'x'; CAPACITY + 1]);
+        assert_eq!((path.queue.len(), path.dropped), (0, 1), "dropped");
+    }
+
+    #[test]
+    fn a_worker_writes_no_line_before_the_report_of_its_drops() {
+        let (mut path, mut reader) = pipe_path(true);
+        // 10 bytes of room: a short line fits, the report does not.
+        let filler = format!("{}\n", "f".repeat(4085));
+        assert_eq!(path.write_out(filler.as_bytes()), Ok(4086));
+        path.record(b"a line longer than the room\n");
+        assert_eq!((path.dropped, path.queued, queued_bytes(&path)), (1, 0, 0));
+        path.record(b"w2\n");
+        assert_eq!(path.dropped, 2, "w2 would have overtaken the report");
+        assert_eq!(queued_bytes(&path), path.queued);
+        assert_eq!(read_bytes(&mut reader), filler.as_bytes());
+        path.record(b"w3\n");
+        let report = format!(
+            "worker {}: 2 log lines dropped: stderr was not being read",
+            std::process::id()
+        );
+        assert_eq!(read_lines(&mut reader), [report, "w3".into()]);
+    }
+
+    #[test]
+    fn a_report_at_exit_starts_a_line_of_its_own_only_after_a_cut_line() {
+        let (mut path, mut reader) = pipe_path(false);
+        // 100 bytes of room: the report fits, the 4,000-byte line does not.
+        let filler = format!("{}\n", "f".repeat(3995));
+        assert_eq!(path.write_out(filler.as_bytes()), Ok(3996));
+        path.record(format!("{}\n", "a".repeat(3999)).as_bytes());
+        assert_eq!((path.queue.len(), path.written), (1, 0), "nothing of it written");
+        path.flush_before_exit(Duration::ZERO);
+        let mut lines = lines(&read_bytes(&mut reader));
+        assert_eq!(lines.remove(0), filler.trim_end());
+        assert_eq!(
+            lines,
+            ["respawn: 1 log line dropped at exit: stderr was not being read"]
+        );
+    }
+
+    #[test]
+    fn flush_before_exit_waits_for_a_slow_reader() {
+        let (mut path, reader) = pipe_path(false);
+        fill(&path);
+        let expected: Vec<String> = (0..20_000).map(|i| format!("line {i}")).collect();
+        for line in &expected {
+            path.record(format!("{line}\n").as_bytes());
+        }
+        assert_eq!(path.dropped, 0, "all of it queued");
+        fcntl(&reader, FcntlArg::F_SETFL(OFlag::empty())).expect("a blocking reader");
+        let reading = std::thread::spawn(move || {
+            let mut reader = reader;
+            let mut bytes = Vec::new();
+            reader.read_to_end(&mut bytes).map(|_| bytes)
+        });
+        path.flush_before_exit(Duration::from_secs(10));
+        drop(path); // the reader's EOF
+        let bytes = reading.join().expect("the reader").expect("reading");
+        assert_eq!(lines(&bytes), expected);
+    }
+
+    #[test]
+    fn a_full_socket_never_blocks_the_master() {
+        let (ours, _theirs) = UnixStream::pair().expect("socketpair");
+        // Bounds the test should a send ever block.
+        ours.set_write_timeout(Some(Duration::from_secs(1)))
+            .expect("SO_SNDTIMEO");
+        let mut path = LogPath::new(open_out(ours.as_fd()), false);
+        let started = Instant::now();
+        fill(&path);
+        for i in 0..3 {
+            path.record(format!("line {i}\n").as_bytes());
+        }
+        assert_eq!(path.queue.len(), 3, "queued");
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(500), "took {took:?}");
+    }
+
+    #[test]
+    fn a_regular_file_is_appended_to_plainly() {
+        let name = format!("respawn-logbuf-test-{}", std::process::id());
+        let file_path = std::env::temp_dir().join(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&file_path)
+            .expect("a file in the temp dir");
+        let mut path = LogPath::new(open_out(file.as_fd()), false);
+        let _ = std::fs::remove_file(&file_path);
+        assert_eq!(path.out.as_ref().map(|out| &out.kind), Some(&Kind::Blocking));
+        assert_eq!(path.watch_fd(), None, "writes never wait");
+        path.record(b"logged\n");
+        let mut text = String::new();
+        let mut file = file;
+        file.rewind().expect("rewind");
+        file.read_to_string(&mut text).expect("read");
+        assert_eq!(text, "logged\n");
+    }
+
+    #[test]
+    fn the_process_log_path_writes_queues_and_turns_worker_on_stderr() {
+        let outcome = crate::signals::tests::in_child(|| {
+            let (read_end, write_end) =
+                pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(|e| e.to_string())?;
+            fcntl(&write_end, FcntlArg::F_SETPIPE_SZ(4096)).map_err(|e| e.to_string())?;
+            // SAFETY: dup2 onto fd 2 closes this child's stderr, which
+            // nothing else in the child holds.
+            if unsafe { libc::dup2(write_end.as_raw_fd(), 2) } != 2 {
+                return Err(format!("dup2: {}", io::Error::last_os_error()));
+            }
+            let mut reader = File::from(read_end);
+            let fill = || while nix::unistd::write(&write_end, b"filler\n") == Ok(7) {};
+            let check = |what: &str, ok: bool| ok.then_some(()).ok_or(what.to_owned());
+            let mut writer = log_writer();
+
+            check(
+                "a record is taken whole",
+                writer.write(b"first\n").ok() == Some(6),
+            )?;
+            check("an empty one too", writer.write(b"").ok() == Some(0))?;
+            check("it is out", read_lines(&mut reader) == ["first"])?;
+            let fd = watch_fd().ok_or("no fd to watch")?;
+            let target = |fd: RawFd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok();
+            check(
+                "the watched fd is our own onto stderr",
+                fd != 2 && target(fd) == target(2),
+            )?;
+            check("the master's fd is that one", master_fd() == Some(fd))?;
+
+            fill();
+            let _ = writer.write(b"queued\n");
+            check("bytes remain", flush_pending())?;
+            check("nothing got out", read_lines(&mut reader).is_empty())?;
+            check("the queue is empty", !flush_pending())?;
+            check("it got out", read_lines(&mut reader) == ["queued"])?;
+
+            fill();
+            let _ = writer.write(b"flushed\n");
+            read_lines(&mut reader);
+            let _ = writer.flush();
+            check("a flush drains", read_lines(&mut reader) == ["flushed"])?;
+
+            fill();
+            let _ = writer.write(b"last\n");
+            read_lines(&mut reader);
+            flush_before_exit(Duration::from_secs(5));
+            check("the exit flushes", read_lines(&mut reader) == ["last"])?;
+
+            become_worker();
+            fill();
+            let _ = writer.write(b"dropped\n");
+            check("a worker queues nothing", read_lines(&mut reader).is_empty())?;
+            check("a worker has no master fd", master_fd().is_none())?;
+            let _ = writer.write(b"after\n");
+            let report = format!(
+                "worker {}: 1 log line dropped: stderr was not being read",
+                std::process::id()
+            );
+            check(
+                "then reports",
+                read_lines(&mut reader) == [report, "after".into()],
+            )
+        });
+        assert_eq!(outcome, Ok(()));
+    }
+
+    /// CPU time this thread has used.
+    fn thread_cpu_time() -> Duration {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into `now`.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+        assert_eq!(rc, 0, "clock_gettime");
+        Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+    }
+
+    #[test]
+    fn waiting_for_an_unread_pipe_at_exit_sleeps_rather_than_spins() {
+        let (mut path, _reader) = pipe_path(false);
+        fill(&path);
+        path.record(b"never read\n");
+        let cpu = thread_cpu_time();
+        path.flush_before_exit(Duration::from_millis(300));
+        let used = thread_cpu_time() - cpu;
+        assert!(used < Duration::from_millis(100), "{used:?} of CPU in 300 ms");
     }
 }

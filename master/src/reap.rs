@@ -53,4 +53,75 @@ mod tests {
             "signal 9"
         );
     }
+
+    #[test]
+    fn a_core_dump_and_other_statuses_are_said_too() {
+        let pid = Pid::from_raw(4321);
+        assert_eq!(
+            describe(&WaitStatus::Signaled(pid, Signal::SIGABRT, true)),
+            "signal 6, core dumped"
+        );
+        assert_eq!(
+            describe(&WaitStatus::Stopped(pid, Signal::SIGSTOP)),
+            "Stopped(Pid(4321), SIGSTOP)"
+        );
+    }
+
+    /// Forks a child that leaves with `code` at once, or waits to be killed
+    /// (at the latest when its parent ends).
+    fn child(code: Option<i32>) -> Result<Pid, String> {
+        let parent = nix::unistd::getpid();
+        // SAFETY: the child only calls prctl, getppid, pause and _exit.
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => loop {
+                // SAFETY: PR_SET_PDEATHSIG takes a signal number; getppid,
+                // pause and _exit have no preconditions.
+                unsafe {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    if let Some(code) = code {
+                        libc::_exit(code);
+                    }
+                    if libc::getppid() != parent.as_raw() {
+                        libc::_exit(1);
+                    }
+                    libc::pause();
+                }
+            },
+            Ok(nix::unistd::ForkResult::Parent { child }) => Ok(child),
+            Err(err) => Err(format!("fork: {err}")),
+        }
+    }
+
+    #[test]
+    fn exited_children_are_collected_one_by_one_and_then_none() {
+        // In a child of its own: it reaps any child, another test's too.
+        let outcome = crate::signals::tests::in_child(|| {
+            if let Some(found) = next_exited() {
+                return Err(format!("{found:?} with no child"));
+            }
+            let alive = child(None)?;
+            let exiting = child(Some(3))?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let collected = loop {
+                match next_exited() {
+                    Some(found) => break found,
+                    None if std::time::Instant::now() < deadline => std::thread::yield_now(),
+                    None => return Err("the exit was never collected".into()),
+                }
+            };
+            if collected != (exiting, WaitStatus::Exited(exiting, 3)) {
+                return Err(format!("collected {collected:?}"));
+            }
+            if let Some(found) = next_exited() {
+                return Err(format!("{found:?} while {alive} lives"));
+            }
+            let _ = nix::sys::signal::kill(alive, Signal::SIGKILL);
+            wait_for(alive);
+            match waitpid(alive, Some(WaitPidFlag::WNOHANG)) {
+                Err(Errno::ECHILD) => Ok(()),
+                other => Err(format!("{alive} was not reaped: {other:?}")),
+            }
+        });
+        assert_eq!(outcome, Ok(()));
+    }
 }

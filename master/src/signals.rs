@@ -277,7 +277,7 @@ pub(crate) fn name(signal: Signo) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -330,5 +330,223 @@ mod tests {
         assert_eq!(name(libc::SIGRTMIN()), "SIGRTMIN");
         assert_eq!(name(libc::SIGRTMIN() + 3), "SIGRTMIN+3");
         assert_eq!(name(32), "signal 32");
+    }
+
+    #[test]
+    fn a_mask_holds_each_signal_once_and_nothing_out_of_range() {
+        let mask: Mask = [libc::SIGTERM, libc::SIGHUP, libc::SIGTERM, 0, 65]
+            .into_iter()
+            .collect();
+        assert_eq!(mask.signals().collect::<Vec<_>>(), [libc::SIGHUP, libc::SIGTERM]);
+        assert_eq!(mask, Mask(1 << (libc::SIGHUP - 1) | 1 << (libc::SIGTERM - 1)));
+    }
+
+    /// The calling thread's mask as the kernel states it.
+    fn blocked() -> Result<Mask, String> {
+        let status = std::fs::read_to_string("/proc/thread-self/status").map_err(|e| e.to_string())?;
+        let hex = status.lines().find_map(|line| line.strip_prefix("SigBlk:"));
+        let hex = hex.ok_or("no SigBlk line")?.trim();
+        u64::from_str_radix(hex, 16).map(Mask).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_raw_mask_blocks_what_glibc_would_refuse_and_returns_the_one_before() {
+        // A thread of its own: the mask is per thread, and this one ends here.
+        let outcome = std::thread::spawn(|| -> Result<(), String> {
+            let more: Mask = [libc::SIGUSR2, 32, 33].into_iter().collect();
+            let before = sigprocmask(libc::SIG_BLOCK, more).map_err(|e| e.to_string())?;
+            let after = sigprocmask(libc::SIG_BLOCK, Mask::default()).map_err(|e| e.to_string())?;
+            if after != Mask(before.0 | more.0) || blocked()? != after {
+                return Err(format!(
+                    "{after:?} blocked after {before:?}, kernel: {:?}",
+                    blocked()
+                ));
+            }
+            if sigprocmask(99, more).is_ok() {
+                return Err("an invalid `how` was accepted".into());
+            }
+            sigprocmask(libc::SIG_SETMASK, before).map_err(|e| e.to_string())?;
+            Ok(())
+        })
+        .join();
+        assert_eq!(outcome.expect("the thread panicked"), Ok(()));
+    }
+
+    #[test]
+    fn a_disposition_is_set_and_the_old_one_returned_or_refused_with_an_error() {
+        let current = disposition(libc::SIGURG);
+        let mut same = default_action();
+        same.sa_sigaction = current;
+        let old = set_action(libc::SIGURG, &same).expect("SIGURG as it was");
+        assert_eq!(old.sa_sigaction, current);
+        let err = set_action(65, &default_action()).map(|_| ()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+    }
+
+    /// A signal's disposition in this process: SIG_DFL, SIG_IGN or a handler.
+    fn disposition(signal: Signo) -> libc::sighandler_t {
+        let mut old = MaybeUninit::<libc::sigaction>::uninit();
+        // SAFETY: a null new action only reads the current one into `old`.
+        let rc = unsafe { libc::sigaction(signal, std::ptr::null(), old.as_mut_ptr()) };
+        assert_eq!(rc, 0, "sigaction({signal})");
+        // SAFETY: sigaction succeeded, so it filled `old`.
+        unsafe { old.assume_init() }.sa_sigaction
+    }
+
+    fn ignore(signal: Signo) -> Result<(), String> {
+        let mut ignored = default_action();
+        ignored.sa_sigaction = libc::SIG_IGN;
+        set_action(signal, &ignored)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn send(signal: Signo) {
+        // SAFETY: kill has no memory preconditions; the signal is blocked.
+        unsafe { libc::kill(libc::getpid(), signal) };
+    }
+
+    fn check(what: &str, ok: bool) -> Result<(), String> {
+        ok.then_some(()).ok_or_else(|| format!("{what}: {:?}", blocked()))
+    }
+
+    /// Runs `check` in a forked child, so that what it does to the process
+    /// (its signal mask and dispositions, its stderr) stays there: it
+    /// returns a verdict on a pipe. The child is killed if it says nothing
+    /// within 10 s.
+    pub(crate) fn in_child(check: fn() -> Result<(), String>) -> Result<(), String> {
+        use nix::sys::wait::{waitpid, WaitStatus};
+        use nix::unistd::{fork, pipe2, ForkResult};
+        let (read_end, write_end) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2");
+        // SAFETY: the child (a copy of this thread alone) runs `check`, which
+        // allocates (glibc's malloc is fork-safe) but prints nothing; the
+        // locks it takes (the log path's, a test logger's) are only ever
+        // taken in such children, so no other thread holds one at the fork.
+        // It leaves with _exit.
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => {
+                drop(read_end);
+                let verdict = std::panic::catch_unwind(check);
+                let text = match verdict {
+                    Ok(Ok(())) => "ok".to_owned(),
+                    Ok(Err(err)) => err,
+                    Err(_) => "panicked".to_owned(),
+                };
+                let _ = nix::unistd::write(&write_end, text.as_bytes());
+                // SAFETY: _exit ends the child without running the parent's
+                // atexit handlers or destructors.
+                unsafe { libc::_exit(0) }
+            }
+            ForkResult::Parent { child } => {
+                drop(write_end);
+                // Not to EOF: a child another test forks meanwhile holds a
+                // copy of the write end. The verdict is one write, smaller
+                // than PIPE_BUF, so it arrives whole.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                let mut text = None;
+                while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+                    let mut pollfd = libc::pollfd {
+                        fd: read_end.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    let ms = left.as_millis().max(1) as libc::c_int;
+                    // SAFETY: one valid pollfd that outlives the call.
+                    if unsafe { libc::poll(&mut pollfd, 1, ms) } == 1 {
+                        let mut verdict = [0u8; 4096];
+                        let n = nix::unistd::read(&read_end, &mut verdict).unwrap_or(0);
+                        text = Some(String::from_utf8_lossy(&verdict[..n]).into_owned());
+                        break;
+                    }
+                }
+                let text = text.unwrap_or_else(|| {
+                    let _ = nix::sys::signal::kill(child, nix::sys::signal::SIGKILL);
+                    "no verdict within 10 s".into()
+                });
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, 0)) if text == "ok" => Ok(()),
+                    other => Err(format!("{text}; the child ended: {other:?}")),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_master_reads_its_signals_from_the_signalfd_and_a_worker_gets_them_back() {
+        let outcome = in_child(|| {
+            // As a shell leaves a background job: USR1 ignored. And TERM
+            // blocked, which a worker must keep blocked too.
+            let before: Mask = [libc::SIGUSR2, libc::SIGTERM].into_iter().collect();
+            sigprocmask(libc::SIG_SETMASK, before).map_err(|e| e.to_string())?;
+            ignore(libc::SIGUSR1)?;
+            let signals = Signals::block().map_err(|e| format!("block: {e}"))?;
+            check("every taken signal is blocked", blocked()? == Mask::taken())?;
+            check(
+                "USR1 takes its default action again",
+                disposition(libc::SIGUSR1) == libc::SIG_DFL,
+            )?;
+            let fd = signals.as_raw_fd();
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).map_err(|e| e.to_string())?;
+            check(
+                "the fd is a signalfd",
+                link.as_os_str() == "anon_inode:[signalfd]",
+            )?;
+            let flags = nix::fcntl::fcntl(&signals.fd, nix::fcntl::FcntlArg::F_GETFL).unwrap_or(0);
+            check("the signalfd is non-blocking", flags & libc::O_NONBLOCK != 0)?;
+            let fd_flags = nix::fcntl::fcntl(&signals.fd, nix::fcntl::FcntlArg::F_GETFD).unwrap_or(0);
+            check("the signalfd is closed on exec", fd_flags & libc::FD_CLOEXEC != 0)?;
+            check("nothing pending", matches!(signals.next(), Ok(None)))?;
+            for signal in [libc::SIGUSR1, 33, libc::SIGCHLD] {
+                send(signal);
+                let got = signals.next().map_err(|e| e.to_string())?;
+                check(&format!("{signal} read as {got:?}"), got == Some(signal))?;
+            }
+            check("all read", matches!(signals.next(), Ok(None)))?;
+            signals.restore_in_worker().map_err(|e| format!("restore: {e}"))?;
+            let stop: Mask = [libc::SIGTERM, libc::SIGQUIT].into_iter().collect();
+            check(
+                "a worker's mask is the one before, and TERM and QUIT",
+                blocked()? == Mask(before.0 | stop.0),
+            )?;
+            check(
+                "a worker ignores USR1 again",
+                disposition(libc::SIGUSR1) == libc::SIG_IGN,
+            )?;
+            Ok(())
+        });
+        assert_eq!(outcome, Ok(()));
+    }
+
+    #[test]
+    fn dropped_the_signals_are_given_back_and_late_ones_are_not_fatal() {
+        let outcome = in_child(|| {
+            // As nohup leaves a program: HUP ignored.
+            let before: Mask = [libc::SIGUSR2].into_iter().collect();
+            sigprocmask(libc::SIG_SETMASK, before).map_err(|e| e.to_string())?;
+            ignore(libc::SIGHUP)?;
+            let signals = Signals::block().map_err(|e| format!("block: {e}"))?;
+            check("HUP is taken", disposition(libc::SIGHUP) == libc::SIG_DFL)?;
+            // Arrives after the last turn: its default action would kill.
+            send(libc::SIGUSR1);
+            drop(signals);
+            check("the mask is the one before", blocked()? == before)?;
+            check("HUP is ignored again", disposition(libc::SIGHUP) == libc::SIG_IGN)?;
+            Ok(())
+        });
+        assert_eq!(outcome, Ok(()));
+    }
+
+    #[test]
+    fn a_master_whose_stdin_is_closed_gets_its_signalfd_as_fd_0() {
+        let outcome = in_child(|| {
+            // SAFETY: nothing in this child uses fd 0.
+            unsafe { libc::close(0) };
+            let signals = Signals::block().map_err(|e| format!("block: {e}"))?;
+            check("fd 0 is the signalfd", signals.as_raw_fd() == 0)?;
+            send(libc::SIGUSR1);
+            let got = signals.next().map_err(|e| e.to_string())?;
+            check(&format!("USR1 read as {got:?}"), got == Some(libc::SIGUSR1))
+        });
+        assert_eq!(outcome, Ok(()));
     }
 }
