@@ -117,6 +117,9 @@ where
             pipe: read_end,
         }),
         Ok(ForkResult::Child) => {
+            // The master's end: usually above the floor, but not when it
+            // could not be lifted, and never in the table yet.
+            drop(read_end);
             let code = catch_unwind(AssertUnwindSafe(|| become_worker(setup, master, write_end, work)))
                 .unwrap_or(exit_code::PANICKED);
             // SAFETY: _exit ends the process at once; nothing of the master's

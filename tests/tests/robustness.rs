@@ -66,6 +66,7 @@ fn failed_fork_keeps_the_workers_and_recovers() {
         l.ends_with("forking works again, after 1 failed attempts")
     });
     let after = respawn.wait_for_workers(2);
+    assert_eq!(respawn.count_log("forking works again"), 1, "{}", respawn.dump());
     assert!(alive(respawn.pid), "the master goes on\n{}", respawn.dump());
     assert_ne!(before, after);
     assert_eq!(respawn.get("/").unwrap().status, 200);
@@ -74,7 +75,18 @@ fn failed_fork_keeps_the_workers_and_recovers() {
 
 #[test]
 fn ttin_past_the_open_file_limit_is_refused_with_a_line() {
+    // The program also holds an fd of its own above the limit (fd 40), so
+    // the master cannot keep its pipes above every fd it found at start:
+    // they stay low, and each worker must still be given none of them.
     let respawn = Respawn::start_with(&["--workers", "2"], |command| {
+        // SAFETY: dup2 is async-signal-safe; fd 0 is the /dev/null the
+        // harness gives as stdin.
+        unsafe {
+            command.pre_exec(|| match libc::dup2(0, 40) {
+                40 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            });
+        }
         unprivileged(command, own_uid(1), libc::RLIMIT_NOFILE, 32)
     });
     respawn.wait_for_workers(2);
@@ -97,6 +109,14 @@ fn ttin_past_the_open_file_limit_is_refused_with_a_line() {
         "{line}"
     );
     let old = respawn.wait_for_workers(most);
+    for &worker in &old {
+        assert_eq!(
+            read_ends_of_pipes(worker),
+            0,
+            "worker {worker} holds the master's pipes\n{}",
+            respawn.dump()
+        );
+    }
     // A HUP at the limit still has the fds it needs.
     respawn.signal(libc::SIGHUP);
     respawn.wait_for_log("the rollout", |l| {
@@ -111,6 +131,59 @@ fn ttin_past_the_open_file_limit_is_refused_with_a_line() {
         "{}",
         respawn.dump()
     );
+}
+
+/// How many read ends of pipes a process holds: a worker holds none (its
+/// own pipe's write end, and stdio), the master one per worker.
+fn read_ends_of_pipes(pid: i32) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    fds.filter_map(|entry| entry.ok())
+        .filter(|entry| {
+            std::fs::read_link(entry.path()).is_ok_and(|target| target.to_string_lossy().starts_with("pipe:"))
+        })
+        .filter(|entry| {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                entry.file_name().to_string_lossy()
+            ));
+            info.ok()
+                .and_then(|info| {
+                    let flags = info
+                        .lines()
+                        .find_map(|l| l.strip_prefix("flags:"))?
+                        .trim()
+                        .to_owned();
+                    i32::from_str_radix(&flags, 8).ok()
+                })
+                .is_some_and(|flags| flags & libc::O_ACCMODE == libc::O_RDONLY)
+        })
+        .count()
+}
+
+#[test]
+fn a_fork_that_keeps_failing_is_one_line_per_burst() {
+    // Two processes allowed: the master and one worker. The second worker
+    // can never be forked: one WARN line, then quieter retries.
+    let mut respawn = Respawn::start_with(&["--workers", "2"], |command| {
+        unprivileged(command, own_uid(0) + 20_000, libc::RLIMIT_NPROC, 2)
+    });
+    assert!(
+        wait_until(PATIENCE, || respawn.count_log("fork failed again") >= 3),
+        "{}",
+        respawn.dump()
+    );
+    assert_eq!(
+        respawn.count_log(": fork failed: "),
+        1,
+        "one line per burst\n{}",
+        respawn.dump()
+    );
+    assert_eq!(respawn.count_log("forking works again"), 0);
+    assert_eq!(respawn.get("/").unwrap().status, 200, "the worker it has serves");
+    respawn.signal(libc::SIGTERM);
+    assert_eq!(respawn.wait_exit().code(), Some(0));
 }
 
 #[test]
