@@ -425,8 +425,9 @@ def scenario_retiring():
     return "Retiring workers piled up by clients (8.3)", figure, how
 
 
-# Signals respawn acts on, that cannot be caught, or that must stay fatal.
-NOT_STRAY = {9, 19, 4, 5, 6, 7, 8, 11, 31, 1, 2, 3, 15, 17, 21, 22}
+# Signals respawn acts on, that cannot be caught, that keep job control's meaning
+# (TSTP, CONT), or that must stay fatal.
+NOT_STRAY = {9, 19, 18, 20, 4, 5, 6, 7, 8, 11, 31, 1, 2, 3, 15, 17, 21, 22}
 
 
 def scenario_signals():
@@ -448,7 +449,7 @@ def scenario_signals():
         f"workers {'unchanged' if after == before else 'CHANGED'}, `GET /` {status}"
     )
     how = (
-        "`--workers 2`; every signal 1 to 64 but KILL, STOP, the fault signals (ILL TRAP ABRT BUS FPE SEGV SYS) "
+        "`--workers 2`; every signal 1 to 64 but KILL, STOP, TSTP, CONT, the fault signals (ILL TRAP ABRT BUS FPE SEGV SYS) "
         "and those respawn acts on (HUP INT QUIT TERM CHLD TTIN TTOU), one at a time, each awaited by its line"
     )
     return "Stray signals (8.4)", figure, how
