@@ -6,7 +6,7 @@ replacement ready (50 kills, 2 workers). Run from the repository root after
     python3 bench/respawn_delay.py
 """
 import subprocess, time, os, re, signal, statistics, sys
-p = subprocess.Popen(["target/release/respawn","--workers","2","--listen","127.0.0.1:0","--min-uptime","0","--max-restarts","1000000"], stderr=subprocess.PIPE, text=True, bufsize=1, env=dict(os.environ, RUST_LOG="info"))
+p = subprocess.Popen(["target/release/respawn","--workers","2","--listen","127.0.0.1:0","--min-uptime","0"], stderr=subprocess.PIPE, text=True, bufsize=1, env=dict(os.environ, RUST_LOG="info"))
 ready = []
 def line():
     l = p.stderr.readline(); return l
