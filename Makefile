@@ -28,7 +28,7 @@ doc:
 
 # Load and fault benchmarks, respawn beside a Node.js cluster server; writes
 # docs/benchmarks.md and docs/benchmarks.svg. Installs wrk from Debian's
-# packages if it is missing. Takes about 9 minutes on an idle machine, more
+# packages if it is missing. Takes about 12 minutes on an idle machine, more
 # when others use its cores; never part of make test.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 bench: linux-only
