@@ -512,7 +512,7 @@ def nofile_limits(workers):
 
 class Starting:
     """A server started with `workers` workers, its log read in a thread as
-    it comes (a pipe left unread would block the master's log writes) to
+    it comes (a pipe left unread would make the master drop its log lines) to
     note when the last spawned line and the last worker's ready line arrive.
     Times are from just before the fork."""
 
