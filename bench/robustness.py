@@ -30,6 +30,11 @@ import sys
 import threading
 import time
 
+# The make bench harness beside this file: its /proc reader (state, ppid,
+# CPU ticks) and free-port picker, rather than copies of them.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import free_port, stat  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = os.environ.get("RESPAWN_BIN") or os.path.join(ROOT, "target", "release", "respawn")
 PATIENCE = 30.0  # seconds any one wait may take
@@ -53,23 +58,6 @@ def wait_until(condition, limit=PATIENCE, step=0.005):
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(step)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stat(pid):
-    """(state letter, ppid) from /proc/PID/stat, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()
-    return fields[0], int(fields[1])
 
 
 def live_children(parent):

@@ -168,7 +168,6 @@ impl<'a> Acceptor<'a> {
     /// requested (see [`crate::stop`] for why none is ever missed); Err if
     /// the listener cannot be used.
     pub fn accept(&mut self) -> io::Result<Option<TcpStream>> {
-        let pid = std::process::id();
         loop {
             if stop::requested() {
                 return Ok(None);
@@ -187,6 +186,9 @@ impl<'a> Acceptor<'a> {
             if stop::requested() {
                 return Ok(None);
             }
+            // getpid is a system call: only on the way to a log line, never
+            // per connection.
+            let pid = std::process::id();
             match classify(&err) {
                 Action::Retry => debug!("worker {pid}: accepting: {err}; retrying"),
                 Action::Pause => {
