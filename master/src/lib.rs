@@ -100,6 +100,7 @@ compile_error!(
      prctl(PR_SET_PDEATHSIG) and /proc, which other systems do not have"
 );
 
+mod activation;
 mod config;
 mod error;
 mod hung;
@@ -113,6 +114,7 @@ mod signals;
 mod spawn;
 mod table;
 
+pub use activation::{inherited_listeners, Inherited};
 pub use config::Config;
 pub use error::Error;
 pub use listen::bind;

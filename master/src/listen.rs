@@ -20,7 +20,15 @@ const BACKLOG: i32 = 1024;
 /// Binds `addr` (`host:port`, IPv4 or IPv6; port 0 picks a free port) and
 /// listens on it. The error says what was bound and why it failed:
 /// `binding 127.0.0.1:8080: address already in use`.
+///
+/// A listener handed over open comes first (systemd's socket activation,
+/// or respawn's own upgrade, see [`crate::inherited_listeners`]): then
+/// nothing is bound, and `addr` is not used.
 pub fn bind(addr: &str) -> Result<TcpListener, Error> {
+    if let Some(inherited) = crate::activation::inherited_listeners()?.into_iter().next() {
+        log::debug!("using an inherited listener instead of binding {addr}");
+        return Ok(TcpListener::from(inherited.fd));
+    }
     let candidates = addr
         .to_socket_addrs()
         .map_err(|err| Error::io(format!("resolving {addr}"), err))?;

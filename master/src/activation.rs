@@ -1,0 +1,143 @@
+//! Inherited listeners: sockets bound by someone else and handed over open.
+//!
+//! Two hand-overs use the same path:
+//!
+//! - **systemd's socket activation** (`sd_listen_fds(3)`): the service
+//!   manager binds, starts us with the sockets at fds 3, 4, ..., and says
+//!   so in `LISTEN_FDS` (how many), `LISTEN_PID` (for whom: a child that
+//!   inherits the environment must not take them for its own) and
+//!   `LISTEN_FDNAMES` (`:`-separated names, from the socket unit). As the
+//!   socket stays open in systemd across `systemctl restart`, connections
+//!   made meanwhile wait in the kernel's queue instead of being refused.
+//! - **respawn's own upgrade** (upgrade.rs): the master starts the new
+//!   binary, as workers and then as itself, with the listeners open at the
+//!   fd numbers they already have, listed in `RESPAWN_LISTEN_FDS`
+//!   (`3,7`), also checked against `LISTEN_PID`. Renumbering them to 3, 4,
+//!   ... would close whatever has those numbers, which a master that
+//!   re-executes itself cannot undo if the exec then fails.
+//!
+//! Either way the variables are removed once read, and the fds are made
+//! close-on-exec again, so that nothing started later takes them too.
+
+use crate::Error;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// systemd's first passed fd (`SD_LISTEN_FDS_START`).
+const FIRST: RawFd = 3;
+/// A bound on LISTEN_FDS, far above any real socket unit, so that a
+/// garbage value cannot make us claim every fd number.
+const MOST: usize = 1024;
+
+/// Set once the variables have been read: the fds have one owner.
+static TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// A socket handed over open, and the name it was given (systemd's
+/// `FileDescriptorName=`, or empty).
+#[derive(Debug)]
+pub struct Inherited {
+    pub fd: OwnedFd,
+    pub name: String,
+}
+
+/// The listeners handed to this process, if any: from `LISTEN_FDS` when
+/// `LISTEN_PID` is this process, or from a respawn upgrade. The variables are
+/// removed, so the first call takes them and later calls return nothing.
+/// Call it before any thread is started (it changes the environment).
+///
+/// Errors: a `LISTEN_FDS` or `RESPAWN_LISTEN_FDS` that does not parse, or
+/// that names an fd that is not open, is a clear error rather than a guess.
+pub fn inherited_listeners() -> Result<Vec<Inherited>, Error> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let count = std::env::var("LISTEN_FDS").ok();
+    let listed = std::env::var("RESPAWN_LISTEN_FDS").ok();
+    let names = std::env::var("LISTEN_FDNAMES").ok();
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return Ok(Vec::new());
+    }
+    for var in ["LISTEN_PID", "LISTEN_FDS", "RESPAWN_LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    let ours = pid.as_deref().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    if !ours {
+        // Unset or for another process (our parent's, inherited by mistake).
+        return Ok(Vec::new());
+    }
+    let fds = match (listed, count) {
+        (Some(listed), _) => parse_list(&listed)?,
+        (None, Some(count)) => parse_count(&count)?,
+        (None, None) => return Ok(Vec::new()),
+    };
+    let names: Vec<&str> = names.as_deref().map_or(Vec::new(), |n| n.split(':').collect());
+    let mut inherited = Vec::with_capacity(fds.len());
+    for (i, fd) in fds.into_iter().enumerate() {
+        set_cloexec(fd).map_err(|err| Error::io(format!("taking inherited fd {fd}"), err))?;
+        // SAFETY: the protocol hands these fds to this process (LISTEN_PID
+        // is ours), they are open (checked just above), and the variables
+        // that name them are gone: nothing else takes ownership of them.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let name = names.get(i).copied().unwrap_or("").to_owned();
+        inherited.push(Inherited { fd, name });
+    }
+    Ok(inherited)
+}
+
+/// `LISTEN_FDS=N`: fds 3 to 3+N-1.
+fn parse_count(count: &str) -> Result<Vec<RawFd>, Error> {
+    match count.parse::<usize>() {
+        Ok(n) if n <= MOST => Ok((0..n).map(|i| FIRST + i as RawFd).collect()),
+        _ => Err(bad("LISTEN_FDS", count)),
+    }
+}
+
+/// `RESPAWN_LISTEN_FDS=3,7`: those fds.
+fn parse_list(list: &str) -> Result<Vec<RawFd>, Error> {
+    let fds: Option<Vec<RawFd>> = list
+        .split(',')
+        .map(|fd| fd.parse::<RawFd>().ok().filter(|&fd| fd >= FIRST))
+        .collect();
+    match fds {
+        Some(fds) if !fds.is_empty() && fds.len() <= MOST => Ok(fds),
+        _ => Err(bad("RESPAWN_LISTEN_FDS", list)),
+    }
+}
+
+fn bad(var: &str, value: &str) -> Error {
+    Error::io(
+        format!("reading {var}={value:?}"),
+        io::Error::new(io::ErrorKind::InvalidInput, "not a list of fds this process holds"),
+    )
+}
+
+/// Close-on-exec, which also proves the fd is open (EBADF if not).
+fn set_cloexec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_SETFD on a number we do not own yet only changes its flag,
+    // and fails with EBADF if nothing is open there.
+    let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_lists_parse_or_say_what_was_wrong() {
+        assert_eq!(parse_count("2").ok(), Some(vec![3, 4]));
+        assert_eq!(parse_count("0").ok(), Some(vec![]));
+        assert!(parse_count("-1").is_err());
+        assert!(parse_count("99999").is_err());
+        assert_eq!(parse_list("3,7").ok(), Some(vec![3, 7]));
+        assert!(parse_list("").is_err());
+        assert!(parse_list("2").is_err(), "stderr is not a listener");
+        let err = parse_list("x").map(|_| ()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "reading RESPAWN_LISTEN_FDS=\"x\": not a list of fds this process holds"
+        );
+    }
+}
