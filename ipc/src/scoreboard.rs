@@ -71,11 +71,15 @@
 //! [`RowWriter`] (a bare pointer with no lifetime) sound to copy anywhere,
 //! a worker's `static` included: the memory it points to cannot go away.
 
-use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+use nix::sys::stat::fstat;
+use nix::unistd::ftruncate;
 use std::io::{self, Write};
 use std::mem::size_of;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
@@ -109,6 +113,10 @@ pub struct Scoreboard {
     /// The first row; dangling (and never dereferenced) when `rows` is 0.
     ptr: NonNull<Row>,
     rows: usize,
+    /// The memory file behind the mapping (None when `rows` is 0): a
+    /// program the master executes (the new binary of an upgrade, as a
+    /// worker or as the master itself) maps the same rows through it.
+    file: Option<OwnedFd>,
 }
 
 // SAFETY: a Scoreboard is a pointer to memory that is never unmapped, and
@@ -120,31 +128,80 @@ unsafe impl Send for Scoreboard {}
 unsafe impl Sync for Scoreboard {}
 
 impl Scoreboard {
-    /// Maps `rows` zeroed rows, shared with every process forked after.
-    /// Errors carry context: `mapping the scoreboard (N rows): <errno text>`.
+    /// Maps `rows` zeroed rows, shared with every process forked after,
+    /// and with any program handed [`Scoreboard::file`]. Errors carry
+    /// context: `mapping the scoreboard (N rows): <errno text>`.
     pub fn new(rows: usize) -> io::Result<Scoreboard> {
-        let Some(len) = rows.checked_mul(size_of::<Row>()) else {
+        let Some(len) = byte_len(rows)? else {
+            return Ok(Scoreboard::empty());
+        };
+        let context = |errno: nix::errno::Errno| {
+            io::Error::new(
+                io::Error::from(errno).kind(),
+                format!("mapping the scoreboard ({rows} rows): {errno}"),
+            )
+        };
+        // A memory file rather than an anonymous mapping: the same pages,
+        // shared the same way with forked workers, but also reachable by
+        // fd from a program that is executed (see upgrade.rs in the master).
+        let file = memfd_create("respawn-scoreboard", MFdFlags::MFD_CLOEXEC).map_err(context)?;
+        let size = i64::try_from(len.get()).map_err(|_| context(nix::errno::Errno::EOVERFLOW))?;
+        ftruncate(&file, size).map_err(context)?;
+        Scoreboard::map(file, rows, len)
+    }
+
+    /// Maps the rows of a scoreboard whose memory file this process was
+    /// handed (an upgrade's new binary). The file must hold `rows` rows.
+    pub fn inherit(file: OwnedFd, rows: usize) -> io::Result<Scoreboard> {
+        let Some(len) = byte_len(rows)? else {
+            return Ok(Scoreboard::empty());
+        };
+        let size = fstat(&file)
+            .map_err(|errno| {
+                io::Error::new(
+                    io::Error::from(errno).kind(),
+                    format!("reading the scoreboard's size: {errno}"),
+                )
+            })?
+            .st_size;
+        if usize::try_from(size).map_or(true, |size| size < len.get()) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("mapping the scoreboard ({rows} rows): its size overflows usize"),
+                format!("the scoreboard handed over holds {size} bytes, less than {rows} rows"),
             ));
-        };
-        let Some(len) = NonZeroUsize::new(len) else {
-            // No rows: nothing to map, and nothing will ever be read.
-            return Ok(Scoreboard {
-                ptr: NonNull::dangling(),
-                rows: 0,
-            });
-        };
-        // SAFETY: a fresh anonymous mapping at an address the kernel picks
-        // overlaps no memory Rust knows about. Its pages are zeroed, which
-        // is a valid Row, and page-aligned, which is more than Row's 64.
+        }
+        Scoreboard::map(file, rows, len)
+    }
+
+    /// The memory file behind the rows, to hand to a program the master
+    /// executes; None when there are no rows.
+    pub fn file(&self) -> Option<BorrowedFd<'_>> {
+        self.file.as_ref().map(AsFd::as_fd)
+    }
+
+    fn empty() -> Scoreboard {
+        // No rows: nothing to map, and nothing will ever be read.
+        Scoreboard {
+            ptr: NonNull::dangling(),
+            rows: 0,
+            file: None,
+        }
+    }
+
+    fn map(file: OwnedFd, rows: usize, len: NonZeroUsize) -> io::Result<Scoreboard> {
+        // SAFETY: a fresh shared mapping of a memory file, at an address the
+        // kernel picks, overlaps no memory Rust knows about. The file's
+        // bytes are zeroes or rows written through the same layout (its
+        // only writers are rows of this type), which are valid Rows, and
+        // the mapping is page-aligned, which is more than Row's 64.
         let mapped = unsafe {
-            mmap_anonymous(
+            mmap(
                 None,
                 len,
                 ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
                 MapFlags::MAP_SHARED,
+                &file,
+                0,
             )
         }
         .map_err(|errno| {
@@ -156,6 +213,7 @@ impl Scoreboard {
         Ok(Scoreboard {
             ptr: mapped.cast::<Row>(),
             rows,
+            file: Some(file),
         })
     }
 
@@ -210,6 +268,17 @@ impl Scoreboard {
         // never unmapped. Row is all atomics, so a shared reference is sound
         // while other threads and processes write it.
         Some(unsafe { self.ptr.add(slot).as_ref() })
+    }
+}
+
+/// The mapping's length for `rows` rows; None for none.
+fn byte_len(rows: usize) -> io::Result<Option<NonZeroUsize>> {
+    match rows.checked_mul(size_of::<Row>()) {
+        Some(len) => Ok(NonZeroUsize::new(len)),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("mapping the scoreboard ({rows} rows): its size overflows usize"),
+        )),
     }
 }
 

@@ -106,7 +106,10 @@ fn parse_list(list: &str) -> Result<Vec<RawFd>, Error> {
 fn bad(var: &str, value: &str) -> Error {
     Error::io(
         format!("reading {var}={value:?}"),
-        io::Error::new(io::ErrorKind::InvalidInput, "not a list of fds this process holds"),
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a list of fds this process holds",
+        ),
     )
 }
 

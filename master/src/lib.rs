@@ -113,6 +113,7 @@ mod reap;
 mod signals;
 mod spawn;
 mod table;
+mod upgrade;
 
 pub use activation::{inherited_listeners, Inherited};
 pub use config::Config;
@@ -120,6 +121,7 @@ pub use error::Error;
 pub use listen::bind;
 pub use logbuf::{log_writer, LogWriter};
 pub use respawn_ipc::Handoff;
+pub use upgrade::started_as_worker;
 
 use std::net::TcpListener;
 
@@ -138,6 +140,16 @@ pub fn run<W>(listener: TcpListener, config: Config, worker: W) -> Result<(), Er
 where
     W: FnMut(Handoff) -> i32,
 {
+    match upgrade::take_worker_env() {
+        Ok(Some(env)) => run_upgraded_worker(&env, listener, worker),
+        Ok(None) => {}
+        Err(why) => {
+            return Err(Error::io(
+                "starting as an upgraded worker",
+                std::io::Error::other(why),
+            ))
+        }
+    }
     let mut master = master::Master::new(listener, config, worker)?;
     let result = master.run();
     if result.is_err() {
@@ -145,6 +157,20 @@ where
     }
     logbuf::flush_before_exit(LAST_LINES_PATIENCE);
     result
+}
+
+/// This process is a worker that a master started from a new binary during
+/// an upgrade (see upgrade.rs): it runs `worker` at once, as a forked worker
+/// would, and exits with the code it returns.
+fn run_upgraded_worker<W>(env: &upgrade::WorkerEnv, listener: TcpListener, mut worker: W) -> !
+where
+    W: FnMut(Handoff) -> i32,
+{
+    logbuf::become_worker();
+    spawn::name_process(env.slot);
+    let code = worker(upgrade::handoff(env, listener));
+    log::logger().flush();
+    std::process::exit(code)
 }
 
 /// How long `run` waits, at its end, for stderr to take the last log lines

@@ -28,6 +28,7 @@ use crate::policy::{Backoff, Exceeded, RestartLimit};
 use crate::signals::{self, Signals, Signo};
 use crate::spawn::{self, ChildSetup, FdFloor, SpawnError};
 use crate::table::{Event, Received, State, Table, Worker};
+use crate::upgrade::{self, AdoptedWorker, MasterState, Program, Upgrade};
 use crate::{limits, listen, logbuf, reap};
 use crate::{Config, Error};
 use log::{debug, error, info, warn};
@@ -40,10 +41,13 @@ use respawn_ipc::scoreboard::{self, Scoreboard};
 use respawn_ipc::{DecodeError, Handoff, Message};
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 const SIGNALS: Token = Token(0);
+/// How long a master about to re-execute waits for stderr to take the lines
+/// it holds: the new image starts with an empty queue.
+const LAST_LINES_BEFORE_EXEC: Duration = Duration::from_secs(1);
 /// Stderr became writable: what the log buffer holds can go out.
 const LOG: Token = Token(1);
 
@@ -55,7 +59,7 @@ pub(crate) const MAX_WORKERS: usize = 4096;
 /// Scoreboard rows: one per slot that can be in use at once, so that every
 /// worker is watched for hangs. The mapping is touched only where rows are
 /// used (192 bytes each, 1.5 MiB of address space in all).
-const SCOREBOARD_ROWS: usize = 2 * MAX_WORKERS + 1;
+pub(crate) const SCOREBOARD_ROWS: usize = 2 * MAX_WORKERS + 1;
 
 // Slots are the lowest free ones, so a slot is always below the number of
 // live workers, which `manage_workers` keeps at most twice the target plus
@@ -95,6 +99,10 @@ pub(crate) struct Master<W> {
     waiting_for_room: bool,
     /// Lines about signals that mean nothing, at most one a second each.
     stray_signals: signals::RateLimit,
+    /// The program this master runs, for an upgrade to execute it anew.
+    program: Program,
+    /// Set by USR2 until every worker runs the new binary, or it is backed out.
+    upgrade: Option<Upgrade>,
 }
 
 impl<W: FnMut(Handoff) -> i32> Master<W> {
@@ -112,10 +120,21 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         listen::prepare(&listener)?;
         let floor =
             FdFloor::above_open_fds().map_err(|err| Error::io("listing open fds in /proc/self/fd", err))?;
-        let signals = Signals::block().map_err(|err| Error::io("blocking signals for the signalfd", err))?;
+        let program = Program::of_this_process();
+        let adopted = upgrade::take_master_state().map_err(|why| {
+            Error::io(
+                "adopting the workers of the previous master",
+                io::Error::other(why),
+            )
+        })?;
+        let mut signals =
+            Signals::block().map_err(|err| Error::io("blocking signals for the signalfd", err))?;
+        if let Some(state) = &adopted {
+            signals.set_saved_mask(state.signal_mask);
+        }
         let poll = Poll::new().map_err(|err| Error::io("creating the epoll instance", err))?;
-        let scoreboard =
-            Scoreboard::new(SCOREBOARD_ROWS).map_err(|err| Error::io("creating the scoreboard", err))?;
+        let scoreboard = upgrade::adopt_scoreboard(adopted.as_ref().and_then(|state| state.scoreboard))
+            .map_err(|err| Error::io("creating the scoreboard", err))?;
         poll.registry()
             .register(&mut SourceFd(&signals.as_raw_fd()), SIGNALS, Interest::READABLE)
             .map_err(|err| Error::io("watching the signalfd", err))?;
@@ -128,7 +147,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 debug!("not watching stderr for writability: {err}");
             }
         }
-        Ok(Master {
+        let mut master = Master {
             backoff: Backoff::new(config.backoff_initial, config.backoff_cap),
             restarts: RestartLimit::new(config.max_restarts, config.restart_window),
             scoreboard,
@@ -149,12 +168,69 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             failed_forks: 0,
             waiting_for_room: false,
             stray_signals: signals::RateLimit::default(),
-        })
+            program,
+            upgrade: None,
+        };
+        if let Some(state) = adopted {
+            master.adopt(state);
+        }
+        Ok(master)
+    }
+
+    /// After an upgrade's re-execution: the workers the previous image
+    /// handed down become this one's, with their pipes, states and
+    /// deadlines. A pid that is not our child any more (it exited and was
+    /// reaped by nobody yet is still our child; this is one that is gone)
+    /// is left out.
+    fn adopt(&mut self, state: MasterState) {
+        self.target = state.target;
+        self.generation = state.generation;
+        let now = Instant::now();
+        let count = state.workers.len();
+        for adopted in state.workers {
+            let pipe = adopted.pipe.map(|fd| {
+                // SAFETY: the previous image left this fd open for us alone
+                // (the state naming it is removed from the environment).
+                let pipe = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+                let _ = nix::fcntl::fcntl(
+                    &pipe,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                );
+                pipe
+            });
+            let token = Token(self.next_token);
+            self.next_token += 1;
+            let mut worker = adopted.into_worker(token, pipe, now);
+            if let Some(pipe) = &worker.pipe {
+                if let Err(err) =
+                    self.poll
+                        .registry()
+                        .register(&mut SourceFd(&pipe.as_raw_fd()), token, Interest::READABLE)
+                {
+                    error!(
+                        "watching the pipe of worker {}: {}; killing it",
+                        worker.pid,
+                        describe(&err)
+                    );
+                    kill(&mut worker);
+                }
+            }
+            self.workers.insert(worker);
+        }
+        info!(
+            "master re-executed as {} (pid {} kept), {count} workers adopted",
+            self.program.path.display(),
+            std::process::id()
+        );
     }
 
     /// The loop. Returns once stopped and every worker is reaped.
     pub(crate) fn run(&mut self) -> Result<(), Error> {
         let mut events = Events::with_capacity(64);
+        // After an upgrade's re-execution: a worker that exited during the
+        // exec raised a SIGCHLD that setting its disposition to default
+        // discarded (POSIX: a pending signal whose default is to ignore).
+        self.reap_children();
         self.manage_workers();
         while !(self.stopping && self.workers.is_empty()) {
             self.write_log();
@@ -220,6 +296,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 libc::SIGHUP => self.restart_every_worker(),
                 libc::SIGTTIN => self.change_target(1),
                 libc::SIGTTOU => self.change_target(-1),
+                libc::SIGUSR2 => self.upgrade_to_new_binary(),
                 other => self.ignore_signal(other),
             }
         }
@@ -241,7 +318,6 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         let meaning = match signal {
             libc::SIGUSR1 => ": respawn logs to stderr and has no log file to reopen",
-            libc::SIGUSR2 => ": reserved for upgrading to a new binary, which this version cannot do yet",
             _ => ", which means nothing to respawn",
         };
         let more = match unsaid {
@@ -284,6 +360,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             // when its Suicide and its SIGCHLD are read in the same turn.
             self.manage_workers();
             info!("worker {pid} exited ({how})");
+        } else if self.new_binary_failed(&worker) {
+            self.back_out_of_upgrade(&worker, &how);
         } else {
             self.plan_replacement(&worker, &how);
         }
@@ -456,6 +534,10 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             info!("received SIGHUP while stopping; ignored");
             return;
         }
+        if self.upgrade.is_some() {
+            info!("received SIGHUP during an upgrade, which replaces every worker already; ignored");
+            return;
+        }
         if self.workers.counted() == 0 {
             info!("received SIGHUP with no worker running; nothing to replace");
             return;
@@ -527,7 +609,10 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         if self.rolling && self.workers.outdated(self.generation) == 0 && !self.workers.any_starting() {
             self.rolling = false;
-            info!("rolling restart done: every worker is new");
+            match self.upgrade.take() {
+                Some(upgrade) => self.reexec_as_new_binary(upgrade),
+                None => info!("rolling restart done: every worker is new"),
+            }
         }
     }
 
@@ -597,6 +682,13 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             floor: self.floor,
             signals: &self.signals,
             row: self.scoreboard.writer(slot),
+            exec: self.upgrade.map(|_| {
+                let file = self
+                    .scoreboard
+                    .file()
+                    .map(|fd| (fd.as_raw_fd(), self.scoreboard.rows()));
+                (&self.program, file)
+            }),
         };
         let spawned = match spawn::spawn_worker(&setup, &mut self.work) {
             Ok(spawned) => spawned,
@@ -670,11 +762,120 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             .iter()
             .filter_map(|w| w.pipe.as_ref().map(|p| p.as_raw_fd()))
             .filter(|&fd| fd < floor);
+        let scoreboard = self.scoreboard.file().map(|fd| fd.as_raw_fd());
         [self.poll.as_raw_fd(), self.signals.as_raw_fd()]
             .into_iter()
+            .chain(scoreboard)
             .chain(logbuf::master_fd())
             .chain(low_pipes)
             .collect()
+    }
+
+    /// USR2: start the binary now on disk as new workers, one at a time as
+    /// in a rolling restart; the master follows once all run it (see
+    /// upgrade.rs for the steps and the way back).
+    fn upgrade_to_new_binary(&mut self) {
+        let path = self.program.path.display().to_string();
+        if self.stopping {
+            info!("received SIGUSR2 while stopping; ignored");
+            return;
+        }
+        if self.upgrade.is_some() {
+            info!(
+                "received SIGUSR2 during an upgrade to {path}; ignored (send it again once this one is done)"
+            );
+            return;
+        }
+        if let Err(err) = self.program.check() {
+            warn!(
+                "received SIGUSR2, but {path} cannot be executed ({}); the running version serves on",
+                describe(&err)
+            );
+            return;
+        }
+        info!("received SIGUSR2, upgrading to {path}: each old worker stops once a new one is ready");
+        self.generation += 1;
+        self.rolling = true;
+        self.upgrade = Some(Upgrade {
+            generation: self.generation,
+            started: Instant::now(),
+        });
+    }
+
+    /// Did a worker of the new binary die before it proved itself: before
+    /// it said Ready, or younger than the minimum uptime?
+    fn new_binary_failed(&self, worker: &Worker) -> bool {
+        self.upgrade.is_some_and(|upgrade| {
+            worker.generation == upgrade.generation
+                && (!worker.was_ready || worker.spawned_at.elapsed() < self.config.min_uptime)
+        })
+    }
+
+    /// The new binary is broken: its workers are replaced by forks of the
+    /// running version (which never stopped serving: each old worker is
+    /// asked to stop only once a new one is Ready). Nothing counts toward
+    /// giving up: a bad deploy must not take the service down.
+    fn back_out_of_upgrade(&mut self, failed: &Worker, how: &str) {
+        let Some(upgrade) = self.upgrade.take() else {
+            return;
+        };
+        warn!(
+            "upgrade to {} backed out: its worker {} exited ({how}) {:.2} s after it was forked; \
+             the running version serves on, and SIGUSR2 may be sent again",
+            self.program.path.display(),
+            failed.pid,
+            failed.spawned_at.elapsed().as_secs_f64()
+        );
+        // The old workers become current again; those of the new binary are
+        // outdated, and replaced one at a time like a rolling restart's.
+        let current = self.generation + 1;
+        let graceful = self.config.graceful_timeout;
+        for worker in self.workers.iter_mut() {
+            if worker.generation != upgrade.generation {
+                worker.generation = current;
+            } else if worker.state == State::Starting {
+                // Holding no connection, it has nothing to finish.
+                worker.state = worker.state.next(Event::Stop);
+                terminate(worker, graceful);
+                kill(worker);
+            }
+        }
+        self.generation = current;
+        self.rolling = self.workers.outdated(current) > 0;
+    }
+
+    /// Every worker runs the new binary: the master executes it too, in
+    /// place (same pid), handing down its workers. Returns only if that
+    /// failed, and then the master goes on as it was.
+    fn reexec_as_new_binary(&mut self, upgrade: Upgrade) {
+        let path = self.program.path.display().to_string();
+        info!(
+            "upgrade: every worker runs {path}, {:.2} s after SIGUSR2; \
+             the master re-executes itself as it (pid {} kept)",
+            upgrade.started.elapsed().as_secs_f64(),
+            std::process::id()
+        );
+        let now = Instant::now();
+        let state = MasterState {
+            target: self.target,
+            generation: self.generation,
+            signal_mask: self.signals.saved_mask(),
+            scoreboard: self
+                .scoreboard
+                .file()
+                .map(|fd| (fd.as_raw_fd(), self.scoreboard.rows())),
+            workers: self
+                .workers
+                .iter()
+                .map(|w| AdoptedWorker::of(w, w.pipe.as_ref().map(|p| p.as_raw_fd()), now))
+                .collect(),
+        };
+        logbuf::flush_before_exit(LAST_LINES_BEFORE_EXEC);
+        let err = upgrade::reexec_master(&self.program, &state, &[self.listener.as_raw_fd()]);
+        error!(
+            "upgrade: re-executing the master as {path}: {}; its workers serve on under the running master",
+            describe(&err)
+        );
     }
 
     /// After an error: no worker may outlive the master or become a zombie.

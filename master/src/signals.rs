@@ -174,6 +174,19 @@ impl Signals {
         })
     }
 
+    /// The mask the program had before `block`, as bits (signal n is bit
+    /// n-1): handed down through an upgrade's re-execution.
+    pub(crate) fn saved_mask(&self) -> u64 {
+        self.saved_mask.0
+    }
+
+    /// In a re-executed master, which starts with every taken signal
+    /// blocked (the mask survives execve): the program's own mask, as its
+    /// first image saw it, is what workers must get back.
+    pub(crate) fn set_saved_mask(&mut self, bits: u64) {
+        self.saved_mask = Mask(bits);
+    }
+
     /// The next pending signal, or None once all have been read.
     pub(crate) fn next(&self) -> io::Result<Option<Signo>> {
         let mut info = MaybeUninit::<libc::signalfd_siginfo>::uninit();

@@ -24,6 +24,7 @@
 
 use crate::logbuf;
 use crate::signals::Signals;
+use crate::upgrade::{self, Program, WorkerEnv};
 use log::error;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::prctl;
@@ -91,6 +92,9 @@ pub(crate) struct ChildSetup<'a> {
     pub signals: &'a Signals,
     /// Its row in the scoreboard, already reset.
     pub row: Option<RowWriter>,
+    /// During an upgrade: the new binary, which the child executes as a
+    /// worker, handed the scoreboard's file (fd and rows).
+    pub exec: Option<(&'a Program, Option<(RawFd, usize)>)>,
 }
 
 /// Forks a worker. Returns in the master only; the child runs `work` and
@@ -135,7 +139,11 @@ where
     W: FnMut(Handoff) -> i32,
 {
     let pid = std::process::id();
-    close_master_fds(setup, write_end.as_raw_fd());
+    if setup.exec.is_none() {
+        // An executed program loses them anyway: every master fd is
+        // close-on-exec.
+        close_master_fds(setup, write_end.as_raw_fd());
+    }
     logbuf::become_worker();
     if let Err(err) = die_with_master(master) {
         error!("worker {pid}: {err}");
@@ -147,6 +155,16 @@ where
         return exit_code::SETUP_FAILED;
     }
     ignore_master_controls();
+    if let Some((program, scoreboard)) = setup.exec {
+        let env = WorkerEnv {
+            slot: setup.slot,
+            pipe: write_end.as_raw_fd(),
+            scoreboard,
+        };
+        let err = upgrade::exec_worker(program, &[setup.listener.as_raw_fd()], &env, pid);
+        error!("worker {pid}: executing {}: {err}", program.path.display());
+        return exit_code::SETUP_FAILED;
+    }
     // SAFETY: the master's TcpListener in this address space is never
     // dropped (the child leaves with _exit), so this one is the only owner
     // of the fd in the child.
@@ -227,14 +245,14 @@ fn die_with_master(master: Pid) -> io::Result<()> {
 /// every process: ignored here, the master alone acts on them.
 fn ignore_master_controls() {
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
-    for signal in [Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU] {
+    for signal in [Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2] {
         // SAFETY: SIG_IGN installs no handler code.
         let _ = unsafe { sigaction(signal, &ignore) };
     }
 }
 
 /// `ps -e` and `top` show the name (at most 15 bytes): `worker 3`.
-fn name_process(slot: usize) {
+pub(crate) fn name_process(slot: usize) {
     if let Ok(name) = CString::new(format!("worker {slot}")) {
         let _ = prctl::set_name(&name);
     }

@@ -220,7 +220,13 @@ impl Respawn {
 
     /// [`Respawn::start`], with the command adjusted before it runs.
     pub fn start_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Respawn {
-        let mut command = Command::new(binary());
+        Respawn::start_program(&binary(), args, adjust)
+    }
+
+    /// [`Respawn::start_with`], running `program` (a copy of the binary, or
+    /// a script that executes it) instead of the build's binary.
+    pub fn start_program(program: &Path, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Respawn {
+        let mut command = Command::new(program);
         adjust(&mut command);
         command.args(args);
         if !args.contains(&"--listen") {

@@ -126,6 +126,7 @@ impl Demo {
         let path = target.split('?').next().unwrap_or(target);
         match path {
             "/" => Response::text(200, format!("handle by child {}\n", self.pid)),
+            "/version" => Response::text(200, version()),
             "/crash" => panic!("crash requested by GET /crash"),
             "/hang" => loop {
                 // A handler stuck for good, burning CPU: what --timeout is for.
@@ -186,6 +187,14 @@ impl SlowLog {
             }
         }
     }
+}
+
+/// `GET /version`: which build answers, to watch an upgrade (SIGUSR2) take
+/// effect. `RESPAWN_DEMO_TAG`, if set, is added: a wrapper script that sets
+/// it makes a second build out of the same binary.
+fn version() -> String {
+    let tag = std::env::var("RESPAWN_DEMO_TAG").map_or(String::new(), |tag| format!(" {tag}"));
+    format!("respawn {}{tag}\n", env!("CARGO_PKG_VERSION"))
 }
 
 fn sleep(ms: &str) -> Response {

@@ -53,9 +53,13 @@ fn serve(args: &Args) -> i32 {
         Ok(listener) => listener,
         Err(code) => return code,
     };
-    match listener.local_addr() {
-        Ok(addr) => info!("listening on {addr}"),
-        Err(err) => info!("listening on {} ({err} reading the bound address)", args.listen),
+    // A worker of an upgrade (SIGUSR2) runs this main too: the master
+    // already said where it listens.
+    if !respawn_master::started_as_worker() {
+        match listener.local_addr() {
+            Ok(addr) => info!("listening on {addr}"),
+            Err(err) => info!("listening on {} ({err} reading the bound address)", args.listen),
+        }
     }
     let config = respawn_master::Config::new(args.workers)
         .graceful_timeout(args.graceful_timeout)

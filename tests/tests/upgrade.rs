@@ -1,0 +1,388 @@
+//! USR2: the upgrade to the binary now on disk, and its back-out.
+//!
+//! Each test deploys the build's binary at a path of its own (a hard link,
+//! so that the file at that path can be replaced without touching the
+//! build), starts respawn from that path, and then replaces the file the
+//! way a deploy does (a new file renamed over the old one): with a wrapper
+//! script that runs the same binary with `RESPAWN_DEMO_TAG` set, which the
+//! demo reports at `GET /version` (a second build, as far as a client can
+//! tell); with a program that exits 1; with one that never says Ready.
+//! Meanwhile clients ask for `/version` in a loop: no request may fail.
+
+use respawn_tests::*;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// The version line of the build, as `GET /version` says it untagged.
+fn untagged() -> String {
+    let (_, out) = run_to_exit(&["--version"]);
+    out.trim().to_owned()
+}
+
+/// A directory holding the program respawn is started from.
+struct Deploy {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl Deploy {
+    fn new(name: &str) -> Deploy {
+        let dir = std::env::temp_dir().join(format!("respawn-upgrade-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the deploy directory");
+        let path = dir.join("respawn");
+        if std::fs::hard_link(binary(), &path).is_err() {
+            std::fs::copy(binary(), &path).expect("copying the binary");
+        }
+        Deploy { dir, path }
+    }
+
+    /// Replaces the program with a script, atomically, as a deploy would.
+    fn replace_with(&self, script: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let new = self.dir.join("respawn.new");
+        std::fs::write(&new, format!("#!/bin/sh\n{script}\n")).expect("writing the new program");
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::rename(&new, &self.path).expect("renaming the new program into place");
+    }
+
+    /// The build's binary, tagged: what `/version` calls a new build.
+    fn replace_with_build(&self, tag: &str) {
+        self.replace_with(&format!(
+            "RESPAWN_DEMO_TAG={tag} exec '{}' \"$@\"",
+            binary().display()
+        ));
+    }
+
+    fn start(&self, args: &[&str]) -> Respawn {
+        Respawn::start_program(&self.path, args, |_| {})
+    }
+
+    fn shown(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+impl Drop for Deploy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An answer's start, and the version line or what went wrong.
+type Answer = (Instant, Result<String, String>);
+
+/// Clients asking `GET /version` in a loop on fresh connections; every
+/// answer is kept with the moment its request started.
+struct Versions {
+    done: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
+    answers: Arc<Mutex<Vec<Answer>>>,
+    clients: Vec<JoinHandle<()>>,
+}
+
+impl Versions {
+    fn start(respawn: &Respawn, clients: usize) -> Versions {
+        let done = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let clients = (0..clients)
+            .map(|_| {
+                let addr = respawn.addr;
+                let (done, answered, answers) = (done.clone(), answered.clone(), answers.clone());
+                std::thread::spawn(move || {
+                    while !done.load(Ordering::SeqCst) {
+                        let started = Instant::now();
+                        let answer = match get(addr, "/version") {
+                            Ok(answer) if answer.status == 200 => Ok(answer.body.trim().to_owned()),
+                            other => Err(format!("{other:?}")),
+                        };
+                        answers.lock().unwrap().push((started, answer));
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        Versions {
+            done,
+            answered,
+            answers,
+            clients,
+        }
+    }
+
+    /// Lets `more` answers come in from now on (bounded by PATIENCE).
+    fn let_answer(&self, more: usize) {
+        let goal = self.answered.load(Ordering::SeqCst) + more;
+        assert!(
+            wait_until(PATIENCE, || self.answered.load(Ordering::SeqCst) >= goal),
+            "the clients got no {more} answers"
+        );
+    }
+
+    fn stop(self) -> Vec<Answer> {
+        self.done.store(true, Ordering::SeqCst);
+        for client in self.clients {
+            client.join().expect("a client thread");
+        }
+        let answers = self.answers.lock().unwrap();
+        answers.clone()
+    }
+}
+
+/// The answers that were not a version line: there must be none.
+fn failures(answers: &[Answer]) -> Vec<String> {
+    answers.iter().filter_map(|(_, a)| a.clone().err()).collect()
+}
+
+fn log_lines_with(respawn: &Respawn, needle: &str) -> Vec<String> {
+    respawn.log().into_iter().filter(|l| l.contains(needle)).collect()
+}
+
+#[test]
+fn usr2_upgrades_every_worker_and_then_the_master_without_a_failed_request() {
+    let deploy = Deploy::new("good");
+    let respawn = deploy.start(&["--workers", "2"]);
+    let old = respawn.wait_for_workers(2);
+    assert_eq!(
+        respawn.get("/version").expect("GET /version").body.trim(),
+        untagged()
+    );
+    let versions = Versions::start(&respawn, 2);
+    versions.let_answer(20);
+
+    deploy.replace_with_build("v2");
+    respawn.signal(libc::SIGUSR2);
+    respawn.wait_for_log("the master re-executing", |l| {
+        says(
+            l,
+            &format!(
+                "master re-executed as {} (pid {} kept), 3 workers adopted",
+                deploy.shown(),
+                respawn.pid
+            ),
+        ) || says(
+            l,
+            &format!(
+                "master re-executed as {} (pid {} kept), 2 workers adopted",
+                deploy.shown(),
+                respawn.pid
+            ),
+        )
+    });
+    let new = respawn.wait_for_workers(2);
+    let upgraded_at = Instant::now();
+    versions.let_answer(50);
+    let answers = versions.stop();
+
+    assert_eq!(failures(&answers), Vec::<String>::new(), "{}", respawn.dump());
+    let after: Vec<&String> = answers
+        .iter()
+        .filter(|(at, _)| *at > upgraded_at)
+        .filter_map(|(_, a)| a.as_ref().ok())
+        .collect();
+    let v2 = format!("{} v2", untagged());
+    assert!(!after.is_empty());
+    assert!(
+        after.iter().all(|a| **a == v2),
+        "old answers after the upgrade: {after:?}"
+    );
+    assert!(old.is_disjoint(&new), "old {old:?}, new {new:?}");
+    assert!(
+        old.iter().all(|&pid| !alive(pid)),
+        "an old worker is left: {old:?}"
+    );
+    // The master is the same process, now running the new program.
+    assert!(alive(respawn.pid));
+    let environ = std::fs::read(format!("/proc/{}/environ", respawn.pid)).expect("the master's environ");
+    assert!(
+        environ
+            .split(|&b| b == 0)
+            .any(|var| var == b"RESPAWN_DEMO_TAG=v2"),
+        "the master did not re-execute through the new program"
+    );
+    assert_eq!(
+        log_lines_with(&respawn, "upgrade: every worker runs").len(),
+        1,
+        "{}",
+        respawn.dump()
+    );
+}
+
+#[test]
+fn an_upgraded_master_replaces_workers_stops_cleanly_and_still_finds_hung_ones() {
+    let deploy = Deploy::new("after");
+    let mut respawn = deploy.start(&["--workers", "2", "--timeout", "1"]);
+    respawn.wait_for_workers(2);
+    deploy.replace_with_build("v2");
+    respawn.signal(libc::SIGUSR2);
+    respawn.wait_for_log("the master re-executing", |l| {
+        message(l).starts_with("master re-executed as ")
+    });
+    let upgraded = respawn.wait_for_workers(2);
+
+    // The adopted table is live: a killed worker is replaced.
+    let victim = *upgraded.iter().next().expect("a worker");
+    send(victim, libc::SIGKILL);
+    respawn.wait_for_log("the replacement", |l| {
+        message(l).starts_with(&format!("worker {victim} exited (signal 9)"))
+    });
+    let replaced = respawn.wait_for_workers(2);
+    assert!(!replaced.contains(&victim));
+    // The scoreboard was handed down: a hung worker is still found.
+    let hung = respawn.get("/hang");
+    assert!(hung.is_err() || hung.is_ok_and(|a| a.status != 200));
+    respawn.wait_for_log("the hung worker killed", |l| message(l).contains("hung"));
+    respawn.wait_for_workers(2);
+    assert_eq!(
+        respawn.get("/version").expect("GET /version").body.trim(),
+        format!("{} v2", untagged())
+    );
+
+    let workers = respawn.workers();
+    respawn.signal(libc::SIGTERM);
+    let status = respawn.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", respawn.dump());
+    assert!(
+        workers.iter().all(|&pid| !alive(pid)),
+        "a worker outlived the master"
+    );
+}
+
+#[test]
+fn a_new_binary_that_exits_is_backed_out_and_a_later_upgrade_still_works() {
+    let deploy = Deploy::new("exits");
+    let respawn = deploy.start(&["--workers", "2"]);
+    let old = respawn.wait_for_workers(2);
+    let versions = Versions::start(&respawn, 2);
+
+    deploy.replace_with("exit 1");
+    respawn.signal(libc::SIGUSR2);
+    let line = respawn.wait_for_log("the back-out", |l| l.contains("backed out"));
+    assert!(line.contains(" WARN"), "{line}");
+    let text = message(&line);
+    let expected = format!("upgrade to {} backed out: its worker ", deploy.shown());
+    assert!(text.starts_with(&expected), "{text}");
+    assert!(
+        text.contains(" exited (code 1) ")
+            && text.ends_with("the running version serves on, and SIGUSR2 may be sent again"),
+        "{text}"
+    );
+    versions.let_answer(20);
+    // The old workers were never asked to stop.
+    assert_eq!(respawn.wait_for_workers(2), old, "{}", respawn.dump());
+    assert_eq!(
+        log_lines_with(&respawn, "backed out").len(),
+        1,
+        "{}",
+        respawn.dump()
+    );
+    assert!(log_lines_with(&respawn, "giving up").is_empty());
+
+    // A good build later goes through.
+    deploy.replace_with_build("v3");
+    respawn.signal(libc::SIGUSR2);
+    respawn.wait_for_log("the master re-executing", |l| {
+        message(l).starts_with("master re-executed as ")
+    });
+    respawn.wait_for_workers(2);
+    versions.let_answer(20);
+    let answers = versions.stop();
+    assert_eq!(failures(&answers), Vec::<String>::new(), "{}", respawn.dump());
+    assert_eq!(
+        respawn.get("/version").expect("GET /version").body.trim(),
+        format!("{} v3", untagged())
+    );
+}
+
+#[test]
+fn a_new_binary_that_never_says_ready_is_backed_out_at_the_start_deadline() {
+    let deploy = Deploy::new("hangs");
+    let respawn = deploy.start(&["--workers", "2", "--start-timeout", "1"]);
+    let old = respawn.wait_for_workers(2);
+    let versions = Versions::start(&respawn, 2);
+
+    deploy.replace_with(&format!("exec '{}' \"$@\" --demo-hang-start", binary().display()));
+    respawn.signal(libc::SIGUSR2);
+    respawn.wait_for_log("the new worker hanging", |l| {
+        l.contains("hangs before Ready on purpose")
+    });
+    // A second USR2 while this one is under way changes nothing.
+    respawn.signal(libc::SIGUSR2);
+    respawn.wait_for_log("the second USR2 refused", |l| {
+        says(
+            l,
+            &format!(
+                "received SIGUSR2 during an upgrade to {}; ignored (send it again once this one is done)",
+                deploy.shown()
+            ),
+        )
+    });
+    let line = respawn.wait_for_log("the back-out", |l| l.contains("backed out"));
+    assert!(message(&line).contains(" exited (signal 9) "), "{line}");
+    versions.let_answer(20);
+    assert_eq!(respawn.wait_for_workers(2), old, "{}", respawn.dump());
+    let answers = versions.stop();
+    assert_eq!(failures(&answers), Vec::<String>::new(), "{}", respawn.dump());
+    let old_version = untagged();
+    assert!(answers
+        .iter()
+        .all(|(_, a)| a.as_deref() == Ok(old_version.as_str())));
+}
+
+#[test]
+fn usr2_with_nothing_executable_at_the_path_is_one_line() {
+    let deploy = Deploy::new("missing");
+    let respawn = deploy.start(&["--workers", "1"]);
+    let old = respawn.wait_for_workers(1);
+    std::fs::remove_file(&deploy.path).expect("removing the program");
+    respawn.signal(libc::SIGUSR2);
+    respawn.wait_for_log("the refusal", |l| {
+        says(
+            l,
+            &format!(
+                "received SIGUSR2, but {} cannot be executed (no such file or directory); \
+                 the running version serves on",
+                deploy.shown()
+            ),
+        )
+    });
+    assert_eq!(
+        respawn.get("/version").expect("GET /version").body.trim(),
+        untagged()
+    );
+    assert_eq!(respawn.wait_for_workers(1), old);
+}
+
+/// The path a relative argv[0] names is resolved against the directory the
+/// master started in, not against wherever it is later.
+#[test]
+fn the_program_is_found_where_it_was_started_from() {
+    let deploy = Deploy::new("relative");
+    let respawn = Respawn::start_program(Path::new("./respawn"), &["--workers", "1"], |command| {
+        command.current_dir(&deploy.dir);
+    });
+    respawn.wait_for_workers(1);
+    deploy.replace_with_build("rel");
+    respawn.signal(libc::SIGUSR2);
+    respawn.wait_for_log("the upgrade", |l| {
+        says(
+            l,
+            &format!(
+                "received SIGUSR2, upgrading to {}: each old worker stops once a new one is ready",
+                deploy.shown()
+            ),
+        )
+    });
+    respawn.wait_for_log("the master re-executing", |l| {
+        message(l).starts_with("master re-executed as ")
+    });
+    respawn.wait_for_workers(1);
+    assert_eq!(
+        respawn.get("/version").expect("GET /version").body.trim(),
+        format!("{} rel", untagged())
+    );
+}
