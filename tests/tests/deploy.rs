@@ -1,7 +1,9 @@
 //! The deployment files say only what systemd and respawn accept: the units
 //! in deploy/ pass `systemd-analyze verify` with nothing to say about them,
-//! and every `--flag` that docs/deploy.md and the units name is one that
-//! `respawn --help` lists.
+//! every `--flag` that docs/deploy.md and the units name is one that
+//! `respawn --help` lists, and every system call respawn makes is one the
+//! service's `SystemCallFilter=` admits (a call it does not admit kills the
+//! process with SIGSYS, under systemd only: no other test would see it).
 //!
 //! `systemd-analyze verify` needs no running systemd: it loads the units
 //! into a manager of its own, checks every key and value, the dependencies
@@ -11,7 +13,7 @@
 //! leave the exit code 0, so the test reads the output, not only the code.
 
 use respawn_tests::*;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -286,4 +288,201 @@ fn the_flag_scan_finds_flags_and_nothing_else() {
     assert_eq!(flags, expect.map(|(f, l)| (f.to_owned(), l)));
     assert!(lists("  --max-requests N\n", "--max-requests"));
     assert!(!lists("  --max-requests-jitter J\n", "--max-requests"));
+}
+
+/// `respawn` run under `strace -f`, its log in a file; dropping it kills
+/// the process group (strace, the master, its workers).
+struct Traced {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Traced {
+    /// strace runs `setpriv --pdeathsig KILL respawn ...`, so that the
+    /// master dies with strace (which dies with the test, by
+    /// [`spawn_tied`]), instead of running on, detached.
+    fn start(dir: &Path, args: &[&str]) -> Traced {
+        let log = dir.join("respawn.log");
+        let stderr = std::fs::File::create(&log).expect("creating the log file");
+        let mut command = Command::new("strace");
+        command
+            .args(["-f", "-qq", "-o"])
+            .arg(dir.join("trace"))
+            .args(["setpriv", "--pdeathsig", "KILL", "--"])
+            .arg(binary())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("RUST_LOG_STYLE", "never")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr);
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = spawn_tied(command).expect("starting strace");
+        Traced { child, log }
+    }
+
+    fn log(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits for a line whose message is `expected` (or, with a trailing
+    /// `*`, starts with the rest) and returns it.
+    fn wait_for(&self, expected: &str) -> String {
+        let matches = |line: &str| match expected.strip_suffix('*') {
+            Some(prefix) => message(line).starts_with(prefix),
+            None => says(line, expected),
+        };
+        let mut found = None;
+        wait_until(PATIENCE, || {
+            found = self.log().into_iter().find(|l| matches(l));
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("no line {expected:?} in:\n{}", self.log().join("\n")))
+    }
+
+    fn count(&self, expected: &str) -> usize {
+        self.log()
+            .iter()
+            .filter(|l| says(l, expected) || worker_says(l, expected).is_some())
+            .count()
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        send(-(self.child.id() as i32), libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// The system calls an allow list of `SystemCallFilter=` admits: names as
+/// they are, `@groups` expanded by `systemd-analyze syscall-filter`.
+fn admitted(filter: &str) -> BTreeSet<String> {
+    let mut calls = BTreeSet::new();
+    let mut groups_seen = BTreeSet::new();
+    let mut todo: Vec<String> = filter.split_whitespace().map(str::to_owned).collect();
+    while let Some(item) = todo.pop() {
+        if !item.starts_with('@') {
+            calls.insert(item);
+            continue;
+        }
+        if !groups_seen.insert(item.clone()) {
+            continue;
+        }
+        let output = Command::new("systemd-analyze")
+            .args(["syscall-filter", &item])
+            .output()
+            .expect("running systemd-analyze syscall-filter");
+        assert!(
+            output.status.success(),
+            "systemd-analyze syscall-filter {item} failed"
+        );
+        // The group's name, then its members, one a line, indented;
+        // comments start with '#'.
+        let text = String::from_utf8_lossy(&output.stdout);
+        for member in text.lines().skip(1).map(str::trim) {
+            if !member.is_empty() && !member.starts_with('#') {
+                todo.push(member.to_owned());
+            }
+        }
+    }
+    calls
+}
+
+/// The names of the system calls in an `strace -f` output: each line is a
+/// pid, then `name(...`; `<... name resumed>`, signals (`---`) and exits
+/// (`+++`) repeat nothing new.
+fn calls_in(trace: &str) -> BTreeSet<String> {
+    trace
+        .lines()
+        .filter_map(|line| {
+            let (_pid, rest) = line.split_once(' ')?;
+            let (name, _) = rest.split_once('(')?;
+            let call = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            call.then(|| name.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn every_system_call_respawn_makes_is_in_the_units_filter() {
+    for (tool, why) in [
+        ("strace", "apt-get install strace"),
+        ("setpriv", "apt-get install util-linux"),
+        ("systemd-analyze", "apt-get install systemd"),
+    ] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            eprintln!("\n*** SKIPPED every_system_call_respawn_makes_is_in_the_units_filter: {tool} is not installed ({why}) ***\n");
+            return;
+        }
+    }
+    let unit = read("deploy/respawn.service");
+    let filter = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(!filter.is_empty(), "respawn.service sets no SystemCallFilter=");
+    assert!(
+        !filter.contains('~'),
+        "a deny list ({filter}) is not what this test knows how to check"
+    );
+    let admitted = admitted(&filter);
+
+    // A life of the master and its workers that takes every path the unit
+    // must allow: start, requests, a crash, a rolling restart, a worker
+    // more and one fewer, a stray USR1, a graceful stop.
+    let dir = TempDir::new("respawn-deploy-syscalls");
+    let mut traced = Traced::start(&dir.0, &["--workers", "2", "--listen", "127.0.0.1:0"]);
+    let line = traced.wait_for("listening on *");
+    let addr = message(&line)
+        .trim_start_matches("listening on ")
+        .parse()
+        .expect("the address");
+    wait_until(PATIENCE, || traced.count("ready") >= 2);
+    let master = children(traced.child.id() as i32)
+        .first()
+        .map(|(pid, _)| *pid)
+        .expect("the master, strace's child");
+    assert_eq!(get(addr, "/").expect("GET /").status, 200);
+    assert_eq!(get(addr, "/crash").expect("GET /crash").status, 500);
+    send(master, libc::SIGHUP);
+    traced.wait_for("rolling restart done: every worker is new");
+    send(master, libc::SIGTTIN);
+    traced.wait_for("received SIGTTIN, 3 workers wanted");
+    send(master, libc::SIGTTOU);
+    traced.wait_for("received SIGTTOU, 2 workers wanted");
+    send(master, libc::SIGUSR1);
+    traced.wait_for("received SIGUSR1*");
+    send(master, libc::SIGTERM);
+    let mut status = None;
+    wait_until(PATIENCE, || {
+        status = traced.child.try_wait().expect("waiting for strace");
+        status.is_some()
+    });
+    traced.wait_for("all workers stopped, master exiting");
+
+    let made = calls_in(&std::fs::read_to_string(dir.0.join("trace")).expect("reading the trace"));
+    assert!(
+        made.contains("signalfd4") && made.contains("accept4"),
+        "the trace lacks respawn's calls: {made:?}"
+    );
+    let outside: Vec<&String> = made.difference(&admitted).collect();
+    eprintln!(
+        "every_system_call_respawn_makes_is_in_the_units_filter: {} distinct system calls, {} outside SystemCallFilter={filter}",
+        made.len(),
+        outside.len()
+    );
+    assert!(
+        outside.is_empty(),
+        "SystemCallFilter={filter} in deploy/respawn.service does not admit {outside:?}: under systemd \
+         they would kill respawn with SIGSYS. Widen the filter (docs/deploy.md, hardening) or avoid the calls."
+    );
 }
