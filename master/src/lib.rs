@@ -108,6 +108,7 @@ mod listen;
 mod logbuf;
 mod master;
 mod policy;
+mod privileges;
 mod reap;
 mod signals;
 mod spawn;
@@ -117,6 +118,7 @@ pub use config::Config;
 pub use error::Error;
 pub use listen::bind;
 pub use logbuf::{log_writer, LogWriter};
+pub use privileges::{RunAs, RunAsError};
 pub use respawn_ipc::Handoff;
 
 use std::net::TcpListener;

@@ -597,6 +597,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             floor: self.floor,
             signals: &self.signals,
             row: self.scoreboard.writer(slot),
+            run_as: self.config.run_as.as_ref(),
         };
         let spawned = match spawn::spawn_worker(&setup, &mut self.work) {
             Ok(spawned) => spawned,

@@ -18,11 +18,15 @@
 //!    master took its signals, with TERM and QUIT still blocked until the
 //!    worker arms its stop handler.
 //!
+//! With `Config::run_workers_as`, the child drops its privileges between 1
+//! and 2 (privileges.rs): a change of uid clears PR_SET_PDEATHSIG.
+//!
 //! The child never returns into the master's code: everything it runs is
 //! inside `catch_unwind`, and it leaves with `_exit`, which runs no atexit
 //! handler and flushes no stdio buffer of the master's.
 
 use crate::logbuf;
+use crate::privileges::{self, RunAs};
 use crate::signals::Signals;
 use log::error;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -91,6 +95,8 @@ pub(crate) struct ChildSetup<'a> {
     pub signals: &'a Signals,
     /// Its row in the scoreboard, already reset.
     pub row: Option<RowWriter>,
+    /// The user and group to become, resolved before the fork.
+    pub run_as: Option<&'a RunAs>,
 }
 
 /// Forks a worker. Returns in the master only; the child runs `work` and
@@ -137,6 +143,10 @@ where
     let pid = std::process::id();
     close_master_fds(setup, write_end.as_raw_fd());
     logbuf::become_worker();
+    if let Err(err) = setup.run_as.map_or(Ok(()), privileges::drop_privileges) {
+        error!("worker {pid}: dropping privileges: {err}");
+        return exit_code::SETUP_FAILED;
+    }
     if let Err(err) = die_with_master(master) {
         error!("worker {pid}: {err}");
         return exit_code::SETUP_FAILED;
