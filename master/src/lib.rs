@@ -107,6 +107,7 @@ mod limits;
 mod listen;
 mod logbuf;
 mod master;
+mod pidfile;
 mod policy;
 mod privileges;
 mod reap;

@@ -24,6 +24,7 @@
 
 use crate::error::describe;
 use crate::hung::{self, Sample, Verdict};
+use crate::pidfile::PidFile;
 use crate::policy::{Backoff, Exceeded, RestartLimit};
 use crate::signals::{self, Signals, Signo};
 use crate::spawn::{self, ChildSetup, FdFloor, SpawnError};
@@ -95,6 +96,9 @@ pub(crate) struct Master<W> {
     waiting_for_room: bool,
     /// Lines about signals that mean nothing, at most one a second each.
     stray_signals: signals::RateLimit,
+    /// Claimed at start; written once the first workers are Ready.
+    pid_file: Option<PidFile>,
+    pid_file_written: bool,
 }
 
 impl<W: FnMut(Handoff) -> i32> Master<W> {
@@ -110,6 +114,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             ));
         }
         listen::prepare(&listener)?;
+        let pid_file = config.pid_file.as_deref().map(PidFile::claim).transpose()?;
         let floor =
             FdFloor::above_open_fds().map_err(|err| Error::io("listing open fds in /proc/self/fd", err))?;
         let signals = Signals::block().map_err(|err| Error::io("blocking signals for the signalfd", err))?;
@@ -149,6 +154,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             failed_forks: 0,
             waiting_for_room: false,
             stray_signals: signals::RateLimit::default(),
+            pid_file,
+            pid_file_written: false,
         })
     }
 
@@ -169,6 +176,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.enforce_deadlines();
             self.manage_workers();
         }
+        self.pid_file.iter().for_each(PidFile::remove);
         info!("all workers stopped, master exiting");
         match self.gave_up.take() {
             Some(reason) => Err(Error::GaveUp { reason }),
@@ -528,6 +536,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         if self.rolling && self.workers.outdated(self.generation) == 0 && !self.workers.any_starting() {
             self.rolling = false;
             info!("rolling restart done: every worker is new");
+        }
+        if !self.pid_file_written
+            && self.workers.iter().filter(|w| w.state == State::Ready).count() >= self.target
+        {
+            self.pid_file_written = true;
+            self.pid_file.iter().for_each(PidFile::write);
         }
     }
 

@@ -9,13 +9,14 @@
 use lexopt::prelude::*;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub const USAGE: &str = "\
 usage: respawn [-w N] [-l HOST:PORT] [--graceful-timeout SECS] [-t SECS]
        [--start-timeout SECS] [--max-requests N] [--max-requests-jitter J]
        [--max-restarts R] [--restart-window SECS] [--min-uptime SECS]
-       [--user NAME] [--group NAME]
+       [--user NAME] [--group NAME] [--pid-file PATH]
        [--demo-fail-start | --demo-hang-start | --demo-bad-ipc]
        [-h|--help] [-V|--version]";
 
@@ -38,6 +39,7 @@ usage: respawn [flags]         SECS may have a fraction; defaults in [brackets]
       --min-uptime SECS        0 to 86400: dying sooner backs the slot off [1]
       --user NAME              workers run as NAME (and its group); needs root
       --group NAME             workers run with group NAME
+      --pid-file PATH          the master's pid, written once workers are ready
       --demo-fail-start        every worker panics before Ready: a crash loop
       --demo-hang-start        every worker hangs before Ready (--start-timeout)
       --demo-bad-ipc           every worker speaks a newer ipc version: backoff
@@ -113,6 +115,7 @@ pub struct Args {
     /// host's state (exit 1), like a host name in --listen.
     pub user: Option<String>,
     pub group: Option<String>,
+    pub pid_file: Option<PathBuf>,
 }
 
 // Made once per run and taken apart at once: a Box would buy nothing.
@@ -140,6 +143,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         demo_bad_ipc: false,
         user: None,
         group: None,
+        pid_file: None,
     };
     let mut parser = lexopt::Parser::from_args(argv);
     while let Some(arg) = parser.next()? {
@@ -162,6 +166,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
             Long("demo-bad-ipc") => args.demo_bad_ipc = true,
             Long("user") => args.user = Some(text(&mut parser, "--user")?),
             Long("group") => args.group = Some(text(&mut parser, "--group")?),
+            Long("pid-file") => args.pid_file = Some(parser.value()?.into()),
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             _ => return Err(arg.unexpected()),
@@ -305,12 +310,20 @@ mod tests {
         assert!(args.demo_hang_start);
         assert_eq!(args.max_requests, 1_000_000_000_000);
         assert_eq!(args.restart_window, Duration::from_secs(WEEK));
-        assert_eq!((args.user, args.group), (None, None));
-        let Ok(Parsed::Run(args)) = parse_strs(&["--user", "nobody", "--group", "nogroup"]) else {
+        assert_eq!((args.user, args.group, args.pid_file), (None, None, None));
+        let Ok(Parsed::Run(args)) = parse_strs(&[
+            "--user",
+            "nobody",
+            "--group",
+            "nogroup",
+            "--pid-file",
+            "/run/x.pid",
+        ]) else {
             panic!("flags rejected")
         };
         assert_eq!(args.user.as_deref(), Some("nobody"));
         assert_eq!(args.group.as_deref(), Some("nogroup"));
+        assert_eq!(args.pid_file, Some(PathBuf::from("/run/x.pid")));
     }
 
     #[test]

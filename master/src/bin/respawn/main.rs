@@ -83,6 +83,10 @@ fn serve(args: &Args) -> i32 {
         Some(run_as) => config.run_workers_as(run_as),
         None => config,
     };
+    let config = match &args.pid_file {
+        Some(path) => config.pid_file(path),
+        None => config,
+    };
     let worker = respawn_worker::Config::new().max_requests(args.max_requests, args.max_requests_jitter);
     let start = match (args.demo_fail_start, args.demo_hang_start) {
         (true, _) => http::Start::Fail,
