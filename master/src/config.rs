@@ -1,5 +1,7 @@
 //! What the master is asked to keep up, and how patiently.
 
+use crate::privileges::RunAs;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// How many workers to keep, how long they have to stop, and when to stop
@@ -15,6 +17,8 @@ pub struct Config {
     pub(crate) restart_window: Duration,
     pub(crate) timeout: Option<Duration>,
     pub(crate) start_timeout: Option<Duration>,
+    pub(crate) run_as: Option<RunAs>,
+    pub(crate) pid_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -33,6 +37,8 @@ impl Config {
             restart_window: Duration::from_secs(60),
             timeout: Some(Duration::from_secs(60)),
             start_timeout: Some(Duration::from_secs(60)),
+            run_as: None,
+            pid_file: None,
         }
     }
 
@@ -88,6 +94,24 @@ impl Config {
     /// and counts as a failed start (backoff, restart limit). None: never.
     pub fn start_timeout(mut self, timeout: Option<Duration>) -> Config {
         self.start_timeout = timeout.filter(|t| !t.is_zero());
+        self
+    }
+}
+
+impl Config {
+    /// Each worker becomes this user and group after its fork, before your
+    /// function runs, and cannot become root again; a worker that cannot
+    /// is a failed start. The master stays as it is (see [`RunAs`]).
+    pub fn run_workers_as(mut self, run_as: RunAs) -> Config {
+        self.run_as = Some(run_as);
+        self
+    }
+
+    /// Claims `path` at start (refusing to start while another live master
+    /// holds it), writes the master's pid there once the first workers are
+    /// Ready, and removes it on a clean stop.
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Config {
+        self.pid_file = Some(path.into());
         self
     }
 }

@@ -108,7 +108,9 @@ mod limits;
 mod listen;
 mod logbuf;
 mod master;
+mod pidfile;
 mod policy;
+mod privileges;
 mod reap;
 mod signals;
 mod spawn;
@@ -120,6 +122,7 @@ pub use config::Config;
 pub use error::Error;
 pub use listen::bind;
 pub use logbuf::{log_writer, LogWriter};
+pub use privileges::{RunAs, RunAsError};
 pub use respawn_ipc::Handoff;
 pub use upgrade::started_as_worker;
 
@@ -141,7 +144,7 @@ where
     W: FnMut(Handoff) -> i32,
 {
     match upgrade::take_worker_env() {
-        Ok(Some(env)) => run_upgraded_worker(&env, listener, worker),
+        Ok(Some(env)) => run_upgraded_worker(&env, listener, &config, worker),
         Ok(None) => {}
         Err(why) => {
             return Err(Error::io(
@@ -162,12 +165,28 @@ where
 /// This process is a worker that a master started from a new binary during
 /// an upgrade (see upgrade.rs): it runs `worker` at once, as a forked worker
 /// would, and exits with the code it returns.
-fn run_upgraded_worker<W>(env: &upgrade::WorkerEnv, listener: TcpListener, mut worker: W) -> !
+fn run_upgraded_worker<W>(
+    env: &upgrade::WorkerEnv,
+    listener: TcpListener,
+    config: &Config,
+    mut worker: W,
+) -> !
 where
     W: FnMut(Handoff) -> i32,
 {
     logbuf::become_worker();
     spawn::name_process(env.slot);
+    if let Some(run_as) = &config.run_as {
+        // Changing the user clears the parent-death signal: ask again.
+        let master = nix::unistd::getppid();
+        let dropped = privileges::drop_privileges(run_as)
+            .and_then(|()| spawn::die_with_master(master).map_err(|err| err.to_string()));
+        if let Err(err) = dropped {
+            log::error!("worker {}: dropping privileges: {err}", std::process::id());
+            log::logger().flush();
+            std::process::exit(respawn_ipc::exit_code::SETUP_FAILED);
+        }
+    }
     let code = worker(upgrade::handoff(env, listener));
     log::logger().flush();
     std::process::exit(code)

@@ -24,6 +24,7 @@
 
 use crate::error::describe;
 use crate::hung::{self, Sample, Verdict};
+use crate::pidfile::PidFile;
 use crate::policy::{Backoff, Exceeded, RestartLimit};
 use crate::signals::{self, Signals, Signo};
 use crate::spawn::{self, ChildSetup, FdFloor, SpawnError};
@@ -103,6 +104,9 @@ pub(crate) struct Master<W> {
     program: Program,
     /// Set by USR2 until every worker runs the new binary, or it is backed out.
     upgrade: Option<Upgrade>,
+    /// Claimed at start; written once the first workers are Ready.
+    pid_file: Option<PidFile>,
+    pid_file_written: bool,
 }
 
 impl<W: FnMut(Handoff) -> i32> Master<W> {
@@ -118,6 +122,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             ));
         }
         listen::prepare(&listener)?;
+        let pid_file = config.pid_file.as_deref().map(PidFile::claim).transpose()?;
         let floor =
             FdFloor::above_open_fds().map_err(|err| Error::io("listing open fds in /proc/self/fd", err))?;
         let program = Program::of_this_process();
@@ -170,6 +175,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             stray_signals: signals::RateLimit::default(),
             program,
             upgrade: None,
+            pid_file,
+            pid_file_written: false,
         };
         if let Some(state) = adopted {
             master.adopt(state);
@@ -245,6 +252,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.enforce_deadlines();
             self.manage_workers();
         }
+        self.pid_file.iter().for_each(PidFile::remove);
         info!("all workers stopped, master exiting");
         match self.gave_up.take() {
             Some(reason) => Err(Error::GaveUp { reason }),
@@ -614,6 +622,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 None => info!("rolling restart done: every worker is new"),
             }
         }
+        if !self.pid_file_written
+            && self.workers.iter().filter(|w| w.state == State::Ready).count() >= self.target
+        {
+            self.pid_file_written = true;
+            self.pid_file.iter().for_each(PidFile::write);
+        }
     }
 
     /// Forks into the slots to fill now, as far as the room allows.
@@ -682,6 +696,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             floor: self.floor,
             signals: &self.signals,
             row: self.scoreboard.writer(slot),
+            run_as: self.config.run_as.as_ref(),
             exec: self.upgrade.map(|_| {
                 let file = self
                     .scoreboard

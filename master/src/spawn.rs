@@ -18,11 +18,15 @@
 //!    master took its signals, with TERM and QUIT still blocked until the
 //!    worker arms its stop handler.
 //!
+//! With `Config::run_workers_as`, the child drops its privileges between 1
+//! and 2 (privileges.rs): a change of uid clears PR_SET_PDEATHSIG.
+//!
 //! The child never returns into the master's code: everything it runs is
 //! inside `catch_unwind`, and it leaves with `_exit`, which runs no atexit
 //! handler and flushes no stdio buffer of the master's.
 
 use crate::logbuf;
+use crate::privileges::{self, RunAs};
 use crate::signals::Signals;
 use crate::upgrade::{self, Program, WorkerEnv};
 use log::error;
@@ -92,8 +96,12 @@ pub(crate) struct ChildSetup<'a> {
     pub signals: &'a Signals,
     /// Its row in the scoreboard, already reset.
     pub row: Option<RowWriter>,
+    /// The user and group to become, resolved before the fork.
+    pub run_as: Option<&'a RunAs>,
     /// During an upgrade: the new binary, which the child executes as a
-    /// worker, handed the scoreboard's file (fd and rows).
+    /// worker, handed the scoreboard's file (fd and rows). It drops its
+    /// privileges itself, after the exec: as another user it might not be
+    /// allowed to execute the file.
     pub exec: Option<(&'a Program, Option<(RawFd, usize)>)>,
 }
 
@@ -145,6 +153,11 @@ where
         close_master_fds(setup, write_end.as_raw_fd());
     }
     logbuf::become_worker();
+    let run_as = setup.run_as.filter(|_| setup.exec.is_none());
+    if let Err(err) = run_as.map_or(Ok(()), privileges::drop_privileges) {
+        error!("worker {pid}: dropping privileges: {err}");
+        return exit_code::SETUP_FAILED;
+    }
     if let Err(err) = die_with_master(master) {
         error!("worker {pid}: {err}");
         return exit_code::SETUP_FAILED;
@@ -229,7 +242,7 @@ fn close_range(first: RawFd, last: RawFd) {
 
 /// A worker must never outlive its master: an orphan would go on accepting
 /// on the port with nobody to supervise it.
-fn die_with_master(master: Pid) -> io::Result<()> {
+pub(crate) fn die_with_master(master: Pid) -> io::Result<()> {
     prctl::set_pdeathsig(Signal::SIGKILL)?;
     // If the master died between fork and prctl, no signal will ever come:
     // the child has already been reparented.

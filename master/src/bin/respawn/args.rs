@@ -9,16 +9,18 @@
 use lexopt::prelude::*;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub const USAGE: &str = "\
 usage: respawn [-w N] [-l HOST:PORT] [--graceful-timeout SECS] [-t SECS]
        [--start-timeout SECS] [--max-requests N] [--max-requests-jitter J]
        [--max-restarts R] [--restart-window SECS] [--min-uptime SECS]
+       [--user NAME] [--group NAME] [--pid-file PATH]
        [--demo-fail-start | --demo-hang-start | --demo-bad-ipc]
        [-h|--help] [-V|--version]";
 
-/// At most 80 columns and 24 lines, so that it reads whole in any terminal
+/// At most 80 columns and 40 lines, so that it reads whole in any terminal
 /// (a test checks). The ranges are the constants below (a test checks that
 /// too).
 pub const HELP: &str = "\
@@ -35,6 +37,9 @@ usage: respawn [flags]         SECS may have a fraction; defaults in [brackets]
       --max-restarts R         0 to 10000: give up (exit 3) after more than R
       --restart-window SECS    0 to 604800: ...restarts within SECS [10 in 60]
       --min-uptime SECS        0 to 86400: dying sooner backs the slot off [1]
+      --user NAME              workers run as NAME (and its group); needs root
+      --group NAME             workers run with group NAME
+      --pid-file PATH          the master's pid, written once workers are ready
       --demo-fail-start        every worker panics before Ready: a crash loop
       --demo-hang-start        every worker hangs before Ready (--start-timeout)
       --demo-bad-ipc           every worker speaks a newer ipc version: backoff
@@ -106,8 +111,15 @@ pub struct Args {
     pub demo_fail_start: bool,
     pub demo_hang_start: bool,
     pub demo_bad_ipc: bool,
+    /// Resolved when the master starts, not here: an unknown name is the
+    /// host's state (exit 1), like a host name in --listen.
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub pid_file: Option<PathBuf>,
 }
 
+// Made once per run and taken apart at once: a Box would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Parsed {
     Run(Args),
     Help,
@@ -129,6 +141,9 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         demo_fail_start: false,
         demo_hang_start: false,
         demo_bad_ipc: false,
+        user: None,
+        group: None,
+        pid_file: None,
     };
     let mut parser = lexopt::Parser::from_args(argv);
     while let Some(arg) = parser.next()? {
@@ -149,6 +164,9 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
             Long("demo-fail-start") => args.demo_fail_start = true,
             Long("demo-hang-start") => args.demo_hang_start = true,
             Long("demo-bad-ipc") => args.demo_bad_ipc = true,
+            Long("user") => args.user = Some(text(&mut parser, "--user")?),
+            Long("group") => args.group = Some(text(&mut parser, "--group")?),
+            Long("pid-file") => args.pid_file = Some(parser.value()?.into()),
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             _ => return Err(arg.unexpected()),
@@ -292,6 +310,20 @@ mod tests {
         assert!(args.demo_hang_start);
         assert_eq!(args.max_requests, 1_000_000_000_000);
         assert_eq!(args.restart_window, Duration::from_secs(WEEK));
+        assert_eq!((args.user, args.group, args.pid_file), (None, None, None));
+        let Ok(Parsed::Run(args)) = parse_strs(&[
+            "--user",
+            "nobody",
+            "--group",
+            "nogroup",
+            "--pid-file",
+            "/run/x.pid",
+        ]) else {
+            panic!("flags rejected")
+        };
+        assert_eq!(args.user.as_deref(), Some("nobody"));
+        assert_eq!(args.group.as_deref(), Some("nogroup"));
+        assert_eq!(args.pid_file, Some(PathBuf::from("/run/x.pid")));
     }
 
     #[test]

@@ -49,6 +49,22 @@ fn main() {
 }
 
 fn serve(args: &Args) -> i32 {
+    // Before binding and forking: an unknown name stops the master at once.
+    let run_as = match (&args.user, &args.group) {
+        (None, None) => None,
+        (user, group) => match respawn_master::RunAs::resolve(user.as_deref(), group.as_deref()) {
+            Ok(run_as) => Some(run_as),
+            Err(err) => {
+                say(&format!(
+                    "respawn: --{} {}: {}\n",
+                    err.what(),
+                    err.name(),
+                    err.reason()
+                ));
+                return EXIT_FAILED;
+            }
+        },
+    };
     let listener = match bind(&args.listen) {
         Ok(listener) => listener,
         Err(code) => return code,
@@ -67,6 +83,14 @@ fn serve(args: &Args) -> i32 {
         .min_uptime(args.min_uptime)
         .timeout(Some(args.timeout))
         .start_timeout(Some(args.start_timeout));
+    let config = match run_as {
+        Some(run_as) => config.run_workers_as(run_as),
+        None => config,
+    };
+    let config = match &args.pid_file {
+        Some(path) => config.pid_file(path),
+        None => config,
+    };
     let worker = respawn_worker::Config::new().max_requests(args.max_requests, args.max_requests_jitter);
     let start = match (args.demo_fail_start, args.demo_hang_start) {
         (true, _) => http::Start::Fail,

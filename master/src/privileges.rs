@@ -1,0 +1,380 @@
+//! Privilege drop: the master stays root, each worker becomes another user.
+//!
+//! A server started as root can bind port 80, but the code that parses what
+//! strangers send should not run as root. So the master binds, then each
+//! worker, just after its fork and before any code of the program runs
+//! (before it says Ready), gives up root for good:
+//!
+//! 1. `setgroups([gid])`: the supplementary groups root had (root's own:
+//!    `disk`, `adm`...) are not carried over. Only the one group is kept;
+//!    the user's other groups from /etc/group are not added (that would be
+//!    `initgroups`, a lookup that has no place in a forked child).
+//! 2. `setgid(gid)`: real, effective and saved group ids, while the process
+//!    still has the privilege to change them;
+//! 3. `setuid(uid)`: real, effective and saved user ids, last, because it
+//!    takes away the privilege the two steps above need. Going from uid 0 to
+//!    another uid also empties the capability sets.
+//!
+//! Then it checks that root cannot be regained (`setuid(0)` must fail, and
+//! every id must read as asked). If any step fails, the worker does not go
+//! on as the wrong user: it exits with `exit_code::SETUP_FAILED` and a line
+//! naming the step (`worker 123: dropping privileges: setuid(65534):
+//! operation not permitted`), which the master counts as a failed start.
+//!
+//! `--user` alone takes the user's primary group; `--group` alone changes
+//! only the group (the worker stays root then, so nothing is "for good").
+//!
+//! # Names are resolved once, when the master starts
+//!
+//! [`RunAs::resolve`] looks the names up (getpwnam_r, getgrnam_r) before the
+//! first fork, never in a worker: a lookup may go through NSS (nscd, sssd,
+//! LDAP), which opens sockets and files, may take seconds and may fail; in a
+//! forked child that is neither async-signal-safe nor a cost to pay at every
+//! respawn. And a name that does not exist is then a line at start, not a
+//! crash loop of workers.
+//!
+//! # What the master keeps, and why
+//!
+//! The master stays root, as nginx's and unicorn's masters do: it signals
+//! and reaps workers of another uid (`kill` needs a matching uid or
+//! CAP_KILL), keeps the listening sockets it bound (a port below 1024, a
+//! Unix socket in a root-owned directory) for the workers it forks next, and
+//! can re-exec the binary for an upgrade and bind again. It runs none of the
+//! program's request handling: all of that happens in workers.
+//!
+//! A master that is not root cannot change a worker's user or group, so
+//! [`RunAs::resolve`] refuses, at start, a user or group other than the
+//! master's own; given its own, the workers simply stay as they are.
+//!
+//! A side effect to know: changing the effective uid clears the worker's
+//! parent-death signal and makes it non-dumpable (the kernel's
+//! `commit_creds`). So the drop comes before `PR_SET_PDEATHSIG` in
+//! spawn.rs, and a worker leaves no core dump and cannot be ptraced by
+//! other processes of its new user, which protects the memory it copied
+//! from the root master.
+
+use crate::error::describe;
+use crate::logbuf;
+use nix::errno::Errno;
+use nix::unistd::{self, Gid, Group, Uid, User};
+use std::fmt;
+use std::io;
+
+/// Who the workers run as, resolved by name when the master starts.
+/// Give it to [`crate::Config::run_workers_as`].
+///
+/// Each worker, after its fork and before your function runs, calls
+/// `setgroups([gid])`, `setgid`, `setuid`, in that order, and checks that
+/// root cannot be regained; if a step fails it exits as a failed start,
+/// with a line naming the step. The master keeps its own user (root): it
+/// must signal and reap workers of another uid, keep the listening sockets
+/// it bound for the workers it forks next, and re-exec itself for an
+/// upgrade. It runs no request handling itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    /// None: the workers keep the master's user (`--group` alone).
+    uid: Option<Uid>,
+    gid: Gid,
+}
+
+/// Which name could not be used, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAsError {
+    what: &'static str,
+    name: String,
+    reason: String,
+}
+
+impl RunAs {
+    /// Looks up `user` and `group` (either may be None; `user` alone takes
+    /// its primary group), and checks that this process may switch to them:
+    /// it must be root, unless the user and group are its own.
+    pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<RunAs, RunAsError> {
+        let (uid, user_gid) = match user {
+            Some(name) => lookup_user(name).map(|user| (Some(user.uid), Some(user.gid)))?,
+            None => (None, None),
+        };
+        let group_gid = group.map(lookup_group).transpose()?.map(|group| group.gid);
+        let Some(gid) = group_gid.or(user_gid) else {
+            return Err(RunAsError::new(
+                "user",
+                "",
+                "neither a user nor a group was given",
+            ));
+        };
+        let run_as = RunAs { uid, gid };
+        let now = Ids::of_this_process();
+        if run_as.may_be_taken_by(&now) {
+            return Ok(run_as);
+        }
+        // Blame the name that differs from what the master is.
+        let (what, name) = match (user, group) {
+            (Some(name), _) if uid != now.same_uid() => ("user", name),
+            (_, Some(name)) => ("group", name),
+            (user, None) => ("user", user.unwrap_or_default()),
+        };
+        Err(RunAsError::new(
+            what,
+            name,
+            format!(
+                "the master runs as uid {}, gid {}, not as root: only root can run \
+                 workers as another user or group",
+                now.euid, now.egid
+            ),
+        ))
+    }
+
+    /// The user id the workers take; None: they keep the master's.
+    pub fn uid(&self) -> Option<u32> {
+        self.uid.map(Uid::as_raw)
+    }
+
+    /// The group id the workers take (their only group).
+    pub fn gid(&self) -> u32 {
+        self.gid.as_raw()
+    }
+
+    /// Root may become anyone; any other process only what it already is.
+    fn may_be_taken_by(&self, now: &Ids) -> bool {
+        now.euid == 0 || self.changes_nothing_for(now)
+    }
+
+    /// The process is already this user and group, in every id.
+    fn changes_nothing_for(&self, now: &Ids) -> bool {
+        let uid_same = self.uid.is_none_or(|uid| now.same_uid() == Some(uid));
+        uid_same && now.same_gid() == Some(self.gid)
+    }
+}
+
+/// The ids of the process, as `drop_privileges` finds them.
+struct Ids {
+    uid: u32,
+    euid: u32,
+    gid: u32,
+    egid: u32,
+}
+
+impl Ids {
+    fn of_this_process() -> Ids {
+        Ids {
+            uid: unistd::getuid().as_raw(),
+            euid: unistd::geteuid().as_raw(),
+            gid: unistd::getgid().as_raw(),
+            egid: unistd::getegid().as_raw(),
+        }
+    }
+
+    fn same_uid(&self) -> Option<Uid> {
+        (self.uid == self.euid).then(|| Uid::from_raw(self.uid))
+    }
+
+    fn same_gid(&self) -> Option<Gid> {
+        (self.gid == self.egid).then(|| Gid::from_raw(self.gid))
+    }
+}
+
+fn lookup_user(name: &str) -> Result<User, RunAsError> {
+    match User::from_name(name) {
+        Ok(Some(user)) => Ok(user),
+        // getpwnam_r says "not found" with a null result, but some NSS
+        // modules return one of these instead (getpwnam(3)).
+        Ok(None) | Err(Errno::ENOENT | Errno::ESRCH) => Err(RunAsError::new("user", name, "no such user")),
+        Err(errno) => Err(RunAsError::new(
+            "user",
+            name,
+            format!("looking it up: {}", describe(&io::Error::from(errno))),
+        )),
+    }
+}
+
+fn lookup_group(name: &str) -> Result<Group, RunAsError> {
+    match Group::from_name(name) {
+        Ok(Some(group)) => Ok(group),
+        Ok(None) | Err(Errno::ENOENT | Errno::ESRCH) => Err(RunAsError::new("group", name, "no such group")),
+        Err(errno) => Err(RunAsError::new(
+            "group",
+            name,
+            format!("looking it up: {}", describe(&io::Error::from(errno))),
+        )),
+    }
+}
+
+impl RunAsError {
+    fn new(what: &'static str, name: &str, reason: impl Into<String>) -> RunAsError {
+        RunAsError {
+            what,
+            name: name.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    /// `"user"` or `"group"`: which of the two names it is about.
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
+    /// The name as it was given.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Why it cannot be used: `no such user`, or why this master may not.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl fmt::Display for RunAsError {
+    /// `user nosuchuser: no such user`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.what, self.name, self.reason)
+    }
+}
+
+impl std::error::Error for RunAsError {}
+
+/// In a new worker, before the program's code: become `run_as`, for good.
+/// The error names the step that failed: `setuid(65534): operation not
+/// permitted`. Nothing here allocates but the error.
+pub(crate) fn drop_privileges(run_as: &RunAs) -> Result<(), String> {
+    let before = Ids::of_this_process();
+    if run_as.changes_nothing_for(&before) && before.euid != 0 {
+        // A master that is not root, given its own user: nothing to drop,
+        // and setgroups would fail without CAP_SETGID.
+        return Ok(());
+    }
+    // Open the worker's own non-blocking way to stderr now: reopening
+    // /proc/self/fd/2 needs access to the pipe, which belongs to root.
+    logbuf::flush_pending();
+    let gid = run_as.gid;
+    step(format_args!("setgroups([{gid}])"), unistd::setgroups(&[gid]))?;
+    step(format_args!("setgid({gid})"), unistd::setgid(gid))?;
+    let Some(uid) = run_as.uid else {
+        return check_ids(&Ids::of_this_process(), before.uid, gid.as_raw());
+    };
+    step(format_args!("setuid({uid})"), unistd::setuid(uid))?;
+    let after = Ids::of_this_process();
+    check_ids(&after, uid.as_raw(), gid.as_raw())?;
+    if before.euid == 0 && !uid.is_root() && unistd::setuid(Uid::from_raw(0)).is_ok() {
+        return Err(format!(
+            "setuid(0) worked after setuid({uid}): root could be regained"
+        ));
+    }
+    Ok(())
+}
+
+fn step(what: fmt::Arguments, result: nix::Result<()>) -> Result<(), String> {
+    result.map_err(|errno| format!("{what}: {}", describe(&io::Error::from(errno))))
+}
+
+/// Real and effective ids both as asked. (setuid and setgid from root set
+/// the saved ids too; a saved uid of 0 would show as setuid(0) working.)
+fn check_ids(now: &Ids, uid: u32, gid: u32) -> Result<(), String> {
+    if (now.uid, now.euid, now.gid, now.egid) != (uid, uid, gid, gid) {
+        return Err(format!(
+            "ids are uid {}, euid {}, gid {}, egid {} after the change, not uid {uid}, gid {gid}",
+            now.uid, now.euid, now.gid, now.egid
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(uid: u32, gid: u32) -> Ids {
+        Ids {
+            uid,
+            euid: uid,
+            gid,
+            egid: gid,
+        }
+    }
+
+    #[test]
+    fn an_unknown_name_is_refused_with_what_it_is() {
+        let err = RunAs::resolve(Some("no-such-user-respawn"), None).unwrap_err();
+        assert_eq!(err.to_string(), "user no-such-user-respawn: no such user");
+        assert_eq!((err.what(), err.name()), ("user", "no-such-user-respawn"));
+        let err = RunAs::resolve(None, Some("no-such-group-respawn")).unwrap_err();
+        assert_eq!(err.to_string(), "group no-such-group-respawn: no such group");
+        // A NUL cannot be in a name: not found, not a panic.
+        let err = RunAs::resolve(Some("a\0b"), None).unwrap_err();
+        assert_eq!(err.reason(), "no such user");
+    }
+
+    #[test]
+    fn root_may_become_anyone_others_only_themselves() {
+        let nobody = RunAs {
+            uid: Some(Uid::from_raw(65534)),
+            gid: Gid::from_raw(65534),
+        };
+        assert!(nobody.may_be_taken_by(&ids(0, 0)));
+        assert!(nobody.may_be_taken_by(&ids(65534, 65534)));
+        assert!(!nobody.may_be_taken_by(&ids(1000, 1000)));
+        assert!(!nobody.may_be_taken_by(&ids(65534, 1000)), "another group");
+        let group_only = RunAs {
+            uid: None,
+            gid: Gid::from_raw(1000),
+        };
+        assert!(group_only.may_be_taken_by(&ids(1000, 1000)));
+        assert!(!group_only.may_be_taken_by(&ids(1000, 1001)));
+        // A setuid binary (real 1000, effective 0) is root enough; the
+        // reverse is not itself.
+        let setuid_root = Ids {
+            uid: 1000,
+            euid: 0,
+            gid: 1000,
+            egid: 1000,
+        };
+        assert!(nobody.may_be_taken_by(&setuid_root));
+        let me = RunAs {
+            uid: Some(Uid::from_raw(1000)),
+            gid: Gid::from_raw(1000),
+        };
+        assert!(!me.changes_nothing_for(&setuid_root));
+    }
+
+    #[test]
+    fn a_user_alone_takes_its_primary_group_a_group_alone_keeps_the_user() {
+        // root exists everywhere, and any process may resolve to itself.
+        let Ok(Some(root)) = User::from_name("root") else {
+            panic!("no root user");
+        };
+        let now = Ids::of_this_process();
+        if now.euid == 0 {
+            let run_as = RunAs::resolve(Some("root"), None).unwrap();
+            assert_eq!((run_as.uid(), run_as.gid()), (Some(0), root.gid.as_raw()));
+        } else {
+            let err = RunAs::resolve(Some("root"), None).unwrap_err();
+            assert!(
+                err.to_string().starts_with("user root: the master runs as uid "),
+                "{err}"
+            );
+        }
+        if let Ok(Some(group)) = Group::from_gid(unistd::getegid()) {
+            let run_as = RunAs::resolve(None, Some(&group.name)).unwrap();
+            assert_eq!((run_as.uid(), run_as.gid()), (None, group.gid.as_raw()));
+        }
+    }
+
+    #[test]
+    fn ids_that_did_not_all_change_are_an_error() {
+        assert_eq!(check_ids(&ids(65534, 65534), 65534, 65534), Ok(()));
+        let half = Ids {
+            uid: 0,
+            euid: 65534,
+            gid: 65534,
+            egid: 65534,
+        };
+        assert_eq!(
+            check_ids(&half, 65534, 65534),
+            Err(
+                "ids are uid 0, euid 65534, gid 65534, egid 65534 after the change, \
+                 not uid 65534, gid 65534"
+                    .into()
+            )
+        );
+    }
+}

@@ -1,0 +1,156 @@
+//! `--pid-file`: the master's pid, written once its workers are Ready,
+//! removed on a clean stop, never taken from another live master.
+
+use respawn_tests::*;
+use std::path::PathBuf;
+
+/// A directory of this test's own for its pid file, removed even if the
+/// test fails (a master killed by the harness leaves its file behind).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(test: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("respawn-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.0.join("respawn.pid")
+    }
+
+    fn pid_file_arg(&self) -> String {
+        self.pid_file().display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits until the pid file says `pid` (and a newline: a reader must
+/// never see half a write); fails with the log if it does not.
+fn wait_for_pid_file(respawn: &Respawn, scratch: &Scratch, pid: i32) {
+    let expected = format!("{pid}\n");
+    let mut last = None;
+    let written = wait_until(PATIENCE, || {
+        last = std::fs::read_to_string(scratch.pid_file()).ok();
+        last.as_deref() == Some(expected.as_str())
+    });
+    assert!(
+        written,
+        "the pid file holds {last:?}, not {expected:?}\n{}",
+        respawn.dump()
+    );
+}
+
+#[test]
+fn pid_file_is_written_when_ready_and_removed_on_stop() {
+    let scratch = Scratch::new("pidfile-written");
+    let pid_file = scratch.pid_file_arg();
+    let mut respawn = Respawn::with_workers(2, &["--pid-file", &pid_file]);
+    wait_for_pid_file(&respawn, &scratch, respawn.pid);
+    respawn.signal(libc::SIGTERM);
+    assert_eq!(respawn.wait_exit().code(), Some(0), "{}", respawn.dump());
+    assert!(
+        !scratch.pid_file().exists(),
+        "the pid file is left after a clean stop"
+    );
+    let left: Vec<_> = std::fs::read_dir(&scratch.0).unwrap().collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}
+
+#[test]
+fn no_pid_file_until_the_workers_are_ready() {
+    // Workers that never say Ready (and are never killed for it): the pid
+    // file, which tells a supervisor "it serves", is not written.
+    let scratch = Scratch::new("pidfile-not-ready");
+    let pid_file = scratch.pid_file_arg();
+    let respawn = Respawn::start(&[
+        "--workers",
+        "1",
+        "--demo-hang-start",
+        "--start-timeout",
+        "0",
+        "--pid-file",
+        &pid_file,
+    ]);
+    respawn.wait_for_log("the worker's hang", |l| {
+        l.ends_with("hangs before Ready on purpose (--demo-hang-start)")
+    });
+    // A signal handled after the first turn: by its line, the master has
+    // been through the end of manage_workers at least once.
+    respawn.signal(libc::SIGTTIN);
+    respawn.wait_for_line("received SIGTTIN, 2 workers wanted");
+    assert!(
+        !scratch.pid_file().exists(),
+        "written before any worker was ready\n{}",
+        respawn.dump()
+    );
+}
+
+#[test]
+fn a_pid_file_held_by_a_live_master_is_not_overwritten() {
+    let scratch = Scratch::new("pidfile-held");
+    let pid_file = scratch.pid_file_arg();
+    let first = Respawn::with_workers(1, &["--pid-file", &pid_file]);
+    wait_for_pid_file(&first, &scratch, first.pid);
+
+    let (status, output) = run_to_exit(&[
+        "--workers",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--pid-file",
+        &pid_file,
+    ]);
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert_eq!(
+        output.lines().last(),
+        Some(
+            format!(
+                "respawn: pid file {pid_file}: held by running master {}",
+                first.pid
+            )
+            .as_str()
+        ),
+        "{output}"
+    );
+    assert!(!output.contains(" spawned"), "the second master forked\n{output}");
+
+    // The first one still serves, and still owns the file.
+    assert_eq!(first.get("/").map(|r| r.status).ok(), Some(200));
+    assert_eq!(
+        std::fs::read_to_string(scratch.pid_file()).ok(),
+        Some(format!("{}\n", first.pid))
+    );
+}
+
+#[test]
+fn a_stale_pid_file_is_replaced() {
+    let scratch = Scratch::new("pidfile-stale");
+    let pid_file = scratch.pid_file_arg();
+    // A child of ours, reaped: its pid is free.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    // A live process that is not a respawn master: this test.
+    let me = std::process::id();
+    let my_name = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.file_name()?.to_string_lossy().into_owned()))
+        .unwrap();
+    for (content, why) in [
+        (format!("{dead}\n"), format!("pid {dead} is not running")),
+        ("garbage".to_owned(), r#"holds no pid ("garbage")"#.to_owned()),
+        (format!("{me}\n"), format!("pid {me} runs {my_name}, not respawn")),
+    ] {
+        std::fs::write(scratch.pid_file(), &content).unwrap();
+        let respawn = Respawn::with_workers(1, &["--pid-file", &pid_file]);
+        respawn.wait_for_line(&format!("pid file {pid_file}: {why}; replacing it"));
+        wait_for_pid_file(&respawn, &scratch, respawn.pid);
+    }
+}
