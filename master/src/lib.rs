@@ -107,6 +107,7 @@ mod limits;
 mod listen;
 mod logbuf;
 mod master;
+mod notify;
 mod policy;
 mod reap;
 mod signals;

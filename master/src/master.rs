@@ -24,6 +24,7 @@
 
 use crate::error::describe;
 use crate::hung::{self, Sample, Verdict};
+use crate::notify::{self, Notifier};
 use crate::policy::{Backoff, Exceeded, RestartLimit};
 use crate::signals::{self, Signals, Signo};
 use crate::spawn::{self, ChildSetup, FdFloor, SpawnError};
@@ -95,6 +96,10 @@ pub(crate) struct Master<W> {
     waiting_for_room: bool,
     /// Lines about signals that mean nothing, at most one a second each.
     stray_signals: signals::RateLimit,
+    /// systemd's notification socket (notify.rs).
+    notify: Notifier,
+    /// READY=1 was sent once the first workers were all Ready.
+    ready_announced: bool,
 }
 
 impl<W: FnMut(Handoff) -> i32> Master<W> {
@@ -149,6 +154,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             failed_forks: 0,
             waiting_for_room: false,
             stray_signals: signals::RateLimit::default(),
+            notify: Notifier::from_env(),
+            ready_announced: false,
         })
     }
 
@@ -156,6 +163,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     pub(crate) fn run(&mut self) -> Result<(), Error> {
         let mut events = Events::with_capacity(64);
         self.manage_workers();
+        self.announce_when_ready();
         while !(self.stopping && self.workers.is_empty()) {
             self.write_log();
             self.wait_for_events(&mut events)?;
@@ -168,6 +176,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             }
             self.enforce_deadlines();
             self.manage_workers();
+            self.announce_when_ready();
         }
         info!("all workers stopped, master exiting");
         match self.gave_up.take() {
@@ -191,6 +200,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.workers.next_deadline(self.config.start_timeout),
             self.backoff.next_deadline(now),
             self.next_hung_check,
+            self.notify.next_watchdog(),
         ]
         .into_iter()
         .flatten()
@@ -367,6 +377,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             None => info!("stopping gracefully (graceful timeout {timeout} s)"),
         }
         self.stopping = true;
+        self.notify.stopping();
         for worker in self.workers.iter_mut() {
             ask_to_stop(worker, self.config.graceful_timeout);
         }
@@ -377,6 +388,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     fn stop_now(&mut self) {
         info!("received SIGINT, stopping now");
         self.stopping = true;
+        self.notify.stopping();
         for worker in self.workers.iter_mut() {
             worker.state = worker.state.next(Event::Stop);
             kill(worker);
@@ -409,6 +421,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         if self.next_hung_check.is_some_and(|at| at <= now) {
             self.kill_hung_workers(now);
         }
+        self.notify.watchdog(now);
     }
 
     /// Reads the scoreboard: kills a worker busy with one connection for
@@ -458,6 +471,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         if self.workers.counted() == 0 {
             info!("received SIGHUP with no worker running; nothing to replace");
+            // A reload that systemd waits for (notify-reload) ends at once.
+            self.notify.reloading();
+            self.notify.ready();
             return;
         } else if self.rolling {
             info!(
@@ -468,6 +484,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         self.generation += 1;
         self.rolling = true;
+        self.notify.reloading();
     }
 
     /// TTIN (+1) and TTOU (-1): one worker more or one fewer, never below 0.
@@ -528,6 +545,26 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         if self.rolling && self.workers.outdated(self.generation) == 0 && !self.workers.any_starting() {
             self.rolling = false;
             info!("rolling restart done: every worker is new");
+            self.notify.ready();
+        }
+    }
+
+    /// Tells systemd the service is up once the first workers asked for
+    /// are all Ready (READY=1, once), and the count and generation whenever
+    /// they change (STATUS=; while stopping, the workers left). Called at
+    /// the end of every turn.
+    fn announce_when_ready(&mut self) {
+        let ready = self.workers.iter().filter(|w| w.state == State::Ready).count();
+        let status = if self.stopping {
+            notify::stopping_line(self.workers.iter().count())
+        } else {
+            notify::status_line(ready, self.generation)
+        };
+        if !self.ready_announced && !self.stopping && ready >= self.target {
+            self.ready_announced = true;
+            self.notify.ready_with_status(status);
+        } else {
+            self.notify.status(status);
         }
     }
 
@@ -673,6 +710,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         [self.poll.as_raw_fd(), self.signals.as_raw_fd()]
             .into_iter()
             .chain(logbuf::master_fd())
+            .chain(self.notify.fd())
             .chain(low_pipes)
             .collect()
     }
