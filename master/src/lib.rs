@@ -108,6 +108,7 @@ mod limits;
 mod listen;
 mod logbuf;
 mod master;
+mod notify;
 mod pidfile;
 mod policy;
 mod privileges;

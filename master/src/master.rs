@@ -24,6 +24,7 @@
 
 use crate::error::describe;
 use crate::hung::{self, Sample, Verdict};
+use crate::notify::{self, Notifier};
 use crate::pidfile::PidFile;
 use crate::policy::{Backoff, Exceeded, RestartLimit};
 use crate::signals::{self, Signals, Signo};
@@ -104,9 +105,13 @@ pub(crate) struct Master<W> {
     program: Program,
     /// Set by USR2 until every worker runs the new binary, or it is backed out.
     upgrade: Option<Upgrade>,
-    /// Claimed at start; written once the first workers are Ready.
+    /// Claimed at start; written when READY=1 would be sent.
     pid_file: Option<PidFile>,
-    pid_file_written: bool,
+    /// systemd's notification socket (notify.rs).
+    notify: Notifier,
+    /// READY=1 was sent (and the pid file written) once the first workers
+    /// were all Ready.
+    ready_announced: bool,
 }
 
 impl<W: FnMut(Handoff) -> i32> Master<W> {
@@ -176,7 +181,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             program,
             upgrade: None,
             pid_file,
-            pid_file_written: false,
+            notify: Notifier::from_env(),
+            ready_announced: false,
         };
         if let Some(state) = adopted {
             master.adopt(state);
@@ -239,6 +245,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         // discarded (POSIX: a pending signal whose default is to ignore).
         self.reap_children();
         self.manage_workers();
+        self.announce_when_ready();
         while !(self.stopping && self.workers.is_empty()) {
             self.write_log();
             self.wait_for_events(&mut events)?;
@@ -251,6 +258,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             }
             self.enforce_deadlines();
             self.manage_workers();
+            self.announce_when_ready();
         }
         self.pid_file.iter().for_each(PidFile::remove);
         info!("all workers stopped, master exiting");
@@ -275,6 +283,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.workers.next_deadline(self.config.start_timeout),
             self.backoff.next_deadline(now),
             self.next_hung_check,
+            self.notify.next_watchdog(),
         ]
         .into_iter()
         .flatten()
@@ -453,6 +462,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             None => info!("stopping gracefully (graceful timeout {timeout} s)"),
         }
         self.stopping = true;
+        self.notify.stopping();
         for worker in self.workers.iter_mut() {
             ask_to_stop(worker, self.config.graceful_timeout);
         }
@@ -463,6 +473,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     fn stop_now(&mut self) {
         info!("received SIGINT, stopping now");
         self.stopping = true;
+        self.notify.stopping();
         for worker in self.workers.iter_mut() {
             worker.state = worker.state.next(Event::Stop);
             kill(worker);
@@ -495,6 +506,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         if self.next_hung_check.is_some_and(|at| at <= now) {
             self.kill_hung_workers(now);
         }
+        self.notify.watchdog(now);
     }
 
     /// Reads the scoreboard: kills a worker busy with one connection for
@@ -548,6 +560,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         if self.workers.counted() == 0 {
             info!("received SIGHUP with no worker running; nothing to replace");
+            // A reload that systemd waits for (notify-reload) ends at once.
+            self.notify.reloading();
+            self.notify.ready();
             return;
         } else if self.rolling {
             info!(
@@ -558,6 +573,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         self.generation += 1;
         self.rolling = true;
+        self.notify.reloading();
     }
 
     /// TTIN (+1) and TTOU (-1): one worker more or one fewer, never below 0.
@@ -619,14 +635,31 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.rolling = false;
             match self.upgrade.take() {
                 Some(upgrade) => self.reexec_as_new_binary(upgrade),
-                None => info!("rolling restart done: every worker is new"),
+                None => {
+                    info!("rolling restart done: every worker is new");
+                    self.notify.ready();
+                }
             }
         }
-        if !self.pid_file_written
-            && self.workers.iter().filter(|w| w.state == State::Ready).count() >= self.target
-        {
-            self.pid_file_written = true;
+    }
+
+    /// Tells systemd the service is up once the first workers asked for
+    /// are all Ready (READY=1, once), and the count and generation whenever
+    /// they change (STATUS=; while stopping, the workers left). Called at
+    /// the end of every turn.
+    fn announce_when_ready(&mut self) {
+        let ready = self.workers.iter().filter(|w| w.state == State::Ready).count();
+        let status = if self.stopping {
+            notify::stopping_line(self.workers.iter().count())
+        } else {
+            notify::status_line(ready, self.generation)
+        };
+        if !self.ready_announced && !self.stopping && ready >= self.target {
+            self.ready_announced = true;
+            self.notify.ready_with_status(status);
             self.pid_file.iter().for_each(PidFile::write);
+        } else {
+            self.notify.status(status);
         }
     }
 
@@ -782,6 +815,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             .into_iter()
             .chain(scoreboard)
             .chain(logbuf::master_fd())
+            .chain(self.notify.fd())
             .chain(low_pipes)
             .collect()
     }
@@ -809,6 +843,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             return;
         }
         info!("received SIGUSR2, upgrading to {path}: each old worker stops once a new one is ready");
+        self.notify.reloading();
         self.generation += 1;
         self.rolling = true;
         self.upgrade = Some(Upgrade {
@@ -857,6 +892,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         self.generation = current;
         self.rolling = self.workers.outdated(current) > 0;
+        if !self.rolling {
+            self.notify.ready();
+        }
     }
 
     /// Every worker runs the new binary: the master executes it too, in
@@ -886,7 +924,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 .collect(),
         };
         logbuf::flush_before_exit(LAST_LINES_BEFORE_EXEC);
-        let err = upgrade::reexec_master(&self.program, &state, &[self.listener.as_raw_fd()]);
+        let systemd = self.notify.for_successor();
+        let err = upgrade::reexec_master(&self.program, &state, &[self.listener.as_raw_fd()], &systemd);
         error!(
             "upgrade: re-executing the master as {path}: {}; its workers serve on under the running master",
             describe(&err)

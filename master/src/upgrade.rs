@@ -376,7 +376,14 @@ fn decode_adopted(text: &str) -> Option<AdoptedWorker> {
 /// Executes `program` in place of this master, handing it `state` and the
 /// listeners at the fd numbers they have. Returns only if the exec failed,
 /// with every fd as it was.
-pub(crate) fn reexec_master(program: &Program, state: &MasterState, listeners: &[RawFd]) -> io::Error {
+/// `more` is added to the environment (systemd's variables, which the
+/// master took out of its own).
+pub(crate) fn reexec_master(
+    program: &Program,
+    state: &MasterState,
+    listeners: &[RawFd],
+    more: &[(&str, OsString)],
+) -> io::Error {
     let kept: Vec<RawFd> = listeners
         .iter()
         .copied()
@@ -387,12 +394,16 @@ pub(crate) fn reexec_master(program: &Program, state: &MasterState, listeners: &
         let _ = set_inherited(&kept, false);
         return err;
     }
-    let ours = [
+    let mut ours = vec![
         ("LISTEN_PID".to_owned(), std::process::id().to_string()),
         ("RESPAWN_LISTEN_FDS".to_owned(), join(listeners)),
         (MASTER_VAR.to_owned(), state.encode()),
         (PATH_VAR.to_owned(), program.path.to_string_lossy().into_owned()),
     ];
+    ours.extend(
+        more.iter()
+            .map(|(name, value)| ((*name).to_owned(), value.to_string_lossy().into_owned())),
+    );
     let err = execute(program, &ours);
     let _ = set_inherited(&kept, false);
     err
