@@ -112,12 +112,14 @@ mod reap;
 mod signals;
 mod spawn;
 mod table;
+mod title;
 
 pub use config::Config;
 pub use error::Error;
 pub use listen::bind;
 pub use logbuf::{log_writer, LogWriter};
 pub use respawn_ipc::Handoff;
+pub use title::{original_args, original_exe, set_title, set_worker_title};
 
 use std::net::TcpListener;
 

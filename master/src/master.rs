@@ -529,6 +529,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.rolling = false;
             info!("rolling restart done: every worker is new");
         }
+        crate::title::show_master(self.workers.counted(), self.generation, [&self.listener]);
     }
 
     /// Forks into the slots to fill now, as far as the room allows.
