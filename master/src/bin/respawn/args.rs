@@ -6,6 +6,7 @@
 //! would ask for terabytes up front). A value out of range, or one that does
 //! not parse, gets one line that names the flag and its range, and exit 2.
 
+use crate::logfmt::Format;
 use lexopt::prelude::*;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -15,6 +16,7 @@ pub const USAGE: &str = "\
 usage: respawn [-w N] [-l HOST:PORT] [--graceful-timeout SECS] [-t SECS]
        [--start-timeout SECS] [--max-requests N] [--max-requests-jitter J]
        [--max-restarts R] [--restart-window SECS] [--min-uptime SECS]
+       [--log-format text|json]
        [--demo-fail-start | --demo-hang-start | --demo-bad-ipc]
        [-h|--help] [-V|--version]";
 
@@ -35,6 +37,7 @@ usage: respawn [flags]         SECS may have a fraction; defaults in [brackets]
       --max-restarts R         0 to 10000: give up (exit 3) after more than R
       --restart-window SECS    0 to 604800: ...restarts within SECS [10 in 60]
       --min-uptime SECS        0 to 86400: dying sooner backs the slot off [1]
+      --log-format FORMAT      text, or json: one object per line [text]
       --demo-fail-start        every worker panics before Ready: a crash loop
       --demo-hang-start        every worker hangs before Ready (--start-timeout)
       --demo-bad-ipc           every worker speaks a newer ipc version: backoff
@@ -106,6 +109,7 @@ pub struct Args {
     pub demo_fail_start: bool,
     pub demo_hang_start: bool,
     pub demo_bad_ipc: bool,
+    pub log_format: Format,
 }
 
 pub enum Parsed {
@@ -129,6 +133,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         demo_fail_start: false,
         demo_hang_start: false,
         demo_bad_ipc: false,
+        log_format: Format::Text,
     };
     let mut parser = lexopt::Parser::from_args(argv);
     while let Some(arg) = parser.next()? {
@@ -146,6 +151,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
                 args.max_requests_jitter = MAX_REQUESTS_JITTER.parse(&mut parser)?
             }
             Long("min-uptime") => args.min_uptime = MIN_UPTIME.parse(&mut parser)?,
+            Long("log-format") => args.log_format = log_format(&mut parser)?,
             Long("demo-fail-start") => args.demo_fail_start = true,
             Long("demo-hang-start") => args.demo_hang_start = true,
             Long("demo-bad-ipc") => args.demo_bad_ipc = true,
@@ -225,6 +231,12 @@ fn listen(parser: &mut lexopt::Parser) -> Result<String, lexopt::Error> {
     .into())
 }
 
+/// `--log-format text|json`.
+fn log_format(parser: &mut lexopt::Parser) -> Result<Format, lexopt::Error> {
+    let value = text(parser, "--log-format")?;
+    Format::parse(&value).ok_or_else(|| format!("--log-format: {value:?} is not text or json").into())
+}
+
 /// `name:port`, where name is a host name (an IPv6 address needs brackets,
 /// and `SocketAddr` has taken those already).
 fn is_name_and_port(value: &str) -> bool {
@@ -264,6 +276,21 @@ mod tests {
 
     fn err(args: &[&str]) -> String {
         parse_strs(args).err().unwrap_or_default()
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        let format = |argv: &[&str]| match parse_strs(argv) {
+            Ok(Parsed::Run(args)) => Some(args.log_format),
+            _ => None,
+        };
+        assert_eq!(format(&[]), Some(Format::Text));
+        assert_eq!(format(&["--log-format", "json"]), Some(Format::Json));
+        assert_eq!(format(&["--log-format=text"]), Some(Format::Text));
+        assert_eq!(
+            err(&["--log-format", "JSON"]),
+            r#"--log-format: "JSON" is not text or json"#
+        );
     }
 
     #[test]
