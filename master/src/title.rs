@@ -171,7 +171,7 @@ pub fn set_title(title: &str) -> io::Result<()> {
     let text = fit(title);
     let mut state = STATE.lock().unwrap_or_else(PoisonError::into_inner);
     match &mut *state {
-        State::Refused(errno) => Err((*errno).into()),
+        State::Refused(errno) => Err(refused(*errno)),
         State::Untried => {
             let mut buffer = vec![0u8; HALVES * CAPACITY].into_boxed_slice();
             match show(&mut buffer, 0, &text) {
@@ -186,9 +186,9 @@ pub fn set_title(title: &str) -> io::Result<()> {
                 }
                 Err(Refusal::Kernel(errno)) => {
                     *state = State::Refused(errno);
-                    Err(errno.into())
+                    Err(refused(errno))
                 }
-                Err(Refusal::Threads(err)) => Err(err),
+                Err(Refusal::Other(err)) => Err(err),
             }
         }
         State::Shown { buffer, half } => {
@@ -198,8 +198,8 @@ pub fn set_title(title: &str) -> io::Result<()> {
                     *half = next;
                     Ok(())
                 }
-                Err(Refusal::Kernel(errno)) => Err(errno.into()),
-                Err(Refusal::Threads(err)) => Err(err),
+                Err(Refusal::Kernel(errno)) => Err(refused(errno)),
+                Err(Refusal::Other(err)) => Err(err),
             }
         }
     }
@@ -223,11 +223,21 @@ fn fit(title: &str) -> String {
     title[..end].replace('\0', " ")
 }
 
+/// The kernel's refusal, as an error that says what was refused.
+fn refused(errno: nix::errno::Errno) -> io::Error {
+    let err = io::Error::from(errno);
+    io::Error::new(
+        err.kind(),
+        format!("prctl(PR_SET_MM_MAP): {}", crate::error::describe(&err)),
+    )
+}
+
 enum Refusal {
     /// The kernel said no: it will say no again.
     Kernel(nix::errno::Errno),
-    /// Another thread could move the heap's end under us (see `show`).
-    Threads(io::Error),
+    /// Not now: another thread could move the heap's end under us (see
+    /// `show`), or /proc could not be read.
+    Other(io::Error),
 }
 
 /// Writes `text` into `half` of `buffer` and points the kernel at it.
@@ -246,13 +256,15 @@ fn show(buffer: &mut [u8], half: usize, text: &str) -> Result<(), Refusal> {
     area[..text.len()].copy_from_slice(text.as_bytes());
     area[text.len()] = 0;
     let start = area.as_ptr() as u64;
-    let threads = std::fs::read_dir("/proc/self/task").map_or(0, |tasks| tasks.count());
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map_err(|err| Refusal::Other(io::Error::new(err.kind(), format!("counting threads: {err}"))))?
+        .count();
     if threads != 1 {
-        return Err(Refusal::Threads(io::Error::other(format!(
+        return Err(Refusal::Other(io::Error::other(format!(
             "a process title is set only in a single-threaded process; this one runs {threads} threads"
         ))));
     }
-    let mut map = MmMap::now().ok_or(Refusal::Kernel(nix::errno::Errno::EINVAL))?;
+    let mut map = MmMap::now().ok_or_else(|| Refusal::Other(io::Error::other("reading /proc/self/stat")))?;
     map.arg_start = start;
     map.arg_end = start + text.len() as u64 + 1;
     // SAFETY: brk(0) asks for a break below the heap's start, which the
@@ -357,8 +369,8 @@ pub(crate) fn show_master<'a, L: AsFd + 'a>(
         Ok(()) => {}
         // Said once: later calls fail the same way.
         Err(err) if first => debug!(
-            "not showing the master's state in /proc/{}/cmdline: prctl(PR_SET_MM): {} \
-             (it needs CAP_SYS_RESOURCE); ps -e shows it as 'respawn master'",
+            "not showing the master's state in /proc/{}/cmdline: {}; \
+             ps -e shows it as 'respawn master'",
             std::process::id(),
             crate::error::describe(&err)
         ),
