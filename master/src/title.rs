@@ -475,10 +475,15 @@ mod tests {
         assert!(sh.is_absolute() && sh.ends_with("sh"), "{}", sh.display());
     }
 
+    /// Held by the tests that take STATE's lock: a fork while another test
+    /// thread holds it would leave the child waiting for it forever.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
     /// In a forked child (single-threaded, as set_title asks), the title
     /// is all /proc/self/cmdline says, and the arguments read as before.
     #[test]
     fn a_title_replaces_cmdline_but_not_the_arguments() {
+        let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
         let outcome = crate::signals::tests::in_child(|| {
             let before: Vec<OsString> = std::env::args_os().collect();
             let kept = original_args().to_vec();
@@ -504,6 +509,21 @@ mod tests {
             return;
         }
         assert_eq!(outcome, Ok(()));
+    }
+
+    /// Another thread could grow the heap while the map is restated: the
+    /// title is refused, and cmdline stays as it was.
+    #[test]
+    fn a_process_with_threads_keeps_its_cmdline() {
+        let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+        let (_keep, parked) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || parked.recv());
+        let before = std::fs::read("/proc/self/cmdline").expect("reading /proc/self/cmdline");
+        let err = set_title("respawn: not here").expect_err("a title with two threads");
+        assert!(err.to_string().contains("single-threaded"), "{err}");
+        assert_eq!(std::fs::read("/proc/self/cmdline").ok(), Some(before));
+        drop(_keep);
+        let _ = other.join();
     }
 
     #[test]
