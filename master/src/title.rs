@@ -16,7 +16,7 @@
 //! which exec points at the argv strings on the new stack. nginx
 //! (`ngx_setproctitle`) and PostgreSQL (`ps_status.c`) overwrite those
 //! strings, and the environment strings after them to make room. In a Rust
-//! program that memory is not theirs to reuse: glibc hands
+//! program that memory is still in use: glibc hands
 //! `std::env::args()` pointers into it, so every later read of the
 //! arguments would see the title (and an upgrade that re-executes the
 //! binary with its original arguments would pass the title instead), and
@@ -30,7 +30,7 @@
 //!
 //! Why PR_SET_MM_MAP rather than the simpler PR_SET_MM_ARG_START and
 //! PR_SET_MM_ARG_END: those need CAP_SYS_RESOURCE, which containers drop
-//! even for root (this project's own CI and build host among them), and
+//! even for root (the host this was written on among them), and
 //! they move one bound at a time, so a reader could see a range that is
 //! neither title. PR_SET_MM_MAP (made for CRIU, in kernels built with
 //! CONFIG_CHECKPOINT_RESTORE, which the major distributions are) needs no
