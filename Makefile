@@ -2,7 +2,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run test lint doc bench build-demo mutants linux-only
+.PHONY: run test lint doc bench build-demo mutants linux-only release install install-files uninstall static
 
 # Build in release mode and start the demo on 127.0.0.1:8080 (make run ARGS='--workers 2').
 run: linux-only
@@ -18,6 +18,51 @@ test: linux-only build-demo
 
 build-demo:
 	$(CARGO) build -p respawn-master --features demo --bin respawn
+
+# Installing: `make install PREFIX=/usr/local DESTDIR=` builds the demo in
+# release mode, then copies it to $(DESTDIR)$(PREFIX)/bin/respawn (mode 0755)
+# and the documents to $(DESTDIR)$(PREFIX)/share/doc/respawn. DESTDIR stages
+# the tree for a package. install-files does the copying alone, of BIN:
+# `make install-files BIN=target/x86_64-unknown-linux-gnu/release/respawn`
+# installs the binary `make static` built.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+DOCDIR ?= $(PREFIX)/share/doc/respawn
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+BIN ?= $(TARGET_DIR)/release/respawn
+DOCS := README.md $(wildcard docs/*.md)
+
+release: linux-only
+	$(CARGO) build --release -p respawn-master --features demo --bin respawn
+
+install: release
+	$(MAKE) --no-print-directory install-files
+
+install-files:
+	install -D -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/respawn
+	for doc in $(DOCS); do install -D -m 0644 "$$doc" "$(DESTDIR)$(DOCDIR)/$${doc##*/}" || exit 1; done
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/respawn
+	rm -rf $(DESTDIR)$(DOCDIR)
+
+# A statically linked binary, for a host or container without the glibc it
+# was built against (FROM scratch, say). The installed gnu target with
+# crt-static: no musl target needed. Built for an explicit --target, so the
+# flag reaches only this binary, not build scripts, and lands in its own
+# directory. glibc's NSS cannot be linked statically: a user or group name
+# (--user, --group) found in /etc/passwd or /etc/group is resolved (glibc
+# 2.34+ has the files source built in), but a name that is not makes glibc
+# load the next source of /etc/nsswitch.conf (systemd, sss, ldap) as a
+# shared library, which a static binary survives only with the very glibc it
+# was linked with, if at all (on Debian 12, glibc 2.36, it dies of SIGSEGV).
+# The linker's warning about it is not shown: rust-lld ignores it.
+STATIC_TARGET ?= $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+STATIC_BIN = $(TARGET_DIR)/$(STATIC_TARGET)/release/respawn
+static: linux-only
+	RUSTFLAGS="$$RUSTFLAGS -C target-feature=+crt-static" $(CARGO) build --release \
+		-p respawn-master --features demo --bin respawn --target $(STATIC_TARGET)
+	@echo "static: $(STATIC_BIN), $$(stat -c %s $(STATIC_BIN)) bytes (not stripped)"
 
 lint:
 	$(CARGO) fmt --all --check

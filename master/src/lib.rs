@@ -116,6 +116,7 @@ mod reap;
 mod signals;
 mod spawn;
 mod table;
+mod title;
 mod upgrade;
 
 pub use activation::{inherited_listeners, Inherited};
@@ -125,6 +126,7 @@ pub use listen::bind;
 pub use logbuf::{log_writer, LogWriter};
 pub use privileges::{RunAs, RunAsError};
 pub use respawn_ipc::Handoff;
+pub use title::{original_args, original_exe, set_title, set_worker_title};
 pub use upgrade::started_as_worker;
 
 use std::net::TcpListener;

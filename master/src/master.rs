@@ -661,6 +661,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         } else {
             self.notify.status(status);
         }
+        crate::title::show_master(self.workers.counted(), self.generation, [&self.listener]);
     }
 
     /// Forks into the slots to fill now, as far as the room allows.

@@ -67,17 +67,18 @@ pub(crate) struct Program {
 }
 
 impl Program {
-    /// This process's own program: argv[0] resolved now (call it when the
-    /// master starts, before anything changes the directory), or the path
-    /// a previous master handed down.
+    /// This process's own program: what it was started as (see
+    /// [`crate::original_exe`]: argv[0] resolved against the directory it
+    /// started in), or the path a previous master handed down.
     pub(crate) fn of_this_process() -> Program {
-        let args: Vec<OsString> = std::env::args_os().collect();
+        let args = crate::original_args().to_vec();
         let handed_down = std::env::var_os(PATH_VAR).map(PathBuf::from);
         std::env::remove_var(PATH_VAR);
-        let path = handed_down.unwrap_or_else(|| {
-            let first = args.first().cloned().unwrap_or_default();
-            resolve(Path::new(&first), std::env::current_dir().ok().as_deref())
-        });
+        let path = handed_down
+            .or_else(|| crate::original_exe().map(Path::to_path_buf))
+            .unwrap_or_default();
+        // Components drop the `.` of `./respawn`, for the log's sake.
+        let path = path.components().collect();
         Program { path, args }
     }
 
@@ -85,24 +86,6 @@ impl Program {
     pub(crate) fn check(&self) -> io::Result<()> {
         nix::unistd::access(&self.path, nix::unistd::AccessFlags::X_OK).map_err(io::Error::from)
     }
-}
-
-/// argv[0] as execvp would find it: a path with a slash is taken against
-/// the starting directory, a bare name is looked up in PATH.
-fn resolve(first: &Path, cwd: Option<&Path>) -> PathBuf {
-    if first.as_os_str().as_bytes().contains(&b'/') {
-        // Components drop the `.` of `./respawn`, for the log's sake.
-        return match cwd {
-            Some(cwd) => cwd.join(first).components().collect(),
-            None => first.to_path_buf(),
-        };
-    }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join(first))
-        .find(|candidate| nix::unistd::access(candidate, nix::unistd::AccessFlags::X_OK).is_ok())
-        .unwrap_or_else(|| first.to_path_buf())
 }
 
 /// An upgrade under way: the generation whose workers run the new binary.
@@ -494,21 +477,6 @@ fn c_string(text: &OsStr) -> Option<CString> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_relative_argv0_is_taken_against_the_starting_directory() {
-        assert_eq!(
-            resolve(Path::new("./bin/respawn"), Some(Path::new("/srv/app"))),
-            PathBuf::from("/srv/app/bin/respawn")
-        );
-        assert_eq!(
-            resolve(Path::new("/usr/bin/respawn"), Some(Path::new("/srv"))),
-            PathBuf::from("/usr/bin/respawn")
-        );
-        // A bare name is looked up in PATH, as the shell found it.
-        let sh = resolve(Path::new("sh"), Some(Path::new("/nowhere")));
-        assert!(sh.is_absolute() && sh.ends_with("sh"), "{sh:?}");
-    }
 
     #[test]
     fn the_worker_variable_round_trips_and_refuses_garbage() {

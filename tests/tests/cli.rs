@@ -258,7 +258,7 @@ fn help_and_version_exit_zero() {
 }
 
 #[test]
-fn help_fits_80_columns_and_24_lines_with_every_range() {
+fn help_fits_80_columns_and_40_lines_with_every_range() {
     let (status, help) = run_to_exit(&["--help"]);
     assert_eq!(status.code(), Some(0), "{help}");
     let lines: Vec<&str> = help.lines().collect();

@@ -6,6 +6,7 @@
 //! would ask for terabytes up front). A value out of range, or one that does
 //! not parse, gets one line that names the flag and its range, and exit 2.
 
+use crate::logfmt::Format;
 use lexopt::prelude::*;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -17,6 +18,7 @@ usage: respawn [-w N] [-l HOST:PORT] [--graceful-timeout SECS] [-t SECS]
        [--start-timeout SECS] [--max-requests N] [--max-requests-jitter J]
        [--max-restarts R] [--restart-window SECS] [--min-uptime SECS]
        [--user NAME] [--group NAME] [--pid-file PATH]
+       [--log-format text|json]
        [--demo-fail-start | --demo-hang-start | --demo-bad-ipc]
        [-h|--help] [-V|--version]";
 
@@ -40,6 +42,7 @@ usage: respawn [flags]         SECS may have a fraction; defaults in [brackets]
       --user NAME              workers run as NAME (and its group); needs root
       --group NAME             workers run with group NAME
       --pid-file PATH          the master's pid, written once workers are ready
+      --log-format FORMAT      text, or json: one object per line [text]
       --demo-fail-start        every worker panics before Ready: a crash loop
       --demo-hang-start        every worker hangs before Ready (--start-timeout)
       --demo-bad-ipc           every worker speaks a newer ipc version: backoff
@@ -47,8 +50,10 @@ usage: respawn [flags]         SECS may have a fraction; defaults in [brackets]
 
 routes: GET /     which worker answered   GET /crash     the handler panics
         GET /hang spins: for --timeout    GET /sleep/MS  answers after MS ms
+        GET /version which build answers (RESPAWN_DEMO_TAG is added)
 signals: TERM, QUIT stop gracefully, INT at once, HUP replaces every worker,
-         TTIN adds a worker, TTOU removes one.  RUST_LOG=debug logs more.
+         TTIN adds a worker, TTOU removes one, USR2 upgrades to the binary
+         now on disk (backs out if it fails).  RUST_LOG=debug logs more.
 exit: 0 stopped, 1 failed (cannot bind...), 2 bad flag, 3 gave up
 ";
 
@@ -116,6 +121,7 @@ pub struct Args {
     pub user: Option<String>,
     pub group: Option<String>,
     pub pid_file: Option<PathBuf>,
+    pub log_format: Format,
 }
 
 // Made once per run and taken apart at once: a Box would buy nothing.
@@ -144,6 +150,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         user: None,
         group: None,
         pid_file: None,
+        log_format: Format::Text,
     };
     let mut parser = lexopt::Parser::from_args(argv);
     while let Some(arg) = parser.next()? {
@@ -161,6 +168,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
                 args.max_requests_jitter = MAX_REQUESTS_JITTER.parse(&mut parser)?
             }
             Long("min-uptime") => args.min_uptime = MIN_UPTIME.parse(&mut parser)?,
+            Long("log-format") => args.log_format = log_format(&mut parser)?,
             Long("demo-fail-start") => args.demo_fail_start = true,
             Long("demo-hang-start") => args.demo_hang_start = true,
             Long("demo-bad-ipc") => args.demo_bad_ipc = true,
@@ -243,6 +251,12 @@ fn listen(parser: &mut lexopt::Parser) -> Result<String, lexopt::Error> {
     .into())
 }
 
+/// `--log-format text|json`.
+fn log_format(parser: &mut lexopt::Parser) -> Result<Format, lexopt::Error> {
+    let value = text(parser, "--log-format")?;
+    Format::parse(&value).ok_or_else(|| format!("--log-format: {value:?} is not text or json").into())
+}
+
 /// `name:port`, where name is a host name (an IPv6 address needs brackets,
 /// and `SocketAddr` has taken those already).
 fn is_name_and_port(value: &str) -> bool {
@@ -282,6 +296,21 @@ mod tests {
 
     fn err(args: &[&str]) -> String {
         parse_strs(args).err().unwrap_or_default()
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        let format = |argv: &[&str]| match parse_strs(argv) {
+            Ok(Parsed::Run(args)) => Some(args.log_format),
+            _ => None,
+        };
+        assert_eq!(format(&[]), Some(Format::Text));
+        assert_eq!(format(&["--log-format", "json"]), Some(Format::Json));
+        assert_eq!(format(&["--log-format=text"]), Some(Format::Text));
+        assert_eq!(
+            err(&["--log-format", "JSON"]),
+            r#"--log-format: "JSON" is not text or json"#
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 mod args;
 mod http;
+mod logfmt;
 
 use args::{Args, Parsed};
 use log::info;
@@ -41,7 +42,7 @@ fn main() {
             exit(EXIT_BAD_FLAG);
         }
     };
-    init_logging();
+    init_logging(args.log_format);
     let code = serve(&args);
     // Whatever the log path still holds goes out before the process does.
     log::logger().flush();
@@ -99,6 +100,8 @@ fn serve(args: &Args) -> i32 {
     };
     let bad_ipc = args.demo_bad_ipc;
     let demo = |handoff: respawn_master::Handoff| {
+        // Forked with the master's title: `ps -ef` would show two masters.
+        respawn_master::set_worker_title(handoff.slot);
         if bad_ipc {
             speak_a_newer_contract(&handoff);
         }
@@ -209,17 +212,26 @@ fn say(text: &str) {
 
 /// Log lines on stderr, info and up unless RUST_LOG says otherwise, with
 /// milliseconds: a respawn takes a few of them. They go through the
-/// library's log path, which never blocks the master on a full pipe.
-fn init_logging() {
+/// library's log path, which never blocks the master on a full pipe. Under
+/// journald, or with `--log-format json`, logfmt.rs writes them instead.
+fn init_logging(format: logfmt::Format) {
+    let style = logfmt::Style::for_stderr(format);
     let mut builder = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     builder
-        .format_timestamp_millis()
         .format_target(false)
         .target(env_logger::Target::Pipe(Box::new(respawn_master::log_writer())));
-    // env_logger colours a terminal it writes to itself, but cannot see one
-    // through a pipe target: decide here, as it would have.
-    if colour_wanted() {
-        builder.write_style(env_logger::WriteStyle::Always);
+    if style.is_plain_text() {
+        builder.format_timestamp_millis();
+        // env_logger colours a terminal it writes to itself, but cannot see
+        // one through a pipe target: decide here, as it would have.
+        if colour_wanted() {
+            builder.write_style(env_logger::WriteStyle::Always);
+        }
+    } else {
+        builder.format(move |buf, record| {
+            let time = buf.timestamp_millis();
+            style.write(buf, record, time)
+        });
     }
     builder.init();
 }
