@@ -179,6 +179,7 @@ where
 {
     logbuf::become_worker();
     spawn::name_process(env.slot);
+    title::set_worker_title(env.slot);
     if let Some(run_as) = &config.run_as {
         // Changing the user clears the parent-death signal: ask again.
         let master = nix::unistd::getppid();

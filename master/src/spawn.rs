@@ -163,6 +163,8 @@ where
         return exit_code::SETUP_FAILED;
     }
     name_process(setup.slot);
+    // Forked with the master's title: `ps -ef` would show two masters.
+    crate::title::set_worker_title(setup.slot);
     if let Err(err) = setup.signals.restore_in_worker() {
         error!("worker {pid}: restoring the signal mask: {err}");
         return exit_code::SETUP_FAILED;

@@ -635,6 +635,63 @@ pub fn port_is_free(addr: SocketAddr) -> bool {
     std::net::TcpListener::bind(addr).is_ok()
 }
 
+/// A directory holding the program respawn is started from, for the
+/// upgrade (SIGUSR2): a hard link to the build's binary, which a test then
+/// replaces as a deploy does (a new file renamed over it).
+pub struct Deploy {
+    pub dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl Deploy {
+    pub fn new(name: &str) -> Deploy {
+        let dir = std::env::temp_dir().join(format!("respawn-upgrade-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the deploy directory");
+        let path = dir.join("respawn");
+        if std::fs::hard_link(binary(), &path).is_err() {
+            std::fs::copy(binary(), &path).expect("copying the binary");
+        }
+        Deploy { dir, path }
+    }
+
+    /// Replaces the program with a script, atomically, as a deploy would.
+    pub fn replace_with(&self, script: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let new = self.dir.join("respawn.new");
+        std::fs::write(&new, format!("#!/bin/sh\n{script}\n")).expect("writing the new program");
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::rename(&new, &self.path).expect("renaming the new program into place");
+    }
+
+    /// The build's binary, tagged: what `/version` calls a new build.
+    pub fn replace_with_build(&self, tag: &str) {
+        self.replace_with(&format!(
+            "RESPAWN_DEMO_TAG={tag} exec '{}' \"$@\"",
+            binary().display()
+        ));
+    }
+
+    pub fn start(&self, args: &[&str]) -> Respawn {
+        Respawn::start_program(&self.path, args, |_| {})
+    }
+
+    /// [`Deploy::start`], with the command adjusted before it runs.
+    pub fn start_with(&self, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Respawn {
+        Respawn::start_program(&self.path, args, adjust)
+    }
+
+    pub fn shown(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+impl Drop for Deploy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

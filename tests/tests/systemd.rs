@@ -459,3 +459,55 @@ fn live_environment(pid: i32) -> Option<Vec<String>> {
     }
     Some(env)
 }
+
+/// USR2 under `Type=notify-reload`: RELOADING=1 when it begins, READY=1
+/// from the re-executed master (the same pid, which systemd keeps as the
+/// main one) once its workers are Ready; the watchdog goes on after it.
+#[test]
+fn notify_reloading_and_ready_around_an_upgrade_and_the_watchdog_goes_on() {
+    let mut systemd = Systemd::new("upgrade");
+    let deploy = Deploy::new("notify");
+    let path = systemd.path();
+    let respawn = deploy.start_with(&["--workers", "2"], |command| {
+        command.env("NOTIFY_SOCKET", &path).env("WATCHDOG_USEC", "400000");
+    });
+    systemd.wait_for(&respawn, "READY=1", |m| m.starts_with("READY=1"));
+    respawn.wait_for_workers(2);
+
+    deploy.replace_with_build("n");
+    respawn.signal(libc::SIGUSR2);
+    systemd.wait_for(&respawn, "RELOADING=1", |m| {
+        m.starts_with("RELOADING=1\nMONOTONIC_USEC=")
+    });
+    let ready = systemd.wait_for(&respawn, "READY=1", |m| m.starts_with("READY=1"));
+    respawn.wait_for_log("the master re-executing", |l| {
+        message(l).starts_with("master re-executed as ")
+    });
+    assert!(ready.contains("STATUS=2 workers"), "{ready:?}");
+    let pings = systemd.count("WATCHDOG=1");
+    systemd.wait_for(&respawn, "a WATCHDOG=1 after the upgrade", |m| m == "WATCHDOG=1");
+    assert!(systemd.count("WATCHDOG=1") > pings);
+    assert_eq!(
+        respawn.get("/version").expect("GET /version").body.trim(),
+        format!("respawn {} n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// A back-out is the end of the reload too: READY=1 once the old version
+/// serves alone again, so that `systemctl reload` does not hang.
+#[test]
+fn notify_ready_after_a_backed_out_upgrade() {
+    let mut systemd = Systemd::new("backout");
+    let deploy = Deploy::new("notify-backout");
+    let path = systemd.path();
+    let respawn = deploy.start_with(&["--workers", "2"], |command| {
+        command.env("NOTIFY_SOCKET", &path);
+    });
+    systemd.wait_for(&respawn, "READY=1", |m| m.starts_with("READY=1"));
+    respawn.wait_for_workers(2);
+    deploy.replace_with("exit 1");
+    respawn.signal(libc::SIGUSR2);
+    systemd.wait_for(&respawn, "RELOADING=1", |m| m.starts_with("RELOADING=1"));
+    systemd.wait_for(&respawn, "READY=1", |m| m == "READY=1");
+    respawn.wait_for_log("the back-out", |l| l.contains("backed out"));
+}

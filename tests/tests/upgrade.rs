@@ -10,7 +10,7 @@
 //! Meanwhile clients ask for `/version` in a loop: no request may fail.
 
 use respawn_tests::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -20,56 +20,6 @@ use std::time::Instant;
 fn untagged() -> String {
     let (_, out) = run_to_exit(&["--version"]);
     out.trim().to_owned()
-}
-
-/// A directory holding the program respawn is started from.
-struct Deploy {
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-impl Deploy {
-    fn new(name: &str) -> Deploy {
-        let dir = std::env::temp_dir().join(format!("respawn-upgrade-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating the deploy directory");
-        let path = dir.join("respawn");
-        if std::fs::hard_link(binary(), &path).is_err() {
-            std::fs::copy(binary(), &path).expect("copying the binary");
-        }
-        Deploy { dir, path }
-    }
-
-    /// Replaces the program with a script, atomically, as a deploy would.
-    fn replace_with(&self, script: &str) {
-        use std::os::unix::fs::PermissionsExt;
-        let new = self.dir.join("respawn.new");
-        std::fs::write(&new, format!("#!/bin/sh\n{script}\n")).expect("writing the new program");
-        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        std::fs::rename(&new, &self.path).expect("renaming the new program into place");
-    }
-
-    /// The build's binary, tagged: what `/version` calls a new build.
-    fn replace_with_build(&self, tag: &str) {
-        self.replace_with(&format!(
-            "RESPAWN_DEMO_TAG={tag} exec '{}' \"$@\"",
-            binary().display()
-        ));
-    }
-
-    fn start(&self, args: &[&str]) -> Respawn {
-        Respawn::start_program(&self.path, args, |_| {})
-    }
-
-    fn shown(&self) -> String {
-        self.path.display().to_string()
-    }
-}
-
-impl Drop for Deploy {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// An answer's start, and the version line or what went wrong.
@@ -385,4 +335,120 @@ fn the_program_is_found_where_it_was_started_from() {
         respawn.get("/version").expect("GET /version").body.trim(),
         format!("{} rel", untagged())
     );
+}
+
+/// `kill -USR2 -- -PGID` and `systemctl kill -s USR2` (without
+/// `--kill-whom=main`) signal every process: workers ignore it, as they
+/// ignore the master's other controls, and the master upgrades once.
+#[test]
+fn usr2_to_the_whole_process_group_upgrades_once_and_kills_no_worker() {
+    let deploy = Deploy::new("group");
+    let respawn = deploy.start(&["--workers", "2"]);
+    let old = respawn.wait_for_workers(2);
+    deploy.replace_with_build("g");
+    respawn.signal_group(libc::SIGUSR2);
+    respawn.wait_for_log("the master re-executing", |l| {
+        message(l).starts_with("master re-executed as ")
+    });
+    let new = respawn.wait_for_workers(2);
+    assert!(old.is_disjoint(&new));
+    assert_eq!(
+        log_lines_with(&respawn, "received SIGUSR2").len(),
+        1,
+        "{}",
+        respawn.dump()
+    );
+    assert!(
+        log_lines_with(&respawn, "(signal 12)").is_empty(),
+        "{}",
+        respawn.dump()
+    );
+    assert_eq!(
+        respawn.get("/version").expect("GET /version").body.trim(),
+        format!("{} g", untagged())
+    );
+}
+
+/// The pid file names the master before and after: it keeps its pid. It
+/// is removed on the clean stop that follows.
+#[test]
+fn the_pid_file_holds_the_same_pid_across_an_upgrade() {
+    let deploy = Deploy::new("pidfile");
+    let pid_file = deploy.dir.join("respawn.pid");
+    let shown = pid_file.display().to_string();
+    let mut respawn = deploy.start(&["--workers", "1", "--pid-file", &shown]);
+    respawn.wait_for_workers(1);
+    let read = || std::fs::read_to_string(&pid_file).unwrap_or_default();
+    assert!(
+        wait_until(PATIENCE, || read().trim() == respawn.pid.to_string()),
+        "{}",
+        respawn.dump()
+    );
+    deploy.replace_with_build("p");
+    respawn.signal(libc::SIGUSR2);
+    respawn.wait_for_log("the master re-executing", |l| {
+        message(l).starts_with("master re-executed as ")
+    });
+    respawn.wait_for_workers(1);
+    assert_eq!(read().trim(), respawn.pid.to_string(), "{}", respawn.dump());
+    respawn.signal(libc::SIGTERM);
+    assert_eq!(respawn.wait_exit().code(), Some(0), "{}", respawn.dump());
+    assert!(!pid_file.exists(), "the pid file outlived a clean stop");
+}
+
+/// Workers started from the new binary drop to `--user` too; they do it
+/// after their exec, as root, so that the file need not be executable by
+/// that user.
+#[test]
+fn upgraded_workers_run_as_the_user_asked() {
+    if !nix_is_root() || !user_exists("nobody") {
+        eprintln!("SKIPPED upgraded_workers_run_as_the_user_asked: needs root and a user `nobody`");
+        return;
+    }
+    let deploy = Deploy::new("user");
+    let respawn = deploy.start(&["--workers", "1", "--user", "nobody"]);
+    respawn.wait_for_workers(1);
+    deploy.replace_with_build("u");
+    respawn.signal(libc::SIGUSR2);
+    respawn.wait_for_log("the master re-executing", |l| {
+        message(l).starts_with("master re-executed as ")
+    });
+    let workers = respawn.wait_for_workers(1);
+    let worker = *workers.iter().next().expect("a worker");
+    let status = std::fs::read_to_string(format!("/proc/{worker}/status")).expect("its status");
+    let ids = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|rest| rest.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let nobody = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|p| {
+            p.lines()
+                .find(|l| l.starts_with("nobody:"))
+                .map(|l| l.split(':').nth(2).unwrap_or("").to_owned())
+        })
+        .unwrap_or_default();
+    assert_eq!(ids("Uid:"), vec![nobody.clone(); 4], "{status}");
+    assert_eq!(
+        respawn.get("/version").expect("GET /version").body.trim(),
+        format!("{} u", untagged())
+    );
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn user_exists(name: &str) -> bool {
+    std::fs::read_to_string("/etc/passwd").is_ok_and(|p| p.lines().any(|l| l.split(':').next() == Some(name)))
 }

@@ -100,8 +100,6 @@ fn serve(args: &Args) -> i32 {
     };
     let bad_ipc = args.demo_bad_ipc;
     let demo = |handoff: respawn_master::Handoff| {
-        // Forked with the master's title: `ps -ef` would show two masters.
-        respawn_master::set_worker_title(handoff.slot);
         if bad_ipc {
             speak_a_newer_contract(&handoff);
         }
