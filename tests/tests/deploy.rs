@@ -438,7 +438,7 @@ fn every_system_call_respawn_makes_is_in_the_units_filter() {
 
     // A life of the master and its workers that takes every path the unit
     // must allow: start, requests, a crash, a rolling restart, a worker
-    // more and one fewer, a stray USR1, a graceful stop.
+    // more and one fewer, a stray USR1, an upgrade, a graceful stop.
     let dir = TempDir::new("respawn-deploy-syscalls");
     let mut traced = Traced::start(&dir.0, &["--workers", "2", "--listen", "127.0.0.1:0"]);
     let line = traced.wait_for("listening on *");
@@ -461,6 +461,10 @@ fn every_system_call_respawn_makes_is_in_the_units_filter() {
     traced.wait_for("received SIGTTOU, 2 workers wanted");
     send(master, libc::SIGUSR1);
     traced.wait_for("received SIGUSR1*");
+    // An upgrade to the same binary: exec'd workers, then the master's exec.
+    send(master, libc::SIGUSR2);
+    traced.wait_for("master re-executed as *");
+    wait_until(PATIENCE, || traced.count("ready") >= 6);
     send(master, libc::SIGTERM);
     let mut status = None;
     wait_until(PATIENCE, || {
