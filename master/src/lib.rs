@@ -19,7 +19,21 @@
 //! returns once every worker has stopped after SIGTERM, SIGQUIT or SIGINT.
 //! Meanwhile it replaces workers that die (after a backoff if they die
 //! young, giving up after too many restarts), kills hung ones, replaces all
-//! one at a time on SIGHUP, and adds or removes one on SIGTTIN or SIGTTOU.
+//! one at a time on SIGHUP, adds or removes one on SIGTTIN or SIGTTOU, and
+//! upgrades to the binary now on disk on SIGUSR2.
+//!
+//! # Upgrading to new code
+//!
+//! SIGUSR2 starts the program at the path this process was started from
+//! ([`original_exe`]) as new workers, one at a time, each old worker
+//! stopping once a new one is Ready; then the master executes it in place,
+//! keeping its pid, and adopts its workers. If the new workers fail, the
+//! upgrade backs out by itself. Nothing is needed from an embedder but this:
+//! bind with [`bind`] (or take [`inherited_listeners`]) and call [`run`]
+//! early in `main`, before anything a worker should not do twice: the new
+//! program runs the same `main`, in which `bind` takes the listener it was
+//! handed and `run` becomes the worker (or the adopting master) it was
+//! started as. [`started_as_worker`] says which, before `run`.
 //!
 //! ```no_run
 //! use std::io::Write;
@@ -77,12 +91,23 @@
 //!   the service. Dispositions and mask are restored when `run` returns
 //!   (signals that arrived after its last turn are read and dropped first),
 //!   and in every worker before your function runs, where HUP, TTIN and TTOU
-//!   are ignored (they steer the master only) and TERM and QUIT stay blocked:
+//!   and USR2 are ignored (they steer the master only) and TERM and QUIT stay blocked:
 //!   unblock them once your worker handles them (`respawn-worker` does).
-//! - It maps a shared-memory scoreboard before the first fork, one row per
-//!   worker slot that can be in use at once (8,193 rows, 1.5 MiB of address
-//!   space, touched only where used), for the hung-worker check; the mapping
-//!   stays for the life of the process.
+//! - It maps a shared-memory scoreboard (a memory file, `memfd_create`)
+//!   before the first fork, one row per worker slot that can be in use at
+//!   once (8,193 rows, 1.5 MiB of address space, touched only where used),
+//!   for the hung-worker check; the mapping stays for the life of the process.
+//! - It reads and unsets systemd's variables when it starts: `NOTIFY_SOCKET`,
+//!   `WATCHDOG_USEC` and `WATCHDOG_PID` (it keeps one datagram socket to
+//!   notify systemd, which workers close), and `LISTEN_FDS`, `LISTEN_PID` and
+//!   `LISTEN_FDNAMES` when [`bind`] or [`inherited_listeners`] takes them. A
+//!   second `run` in the same process sees none of them.
+//! - It sets its process title (`respawn: master, 4 workers, generation 3,
+//!   127.0.0.1:8080`, see [`set_title`]) and comm (`respawn master`), and
+//!   each worker's (`respawn: worker 2`); argv itself is left untouched.
+//! - On SIGUSR2 it executes a program (see above), passing `RESPAWN_WORKER`,
+//!   `RESPAWN_MASTER_STATE`, `RESPAWN_MASTER_PATH` and `RESPAWN_LISTEN_FDS`
+//!   in the environment; each is read and unset by the program it is for.
 //! - It makes the listener blocking (the workers' accept sleeps) and sets
 //!   TCP_DEFER_ACCEPT on it, so connections that send nothing wake no worker.
 //! - It keeps its own fds (a pipe per worker) at or above one past the
@@ -177,7 +202,7 @@ fn run_upgraded_worker<W>(
 where
     W: FnMut(Handoff) -> i32,
 {
-    logbuf::become_worker();
+    logbuf::become_worker_after_exec();
     spawn::name_process(env.slot);
     title::set_worker_title(env.slot);
     if let Some(run_as) = &config.run_as {

@@ -111,6 +111,20 @@ pub(crate) fn become_worker() {
     global.worker = true;
 }
 
+/// In a worker started by executing a program (an upgrade's new binary):
+/// whatever this process logged so far is its own, so it is kept and
+/// written now, and its fd onto stderr stays its own (nobody else closes it).
+pub(crate) fn become_worker_after_exec() {
+    {
+        let mut global = GLOBAL.lock().unwrap_or_else(PoisonError::into_inner);
+        global.worker = true;
+        if let Some(path) = global.path.as_mut() {
+            path.worker = true;
+        }
+    }
+    flush_pending();
+}
+
 /// The master's own fd onto stderr, if it has opened one: a forked child
 /// closes it with the master's other fds.
 pub(crate) fn master_fd() -> Option<RawFd> {

@@ -91,10 +91,10 @@ impl RunAs {
     /// it must be root, unless the user and group are its own.
     pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<RunAs, RunAsError> {
         let (uid, user_gid) = match user {
-            Some(name) => lookup_user(name).map(|user| (Some(user.uid), Some(user.gid)))?,
+            Some(name) => lookup_user(name).map(|(uid, gid)| (Some(uid), Some(gid)))?,
             None => (None, None),
         };
-        let group_gid = group.map(lookup_group).transpose()?.map(|group| group.gid);
+        let group_gid = group.map(lookup_group).transpose()?;
         let Some(gid) = group_gid.or(user_gid) else {
             return Err(RunAsError::new(
                 "user",
@@ -173,9 +173,34 @@ impl Ids {
     }
 }
 
-fn lookup_user(name: &str) -> Result<User, RunAsError> {
+/// A statically linked glibc cannot load the NSS modules that
+/// /etc/nsswitch.conf may name (systemd, sss, ldap): asked for a name the
+/// files do not hold, its getpwnam crashed (SIGSEGV, glibc 2.36, `passwd:
+/// files systemd`). A static build reads /etc/passwd and /etc/group itself,
+/// and knows only the names they list.
+const STATIC: bool = cfg!(target_feature = "crt-static");
+
+fn lookup_user(name: &str) -> Result<(Uid, Gid), RunAsError> {
+    if STATIC {
+        return match from_file("/etc/passwd", name) {
+            Ok(Some(fields)) => match (id_field(&fields, 2), id_field(&fields, 3)) {
+                (Some(uid), Some(gid)) => Ok((Uid::from_raw(uid), Gid::from_raw(gid))),
+                _ => Err(RunAsError::new(
+                    "user",
+                    name,
+                    "its line in /etc/passwd does not parse",
+                )),
+            },
+            Ok(None) => Err(RunAsError::new("user", name, "no such user in /etc/passwd")),
+            Err(err) => Err(RunAsError::new(
+                "user",
+                name,
+                format!("reading /etc/passwd: {}", describe(&err)),
+            )),
+        };
+    }
     match User::from_name(name) {
-        Ok(Some(user)) => Ok(user),
+        Ok(Some(user)) => Ok((user.uid, user.gid)),
         // getpwnam_r says "not found" with a null result, but some NSS
         // modules return one of these instead (getpwnam(3)).
         Ok(None) | Err(Errno::ENOENT | Errno::ESRCH) => Err(RunAsError::new("user", name, "no such user")),
@@ -187,9 +212,22 @@ fn lookup_user(name: &str) -> Result<User, RunAsError> {
     }
 }
 
-fn lookup_group(name: &str) -> Result<Group, RunAsError> {
+fn lookup_group(name: &str) -> Result<Gid, RunAsError> {
+    if STATIC {
+        return match from_file("/etc/group", name) {
+            Ok(Some(fields)) => id_field(&fields, 2)
+                .map(Gid::from_raw)
+                .ok_or_else(|| RunAsError::new("group", name, "its line in /etc/group does not parse")),
+            Ok(None) => Err(RunAsError::new("group", name, "no such group in /etc/group")),
+            Err(err) => Err(RunAsError::new(
+                "group",
+                name,
+                format!("reading /etc/group: {}", describe(&err)),
+            )),
+        };
+    }
     match Group::from_name(name) {
-        Ok(Some(group)) => Ok(group),
+        Ok(Some(group)) => Ok(group.gid),
         Ok(None) | Err(Errno::ENOENT | Errno::ESRCH) => Err(RunAsError::new("group", name, "no such group")),
         Err(errno) => Err(RunAsError::new(
             "group",
@@ -197,6 +235,22 @@ fn lookup_group(name: &str) -> Result<Group, RunAsError> {
             format!("looking it up: {}", describe(&io::Error::from(errno))),
         )),
     }
+}
+
+/// The `:`-separated fields of the line of `path` whose first field is
+/// `name` (the format of passwd(5) and group(5)).
+fn from_file(path: &str, name: &str) -> io::Result<Option<Vec<String>>> {
+    Ok(find_entry(&std::fs::read_to_string(path)?, name))
+}
+
+fn find_entry(text: &str, name: &str) -> Option<Vec<String>> {
+    text.lines()
+        .map(|line| line.split(':').map(str::to_owned).collect::<Vec<_>>())
+        .find(|fields| fields.first().map(String::as_str) == Some(name))
+}
+
+fn id_field(fields: &[String], index: usize) -> Option<u32> {
+    fields.get(index)?.parse().ok()
 }
 
 impl RunAsError {
@@ -334,6 +388,22 @@ mod tests {
             gid: Gid::from_raw(1000),
         };
         assert!(!me.changes_nothing_for(&setuid_root));
+    }
+
+    #[test]
+    fn a_static_build_finds_names_in_the_files_themselves() {
+        let passwd =
+            "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
+        let nobody = find_entry(passwd, "nobody").expect("nobody's line");
+        assert_eq!(
+            (id_field(&nobody, 2), id_field(&nobody, 3)),
+            (Some(65534), Some(65534))
+        );
+        assert_eq!(find_entry(passwd, "nobod"), None, "a whole name, not a prefix");
+        assert_eq!(find_entry(passwd, "missing"), None);
+        let broken = find_entry("odd:x:abc\n", "odd").expect("the line");
+        assert_eq!(id_field(&broken, 2), None);
+        assert_eq!(id_field(&broken, 3), None);
     }
 
     #[test]

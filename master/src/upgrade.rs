@@ -150,7 +150,11 @@ pub(crate) fn take_worker_env() -> Result<Option<WorkerEnv>, String> {
 pub(crate) fn handoff(env: &WorkerEnv, listener: std::net::TcpListener) -> Handoff {
     // SAFETY: the master that executed us left this fd open for us alone
     // (WORKER_VAR names it, and is removed): nothing else owns it.
-    let channel = Channel::new(unsafe { OwnedFd::from_raw_fd(env.pipe) });
+    let pipe = unsafe { OwnedFd::from_raw_fd(env.pipe) };
+    // Inherited without close-on-exec, for this exec alone: a program the
+    // worker runs must not hold the master's pipe open.
+    let _ = set_inherited(&[env.pipe], false);
+    let channel = Channel::new(pipe);
     let scoreboard = env.scoreboard.and_then(|(fd, rows)| {
         // SAFETY: as for the pipe: handed to us alone.
         let file = unsafe { OwnedFd::from_raw_fd(fd) };

@@ -452,3 +452,50 @@ fn nix_is_root() -> bool {
 fn user_exists(name: &str) -> bool {
     std::fs::read_to_string("/etc/passwd").is_ok_and(|p| p.lines().any(|l| l.split(':').next() == Some(name)))
 }
+
+/// A worker started from the new binary holds what a forked one holds
+/// (stdio, the listener, its own pipe, what the worker crate opens, and
+/// what the test process itself passed down), not the scoreboard's memory
+/// file (it keeps the mapping) nor anything else of the master's.
+#[test]
+fn an_upgraded_worker_holds_only_what_a_forked_one_holds() {
+    let deploy = Deploy::new("fds");
+    // One worker, which has served once (and so opened its way to the
+    // log, which a worker does on its first line), before and after.
+    let respawn = deploy.start(&["--workers", "1"]);
+    let forked = *respawn.wait_for_workers(1).iter().next().expect("a worker");
+    assert_eq!(respawn.get("/").expect("GET /").pid(), Some(forked));
+    let before = fd_kinds(forked);
+    deploy.replace_with_build("f");
+    respawn.signal(libc::SIGUSR2);
+    respawn.wait_for_log("the master re-executing", |l| {
+        message(l).starts_with("master re-executed as ")
+    });
+    let upgraded = *respawn.wait_for_workers(1).iter().next().expect("a worker");
+    assert_eq!(respawn.get("/").expect("GET /").pid(), Some(upgraded));
+    assert_eq!(
+        fd_kinds(upgraded),
+        before,
+        "worker {upgraded}, from the new binary, against worker {forked}, forked"
+    );
+    let master_only = ["memfd", "eventpoll", "signalfd"];
+    assert!(
+        !before.iter().any(|k| master_only.iter().any(|m| k.contains(m))),
+        "{before:?}"
+    );
+}
+
+/// What a process's fds point at, by kind (`socket`, `pipe`, `/dev/null`),
+/// sorted: the numbers and inodes differ between processes.
+fn fd_kinds(pid: i32) -> Vec<String> {
+    let mut kinds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("listing its fds")
+        .filter_map(|entry| {
+            let target = std::fs::read_link(entry.ok()?.path()).ok()?;
+            let target = target.to_string_lossy().into_owned();
+            Some(target.split(":[").next().unwrap_or("").to_owned())
+        })
+        .collect();
+    kinds.sort();
+    kinds
+}
