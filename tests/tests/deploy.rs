@@ -400,8 +400,10 @@ fn calls_in(trace: &str) -> BTreeSet<String> {
     trace
         .lines()
         .filter_map(|line| {
+            // strace pads the pid to a width: `8274  execve(` as well as
+            // `28274 execve(`.
             let (_pid, rest) = line.split_once(' ')?;
-            let (name, _) = rest.split_once('(')?;
+            let (name, _) = rest.trim_start().split_once('(')?;
             let call = !name.is_empty()
                 && name
                     .bytes()
