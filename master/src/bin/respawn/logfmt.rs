@@ -59,14 +59,22 @@ pub struct Style {
 }
 
 /// The pid of the master, kept before it forks its first worker: a process
-/// with another pid is a worker (they are forked from the master).
+/// with another pid is a worker (they are forked from the master, or, in an
+/// upgrade, started from the new binary, which records 0 here).
 static MASTER_PID: OnceLock<u32> = OnceLock::new();
 
 impl Style {
     /// The style for `format` on the stderr this process has now; remembers
     /// this process as the master.
     pub fn for_stderr(format: Format) -> Style {
-        let _ = MASTER_PID.set(std::process::id());
+        // A worker started from a new binary in an upgrade runs this too,
+        // in a process of its own: it is no master. (0 is nobody's pid.)
+        let master = if respawn_master::started_as_worker() {
+            0
+        } else {
+            std::process::id()
+        };
+        let _ = MASTER_PID.set(master);
         Style {
             format,
             journal: stderr_is_journal(),
