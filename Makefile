@@ -2,7 +2,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run test lint doc bench build-demo mutants linux-only release install install-files uninstall static
+.PHONY: run test lint doc bench bench-upgrade build-demo mutants linux-only release install install-files uninstall static
 
 # Build in release mode and start the demo on 127.0.0.1:8080 (make run ARGS='--workers 2').
 run: linux-only
@@ -74,7 +74,9 @@ doc:
 # Load and fault benchmarks, respawn beside a Node.js cluster server; writes
 # docs/benchmarks.md and docs/benchmarks.svg. Installs wrk from Debian's
 # packages if it is missing. Takes about 12 minutes on an idle machine, more
-# when others use its cores; never part of make test.
+# when others use its cores; never part of make test. Its last part, the
+# upgrade under load (USR2) beside a plain restart, runs alone as
+# bench-upgrade, which rewrites only that section (under a minute).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 bench: linux-only
 	@command -v wrk >/dev/null || { echo "bench: installing wrk from Debian's packages"; \
@@ -82,6 +84,10 @@ bench: linux-only
 	@command -v node >/dev/null || echo "bench: node not found: the baseline column will say so"
 	$(CARGO) build --release -p respawn-master --features demo --bin respawn
 	python3 bench/run.py
+
+bench-upgrade: linux-only
+	$(CARGO) build --release -p respawn-master --features demo --bin respawn
+	python3 bench/upgrade.py
 
 # Mutation testing of the files where the logic lives: each mutant is built
 # and judged by every test, in a scratch copy; results in

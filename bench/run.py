@@ -751,7 +751,7 @@ def write_svg(path, results):
         f.write("\n".join(parts) + "\n")
 
 
-def write_report(path, info, results, runs, elapsed, missing_baseline):
+def write_report(path, info, results, runs, elapsed, missing_baseline, sections=()):
     systems = list(results)
     lines = [
         "# Benchmarks",
@@ -793,6 +793,7 @@ def write_report(path, info, results, runs, elapsed, missing_baseline):
             lines.append(f"| {scenario} | {k} | " + " | ".join(fmt(v) for v in values)
                          + f" | {ratio} | {target} | {holds} |")
     lines += ["", "![respawn gap and crash-storm errors](benchmarks.svg)", ""]
+    lines += list(sections)  # the upgrade's (bench/upgrade.py), when measured
     lines += [open(os.path.join(ROOT, "bench", "notes.md")).read()] if os.path.exists(
         os.path.join(ROOT, "bench", "notes.md")) else []
     with open(path, "w") as f:
@@ -808,10 +809,10 @@ def main():
     parser.add_argument("--no-baseline", action="store_true", help="measure respawn only")
     args = parser.parse_args()
     if args.list:
-        print("\n".join(name for name, _ in SCENARIOS))
+        print("\n".join([name for name, _ in SCENARIOS] + ["upgrade"]))
         return
     only = {n.strip() for n in args.only.split(",") if n.strip()}
-    if unknown := only - {name for name, _ in SCENARIOS}:
+    if unknown := only - {name for name, _ in SCENARIOS} - {"upgrade"}:
         sys.exit(f"bench: no scenario named {', '.join(sorted(unknown))} (--list names them)")
     if not os.path.exists(RESPAWN):
         sys.exit(f"bench: {RESPAWN} is missing: run 'make bench', which builds it")
@@ -840,8 +841,17 @@ def main():
                     progress(f"{name}: {system.name} run {run + 1} failed: {err}")
             if runs:
                 results[system.name][name] = medians(runs)
+    sections = []
+    if not only or "upgrade" in only:
+        # bench/upgrade.py imports this file as `run`: the same module, not
+        # a second copy with its own list of started processes.
+        sys.modules.setdefault("run", sys.modules[__name__])
+        import upgrade
+        progress("upgrade under load and a plain restart (bench/upgrade.py)")
+        sections.append(upgrade.section(upgrade.measure(args.runs), "`make bench`, beside the figures above"))
     elapsed = time.monotonic() - started
-    write_report(args.out, machine(), results, args.runs, elapsed, baseline is None and not args.no_baseline)
+    write_report(args.out, machine(), results, args.runs, elapsed, baseline is None and not args.no_baseline,
+                 sections)
     write_svg(os.path.join(os.path.dirname(args.out), "benchmarks.svg"), results)
     progress(f"wrote {args.out} in {elapsed / 60:.1f} minutes")
 
