@@ -152,7 +152,7 @@ pub use logbuf::{log_writer, LogWriter};
 pub use privileges::{RunAs, RunAsError};
 pub use respawn_ipc::Handoff;
 pub use title::{original_args, original_exe, set_title, set_worker_title};
-pub use upgrade::started_as_worker;
+pub use upgrade::{started_as_worker, started_by_upgrade};
 
 use std::net::TcpListener;
 

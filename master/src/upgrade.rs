@@ -132,6 +132,12 @@ pub fn started_as_worker() -> bool {
     std::env::var_os(WORKER_VAR).is_some()
 }
 
+/// Was this process started by a master's upgrade (SIGUSR2), as a worker
+/// or as the master's new image? True until `run` takes the variables.
+pub fn started_by_upgrade() -> bool {
+    started_as_worker() || std::env::var_os(MASTER_VAR).is_some()
+}
+
 /// In a program started by [`exec_worker`]: its slot, pipe and scoreboard,
 /// if it is such a worker. The variable is removed, so that what it starts
 /// does not take it for its own.

@@ -70,9 +70,9 @@ fn serve(args: &Args) -> i32 {
         Ok(listener) => listener,
         Err(code) => return code,
     };
-    // A worker of an upgrade (SIGUSR2) runs this main too: the master
-    // already said where it listens.
-    if !respawn_master::started_as_worker() {
+    // An upgrade (SIGUSR2) runs this main too, as a worker and then as
+    // the master: the first master already said where it listens.
+    if !respawn_master::started_by_upgrade() {
         match listener.local_addr() {
             Ok(addr) => info!("listening on {addr}"),
             Err(err) => info!("listening on {} ({err} reading the bound address)", args.listen),
