@@ -39,6 +39,19 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 pub struct Inherited {
     pub fd: OwnedFd,
     pub name: String,
+    /// Who handed it over.
+    pub by: HandedBy,
+}
+
+/// Who handed a listener over: it decides who owns a Unix socket's file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandedBy {
+    /// systemd (`LISTEN_FDS`): the socket unit owns the file
+    /// (`RemoveOnStop=`), so respawn never removes it.
+    Systemd,
+    /// respawn's own upgrade (`RESPAWN_LISTEN_FDS`): the listeners of the
+    /// master this process replaces.
+    Upgrade,
 }
 
 /// The listeners handed to this process, if any: from `LISTEN_FDS` when
@@ -64,9 +77,9 @@ pub fn inherited_listeners() -> Result<Vec<Inherited>, Error> {
         // Unset or for another process (our parent's, inherited by mistake).
         return Ok(Vec::new());
     }
-    let fds = match (listed, count) {
-        (Some(listed), _) => parse_list(&listed)?,
-        (None, Some(count)) => parse_count(&count)?,
+    let (fds, by) = match (listed, count) {
+        (Some(listed), _) => (parse_list(&listed)?, HandedBy::Upgrade),
+        (None, Some(count)) => (parse_count(&count)?, HandedBy::Systemd),
         (None, None) => return Ok(Vec::new()),
     };
     let names: Vec<&str> = names.as_deref().map_or(Vec::new(), |n| n.split(':').collect());
@@ -78,7 +91,7 @@ pub fn inherited_listeners() -> Result<Vec<Inherited>, Error> {
         // that name them are gone: nothing else takes ownership of them.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let name = names.get(i).copied().unwrap_or("").to_owned();
-        inherited.push(Inherited { fd, name });
+        inherited.push(Inherited { fd, name, by });
     }
     Ok(inherited)
 }
@@ -106,7 +119,10 @@ fn parse_list(list: &str) -> Result<Vec<RawFd>, Error> {
 fn bad(var: &str, value: &str) -> Error {
     Error::io(
         format!("reading {var}={value:?}"),
-        io::Error::new(io::ErrorKind::InvalidInput, "not a list of fds this process holds"),
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a list of fds this process holds",
+        ),
     )
 }
 

@@ -13,8 +13,10 @@
 //!
 //! # Embedding
 //!
-//! Call [`bind`] (or bring your own `TcpListener`), then [`run`] from `main`,
-//! before any thread is started. `run` forks; in each child it calls your
+//! Call [`bind`] for one TCP address or [`bind_all`] for several (TCP
+//! `host:port` and Unix `unix:/path`, or whatever systemd's socket
+//! activation passed), or bring your own `TcpListener`; then [`run`] from
+//! `main`, before any thread is started. `run` forks; in each child it calls your
 //! function with the [`Handoff`] and exits with the code it returns. It
 //! returns once every worker has stopped after SIGTERM, SIGQUIT or SIGINT.
 //! Meanwhile it replaces workers that die (after a backoff if they die
@@ -22,13 +24,13 @@
 //! one at a time on SIGHUP, and adds or removes one on SIGTTIN or SIGTTOU.
 //!
 //! ```no_run
+//! use respawn_master::Conn;
 //! use std::io::Write;
-//! use std::net::TcpStream;
 //! use std::time::Duration;
 //!
 //! struct Hello;
 //! impl respawn_worker::Service for Hello {
-//!     fn serve(&mut self, conn: &mut TcpStream) {
+//!     fn serve(&mut self, conn: &mut Conn) {
 //!         let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello\n");
 //!     }
 //! }
@@ -83,8 +85,12 @@
 //!   worker slot that can be in use at once (8,193 rows, 1.5 MiB of address
 //!   space, touched only where used), for the hung-worker check; the mapping
 //!   stays for the life of the process.
-//! - It makes the listener blocking (the workers' accept sleeps) and sets
-//!   TCP_DEFER_ACCEPT on it, so connections that send nothing wake no worker.
+//! - It makes a single listener blocking (the workers' accept sleeps), and
+//!   several non-blocking (the workers sleep in poll on all of them), and
+//!   sets TCP_DEFER_ACCEPT on TCP ones, so connections that send nothing
+//!   wake no worker.
+//! - It removes the Unix socket files [`bind_all`] made when [`run`]
+//!   returns.
 //! - It keeps its own fds (a pipe per worker) at or above one past the
 //!   highest fd open when `run` starts; each worker closes them with one
 //!   `close_range` and inherits the program's other fds as they are.
@@ -114,16 +120,16 @@ mod signals;
 mod spawn;
 mod table;
 
-pub use activation::{inherited_listeners, Inherited};
+pub use activation::{inherited_listeners, HandedBy, Inherited};
 pub use config::Config;
 pub use error::Error;
-pub use listen::bind;
+pub use listen::{bind, bind_all, Listeners, Listening, Origin};
 pub use logbuf::{log_writer, LogWriter};
-pub use respawn_ipc::Handoff;
+pub use respawn_ipc::{Conn, Handoff, Listener, Peer};
 
-use std::net::TcpListener;
-
-/// Supervises workers on `listener` until told to stop.
+/// Supervises workers on `listeners` until told to stop: one listener (a
+/// `TcpListener`, a `UnixListener`, a [`Listener`]) or several (from
+/// [`bind_all`], or a `Vec<Listener>`).
 ///
 /// Forks `config`'s number of workers; each runs `worker(handoff)` and exits
 /// with the code it returns. Returns `Ok(())` after a stop (SIGTERM or
@@ -134,15 +140,29 @@ use std::net::TcpListener;
 /// multi-threaded process, or its epoll or signalfd fails. A fork that fails
 /// is not such an error: the master logs it, keeps the workers it has, and
 /// retries.
-pub fn run<W>(listener: TcpListener, config: Config, worker: W) -> Result<(), Error>
+///
+/// The Unix socket files [`bind_all`] made are removed when it returns,
+/// whatever it returns: no worker is left to answer there.
+pub fn run<W>(listeners: impl Into<Listeners>, config: Config, worker: W) -> Result<(), Error>
 where
     W: FnMut(Handoff) -> i32,
 {
-    let mut master = master::Master::new(listener, config, worker)?;
+    let listeners = listeners.into();
+    let socket_files = listeners.socket_files();
+    let mut master = match master::Master::new(listeners, config, worker) {
+        Ok(master) => master,
+        Err(err) => {
+            listen::remove_socket_files(&socket_files);
+            return Err(err);
+        }
+    };
     let result = master.run();
     if result.is_err() {
         master.kill_all_and_reap();
     }
+    // Only once the loop has returned: an upgrade re-executes from inside
+    // it, and the file must stay for the new master.
+    listen::remove_socket_files(&socket_files);
     logbuf::flush_before_exit(LAST_LINES_PATIENCE);
     result
 }

@@ -24,11 +24,12 @@
 
 use crate::error::describe;
 use crate::hung::{self, Sample, Verdict};
+use crate::listen::{self, Listeners};
 use crate::policy::{Backoff, Exceeded, RestartLimit};
 use crate::signals::{self, Signals, Signo};
 use crate::spawn::{self, ChildSetup, FdFloor, SpawnError};
 use crate::table::{Event, Received, State, Table, Worker};
-use crate::{limits, listen, logbuf, reap};
+use crate::{limits, logbuf, reap};
 use crate::{Config, Error};
 use log::{debug, error, info, warn};
 use mio::unix::SourceFd;
@@ -39,7 +40,6 @@ use nix::unistd::Pid;
 use respawn_ipc::scoreboard::{self, Scoreboard};
 use respawn_ipc::{DecodeError, Handoff, Message};
 use std::io;
-use std::net::TcpListener;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -64,7 +64,9 @@ const _: () = assert!(SCOREBOARD_ROWS > 2 * MAX_WORKERS);
 
 pub(crate) struct Master<W> {
     config: Config,
-    listener: TcpListener,
+    /// What the workers accept on; their fds are what an upgrade hands over
+    /// (`listeners.fds()`).
+    listeners: Listeners,
     work: W,
     poll: Poll,
     signals: Signals,
@@ -98,7 +100,7 @@ pub(crate) struct Master<W> {
 }
 
 impl<W: FnMut(Handoff) -> i32> Master<W> {
-    pub(crate) fn new(listener: TcpListener, config: Config, work: W) -> Result<Self, Error> {
+    pub(crate) fn new(listeners: Listeners, config: Config, work: W) -> Result<Self, Error> {
         refuse_threads()?;
         if config.workers > MAX_WORKERS {
             return Err(Error::io(
@@ -109,7 +111,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 ),
             ));
         }
-        listen::prepare(&listener)?;
+        listen::prepare(&listeners)?;
         let floor =
             FdFloor::above_open_fds().map_err(|err| Error::io("listing open fds in /proc/self/fd", err))?;
         let signals = Signals::block().map_err(|err| Error::io("blocking signals for the signalfd", err))?;
@@ -136,7 +138,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             target: config.workers,
             generation: 0,
             config,
-            listener,
+            listeners,
             work,
             poll,
             signals,
@@ -592,7 +594,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         self.scoreboard.reset(slot);
         let setup = ChildSetup {
             slot,
-            listener: &self.listener,
+            listeners: &self.listeners,
             master_fds: &master_fds,
             floor: self.floor,
             signals: &self.signals,

@@ -22,6 +22,7 @@
 //! inside `catch_unwind`, and it leaves with `_exit`, which runs no atexit
 //! handler and flushes no stdio buffer of the master's.
 
+use crate::listen::Listeners;
 use crate::logbuf;
 use crate::signals::Signals;
 use log::error;
@@ -33,7 +34,6 @@ use respawn_ipc::scoreboard::RowWriter;
 use respawn_ipc::{exit_code, Channel, Handoff};
 use std::ffi::CString;
 use std::io::{self, Write};
-use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -83,7 +83,7 @@ impl FdFloor {
 /// What the child must know to clean up and become a worker.
 pub(crate) struct ChildSetup<'a> {
     pub slot: usize,
-    pub listener: &'a TcpListener,
+    pub listeners: &'a Listeners,
     /// The master's fds that may lie below the floor: epoll, signalfd, log,
     /// and any pipe that could not be lifted.
     pub master_fds: &'a [RawFd],
@@ -147,13 +147,17 @@ where
         return exit_code::SETUP_FAILED;
     }
     ignore_master_controls();
-    // SAFETY: the master's TcpListener in this address space is never
-    // dropped (the child leaves with _exit), so this one is the only owner
-    // of the fd in the child.
-    let listener = unsafe { TcpListener::from_raw_fd(setup.listener.as_raw_fd()) };
+    // SAFETY: the master's listeners in this address space are never
+    // dropped (the child leaves with _exit), so these are the only owners
+    // of the fds in the child.
+    let listeners = setup
+        .listeners
+        .listeners()
+        .map(|l| unsafe { l.alias() })
+        .collect();
     let handoff = Handoff {
         slot: setup.slot,
-        listener,
+        listeners,
         channel: Channel::new(write_end),
         scoreboard: setup.row,
     };

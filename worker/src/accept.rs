@@ -1,4 +1,27 @@
-//! Taking the next connection, and what to do when `accept(2)` fails.
+//! Taking the next connection, from one listener or several, and what to do
+//! when `accept(2)` fails.
+//!
+//! # One listener, or several
+//!
+//! With **one** listener the worker sleeps in a plain blocking `accept(2)`:
+//! the kernel queues sleeping acceptors on the socket as exclusive waiters
+//! and wakes one per connection, so an idle pool costs nothing per
+//! connection but the accept itself.
+//!
+//! With **several**, a blocking accept on one of them would leave the
+//! worker asleep there while connections queue on the others. So the worker
+//! sleeps in `poll(2)` on all of them, then accepts on one that is
+//! readable. The listeners are non-blocking then (the master makes them so,
+//! and [`Acceptor::new`] makes sure): every idle worker wakes for a
+//! connection, one wins the accept, the others get EAGAIN and go back to
+//! `poll`. That is the thundering herd the one-listener case avoids; it
+//! costs each idle worker a wakeup, a `poll` and a failed `accept` per
+//! connection, and nothing while no connection comes (no timeout, no busy
+//! loop). When several listeners are readable at once, the worker starts
+//! looking one past the listener it served last, so that a busy listener
+//! cannot starve the others.
+//!
+//! # Failures
 //!
 //! `accept(2)` fails for three kinds of reason, and a worker must die of
 //! none of them:
@@ -15,11 +38,12 @@
 //!   nothing, a long one costs one accept a second. (mini-redis pauses 1 s
 //!   doubling to 64 s; a worker should be back soon after the fds are.)
 //!   One warning every few seconds at most says so.
-//! - **EAGAIN on a non-blocking listener**: the master makes the listener
-//!   blocking before it forks, but a listener made non-blocking some other
-//!   way must not kill the worker either. It waits for a connection with
-//!   `poll(2)` (warning once that every idle worker now wakes for each
-//!   connection), then tries again.
+//! - **EAGAIN on a non-blocking listener**: with several listeners, another
+//!   worker took the connection: back to `poll`. With one, the master makes
+//!   the listener blocking before it forks, but a listener made
+//!   non-blocking some other way must not kill the worker either. It waits
+//!   for a connection with `poll(2)` (warning once that every idle worker
+//!   now wakes for each connection), then tries again.
 //!
 //! Anything else (EBADF, ENOTSOCK, EINVAL: the fd is not a listening
 //! socket) is for good, and so is the worker's end.
@@ -32,8 +56,8 @@
 use crate::stop;
 use log::{debug, warn};
 use respawn_ipc::scoreboard::RowWriter;
+use respawn_ipc::{Conn, Listener};
 use std::io;
-use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -146,7 +170,12 @@ impl RateLimit {
 
 /// A worker's accept loop, with what it remembers between failures.
 pub struct Acceptor<'a> {
-    listener: &'a TcpListener,
+    listeners: &'a [Listener],
+    /// With several listeners: what `poll` watches, one entry per listener.
+    pollfds: Vec<libc::pollfd>,
+    /// With several listeners: where the next look for a readable one
+    /// starts, one past the last served.
+    next: usize,
     row: Option<RowWriter>,
     backoff: AcceptBackoff,
     warnings: RateLimit,
@@ -154,9 +183,29 @@ pub struct Acceptor<'a> {
 }
 
 impl<'a> Acceptor<'a> {
-    pub fn new(listener: &'a TcpListener, row: Option<RowWriter>) -> Acceptor<'a> {
+    /// An accept loop over `listeners` (one or more). With several, each is
+    /// made non-blocking (see the module docs); that flag belongs to the
+    /// socket, shared with the master and the other workers, which all wait
+    /// on it the same way.
+    pub fn new(listeners: &'a [Listener], row: Option<RowWriter>) -> Acceptor<'a> {
+        let mut pollfds = Vec::new();
+        if listeners.len() > 1 {
+            for listener in listeners {
+                if let Err(err) = listener.set_nonblocking(true) {
+                    // accept says what is wrong with it, when it is readable.
+                    debug!("making {} non-blocking: {err}", listener.local());
+                }
+                pollfds.push(libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+        }
         Acceptor {
-            listener,
+            listeners,
+            pollfds,
+            next: 0,
             row,
             backoff: AcceptBackoff::new(),
             warnings: RateLimit::new(WARN_EVERY),
@@ -166,50 +215,87 @@ impl<'a> Acceptor<'a> {
 
     /// The next connection, stamped on the scoreboard; None once a stop was
     /// requested (see [`crate::stop`] for why none is ever missed); Err if
-    /// the listener cannot be used.
-    pub fn accept(&mut self) -> io::Result<Option<TcpStream>> {
+    /// a listener cannot be used.
+    pub fn accept(&mut self) -> io::Result<Option<Conn>> {
+        let several = self.listeners.len() > 1;
         loop {
             if stop::requested() {
                 return Ok(None);
             }
-            let err = match self.listener.accept() {
-                Ok((conn, peer)) => {
+            let accepted = match self.listeners {
+                [one] => one.accept(),
+                _ => self.accept_any(),
+            };
+            let err = match accepted {
+                Ok(conn) => {
                     self.backoff.reset();
                     if let Some(row) = self.row {
-                        row.begin(&peer);
+                        row.begin(&conn.peer());
                     }
                     return Ok(Some(conn));
                 }
                 Err(err) => err,
             };
-            // After a stop request the listener fd is /dev/null: ENOTSOCK.
+            // After a stop request the listener fds are /dev/null: ENOTSOCK.
             if stop::requested() {
                 return Ok(None);
             }
             // getpid is a system call: only on the way to a log line, never
             // per connection.
-            let pid = std::process::id();
             match classify(&err) {
-                Action::Retry => debug!("worker {pid}: accepting: {err}; retrying"),
+                // Another worker took the connection poll announced.
+                Action::WaitReadable if several => {}
+                Action::Retry => debug!("worker {}: accepting: {err}; retrying", std::process::id()),
                 Action::Pause => {
                     let delay = self.backoff.next_delay();
                     if let Some(held_back) = self.warnings.allow(Instant::now()) {
-                        warn!("{}", shortage_line(pid, &err, delay, held_back));
+                        warn!("{}", shortage_line(std::process::id(), &err, delay, held_back));
                     }
                     pause(delay);
                 }
                 Action::WaitReadable => {
                     if !std::mem::replace(&mut self.warned_nonblocking, true) {
                         warn!(
-                            "worker {pid}: the listening socket is non-blocking; \
-                             waiting for connections with poll(2), which wakes every idle worker"
+                            "worker {}: the listening socket is non-blocking; \
+                             waiting for connections with poll(2), which wakes every idle worker",
+                            std::process::id()
                         );
                     }
-                    wait_readable(self.listener.as_raw_fd());
+                    if let [one] = self.listeners {
+                        wait_readable(one.as_raw_fd());
+                    }
                 }
                 Action::Fail => return Err(err),
             }
         }
+    }
+
+    /// Several listeners: sleeps in `poll` until one is readable, then
+    /// accepts on the first readable one from `next` on. EAGAIN when other
+    /// workers took every connection poll saw; EINTR when a signal (a stop
+    /// request) ended the poll.
+    fn accept_any(&mut self) -> io::Result<Conn> {
+        let count = self.pollfds.len() as libc::nfds_t;
+        // SAFETY: `pollfds` holds `count` valid pollfd entries, which poll
+        // may write (their revents) while it runs, and nothing else does.
+        let rc = unsafe { libc::poll(self.pollfds.as_mut_ptr(), count, -1) };
+        if rc == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = self.listeners.len();
+        for i in (0..n).map(|k| (self.next + k) % n) {
+            if self.pollfds[i].revents == 0 {
+                continue;
+            }
+            match self.listeners[i].accept() {
+                Err(err) if err.raw_os_error() == Some(libc::EAGAIN) => continue,
+                result => {
+                    self.next = (i + 1) % n;
+                    return result;
+                }
+            }
+        }
+        Err(io::Error::from_raw_os_error(libc::EAGAIN))
     }
 }
 
@@ -252,6 +338,9 @@ mod tests {
     use super::*;
     use crate::testkit::{global, in_syscall, logged, signal_thread, tid, Watchdog, DEADLINE};
     use respawn_ipc::scoreboard::Scoreboard;
+    use respawn_ipc::Peer;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::unix::net::{UnixListener, UnixStream};
 
     fn os(errno: i32) -> io::Error {
         io::Error::from_raw_os_error(errno)
@@ -352,7 +441,7 @@ mod tests {
             crate::stop::reset();
             let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
             let addr = listener.local_addr().expect("address");
-            stop::install(listener.as_raw_fd()).expect("installing");
+            stop::install(&[listener.as_raw_fd()]).expect("installing");
             // If the signal did not end the wait, a connection will.
             let _watchdog = Watchdog::new(DEADLINE, move || {
                 let _ = TcpStream::connect(addr);
@@ -409,9 +498,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
         listener.set_nonblocking(true).expect("non-blocking");
         let addr = listener.local_addr().expect("address");
-        stop::install(listener.as_raw_fd()).expect("installing");
+        stop::install(&[listener.as_raw_fd()]).expect("installing");
         let board = Scoreboard::new(1).expect("scoreboard");
-        let mut acceptor = Acceptor::new(&listener, board.writer(0));
+        let listeners = [Listener::from(listener)];
+        let mut acceptor = Acceptor::new(&listeners, board.writer(0));
         let me = tid();
         // If no connection ends a wait, a stop request will.
         let _watchdog = Watchdog::new(DEADLINE, move || signal_thread(me, libc::SIGTERM));
@@ -422,7 +512,11 @@ mod tests {
             });
             let conn = acceptor.accept().expect("accepting").expect("a connection");
             let client = client.join().expect("client").expect("connected");
-            assert_eq!(conn.peer_addr().ok(), client.local_addr().ok(), "round {round}");
+            assert_eq!(
+                conn.peer().to_string(),
+                client.local_addr().expect("address").to_string(),
+                "round {round}"
+            );
             let row = board.read(0).expect("row 0");
             assert_eq!(row.peer, client.local_addr().expect("client address").to_string());
             assert!(row.busy_since.is_some());
@@ -434,7 +528,7 @@ mod tests {
             std::process::id()
         );
         assert_eq!(warnings, [expected]);
-        std::mem::forget(listener);
+        std::mem::forget(listeners);
     }
 
     #[test]
@@ -442,8 +536,9 @@ mod tests {
         let _global = global();
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
         let addr = listener.local_addr().expect("address");
-        stop::install(listener.as_raw_fd()).expect("installing");
-        let mut acceptor = Acceptor::new(&listener, None);
+        stop::install(&[listener.as_raw_fd()]).expect("installing");
+        let listeners = [Listener::from(listener)];
+        let mut acceptor = Acceptor::new(&listeners, None);
         // If the door stays open, a connection ends the accept.
         let _watchdog = Watchdog::new(DEADLINE, move || {
             let _ = TcpStream::connect(addr);
@@ -456,6 +551,200 @@ mod tests {
         // SAFETY: this thread; the stop handler is installed.
         unsafe { libc::raise(libc::SIGTERM) };
         assert!(acceptor.accept().expect("stopping").is_none());
-        std::mem::forget(listener);
+        std::mem::forget(listeners);
+    }
+
+    /// A TCP listener and a Unix one, as a master with two `--listen` hands
+    /// them over, and where to reach each.
+    fn tcp_and_unix(name: &str) -> ([Listener; 2], std::net::SocketAddr, std::path::PathBuf) {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("binding");
+        let addr = tcp.local_addr().expect("address");
+        let path = std::env::temp_dir().join(format!("respawn-accept-{}-{name}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let unix = UnixListener::bind(&path).expect("binding a Unix socket");
+        ([Listener::from(tcp), Listener::from(unix)], addr, path)
+    }
+
+    /// Waits until `fd` has a connection queued (a TCP handshake may end
+    /// a moment after connect returns).
+    fn queued(fd: RawFd) {
+        let mut pollfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = DEADLINE.as_millis() as libc::c_int;
+        // SAFETY: one valid pollfd, and a count of 1.
+        assert_eq!(
+            unsafe { libc::poll(&mut pollfd, 1, ms) },
+            1,
+            "nothing queued on fd {fd}"
+        );
+    }
+
+    fn kind(conn: &Conn) -> &'static str {
+        match conn.peer() {
+            Peer::Tcp(_) => "tcp",
+            Peer::Unix => "unix",
+        }
+    }
+
+    #[test]
+    fn several_listeners_are_made_nonblocking_and_taken_in_turn() {
+        let _global = global();
+        let (listeners, addr, path) = tcp_and_unix("turns");
+        let fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+        stop::install(&fds).expect("installing");
+        let board = Scoreboard::new(1).expect("scoreboard");
+        let mut acceptor = Acceptor::new(&listeners, board.writer(0));
+        for listener in &listeners {
+            let flags = nix::fcntl::fcntl(listener, nix::fcntl::FcntlArg::F_GETFL).expect("F_GETFL");
+            assert_ne!(
+                flags & libc::O_NONBLOCK,
+                0,
+                "{} is non-blocking",
+                listener.local()
+            );
+        }
+        // Two connections wait on each: the worker alternates, where
+        // always starting from the first listener would serve both TCP
+        // connections before either Unix one.
+        let _clients = (
+            TcpStream::connect(addr).expect("connecting"),
+            TcpStream::connect(addr).expect("connecting"),
+            UnixStream::connect(&path).expect("connecting"),
+            UnixStream::connect(&path).expect("connecting"),
+        );
+        queued(fds[0]);
+        queued(fds[1]);
+        let mut kinds = Vec::new();
+        for _ in 0..4 {
+            let conn = acceptor.accept().expect("accepting").expect("a connection");
+            kinds.push(kind(&conn));
+            if kind(&conn) == "unix" {
+                assert_eq!(board.read(0).expect("row 0").peer, "unix");
+            }
+        }
+        assert_eq!(kinds, ["tcp", "unix", "tcp", "unix"]);
+        let _ = std::fs::remove_file(&path);
+        std::mem::forget(listeners);
+    }
+
+    #[test]
+    fn a_worker_asleep_in_poll_on_several_listeners_sleeps_until_one_has_a_connection() {
+        let _global = global();
+        let (listeners, addr, path) = tcp_and_unix("sleeps");
+        let fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+        stop::install(&fds).expect("installing");
+        let mut acceptor = Acceptor::new(&listeners, None);
+        let me = tid();
+        let _watchdog = Watchdog::new(DEADLINE, move || {
+            let _ = TcpStream::connect(addr);
+        });
+        for round in 1..=2 {
+            let path = path.clone();
+            let client = std::thread::spawn(move || {
+                // Asleep in poll, not spinning; then a connection on the
+                // second listener, which the first must not hide.
+                in_syscall(me, &[libc::SYS_poll, libc::SYS_ppoll], DEADLINE)?;
+                UnixStream::connect(&path).map_err(|err| err.to_string())
+            });
+            let conn = acceptor.accept().expect("accepting").expect("a connection");
+            let _client = client.join().expect("client").expect("connected");
+            assert_eq!(kind(&conn), "unix", "round {round}");
+        }
+        let _ = std::fs::remove_file(&path);
+        std::mem::forget(listeners);
+    }
+
+    #[test]
+    fn a_stop_request_wakes_a_worker_asleep_in_poll_and_closes_every_door() {
+        let _global = global();
+        let (listeners, addr, path) = tcp_and_unix("stop");
+        let fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+        stop::install(&fds).expect("installing");
+        let mut acceptor = Acceptor::new(&listeners, None);
+        let me = tid();
+        // If the request does not end the poll, a connection will.
+        let _watchdog = Watchdog::new(DEADLINE, move || {
+            let _ = TcpStream::connect(addr);
+        });
+        let signaller = std::thread::spawn(move || {
+            in_syscall(me, &[libc::SYS_poll, libc::SYS_ppoll], DEADLINE)?;
+            signal_thread(me, libc::SIGTERM);
+            Ok::<(), String>(())
+        });
+        assert!(acceptor.accept().expect("stopping").is_none(), "stopped");
+        signaller
+            .join()
+            .expect("signaller")
+            .expect("the worker slept in poll");
+        // Both fd numbers are /dev/null now: a poll that starts late returns
+        // at once, and accept on either fails for good.
+        for listener in &listeners {
+            let err = listener.accept().expect_err("closed");
+            assert_eq!(err.raw_os_error(), Some(libc::ENOTSOCK));
+        }
+        // A request that lands before the poll: the loop ends without
+        // sleeping (the flag), and so does the poll itself (/dev/null).
+        let start = Instant::now();
+        assert!(acceptor.accept().expect("stopping").is_none());
+        assert_eq!(
+            acceptor.accept_any().map(|_| ()).map_err(|e| e.raw_os_error()),
+            Err(Some(libc::ENOTSOCK))
+        );
+        assert!(start.elapsed() < DEADLINE);
+        let _ = std::fs::remove_file(&path);
+        std::mem::forget(listeners);
+    }
+
+    #[test]
+    fn two_workers_on_two_listeners_serve_every_connection_once() {
+        // Two acceptors on the same sockets, as two worker processes would
+        // be: each connection wakes both, one takes it, the other gets
+        // EAGAIN and goes back to poll instead of failing or spinning.
+        let _global = global();
+        let (listeners, addr, path) = tcp_and_unix("herd");
+        let listeners = std::sync::Arc::new(listeners);
+        let rounds = 20;
+        let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let (listeners, tx) = (std::sync::Arc::clone(&listeners), tx.clone());
+                std::thread::spawn(move || {
+                    let mut acceptor = Acceptor::new(&listeners[..], None);
+                    while let Ok(Some(conn)) = acceptor.accept() {
+                        if tx.send(kind(&conn)).is_err() {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        for round in 0..rounds {
+            if round % 2 == 0 {
+                drop(TcpStream::connect(addr).expect("connecting"));
+            } else {
+                drop(UnixStream::connect(&path).expect("connecting"));
+            }
+            seen.push(rx.recv_timeout(DEADLINE).expect("served in time"));
+        }
+        assert_eq!(seen.iter().filter(|&&k| k == "tcp").count(), rounds / 2);
+        assert_eq!(seen.iter().filter(|&&k| k == "unix").count(), rounds / 2);
+        assert!(
+            rx.recv_timeout(Duration::from_millis(50)).is_err(),
+            "a connection served twice"
+        );
+        // The workers are still in their loops, asleep: end them the way a
+        // dead listener does (the test process keeps running meanwhile).
+        drop(rx);
+        for _ in 0..2 {
+            drop(TcpStream::connect(addr).expect("connecting"));
+        }
+        for worker in workers {
+            worker.join().expect("worker thread");
+        }
+        let _ = std::fs::remove_file(&path);
     }
 }
