@@ -72,7 +72,9 @@ pub enum Origin {
 }
 
 /// A socket file, and which file it is (device and inode), so that the one
-/// removed at the end is the one made, not another bound there since.
+/// removed at the end is the one made, not another bound there since. A
+/// guard, not a proof: a file deleted and made again at once may get the
+/// same inode number back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SocketFile {
     path: PathBuf,
@@ -550,5 +552,51 @@ mod tests {
             }
         });
         assert_eq!(outcome, Ok(()));
+    }
+
+    fn temp_socket(name: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("respawn-listen-{}-{name}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    #[test]
+    fn a_socket_file_is_removed_only_while_it_is_the_one_made() {
+        let path = temp_socket("ours");
+        let addr = format!("unix:{}", path.display());
+        let listeners = bind_all(&[&addr]).expect("binding");
+        let files = listeners.socket_files();
+        assert_eq!(files.len(), 1);
+        // Someone else binds the path since (ours moved away, so that its
+        // inode is not reused for theirs): theirs stays.
+        drop(listeners);
+        let moved = path.with_extension("moved");
+        std::fs::rename(&path, &moved).expect("moving ours away");
+        let theirs = UnixListener::bind(&path).expect("binding again");
+        remove_socket_files(&files);
+        assert!(path.exists(), "another's socket file was removed");
+        drop(theirs);
+        std::fs::remove_file(&path).expect("removing");
+        std::fs::remove_file(&moved).expect("removing");
+        // Ours, still there: removed.
+        let listeners = bind_all(&[&addr]).expect("binding");
+        remove_socket_files(&listeners.socket_files());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_failed_bind_all_removes_the_socket_files_it_made() {
+        let path = temp_socket("undone");
+        let taken = TcpListener::bind("127.0.0.1:0").expect("binding");
+        let busy = taken.local_addr().expect("address").to_string();
+        let unix = format!("unix:{}", path.display());
+        let err = bind_all(&[&unix, &busy]).map(|_| ()).unwrap_err();
+        assert_eq!(err.to_string(), format!("binding {busy}: address already in use"));
+        assert!(!path.exists(), "left behind");
+        let err = bind("unix:/x.sock").map(|_| ()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "binding unix:/x.sock: bind makes TCP listeners only: bind_all binds Unix sockets"
+        );
     }
 }

@@ -28,10 +28,11 @@
 //! `poll`, SA_RESTART or not). The fd numbers are kept in a fixed array of
 //! [`MAX_LISTENERS`] (a handler cannot allocate); [`install`] refuses more.
 //!
-//! The cost per connection is nothing: no extra syscall, and `accept` stays
-//! the call that wakes exactly one sleeping worker per connection (the
-//! kernel's exclusive wait on a listening socket), where a `poll` on the
-//! listener plus a stop fd would wake every idle worker (a thundering herd).
+//! The cost per connection is nothing: no extra syscall, and with one
+//! listener `accept` stays the call that wakes exactly one sleeping worker
+//! per connection (the kernel's exclusive wait on a listening socket), where
+//! a `poll` on the listener plus a stop fd would wake every idle worker (a
+//! thundering herd; several listeners pay it, see [`crate::accept`]).
 //!
 //! # The listener's fd number stays this worker's
 //!
