@@ -23,7 +23,7 @@ pub struct Handoff {
     /// worker, in the order the master was given them; at least one, at
     /// most [`crate::MAX_LISTENERS`]. One alone is blocking: the worker's
     /// accept sleeps until a connection comes. Several are non-blocking:
-    /// the worker waits for any of them with `poll(2)`, and an accept that
+    /// the worker waits for any of them (`epoll_wait`), and an accept that
     /// another worker beat it to fails with EAGAIN instead of blocking on
     /// that one socket while connections wait on the others.
     pub listeners: Vec<Listener>,

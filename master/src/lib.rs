@@ -86,7 +86,7 @@
 //!   space, touched only where used), for the hung-worker check; the mapping
 //!   stays for the life of the process.
 //! - It makes a single listener blocking (the workers' accept sleeps), and
-//!   several non-blocking (the workers sleep in poll on all of them), and
+//!   several non-blocking (the workers wait on all of them at once), and
 //!   sets TCP_DEFER_ACCEPT on TCP ones, so connections that send nothing
 //!   wake no worker.
 //! - It removes the Unix socket files [`bind_all`] made when [`run`]

@@ -413,7 +413,7 @@ pub(crate) fn remove_socket_files(files: &[SocketFile]) {
 /// Makes the listeners fit for the workers' accept loop, whoever bound
 /// them: one alone is made blocking (a non-blocking one would make every
 /// accept fail at once with EAGAIN, and the workers sleep in accept);
-/// several are made non-blocking (the workers sleep in poll on all of them,
+/// several are made non-blocking (the workers wait on all of them at once,
 /// and an accept another worker beat them to must fail, not block; see
 /// respawn-worker's accept.rs). TCP connections that have sent nothing yet
 /// are not handed to accept (TCP_DEFER_ACCEPT, as unicorn and nginx's

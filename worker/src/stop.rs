@@ -20,19 +20,25 @@
 //! - while serving a connection: the connection is finished, then the flag
 //!   is seen.
 //!
-//! With several listeners the worker sleeps in `poll(2)` on all of them
-//! instead (see [`crate::accept`]), and the same trick holds: a `poll` that
+//! With several listeners the worker sleeps in `epoll_wait` on an epoll
+//! instance of its own that watches all of them (see [`crate::accept`]), and
+//! the same trick holds with one more fd: the handler `dup2`s `/dev/null`
+//! over the epoll fd too ([`close_on_stop`]). An `epoll_wait` that has not
+//! started yet fails at once with EINVAL (not an epoll fd), and one under
+//! way fails with EINTR (the kernel never restarts it, SA_RESTART or not).
+//! Where the worker falls back to `poll(2)` on the listeners, a `poll` that
 //! has not started yet finds `/dev/null` at every number, which is always
 //! readable, so it returns at once and the accept that follows fails with
-//! ENOTSOCK; a `poll` under way fails with EINTR (the kernel never restarts
-//! `poll`, SA_RESTART or not). The fd numbers are kept in a fixed array of
-//! [`MAX_LISTENERS`] (a handler cannot allocate); [`install`] refuses more.
+//! ENOTSOCK. The fd numbers are kept in a fixed array of [`MAX_LISTENERS`]
+//! and one more (a handler cannot allocate); [`install`] refuses more
+//! listeners.
 //!
 //! The cost per connection is nothing: no extra syscall, and with one
 //! listener `accept` stays the call that wakes exactly one sleeping worker
 //! per connection (the kernel's exclusive wait on a listening socket), where
 //! a `poll` on the listener plus a stop fd would wake every idle worker (a
-//! thundering herd; several listeners pay it, see [`crate::accept`]).
+//! thundering herd; with several listeners, EPOLLEXCLUSIVE keeps it to one,
+//! for an `epoll_wait` more per connection, see [`crate::accept`]).
 //!
 //! # The listener's fd number stays this worker's
 //!
@@ -82,8 +88,9 @@ use std::os::fd::{IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 static STOP: AtomicBool = AtomicBool::new(false);
-/// The listeners' fd numbers, -1 past the last one.
-static LISTENERS: [AtomicI32; MAX_LISTENERS] = [const { AtomicI32::new(-1) }; MAX_LISTENERS];
+/// The fd numbers a stop request closes: the listeners', then the epoll
+/// fd a worker with several listeners waits on; -1 past the last one.
+static LISTENERS: [AtomicI32; MAX_LISTENERS + 1] = [const { AtomicI32::new(-1) }; MAX_LISTENERS + 1];
 static DEV_NULL: AtomicI32 = AtomicI32::new(-1);
 
 /// The signals that ask a worker to finish what it holds and exit.
@@ -162,6 +169,27 @@ pub fn install(listeners: &[RawFd]) -> io::Result<()> {
     // way may have inherited them blocked too.
     mask.thread_unblock()?;
     Ok(())
+}
+
+/// Adds `fd` to those a stop request closes (after [`install`]): the
+/// epoll fd a worker with several listeners waits on, so that a wait that
+/// has not started yet when the request lands fails at once. The same rule
+/// holds for it as for the listeners: it must stay open for good.
+pub fn close_on_stop(fd: RawFd) -> io::Result<()> {
+    for slot in &LISTENERS {
+        // The first free slot; the handler reads up to the first -1, so the
+        // fd is seen from the moment it is stored.
+        if slot
+            .compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return Ok(());
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "no room left among the fds a stop request closes",
+    ))
 }
 
 /// Forgets a stop request and the listener, for the next in-process test.
