@@ -457,3 +457,58 @@ fn a_restart_through_the_held_socket_refuses_nothing() {
     );
     assert!(ok >= 100, "{ok}");
 }
+
+/// How many times `pid` has gone to sleep (voluntary context switches):
+/// for an idle worker, how many times it was woken since.
+fn sleeps(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Is `pid` asleep waiting for a connection (in epoll_wait or accept)?
+fn waiting(pid: i32) -> bool {
+    let syscall = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+    let number: Option<libc::c_long> = syscall.split(' ').next().and_then(|n| n.trim().parse().ok());
+    number.is_some_and(|n| {
+        [
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_accept4,
+            libc::SYS_accept,
+        ]
+        .contains(&n)
+    })
+}
+
+#[test]
+fn several_listeners_wake_one_idle_worker_per_connection() {
+    let path = socket_path("herd");
+    let unix = unix_arg(&path);
+    let respawn = Respawn::with_workers(4, &["--listen", "127.0.0.1:0", "--listen", &unix]);
+    let workers = respawn.workers();
+    let idle = || {
+        let all = wait_until(PATIENCE, || workers.iter().all(|&pid| waiting(pid)));
+        assert!(
+            all,
+            "workers not all waiting for a connection\n{}",
+            respawn.dump()
+        );
+    };
+    idle();
+    let before: u64 = workers.iter().map(|&pid| sleeps(pid)).sum();
+    let rounds = 50;
+    for round in 0..rounds {
+        from_a_worker(respawn.get("/"), &workers, &format!("round {round}"));
+        idle();
+    }
+    let woken = workers.iter().map(|&pid| sleeps(pid)).sum::<u64>() - before;
+    // poll(2) on the listeners would wake all 4 idle workers: 200 or so.
+    assert!(
+        woken <= rounds * 3 / 2,
+        "{woken} wakeups of 4 idle workers for {rounds} connections"
+    );
+}
