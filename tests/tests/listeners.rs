@@ -506,9 +506,11 @@ fn several_listeners_wake_one_idle_worker_per_connection() {
         idle();
     }
     let woken = workers.iter().map(|&pid| sleeps(pid)).sum::<u64>() - before;
-    // poll(2) on the listeners would wake all 4 idle workers: 200 or so.
+    // One per connection on a quiet host (50); a busy one (the other tests)
+    // adds some. poll(2) on the listeners wakes all 4 idle workers for
+    // each: 200 or more, as does an epoll without EPOLLEXCLUSIVE.
     assert!(
-        woken <= rounds * 3 / 2,
+        woken < rounds * 2,
         "{woken} wakeups of 4 idle workers for {rounds} connections"
     );
 }

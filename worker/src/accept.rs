@@ -273,14 +273,15 @@ impl<'a> Acceptor<'a> {
                 }
                 Err(err) => err,
             };
-            // After a stop request the listener fds are /dev/null: ENOTSOCK.
+            // After a stop request the listener fds are /dev/null: ENOTSOCK
+            // (EINVAL from epoll_wait, whose fd is /dev/null too).
             if stop::requested() {
                 return Ok(None);
             }
             // getpid is a system call: only on the way to a log line, never
             // per connection.
             match classify(&err) {
-                // Another worker took the connection poll announced.
+                // Another worker took the connection the wait announced.
                 Action::WaitReadable if several => {}
                 Action::Retry => debug!("worker {}: accepting: {err}; retrying", std::process::id()),
                 Action::Pause => {
@@ -907,8 +908,10 @@ mod tests {
         let (workers, rounds) = (4, 40);
         let woken = serve_in_turn(workers, rounds, false);
         eprintln!("epoll with EPOLLEXCLUSIVE: {woken} wakeups for {rounds} connections, {workers} workers");
+        // One per connection on a quiet host; a busy one adds some. Every
+        // idle worker would be 4 per connection.
         assert!(
-            woken <= rounds as u64 * 3 / 2,
+            woken < rounds as u64 * 2,
             "{woken} wakeups for {rounds} connections"
         );
         let woken = serve_in_turn(workers, rounds, true);
