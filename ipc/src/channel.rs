@@ -1,10 +1,9 @@
 //! The worker's end of the conversation.
 
 use crate::scoreboard::RowWriter;
-use crate::Message;
+use crate::{Listener, Message};
 use nix::errno::Errno;
 use std::io;
-use std::net::TcpListener;
 use std::os::fd::OwnedFd;
 
 /// What a freshly forked worker receives from its master.
@@ -20,9 +19,14 @@ pub struct Handoff {
     /// The worker's slot, 0-based: a small stable number for logs and the
     /// process name ("worker 3"). A replacement takes a free slot.
     pub slot: usize,
-    /// The listening socket, shared with the master and every other worker.
-    /// It is blocking: the worker's accept sleeps until a connection comes.
-    pub listener: TcpListener,
+    /// The listening sockets, shared with the master and every other
+    /// worker, in the order the master was given them; at least one, at
+    /// most [`crate::MAX_LISTENERS`]. One alone is blocking: the worker's
+    /// accept sleeps until a connection comes. Several are non-blocking:
+    /// the worker waits for any of them (`epoll_wait`), and an accept that
+    /// another worker beat it to fails with EAGAIN instead of blocking on
+    /// that one socket while connections wait on the others.
+    pub listeners: Vec<Listener>,
     /// Where the worker reports to the master.
     pub channel: Channel,
     /// The worker's row in the scoreboard, to stamp around each connection;

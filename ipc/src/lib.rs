@@ -10,7 +10,10 @@
 //! - [`Decoder`]: turns any bytes into messages, "need more", or a clear
 //!   error. It never panics and never grows: its buffer is one frame long.
 //! - [`Handoff`] and [`Channel`]: what a freshly forked worker receives (the
-//!   listening socket, the write end of its pipe, its slot number).
+//!   listening sockets, the write end of its pipe, its slot number).
+//! - [`Listener`] and [`Conn`]: a listening socket, TCP or Unix, and a
+//!   connection accepted on one, which a service reads and writes the same
+//!   whatever its kind.
 //! - [`scoreboard`]: one row of shared memory per worker slot, written by
 //!   the worker around each connection without a syscall, read by the
 //!   master to find workers hung on one connection and to show status.
@@ -26,6 +29,7 @@ compile_error!(
 );
 
 mod channel;
+mod listener;
 mod message;
 pub mod scoreboard;
 
@@ -43,4 +47,5 @@ pub mod exit_code {
 }
 
 pub use channel::{Channel, Handoff};
+pub use listener::{Conn, Listener, Peer, MAX_LISTENERS};
 pub use message::{DecodeError, Decoder, Frame, Message, HEADER_LEN, MAX_FRAME, MAX_REASON, VERSION};

@@ -77,7 +77,6 @@ use nix::sys::stat::fstat;
 use nix::unistd::ftruncate;
 use std::io::{self, Write};
 use std::mem::size_of;
-use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
@@ -318,13 +317,14 @@ unsafe impl Send for RowWriter {}
 unsafe impl Sync for RowWriter {}
 
 impl RowWriter {
-    /// A connection from `peer` was accepted: writes the peer text, clears the
-    /// request text, then stores busy_since = now (Release), in that order,
-    /// so a reader that sees busy_since sees this connection's peer.
+    /// A connection from `peer` (an address, or `unix`) was accepted: writes
+    /// the peer text, clears the request text, then stores busy_since = now
+    /// (Release), in that order, so a reader that sees busy_since sees this
+    /// connection's peer.
     ///
     /// No allocation, no syscall: the address is formatted on the stack
     /// (cut to [`PEER_LEN`] bytes) and the clock is read through the vDSO.
-    pub fn begin(&self, peer: &SocketAddr) {
+    pub fn begin(&self, peer: &impl std::fmt::Display) {
         let row = self.row();
         let mut text = [0u8; PEER_LEN];
         let mut rest = &mut text[..];
@@ -425,7 +425,7 @@ const _: () = assert!(REQUEST_LEN >= PEER_LEN);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{Ipv6Addr, SocketAddrV6};
+    use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 
     fn addr(text: &str) -> SocketAddr {
         text.parse().expect("test address")

@@ -4,14 +4,14 @@
 //! cargo run -p respawn-master --example hello -- 127.0.0.1:0
 //! Stop it with Ctrl-C, or gracefully with `kill -TERM <master pid>`.
 
+use respawn_master::Conn;
 use std::io::Write;
-use std::net::TcpStream;
 use std::time::Duration;
 
 struct Hello;
 
 impl respawn_worker::Service for Hello {
-    fn serve(&mut self, conn: &mut TcpStream) {
+    fn serve(&mut self, conn: &mut Conn) {
         let body = format!("hello from worker {}\n", std::process::id());
         let head = format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

@@ -18,6 +18,11 @@
 //!
 //! Either way the variables are removed once read, and the fds are made
 //! close-on-exec again, so that nothing started later takes them too.
+//! Removing a variable takes it out of what programs started later get, but
+//! not out of `/proc/PID/environ` (what `ps e` shows): that is the block of
+//! text the kernel copied in at exec, which `unsetenv` does not touch and
+//! every forked worker inherits. So the text is blanked there too, and no
+//! worker looks as if systemd had passed the fds to it.
 
 use crate::Error;
 use std::io;
@@ -39,6 +44,19 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 pub struct Inherited {
     pub fd: OwnedFd,
     pub name: String,
+    /// Who handed it over.
+    pub by: HandedBy,
+}
+
+/// Who handed a listener over: it decides who owns a Unix socket's file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandedBy {
+    /// systemd (`LISTEN_FDS`): the socket unit owns the file
+    /// (`RemoveOnStop=`), so respawn never removes it.
+    Systemd,
+    /// respawn's own upgrade (`RESPAWN_LISTEN_FDS`): the listeners of the
+    /// master this process replaces.
+    Upgrade,
 }
 
 /// The listeners handed to this process, if any: from `LISTEN_FDS` when
@@ -56,17 +74,18 @@ pub fn inherited_listeners() -> Result<Vec<Inherited>, Error> {
     if TAKEN.swap(true, Ordering::SeqCst) {
         return Ok(Vec::new());
     }
+    let block = initial_environment();
     for var in ["LISTEN_PID", "LISTEN_FDS", "RESPAWN_LISTEN_FDS", "LISTEN_FDNAMES"] {
-        std::env::remove_var(var);
+        remove_and_blank(var, block);
     }
     let ours = pid.as_deref().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
     if !ours {
         // Unset or for another process (our parent's, inherited by mistake).
         return Ok(Vec::new());
     }
-    let fds = match (listed, count) {
-        (Some(listed), _) => parse_list(&listed)?,
-        (None, Some(count)) => parse_count(&count)?,
+    let (fds, by) = match (listed, count) {
+        (Some(listed), _) => (parse_list(&listed)?, HandedBy::Upgrade),
+        (None, Some(count)) => (parse_count(&count)?, HandedBy::Systemd),
         (None, None) => return Ok(Vec::new()),
     };
     let names: Vec<&str> = names.as_deref().map_or(Vec::new(), |n| n.split(':').collect());
@@ -78,9 +97,58 @@ pub fn inherited_listeners() -> Result<Vec<Inherited>, Error> {
         // that name them are gone: nothing else takes ownership of them.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let name = names.get(i).copied().unwrap_or("").to_owned();
-        inherited.push(Inherited { fd, name });
+        inherited.push(Inherited { fd, name, by });
     }
     Ok(inherited)
+}
+
+/// Where the environment the process started with lies in its memory
+/// (`env_start` and `env_end`, fields 50 and 51 of /proc/self/stat): the
+/// text /proc/PID/environ shows. None if /proc does not say (it shows 0 to
+/// a reader without the right).
+fn initial_environment() -> Option<(usize, usize)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The name, field 2, is in parentheses and may hold spaces: count from
+    // after it, where field 3 begins.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
+    let start: usize = fields.get(50 - 3)?.parse().ok()?;
+    let end: usize = fields.get(51 - 3)?.parse().ok()?;
+    (start < end).then_some((start, end))
+}
+
+/// Removes `var` from the environment, and blanks its `NAME=value` text
+/// with NULs if it lies in the block the process started with (`block`).
+/// Text that `setenv` put elsewhere is the C library's, and left alone.
+fn remove_and_blank(var: &str, block: Option<(usize, usize)>) {
+    let Ok(name) = std::ffi::CString::new(var) else {
+        return;
+    };
+    // SAFETY: getenv reads the environment, which nothing changes
+    // meanwhile: this runs before any thread is started (see
+    // inherited_listeners).
+    let value = unsafe { libc::getenv(name.as_ptr()) };
+    std::env::remove_var(var);
+    let Some((start, end)) = block.filter(|_| !value.is_null()) else {
+        return;
+    };
+    // SAFETY: `value` is a NUL-terminated string (getenv's promise).
+    let value_len = unsafe { libc::strlen(value) };
+    let entry = (value as usize).wrapping_sub(var.len() + 1);
+    let len = var.len() + 1 + value_len;
+    if entry < start || entry.saturating_add(len) > end {
+        return;
+    }
+    let entry = value.cast::<u8>().wrapping_sub(var.len() + 1);
+    // SAFETY: `entry..entry + len` lies inside the block the kernel
+    // copied the environment into at exec (checked just above): memory of
+    // this process's own stack, readable and writable, owned by no Rust
+    // value. The environment no longer points at it (remove_var just took
+    // the entry out), and the C library never reuses that block, so
+    // nothing reads the bytes but /proc.
+    let text = unsafe { std::slice::from_raw_parts_mut(entry, len) };
+    if text.starts_with(var.as_bytes()) && text.get(var.len()) == Some(&b'=') {
+        text.fill(0);
+    }
 }
 
 /// `LISTEN_FDS=N`: fds 3 to 3+N-1.

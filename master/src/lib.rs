@@ -13,8 +13,10 @@
 //!
 //! # Embedding
 //!
-//! Call [`bind`] (or bring your own `TcpListener`), then [`run`] from `main`,
-//! before any thread is started. `run` forks; in each child it calls your
+//! Call [`bind`] for one TCP address or [`bind_all`] for several (TCP
+//! `host:port` and Unix `unix:/path`, or whatever systemd's socket
+//! activation passed), or bring your own `TcpListener`; then [`run`] from
+//! `main`, before any thread is started. `run` forks; in each child it calls your
 //! function with the [`Handoff`] and exits with the code it returns. It
 //! returns once every worker has stopped after SIGTERM, SIGQUIT or SIGINT.
 //! Meanwhile it replaces workers that die (after a backoff if they die
@@ -36,13 +38,13 @@
 //! started as. [`started_as_worker`] says which, before `run`.
 //!
 //! ```no_run
+//! use respawn_master::Conn;
 //! use std::io::Write;
-//! use std::net::TcpStream;
 //! use std::time::Duration;
 //!
 //! struct Hello;
 //! impl respawn_worker::Service for Hello {
-//!     fn serve(&mut self, conn: &mut TcpStream) {
+//!     fn serve(&mut self, conn: &mut Conn) {
 //!         let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello\n");
 //!     }
 //! }
@@ -108,8 +110,12 @@
 //! - On SIGUSR2 it executes a program (see above), passing `RESPAWN_WORKER`,
 //!   `RESPAWN_MASTER_STATE`, `RESPAWN_MASTER_PATH` and `RESPAWN_LISTEN_FDS`
 //!   in the environment; each is read and unset by the program it is for.
-//! - It makes the listener blocking (the workers' accept sleeps) and sets
-//!   TCP_DEFER_ACCEPT on it, so connections that send nothing wake no worker.
+//! - It makes a single listener blocking (the workers' accept sleeps), and
+//!   several non-blocking (the workers wait on all of them at once), and
+//!   sets TCP_DEFER_ACCEPT on TCP ones, so connections that send nothing
+//!   wake no worker.
+//! - It removes the Unix socket files [`bind_all`] made when [`run`]
+//!   returns (never on the way to an upgrade's exec, which does not return).
 //! - It keeps its own fds (a pipe per worker) at or above one past the
 //!   highest fd open when `run` starts; each worker closes them with one
 //!   `close_range` and inherits the program's other fds as they are.
@@ -144,19 +150,19 @@ mod table;
 mod title;
 mod upgrade;
 
-pub use activation::{inherited_listeners, Inherited};
+pub use activation::{inherited_listeners, HandedBy, Inherited};
 pub use config::Config;
 pub use error::Error;
-pub use listen::bind;
+pub use listen::{bind, bind_all, Listeners, Listening, Origin};
 pub use logbuf::{log_writer, LogWriter};
 pub use privileges::{RunAs, RunAsError};
-pub use respawn_ipc::Handoff;
+pub use respawn_ipc::{Conn, Handoff, Listener, Peer};
 pub use title::{original_args, original_exe, set_title, set_worker_title};
 pub use upgrade::{started_as_worker, started_by_upgrade};
 
-use std::net::TcpListener;
-
-/// Supervises workers on `listener` until told to stop.
+/// Supervises workers on `listeners` until told to stop: one listener (a
+/// `TcpListener`, a `UnixListener`, a [`Listener`]) or several (from
+/// [`bind_all`], or a `Vec<Listener>`).
 ///
 /// Forks `config`'s number of workers; each runs `worker(handoff)` and exits
 /// with the code it returns. Returns `Ok(())` after a stop (SIGTERM or
@@ -167,12 +173,16 @@ use std::net::TcpListener;
 /// multi-threaded process, or its epoll or signalfd fails. A fork that fails
 /// is not such an error: the master logs it, keeps the workers it has, and
 /// retries.
-pub fn run<W>(listener: TcpListener, config: Config, worker: W) -> Result<(), Error>
+///
+/// The Unix socket files [`bind_all`] made are removed when it returns,
+/// whatever it returns: no worker is left to answer there.
+pub fn run<W>(listeners: impl Into<Listeners>, config: Config, worker: W) -> Result<(), Error>
 where
     W: FnMut(Handoff) -> i32,
 {
+    let listeners = listeners.into();
     match upgrade::take_worker_env() {
-        Ok(Some(env)) => run_upgraded_worker(&env, listener, &config, worker),
+        Ok(Some(env)) => run_upgraded_worker(&env, listeners, &config, worker),
         Ok(None) => {}
         Err(why) => {
             return Err(Error::io(
@@ -181,11 +191,21 @@ where
             ))
         }
     }
-    let mut master = master::Master::new(listener, config, worker)?;
+    let socket_files = listeners.socket_files();
+    let mut master = match master::Master::new(listeners, config, worker) {
+        Ok(master) => master,
+        Err(err) => {
+            listen::remove_socket_files(&socket_files);
+            return Err(err);
+        }
+    };
     let result = master.run();
     if result.is_err() {
         master.kill_all_and_reap();
     }
+    // Only once the loop has returned: an upgrade re-executes from inside
+    // it, and the file must stay for the new master.
+    listen::remove_socket_files(&socket_files);
     logbuf::flush_before_exit(LAST_LINES_PATIENCE);
     result
 }
@@ -193,12 +213,7 @@ where
 /// This process is a worker that a master started from a new binary during
 /// an upgrade (see upgrade.rs): it runs `worker` at once, as a forked worker
 /// would, and exits with the code it returns.
-fn run_upgraded_worker<W>(
-    env: &upgrade::WorkerEnv,
-    listener: TcpListener,
-    config: &Config,
-    mut worker: W,
-) -> !
+fn run_upgraded_worker<W>(env: &upgrade::WorkerEnv, listeners: Listeners, config: &Config, mut worker: W) -> !
 where
     W: FnMut(Handoff) -> i32,
 {
@@ -216,7 +231,7 @@ where
             std::process::exit(respawn_ipc::exit_code::SETUP_FAILED);
         }
     }
-    let code = worker(upgrade::handoff(env, listener));
+    let code = worker(upgrade::handoff(env, listeners.into_listeners()));
     log::logger().flush();
     std::process::exit(code)
 }

@@ -24,6 +24,7 @@
 
 use crate::error::describe;
 use crate::hung::{self, Sample, Verdict};
+use crate::listen::{self, Listeners};
 use crate::notify::{self, Notifier};
 use crate::pidfile::PidFile;
 use crate::policy::{Backoff, Exceeded, RestartLimit};
@@ -31,7 +32,7 @@ use crate::signals::{self, Signals, Signo};
 use crate::spawn::{self, ChildSetup, FdFloor, SpawnError};
 use crate::table::{Event, Received, State, Table, Worker};
 use crate::upgrade::{self, AdoptedWorker, MasterState, Program, Upgrade};
-use crate::{limits, listen, logbuf, reap};
+use crate::{limits, logbuf, reap};
 use crate::{Config, Error};
 use log::{debug, error, info, warn};
 use mio::unix::SourceFd;
@@ -42,7 +43,6 @@ use nix::unistd::Pid;
 use respawn_ipc::scoreboard::{self, Scoreboard};
 use respawn_ipc::{DecodeError, Handoff, Message};
 use std::io;
-use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -70,7 +70,9 @@ const _: () = assert!(SCOREBOARD_ROWS > 2 * MAX_WORKERS);
 
 pub(crate) struct Master<W> {
     config: Config,
-    listener: TcpListener,
+    /// What the workers accept on; their fds are what an upgrade hands over
+    /// (`listeners.fds()`).
+    listeners: Listeners,
     work: W,
     poll: Poll,
     signals: Signals,
@@ -115,7 +117,7 @@ pub(crate) struct Master<W> {
 }
 
 impl<W: FnMut(Handoff) -> i32> Master<W> {
-    pub(crate) fn new(listener: TcpListener, config: Config, work: W) -> Result<Self, Error> {
+    pub(crate) fn new(listeners: Listeners, config: Config, work: W) -> Result<Self, Error> {
         refuse_threads()?;
         if config.workers > MAX_WORKERS {
             return Err(Error::io(
@@ -126,7 +128,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 ),
             ));
         }
-        listen::prepare(&listener)?;
+        listen::prepare(&listeners)?;
         let pid_file = config.pid_file.as_deref().map(PidFile::claim).transpose()?;
         let floor =
             FdFloor::above_open_fds().map_err(|err| Error::io("listing open fds in /proc/self/fd", err))?;
@@ -165,7 +167,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             target: config.workers,
             generation: 0,
             config,
-            listener,
+            listeners,
             work,
             poll,
             signals,
@@ -661,7 +663,11 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         } else {
             self.notify.status(status);
         }
-        crate::title::show_master(self.workers.counted(), self.generation, [&self.listener]);
+        crate::title::show_master(
+            self.workers.counted(),
+            self.generation,
+            self.listeners.listeners(),
+        );
     }
 
     /// Forks into the slots to fill now, as far as the room allows.
@@ -725,7 +731,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         self.scoreboard.reset(slot);
         let setup = ChildSetup {
             slot,
-            listener: &self.listener,
+            listeners: &self.listeners,
             master_fds: &master_fds,
             floor: self.floor,
             signals: &self.signals,
@@ -926,7 +932,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         };
         logbuf::flush_before_exit(LAST_LINES_BEFORE_EXEC);
         let systemd = self.notify.for_successor();
-        let err = upgrade::reexec_master(&self.program, &state, &[self.listener.as_raw_fd()], &systemd);
+        let err = upgrade::reexec_master(&self.program, &state, &self.listeners.fds(), &systemd);
         error!(
             "upgrade: re-executing the master as {path}: {}; its workers serve on under the running master",
             describe(&err)

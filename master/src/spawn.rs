@@ -25,6 +25,7 @@
 //! inside `catch_unwind`, and it leaves with `_exit`, which runs no atexit
 //! handler and flushes no stdio buffer of the master's.
 
+use crate::listen::Listeners;
 use crate::logbuf;
 use crate::privileges::{self, RunAs};
 use crate::signals::Signals;
@@ -38,7 +39,6 @@ use respawn_ipc::scoreboard::RowWriter;
 use respawn_ipc::{exit_code, Channel, Handoff};
 use std::ffi::CString;
 use std::io::{self, Write};
-use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -88,7 +88,7 @@ impl FdFloor {
 /// What the child must know to clean up and become a worker.
 pub(crate) struct ChildSetup<'a> {
     pub slot: usize,
-    pub listener: &'a TcpListener,
+    pub listeners: &'a Listeners,
     /// The master's fds that may lie below the floor: epoll, signalfd, log,
     /// and any pipe that could not be lifted.
     pub master_fds: &'a [RawFd],
@@ -176,17 +176,21 @@ where
             pipe: write_end.as_raw_fd(),
             scoreboard,
         };
-        let err = upgrade::exec_worker(program, &[setup.listener.as_raw_fd()], &env, pid);
+        let err = upgrade::exec_worker(program, &setup.listeners.fds(), &env, pid);
         error!("worker {pid}: executing {}: {err}", program.path.display());
         return exit_code::SETUP_FAILED;
     }
-    // SAFETY: the master's TcpListener in this address space is never
-    // dropped (the child leaves with _exit), so this one is the only owner
-    // of the fd in the child.
-    let listener = unsafe { TcpListener::from_raw_fd(setup.listener.as_raw_fd()) };
+    // SAFETY: the master's listeners in this address space are never
+    // dropped (the child leaves with _exit), so these are the only owners
+    // of the fds in the child.
+    let listeners = setup
+        .listeners
+        .listeners()
+        .map(|l| unsafe { l.alias() })
+        .collect();
     let handoff = Handoff {
         slot: setup.slot,
-        listener,
+        listeners,
         channel: Channel::new(write_end),
         scoreboard: setup.row,
     };

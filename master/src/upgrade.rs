@@ -56,6 +56,10 @@ const MASTER_VAR: &str = "RESPAWN_MASTER_STATE";
 /// The path the first master was started from, kept across re-executions:
 /// an upgrade through a wrapper script must find the wrapper next time too.
 const PATH_VAR: &str = "RESPAWN_MASTER_PATH";
+/// How often, and how long apart, an exec that finds the new file still open
+/// for writing (ETXTBSY) is tried again: at most 0.2 s in all.
+const TEXT_BUSY_WAITS: u32 = 20;
+const TEXT_BUSY_PAUSE: Duration = Duration::from_millis(10);
 /// This version of the state's text; a master that reads another refuses it.
 const STATE_VERSION: &str = "v1";
 
@@ -152,8 +156,8 @@ pub(crate) fn take_worker_env() -> Result<Option<WorkerEnv>, String> {
         .ok_or_else(|| format!("reading {WORKER_VAR}={value:?}: not what a respawn master writes"))
 }
 
-/// The worker's handoff, from its environment and the listener it was given.
-pub(crate) fn handoff(env: &WorkerEnv, listener: std::net::TcpListener) -> Handoff {
+/// The worker's handoff, from its environment and the listeners it was given.
+pub(crate) fn handoff(env: &WorkerEnv, listeners: Vec<respawn_ipc::Listener>) -> Handoff {
     // SAFETY: the master that executed us left this fd open for us alone
     // (WORKER_VAR names it, and is removed): nothing else owns it.
     let pipe = unsafe { OwnedFd::from_raw_fd(env.pipe) };
@@ -170,7 +174,7 @@ pub(crate) fn handoff(env: &WorkerEnv, listener: std::net::TcpListener) -> Hando
     });
     Handoff {
         slot: env.slot,
-        listener,
+        listeners,
         channel,
         scoreboard,
     }
@@ -474,9 +478,20 @@ fn execute(program: &Program, ours: &[(String, String)]) -> io::Error {
     let Some(args) = args else {
         return io::Error::new(io::ErrorKind::InvalidInput, "an argument holds a NUL byte");
     };
-    match nix::unistd::execve(&path, &args, &env) {
-        Ok(never) => match never {},
-        Err(errno) => errno.into(),
+    // ETXTBSY: someone still holds the new file open for writing. A deploy
+    // that has just written it, or any process that forked while it was
+    // open (the child holds the fd until its own exec), lets go within
+    // moments: wait for that, briefly, rather than back out.
+    let mut waits = 0;
+    loop {
+        match nix::unistd::execve(&path, &args, &env) {
+            Ok(never) => match never {},
+            Err(nix::errno::Errno::ETXTBSY) if waits < TEXT_BUSY_WAITS => {
+                waits += 1;
+                std::thread::sleep(TEXT_BUSY_PAUSE);
+            }
+            Err(errno) => return errno.into(),
+        }
     }
 }
 

@@ -491,6 +491,31 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not HTTP: {answer:?}")))
 }
 
+/// GET `path` over the Unix socket at `socket`, the whole answer read until
+/// close.
+pub fn unix_get(socket: &Path, path: &str) -> std::io::Result<Response> {
+    let mut conn = std::os::unix::net::UnixStream::connect(socket)?;
+    conn.set_read_timeout(Some(PATIENCE))?;
+    conn.set_write_timeout(Some(PATIENCE))?;
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    let status = answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok());
+    match (status, answer.split_once("\r\n\r\n")) {
+        (Some(status), Some((_, body))) => Ok(Response {
+            status,
+            body: body.to_owned(),
+        }),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not HTTP: {answer:?}"),
+        )),
+    }
+}
+
 /// Sends raw bytes and returns whatever comes back until close.
 pub fn exchange(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<String> {
     let mut conn = TcpStream::connect_timeout(&addr, PATIENCE)?;

@@ -88,6 +88,37 @@ fn failures(answers: &[Answer]) -> Vec<String> {
     answers.iter().filter_map(|(_, a)| a.clone().err()).collect()
 }
 
+/// Waits for the master to say it re-executed; a back-out instead (one
+/// more than the test caused before) fails at once, with its line.
+fn wait_for_reexec(respawn: &Respawn) {
+    wait_for_reexec_after(respawn, 0);
+}
+
+fn wait_for_reexec_after(respawn: &Respawn, backed_out_before: usize) {
+    let mut outcome = None;
+    let decided = wait_until(PATIENCE, || {
+        let log = respawn.log();
+        let backed_out: Vec<&String> = log.iter().filter(|l| l.contains("backed out")).collect();
+        if backed_out.len() > backed_out_before {
+            outcome = Some(Err(backed_out[backed_out_before].clone()));
+        } else if log
+            .iter()
+            .any(|l| message(l).starts_with("master re-executed as "))
+        {
+            outcome = Some(Ok(()));
+        }
+        outcome.is_some()
+    });
+    match outcome {
+        Some(Ok(())) => {}
+        Some(Err(line)) => panic!("the upgrade backed out: {line}\n{}", respawn.dump()),
+        None => panic!(
+            "no re-execution within {PATIENCE:?} (decided: {decided})\n{}",
+            respawn.dump()
+        ),
+    }
+}
+
 fn log_lines_with(respawn: &Respawn, needle: &str) -> Vec<String> {
     respawn.log().into_iter().filter(|l| l.contains(needle)).collect()
 }
@@ -169,9 +200,7 @@ fn an_upgraded_master_replaces_workers_stops_cleanly_and_still_finds_hung_ones()
     respawn.wait_for_workers(2);
     deploy.replace_with_build("v2");
     respawn.signal(libc::SIGUSR2);
-    respawn.wait_for_log("the master re-executing", |l| {
-        message(l).starts_with("master re-executed as ")
-    });
+    wait_for_reexec(&respawn);
     let upgraded = respawn.wait_for_workers(2);
 
     // The adopted table is live: a killed worker is replaced.
@@ -235,9 +264,7 @@ fn a_new_binary_that_exits_is_backed_out_and_a_later_upgrade_still_works() {
     // A good build later goes through.
     deploy.replace_with_build("v3");
     respawn.signal(libc::SIGUSR2);
-    respawn.wait_for_log("the master re-executing", |l| {
-        message(l).starts_with("master re-executed as ")
-    });
+    wait_for_reexec_after(&respawn, 1);
     respawn.wait_for_workers(2);
     versions.let_answer(20);
     let answers = versions.stop();
@@ -327,9 +354,7 @@ fn the_program_is_found_where_it_was_started_from() {
             ),
         )
     });
-    respawn.wait_for_log("the master re-executing", |l| {
-        message(l).starts_with("master re-executed as ")
-    });
+    wait_for_reexec(&respawn);
     respawn.wait_for_workers(1);
     assert_eq!(
         respawn.get("/version").expect("GET /version").body.trim(),
@@ -347,9 +372,7 @@ fn usr2_to_the_whole_process_group_upgrades_once_and_kills_no_worker() {
     let old = respawn.wait_for_workers(2);
     deploy.replace_with_build("g");
     respawn.signal_group(libc::SIGUSR2);
-    respawn.wait_for_log("the master re-executing", |l| {
-        message(l).starts_with("master re-executed as ")
-    });
+    wait_for_reexec(&respawn);
     let new = respawn.wait_for_workers(2);
     assert!(old.is_disjoint(&new));
     assert_eq!(
@@ -386,9 +409,7 @@ fn the_pid_file_holds_the_same_pid_across_an_upgrade() {
     );
     deploy.replace_with_build("p");
     respawn.signal(libc::SIGUSR2);
-    respawn.wait_for_log("the master re-executing", |l| {
-        message(l).starts_with("master re-executed as ")
-    });
+    wait_for_reexec(&respawn);
     respawn.wait_for_workers(1);
     assert_eq!(read().trim(), respawn.pid.to_string(), "{}", respawn.dump());
     respawn.signal(libc::SIGTERM);
@@ -410,9 +431,7 @@ fn upgraded_workers_run_as_the_user_asked() {
     respawn.wait_for_workers(1);
     deploy.replace_with_build("u");
     respawn.signal(libc::SIGUSR2);
-    respawn.wait_for_log("the master re-executing", |l| {
-        message(l).starts_with("master re-executed as ")
-    });
+    wait_for_reexec(&respawn);
     let workers = respawn.wait_for_workers(1);
     let worker = *workers.iter().next().expect("a worker");
     let status = std::fs::read_to_string(format!("/proc/{worker}/status")).expect("its status");
@@ -468,9 +487,7 @@ fn an_upgraded_worker_holds_only_what_a_forked_one_holds() {
     let before = fd_kinds(forked);
     deploy.replace_with_build("f");
     respawn.signal(libc::SIGUSR2);
-    respawn.wait_for_log("the master re-executing", |l| {
-        message(l).starts_with("master re-executed as ")
-    });
+    wait_for_reexec(&respawn);
     let upgraded = *respawn.wait_for_workers(1).iter().next().expect("a worker");
     assert_eq!(respawn.get("/").expect("GET /").pid(), Some(upgraded));
     assert_eq!(
@@ -498,4 +515,30 @@ fn fd_kinds(pid: i32) -> Vec<String> {
         .collect();
     kinds.sort();
     kinds
+}
+
+/// Every listener goes across: a TCP port and a Unix socket both answer
+/// from the new build, the socket file is not removed by the upgrade, and
+/// the clean stop after it removes it.
+#[test]
+fn an_upgrade_keeps_every_listener_and_the_socket_file() {
+    let deploy = Deploy::new("listeners");
+    let socket = deploy.dir.join("web.sock");
+    let unix = format!("unix:{}", socket.display());
+    let mut respawn = deploy.start(&["--workers", "2", "--listen", "127.0.0.1:0", "--listen", &unix]);
+    respawn.wait_for_workers(2);
+    let version = |answer: std::io::Result<Response>| answer.expect("an answer").body.trim().to_owned();
+    assert_eq!(version(unix_get(&socket, "/version")), untagged());
+    deploy.replace_with_build("l");
+    respawn.signal(libc::SIGUSR2);
+    wait_for_reexec(&respawn);
+    respawn.wait_for_workers(2);
+    let new = format!("{} l", untagged());
+    for _ in 0..5 {
+        assert_eq!(version(unix_get(&socket, "/version")), new, "{}", respawn.dump());
+        assert_eq!(version(respawn.get("/version")), new, "{}", respawn.dump());
+    }
+    respawn.signal(libc::SIGTERM);
+    assert_eq!(respawn.wait_exit().code(), Some(0), "{}", respawn.dump());
+    assert!(!socket.exists(), "the socket file outlived a clean stop");
 }

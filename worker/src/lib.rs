@@ -7,7 +7,9 @@
 //! loop { accept -> catch_unwind(serve one connection) }
 //! ```
 //!
-//! It serves one connection at a time. Two things end the loop:
+//! It serves one connection at a time, from whichever of its listeners
+//! (TCP or Unix sockets, one or several) has one waiting: a [`Conn`] reads
+//! and writes the same whatever the kind. Two things end the loop:
 //!
 //! - **A stop request** (SIGTERM or SIGQUIT from the master): the worker
 //!   finishes the connection in hand and returns 0. How the request can never
@@ -35,8 +37,9 @@
 //! - a panic hook (replacing the default one) that logs through the `log`
 //!   crate, and only after the Suicide is sent (see [`mod@panic`]);
 //! - a handler for SIGTERM and SIGQUIT, with SA_RESTART, that `dup2`s
-//!   `/dev/null` over the listener's fd (see [`stop`]); that fd is never
-//!   closed, not even when `run` returns;
+//!   `/dev/null` over every listener's fd (see [`stop`]); those fds are
+//!   never closed, not even when `run` returns;
+//! - with several listeners, each made non-blocking (see [`accept`]);
 //! - SIGTERM and SIGQUIT unblocked. A master forks each worker with both
 //!   **blocked**, so that a stop request sent before the handler exists
 //!   waits instead of killing the worker (or dumping its core). A worker
@@ -44,13 +47,13 @@
 //!   it handles them, or it never hears a stop request.
 //!
 //! ```no_run
+//! use respawn_worker::Conn;
 //! use std::io::Write;
-//! use std::net::{TcpListener, TcpStream};
 //!
 //! struct Hello;
 //!
 //! impl respawn_worker::Service for Hello {
-//!     fn serve(&mut self, conn: &mut TcpStream) {
+//!     fn serve(&mut self, conn: &mut Conn) {
 //!         let _ = conn.write_all(b"hello\n");
 //!     }
 //! }
@@ -75,12 +78,11 @@ mod testkit;
 
 use log::{debug, error};
 use respawn_ipc::scoreboard::RowWriter;
-use respawn_ipc::{Channel, Handoff, Message};
+use respawn_ipc::{Channel, Handoff, Listener, Message};
 use std::mem::ManuallyDrop;
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
-pub use respawn_ipc::exit_code;
+pub use respawn_ipc::{exit_code, Conn, Peer};
 
 /// What a worker does with each connection.
 pub trait Service {
@@ -90,14 +92,15 @@ pub trait Service {
     /// after a backoff (and gives up if starts keep failing).
     fn start(&mut self) {}
 
-    /// Serves one connection. Returns when done with it; dropping it closes
-    /// it. A panic here is caught: the worker retires (see the crate docs).
-    fn serve(&mut self, conn: &mut TcpStream);
+    /// Serves one connection, TCP or Unix. Returns when done with it;
+    /// dropping it closes it. A panic here is caught: the worker retires
+    /// (see the crate docs).
+    fn serve(&mut self, conn: &mut Conn);
 
     /// Called after `serve` panicked, with the connection it was serving and
     /// the panic message: answer the client if the protocol allows (an HTTP
     /// 500, say). A panic here is caught and logged, and changes nothing.
-    fn recover(&mut self, conn: &mut TcpStream, panic: &str) {
+    fn recover(&mut self, conn: &mut Conn, panic: &str) {
         let _ = (conn, panic);
     }
 }
@@ -155,22 +158,23 @@ pub fn run<S: Service>(handoff: Handoff, service: S) -> i32 {
 ///
 /// The worker starts with SIGTERM and SIGQUIT blocked (a master forks it so,
 /// see [`stop`]); this unblocks them once their handler is installed.
-/// The listener's fd is left open when this returns: a stop request, however
-/// late, `dup2`s over its number, which must not have been reused.
+/// The listeners' fds are left open when this returns: a stop request,
+/// however late, `dup2`s over their numbers, which must not have been
+/// reused.
 pub fn run_with<S: Service>(handoff: Handoff, mut service: S, config: &Config) -> i32 {
     let Handoff {
         slot: _,
-        listener,
+        listeners,
         channel,
         scoreboard,
     } = handoff;
-    let listener = ManuallyDrop::new(listener);
+    let listeners = ManuallyDrop::new(listeners);
     let pid = std::process::id();
-    if let Err(code) = set_up(&listener, &channel, scoreboard, &mut service) {
+    if let Err(code) = set_up(&listeners, &channel, scoreboard, &mut service) {
         return code;
     }
     let share = config.share();
-    let mut acceptor = accept::Acceptor::new(&listener, scoreboard);
+    let mut acceptor = accept::Acceptor::new(&listeners, scoreboard);
     let mut accepted: u64 = 0;
     loop {
         let mut conn = match acceptor.accept() {
@@ -216,7 +220,7 @@ pub fn run_with<S: Service>(handoff: Handoff, mut service: S, config: &Config) -
 /// Everything before the first accept: the panic hook, the stop handler,
 /// the service's own start, then Ready. Err is the exit code.
 fn set_up<S: Service>(
-    listener: &TcpListener,
+    listeners: &[Listener],
     channel: &Channel,
     scoreboard: Option<RowWriter>,
     service: &mut S,
@@ -226,7 +230,12 @@ fn set_up<S: Service>(
         let _ = ROW.set(row);
     }
     panic::install_hook();
-    if let Err(err) = stop::install(listener.as_raw_fd()) {
+    if listeners.is_empty() {
+        error!("worker {pid}: the master handed over no listener");
+        return Err(exit_code::SETUP_FAILED);
+    }
+    let fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+    if let Err(err) = stop::install(&fds) {
         error!("worker {pid}: installing the stop handler: {err}");
         return Err(exit_code::SETUP_FAILED);
     }
@@ -307,7 +316,7 @@ mod tests {
     use respawn_ipc::scoreboard::Scoreboard;
     use respawn_ipc::Decoder;
     use std::io::{Read, Write};
-    use std::net::SocketAddr;
+    use std::net::{SocketAddr, TcpListener};
     use std::os::fd::{FromRawFd, OwnedFd, RawFd};
     use std::time::Duration;
 
@@ -340,7 +349,7 @@ mod tests {
             }
         }
 
-        fn serve(&mut self, conn: &mut TcpStream) {
+        fn serve(&mut self, conn: &mut Conn) {
             self.served += 1;
             let n = self.served;
             note_request(format!("GET /{n} HTTP/1.1\r\nHost: x\r\n").as_bytes());
@@ -356,7 +365,7 @@ mod tests {
             let _ = write!(conn, "served {n} (pipe {pipe})");
         }
 
-        fn recover(&mut self, conn: &mut TcpStream, panic: &str) {
+        fn recover(&mut self, conn: &mut Conn, panic: &str) {
             let _ = write!(conn, "recovered from {panic}");
             mark();
             if self.recover_panics {
@@ -377,7 +386,7 @@ mod tests {
     fn handoff(listener: TcpListener, write_end: OwnedFd, row: Option<RowWriter>) -> Handoff {
         Handoff {
             slot: 0,
-            listener,
+            listeners: vec![Listener::from(listener)],
             channel: Channel::new(write_end),
             scoreboard: row,
         }

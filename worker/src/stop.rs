@@ -8,7 +8,8 @@
 //!
 //! The hole is closed with unicorn's trick, adapted: the handler sets the flag
 //! *and* `dup2`s `/dev/null` over the listener's fd number (both are
-//! async-signal-safe). Whenever the signal lands:
+//! async-signal-safe), over every listener's when there are several.
+//! Whenever the signal lands:
 //!
 //! - before the flag check: the loop sees the flag and returns;
 //! - between the check and `accept`: `accept` on `/dev/null` fails at once
@@ -19,10 +20,25 @@
 //! - while serving a connection: the connection is finished, then the flag
 //!   is seen.
 //!
-//! The cost per connection is nothing: no extra syscall, and `accept` stays
-//! the call that wakes exactly one sleeping worker per connection (the
-//! kernel's exclusive wait on a listening socket), where a `poll` on the
-//! listener plus a stop fd would wake every idle worker (a thundering herd).
+//! With several listeners the worker sleeps in `epoll_wait` on an epoll
+//! instance of its own that watches all of them (see [`crate::accept`]), and
+//! the same trick holds with one more fd: the handler `dup2`s `/dev/null`
+//! over the epoll fd too ([`close_on_stop`]). An `epoll_wait` that has not
+//! started yet fails at once with EINVAL (not an epoll fd), and one under
+//! way fails with EINTR (the kernel never restarts it, SA_RESTART or not).
+//! Where the worker falls back to `poll(2)` on the listeners, a `poll` that
+//! has not started yet finds `/dev/null` at every number, which is always
+//! readable, so it returns at once and the accept that follows fails with
+//! ENOTSOCK. The fd numbers are kept in a fixed array of [`MAX_LISTENERS`]
+//! and one more (a handler cannot allocate); [`install`] refuses more
+//! listeners.
+//!
+//! The cost per connection is nothing: no extra syscall, and with one
+//! listener `accept` stays the call that wakes exactly one sleeping worker
+//! per connection (the kernel's exclusive wait on a listening socket), where
+//! a `poll` on the listener plus a stop fd would wake every idle worker (a
+//! thundering herd; with several listeners, EPOLLEXCLUSIVE keeps it to one,
+//! for an `epoll_wait` more per connection, see [`crate::accept`]).
 //!
 //! # The listener's fd number stays this worker's
 //!
@@ -66,12 +82,15 @@
 //! first accept.
 
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+pub use respawn_ipc::MAX_LISTENERS;
 use std::io;
 use std::os::fd::{IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 static STOP: AtomicBool = AtomicBool::new(false);
-static LISTENER: AtomicI32 = AtomicI32::new(-1);
+/// The fd numbers a stop request closes: the listeners', then the epoll
+/// fd a worker with several listeners waits on; -1 past the last one.
+static LISTENERS: [AtomicI32; MAX_LISTENERS + 1] = [const { AtomicI32::new(-1) }; MAX_LISTENERS + 1];
 static DEV_NULL: AtomicI32 = AtomicI32::new(-1);
 
 /// The signals that ask a worker to finish what it holds and exit.
@@ -82,14 +101,20 @@ pub fn requested() -> bool {
     STOP.load(Ordering::SeqCst)
 }
 
-/// Stops accepting: from now on `accept` on the listener fd fails at once.
-/// Idempotent, and async-signal-safe (atomics and `dup2` only).
+/// Stops accepting: from now on `accept` on every listener fd fails at
+/// once. Idempotent, and async-signal-safe (atomics and `dup2` only).
 pub fn stop_accepting() {
-    let listener = LISTENER.load(Ordering::SeqCst);
     let dev_null = DEV_NULL.load(Ordering::SeqCst);
-    if listener >= 0 && dev_null >= 0 {
+    if dev_null < 0 {
+        return;
+    }
+    for slot in &LISTENERS {
+        let listener = slot.load(Ordering::SeqCst);
+        if listener < 0 {
+            break;
+        }
         // SAFETY: dup2 on two fds this process owns: /dev/null, opened in
-        // `install` and never closed, and the listener's fd number, which
+        // `install` and never closed, and a listener's fd number, which
         // the worker never closes (see the module docs). dup2 is
         // async-signal-safe.
         unsafe { libc::dup2(dev_null, listener) };
@@ -107,16 +132,28 @@ extern "C" fn on_stop_signal(_: libc::c_int) {
     unsafe { *libc::__errno_location() = errno };
 }
 
-/// Arms the stop request for a worker whose listening socket is `listener`,
-/// then unblocks TERM and QUIT: a request that came before is handled now.
+/// Arms the stop request for a worker whose listening sockets are
+/// `listeners` (at most [`MAX_LISTENERS`]), then unblocks TERM and QUIT: a
+/// request that came before is handled now.
 ///
-/// The fd number `listener` must stay open for the rest of the process's
-/// life: a stop request, however late, `dup2`s over it.
-pub fn install(listener: RawFd) -> io::Result<()> {
+/// The fd numbers in `listeners` must stay open for the rest of the
+/// process's life: a stop request, however late, `dup2`s over them.
+pub fn install(listeners: &[RawFd]) -> io::Result<()> {
+    if listeners.len() > MAX_LISTENERS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} listeners, more than the {MAX_LISTENERS} a worker can stop",
+                listeners.len()
+            ),
+        ));
+    }
     let dev_null = std::fs::OpenOptions::new().read(true).open("/dev/null")?;
     // Kept open for the life of the worker: the handler dup2s from it.
     DEV_NULL.store(dev_null.into_raw_fd(), Ordering::SeqCst);
-    LISTENER.store(listener, Ordering::SeqCst);
+    for (i, slot) in LISTENERS.iter().enumerate() {
+        slot.store(listeners.get(i).copied().unwrap_or(-1), Ordering::SeqCst);
+    }
     // SA_RESTART: see the module docs. Both stop signals are masked while
     // the handler runs, so it never nests.
     let mask: SigSet = STOP_SIGNALS.into_iter().collect();
@@ -134,11 +171,34 @@ pub fn install(listener: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Adds `fd` to those a stop request closes (after [`install`]): the
+/// epoll fd a worker with several listeners waits on, so that a wait that
+/// has not started yet when the request lands fails at once. The same rule
+/// holds for it as for the listeners: it must stay open for good.
+pub fn close_on_stop(fd: RawFd) -> io::Result<()> {
+    for slot in &LISTENERS {
+        // The first free slot; the handler reads up to the first -1, so the
+        // fd is seen from the moment it is stored.
+        if slot
+            .compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return Ok(());
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "no room left among the fds a stop request closes",
+    ))
+}
+
 /// Forgets a stop request and the listener, for the next in-process test.
 #[cfg(test)]
 pub(crate) fn reset() {
     STOP.store(false, Ordering::SeqCst);
-    LISTENER.store(-1, Ordering::SeqCst);
+    for slot in &LISTENERS {
+        slot.store(-1, Ordering::SeqCst);
+    }
 }
 
 #[cfg(test)]
@@ -167,7 +227,7 @@ mod tests {
         for signal in STOP_SIGNALS {
             let _global = global();
             let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
-            install(listener.as_raw_fd()).expect("installing");
+            install(&[listener.as_raw_fd()]).expect("installing");
             assert!(!requested(), "{signal}: nothing asked yet");
             raise(signal);
             assert!(requested(), "{signal}");
@@ -181,7 +241,7 @@ mod tests {
         let _global = global();
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
         let addr = listener.local_addr().expect("address");
-        install(listener.as_raw_fd()).expect("installing");
+        install(&[listener.as_raw_fd()]).expect("installing");
         // A connection already queued is not taken by this worker...
         let _queued = TcpStream::connect(addr).expect("connecting");
         stop_accepting();
@@ -211,7 +271,7 @@ mod tests {
         // Without the block, this TERM would end the test process.
         raise(Signal::SIGTERM);
         assert!(!requested());
-        install(listener.as_raw_fd()).expect("installing");
+        install(&[listener.as_raw_fd()]).expect("installing");
         assert!(requested(), "the pending request reached the handler");
         assert_eq!(accept_errno(&listener), Some(libc::ENOTSOCK));
         let now = SigSet::thread_get_mask().expect("reading the mask");
@@ -224,7 +284,7 @@ mod tests {
         let _global = global();
         // An fd number no process can have: the handler's dup2 fails with
         // EBADF, which would show in errno if the handler did not restore it.
-        install(i32::MAX).expect("installing");
+        install(&[i32::MAX]).expect("installing");
         // SAFETY: this thread's errno slot.
         unsafe { *libc::__errno_location() = libc::ENOENT };
         // SAFETY: as in `raise`, but raise() itself must not touch errno.
@@ -238,7 +298,7 @@ mod tests {
     fn a_worker_asleep_in_accept_is_woken_at_once() {
         let _global = global();
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
-        install(listener.as_raw_fd()).expect("installing");
+        install(&[listener.as_raw_fd()]).expect("installing");
         let addr = listener.local_addr().expect("address");
         let me = tid();
         // If the request does not end the accept, a connection will.
@@ -264,7 +324,7 @@ mod tests {
     fn a_blocking_read_in_a_service_is_not_interrupted() {
         let _global = global();
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
-        install(listener.as_raw_fd()).expect("installing");
+        install(&[listener.as_raw_fd()]).expect("installing");
         let (mut conn, mut peer) = UnixStream::pair().expect("socketpair");
         let me = tid();
         let fd = conn.as_raw_fd();
@@ -296,5 +356,30 @@ mod tests {
         assert_eq!(read, Ok(1), "SA_RESTART: the read is restarted, not failed");
         assert_eq!(byte, *b"x");
         std::mem::forget(listener);
+    }
+
+    #[test]
+    fn every_listener_is_closed_and_more_than_the_array_holds_are_refused() {
+        let _global = global();
+        let listeners: Vec<TcpListener> = (0..3)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding"))
+            .collect();
+        let fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+        let too_many = vec![fds[0]; MAX_LISTENERS + 1];
+        let err = install(&too_many).expect_err("too many");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{} listeners, more than the {MAX_LISTENERS} a worker can stop",
+                MAX_LISTENERS + 1
+            )
+        );
+        install(&fds).expect("installing");
+        raise(Signal::SIGTERM);
+        assert!(requested());
+        for listener in &listeners {
+            assert_eq!(accept_errno(listener), Some(libc::ENOTSOCK));
+        }
+        std::mem::forget(listeners);
     }
 }

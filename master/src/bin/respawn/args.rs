@@ -14,7 +14,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub const USAGE: &str = "\
-usage: respawn [-w N] [-l HOST:PORT] [--graceful-timeout SECS] [-t SECS]
+usage: respawn [-w N] [-l HOST:PORT|unix:PATH]... [--listen-mode OCTAL]
+       [--graceful-timeout SECS] [-t SECS]
        [--start-timeout SECS] [--max-requests N] [--max-requests-jitter J]
        [--max-restarts R] [--restart-window SECS] [--min-uptime SECS]
        [--user NAME] [--group NAME] [--pid-file PATH]
@@ -22,7 +23,7 @@ usage: respawn [-w N] [-l HOST:PORT] [--graceful-timeout SECS] [-t SECS]
        [--demo-fail-start | --demo-hang-start | --demo-bad-ipc]
        [-h|--help] [-V|--version]";
 
-/// At most 80 columns and 40 lines, so that it reads whole in any terminal
+/// At most 80 columns and 40 lines, so that it reads whole in a terminal
 /// (a test checks). The ranges are the constants below (a test checks that
 /// too).
 pub const HELP: &str = "\
@@ -31,6 +32,8 @@ usage: respawn [flags]         SECS may have a fraction; defaults in [brackets]
 
   -w, --workers N              1 to 4096 workers to keep alive [one per CPU]
   -l, --listen HOST:PORT       port 0 to 65535, 0 picks one [127.0.0.1:8080]
+      --listen unix:PATH       a Unix socket; repeat --listen for several
+      --listen-mode OCTAL      0 to 0777: the Unix socket files' mode [0660]
       --graceful-timeout SECS  0 to 86400: time to finish when stopping [30]
   -t, --timeout SECS           0 to 86400, 0 off: kill a worker busy longer [60]
       --start-timeout SECS     0 to 86400, 0 off: deadline to say Ready [60]
@@ -56,6 +59,21 @@ signals: TERM, QUIT stop gracefully, INT at once, HUP replaces every worker,
          now on disk (backs out if it fails).  RUST_LOG=debug logs more.
 exit: 0 stopped, 1 failed (cannot bind...), 2 bad flag, 3 gave up
 ";
+
+/// Where the demo listens when no --listen is given.
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// 0660: the owner and the group may connect, nobody else. Connecting to a
+/// Unix socket needs write permission on its file, so this is the access
+/// control; php-fpm's `listen.mode` defaults to the same. 0666 would let
+/// every local user in, a choice to make on purpose; the umask alone
+/// (usually 022, giving 0755) would let in only the owner, which breaks the
+/// usual set-up of a proxy running as another user in the socket's group.
+const DEFAULT_LISTEN_MODE: u32 = 0o660;
+
+/// A socket address holds a path of at most 107 bytes and a NUL (`sun_path`
+/// is 108 bytes on Linux).
+const MAX_UNIX_PATH: usize = 107;
 
 const DAY: u64 = 24 * 60 * 60;
 const WEEK: u64 = 7 * DAY;
@@ -104,7 +122,10 @@ const MIN_UPTIME: Seconds = Seconds::new("--min-uptime", DAY);
 
 pub struct Args {
     pub workers: usize,
-    pub listen: String,
+    /// `host:port` or `unix:/path`, in the order given.
+    pub listen: Vec<String>,
+    /// The permission bits of the Unix socket files the demo binds.
+    pub listen_mode: u32,
     pub graceful_timeout: Duration,
     pub max_restarts: usize,
     pub restart_window: Duration,
@@ -135,7 +156,8 @@ pub enum Parsed {
 pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt::Error> {
     let mut args = Args {
         workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        listen: "127.0.0.1:8080".to_owned(),
+        listen: Vec::new(),
+        listen_mode: DEFAULT_LISTEN_MODE,
         graceful_timeout: Duration::from_secs(30),
         max_restarts: 10,
         restart_window: Duration::from_secs(60),
@@ -157,7 +179,8 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         match arg {
             // Both bounds fit in usize on every target Rust supports.
             Short('w') | Long("workers") => args.workers = WORKERS.parse(&mut parser)? as usize,
-            Short('l') | Long("listen") => args.listen = listen(&mut parser)?,
+            Short('l') | Long("listen") => args.listen.push(listen(&mut parser)?),
+            Long("listen-mode") => args.listen_mode = listen_mode(&mut parser)?,
             Long("graceful-timeout") => args.graceful_timeout = GRACEFUL_TIMEOUT.parse(&mut parser)?,
             Long("max-restarts") => args.max_restarts = MAX_RESTARTS.parse(&mut parser)? as usize,
             Long("restart-window") => args.restart_window = RESTART_WINDOW.parse(&mut parser)?,
@@ -179,6 +202,12 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
             Short('V') | Long("version") => return Ok(Parsed::Version),
             _ => return Err(arg.unexpected()),
         }
+    }
+    if args.listen.is_empty() {
+        args.listen.push(DEFAULT_LISTEN.to_owned());
+    }
+    if args.listen.len() > respawn_ipc::MAX_LISTENERS {
+        return Err(format!("--listen: at most {} listeners", respawn_ipc::MAX_LISTENERS).into());
     }
     let demos = [args.demo_fail_start, args.demo_hang_start, args.demo_bad_ipc];
     if demos.into_iter().filter(|&on| on).count() > 1 {
@@ -241,6 +270,15 @@ fn shown(n: u64) -> String {
 /// does not resolve is left to bind time (exit 1): DNS can fail for a while.
 fn listen(parser: &mut lexopt::Parser) -> Result<String, lexopt::Error> {
     let value = text(parser, "--listen")?;
+    if let Some(path) = value.strip_prefix("unix:") {
+        if path.is_empty() || path.len() > MAX_UNIX_PATH {
+            return Err(format!(
+                "--listen: {value:?} is not unix:PATH with a path of 1 to {MAX_UNIX_PATH} bytes"
+            )
+            .into());
+        }
+        return Ok(value);
+    }
     if value.parse::<SocketAddr>().is_ok() || is_name_and_port(&value) {
         return Ok(value);
     }
@@ -255,6 +293,16 @@ fn listen(parser: &mut lexopt::Parser) -> Result<String, lexopt::Error> {
 fn log_format(parser: &mut lexopt::Parser) -> Result<Format, lexopt::Error> {
     let value = text(parser, "--log-format")?;
     Format::parse(&value).ok_or_else(|| format!("--log-format: {value:?} is not text or json").into())
+}
+
+/// `--listen-mode`: octal permission bits, 0 to 0777 (no setuid, setgid or
+/// sticky bit: they mean nothing on a socket).
+fn listen_mode(parser: &mut lexopt::Parser) -> Result<u32, lexopt::Error> {
+    let value = text(parser, "--listen-mode")?;
+    match u32::from_str_radix(value.strip_prefix("0o").unwrap_or(&value), 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!("--listen-mode: {value:?} is not an octal mode from 0 to 0777 (0660, 0600)").into()),
+    }
 }
 
 /// `name:port`, where name is a host name (an IPv6 address needs brackets,
@@ -333,7 +381,8 @@ mod tests {
             panic!("flags rejected")
         };
         assert_eq!(args.workers, 3);
-        assert_eq!(args.listen, "[::1]:0");
+        assert_eq!(args.listen, ["[::1]:0"]);
+        assert_eq!(args.listen_mode, 0o660);
         assert_eq!(args.graceful_timeout, Duration::from_millis(2500));
         assert_eq!(args.start_timeout, Duration::ZERO);
         assert!(args.demo_hang_start);
@@ -453,5 +502,55 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn listen_repeats_and_takes_unix_paths_and_a_mode() {
+        let Ok(Parsed::Run(args)) = parse_strs(&[
+            "--listen",
+            "127.0.0.1:0",
+            "-l",
+            "unix:/run/app.sock",
+            "--listen-mode",
+            "0600",
+        ]) else {
+            panic!("flags rejected")
+        };
+        assert_eq!(args.listen, ["127.0.0.1:0", "unix:/run/app.sock"]);
+        assert_eq!(args.listen_mode, 0o600);
+        let Ok(Parsed::Run(args)) = parse_strs(&[]) else {
+            panic!("no flags rejected")
+        };
+        assert_eq!(args.listen, [DEFAULT_LISTEN]);
+        for bad in ["unix:", &format!("unix:/{}", "x".repeat(MAX_UNIX_PATH))] {
+            assert_eq!(
+                err(&["--listen", bad]),
+                format!("--listen: {bad:?} is not unix:PATH with a path of 1 to 107 bytes")
+            );
+        }
+        assert!(matches!(
+            parse_strs(&["--listen", &format!("unix:{}", "x".repeat(MAX_UNIX_PATH))]),
+            Ok(Parsed::Run(_))
+        ));
+        for bad in ["888", "1000", "rw", "", "-1"] {
+            assert_eq!(
+                err(&["--listen-mode", bad]),
+                format!("--listen-mode: {bad:?} is not an octal mode from 0 to 0777 (0660, 0600)")
+            );
+        }
+        for (good, mode) in [("0", 0), ("666", 0o666), ("0777", 0o777), ("0o640", 0o640)] {
+            let Ok(Parsed::Run(args)) = parse_strs(&["--listen-mode", good]) else {
+                panic!("{good} rejected")
+            };
+            assert_eq!(args.listen_mode, mode, "{good}");
+        }
+        let many: Vec<String> = (0..=respawn_ipc::MAX_LISTENERS)
+            .map(|i| format!("unix:/x{i}"))
+            .collect();
+        let mut argv: Vec<&str> = Vec::new();
+        for one in &many {
+            argv.extend(["--listen", one]);
+        }
+        assert_eq!(err(&argv), "--listen: at most 64 listeners");
     }
 }

@@ -6,9 +6,9 @@
 //! else. (wrk and curl reconnect on `Connection: close`.)
 
 use log::{debug, info, warn};
-use respawn_worker::Service;
+use respawn_worker::{Conn, Service};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 /// Requests larger than this are refused (431): the demo serves GETs.
@@ -80,7 +80,7 @@ impl Service for Demo {
         }
     }
 
-    fn serve(&mut self, conn: &mut TcpStream) {
+    fn serve(&mut self, conn: &mut Conn) {
         let deadline = Instant::now() + HEAD_DEADLINE;
         let _ = conn.set_write_timeout(Some(WRITE_TIMEOUT));
         let response = match read_head(conn, deadline) {
@@ -115,7 +115,7 @@ impl Service for Demo {
         let _ = response.send(conn);
     }
 
-    fn recover(&mut self, conn: &mut TcpStream, panic: &str) {
+    fn recover(&mut self, conn: &mut Conn, panic: &str) {
         let body = format!("worker {} panicked: {panic}\n", self.pid);
         let _ = Response::text(500, body).send(conn);
     }
@@ -142,13 +142,11 @@ impl Demo {
     /// Says, at warn (an operator must see that clients are holding
     /// workers), that a slow connection was dropped, unless a line went out
     /// less than [`SLOW_LOG_EVERY`] ago; the next line counts those.
-    fn dropped_slow(&mut self, conn: &TcpStream, received: usize) {
+    fn dropped_slow(&mut self, conn: &Conn, received: usize) {
         let Some(unlogged) = self.slow.note(Instant::now()) else {
             return;
         };
-        let peer = conn
-            .peer_addr()
-            .map_or_else(|_| "a peer already gone".to_owned(), |addr| addr.to_string());
+        let peer = conn.peer();
         let secs = HEAD_DEADLINE.as_secs();
         let what = match received {
             0 => format!("nothing received within {secs} s"),
@@ -228,7 +226,7 @@ enum Head {
 }
 
 /// Reads one request head, all of it before `deadline`.
-fn read_head(conn: &mut TcpStream, deadline: Instant) -> Head {
+fn read_head(conn: &mut Conn, deadline: Instant) -> Head {
     let mut buf = [0u8; MAX_REQUEST];
     let mut len = 0;
     loop {
@@ -301,7 +299,7 @@ fn is_retry(err: &io::Error) -> bool {
 /// and discard what the client still sends, within bounds, so that the
 /// close does not reset the connection before the client reads the answer
 /// (a reset makes its kernel drop what it had not read yet).
-fn linger(conn: &mut TcpStream) {
+fn linger(conn: &mut Conn) {
     if conn.shutdown(Shutdown::Write).is_err() {
         return;
     }
@@ -339,7 +337,7 @@ impl Response {
     }
 
     /// One write for head and body, then the connection is closed.
-    fn send(&self, conn: &mut TcpStream) -> io::Result<()> {
+    fn send(&self, conn: &mut Conn) -> io::Result<()> {
         let reason = match self.status {
             200 => "OK",
             400 => "Bad Request",
@@ -362,14 +360,14 @@ impl Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::unix::net::UnixStream;
 
     /// A connected pair on loopback: (the client's end, the server's end).
-    fn pair() -> (TcpStream, TcpStream) {
+    fn pair() -> (TcpStream, Conn) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        (client, server)
+        (client, Conn::from(listener.accept().unwrap()))
     }
 
     #[test]
@@ -430,5 +428,16 @@ mod tests {
         assert_eq!(slow.note(at(1999)), None);
         assert_eq!(slow.note(at(5000)), Some(1));
         assert_eq!(slow.note(at(6000)), Some(0));
+    }
+
+    #[test]
+    fn the_deadline_holds_on_a_unix_connection_too() {
+        let (client, server) = UnixStream::pair().unwrap();
+        let mut server = Conn::from(server);
+        let started = Instant::now();
+        let head = read_head(&mut server, started + Duration::from_millis(100));
+        assert!(matches!(head, Head::TooSlow { received: 0 }));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(client);
     }
 }

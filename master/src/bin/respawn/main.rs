@@ -1,5 +1,6 @@
-//! `respawn`: the demo. A master on 127.0.0.1:8080 keeping one worker per
-//! CPU, each answering HTTP: `GET /` says which worker answered, `/crash`
+//! `respawn`: the demo. A master on 127.0.0.1:8080 (or every `--listen`,
+//! TCP or Unix, or what systemd's socket activation passed) keeping one
+//! worker per CPU, each answering HTTP: `GET /` says which worker answered, `/crash`
 //! panics in the handler, `/sleep/<ms>` answers after a while.
 //!
 //! It is the article's example, done with the library: start it, curl it,
@@ -15,8 +16,8 @@ mod logfmt;
 
 use args::{Args, Parsed};
 use log::info;
+use respawn_master::Listeners;
 use std::io::{self, IsTerminal, Write};
-use std::net::TcpListener;
 use std::process::exit;
 
 /// Exit code when the master stopped for any other reason than a stop
@@ -57,7 +58,8 @@ fn serve(args: &Args) -> i32 {
             Ok(run_as) => Some(run_as),
             Err(err) => {
                 say(&format!(
-                    "respawn: --{} {}: {}\n",
+                    "respawn: --{} {}: {}
+",
                     err.what(),
                     err.name(),
                     err.reason()
@@ -66,16 +68,15 @@ fn serve(args: &Args) -> i32 {
             }
         },
     };
-    let listener = match bind(&args.listen) {
-        Ok(listener) => listener,
+    let listeners = match bind(&args.listen, args.listen_mode) {
+        Ok(listeners) => listeners,
         Err(code) => return code,
     };
     // An upgrade (SIGUSR2) runs this main too, as a worker and then as
     // the master: the first master already said where it listens.
     if !respawn_master::started_by_upgrade() {
-        match listener.local_addr() {
-            Ok(addr) => info!("listening on {addr}"),
-            Err(err) => info!("listening on {} ({err} reading the bound address)", args.listen),
+        for listening in listeners.iter() {
+            info!("listening on {listening}");
         }
     }
     let config = respawn_master::Config::new(args.workers)
@@ -105,7 +106,7 @@ fn serve(args: &Args) -> i32 {
         }
         respawn_worker::run_with(handoff, http::Demo::new(start), &worker)
     };
-    match respawn_master::run(listener, config, demo) {
+    match respawn_master::run(listeners, config, demo) {
         Ok(()) => 0,
         // The master logged why when it decided; say nothing twice.
         Err(respawn_master::Error::GaveUp { .. }) => EXIT_GAVE_UP,
@@ -127,21 +128,36 @@ fn speak_a_newer_contract(handoff: &respawn_master::Handoff) {
     let _ = nix::unistd::write(handoff.channel.as_fd(), &frame);
 }
 
-/// Binds `--listen`; a failure is said with what would fix it, and is the
-/// exit code.
-fn bind(listen: &str) -> Result<TcpListener, i32> {
-    respawn_master::bind(listen).map_err(|err| {
+/// Binds every `--listen`, or takes the listeners systemd (or an upgrade)
+/// passed instead, and gives the Unix socket files it made `--listen-mode`.
+/// A failure is said with what would fix it, and is the exit code.
+fn bind(listen: &[String], mode: u32) -> Result<Listeners, i32> {
+    let addrs: Vec<&str> = listen.iter().map(String::as_str).collect();
+    let listeners = respawn_master::bind_all(&addrs).map_err(|err| {
         let advice = match &err {
-            respawn_master::Error::Io { source, .. } => advice(listen, source.kind()),
+            respawn_master::Error::Io { context, source } => {
+                // The address that failed is the one the context names.
+                let failed = addrs.iter().find(|a| context.ends_with(*a)).copied();
+                failed.map_or_else(String::new, |addr| advice(addr, source.kind()))
+            }
             _ => String::new(),
         };
         say(&format!("respawn: {err}{advice}\n"));
         EXIT_FAILED
-    })
+    })?;
+    if let Err(err) = listeners.set_socket_mode(mode) {
+        say(&format!("respawn: {err}\n"));
+        return Err(EXIT_FAILED);
+    }
+    Ok(listeners)
 }
 
 /// What to do about a failed bind, for the two failures a newcomer meets.
 fn advice(listen: &str, kind: io::ErrorKind) -> String {
+    if listen.starts_with("unix:") {
+        // The error says it all: a live server there, or a file in the way.
+        return String::new();
+    }
     let (host, port) = listen.rsplit_once(':').unwrap_or(("127.0.0.1", "8080"));
     let port: u16 = port.parse().unwrap_or(8080);
     match kind {
