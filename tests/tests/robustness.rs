@@ -62,9 +62,16 @@ fn failed_fork_keeps_the_workers_and_recovers() {
         )) && line.contains("of 2 workers running, retrying in"),
         "the line names the limit and its value: {line}"
     );
-    respawn.wait_for_log("the recovery", |l| {
-        l.ends_with("forking works again, after 1 failed attempts")
+    // One failed attempt or more: on a busy machine a second crash can
+    // land, and its fork fail too, before the first crashed worker leaves.
+    let recovery = respawn.wait_for_log("the recovery", |l| {
+        message(l).starts_with("forking works again, after ")
     });
+    let attempts: Option<u32> = message(&recovery)
+        .strip_prefix("forking works again, after ")
+        .and_then(|rest| rest.strip_suffix(" failed attempts"))
+        .and_then(|n| n.parse().ok());
+    assert!(attempts.is_some_and(|n| n >= 1), "{recovery}");
     let after = respawn.wait_for_workers(2);
     assert_eq!(respawn.count_log("forking works again"), 1, "{}", respawn.dump());
     assert!(alive(respawn.pid), "the master goes on\n{}", respawn.dump());
