@@ -19,6 +19,7 @@ pub struct Config {
     pub(crate) start_timeout: Option<Duration>,
     pub(crate) run_as: Option<RunAs>,
     pub(crate) pid_file: Option<PathBuf>,
+    pub(crate) control: Option<PathBuf>,
 }
 
 impl Config {
@@ -39,6 +40,7 @@ impl Config {
             start_timeout: Some(Duration::from_secs(60)),
             run_as: None,
             pid_file: None,
+            control: None,
         }
     }
 
@@ -112,6 +114,15 @@ impl Config {
     /// Ready, and removes it on a clean stop.
     pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Config {
         self.pid_file = Some(path.into());
+        self
+    }
+
+    /// Opens the control socket at `path` (docs/control.md): `status`,
+    /// `metrics`, and `scale`, `reload`, `upgrade` and `stop`, each answered
+    /// when done. Mode 0600; peers of another uid than the master's and
+    /// root's are refused. Removed when `run` returns.
+    pub fn control(mut self, path: impl Into<PathBuf>) -> Config {
+        self.control = Some(path.into());
         self
     }
 }

@@ -133,6 +133,7 @@ compile_error!(
 
 mod activation;
 mod config;
+mod control;
 mod error;
 mod hung;
 mod limits;
@@ -146,6 +147,7 @@ mod privileges;
 mod reap;
 mod signals;
 mod spawn;
+mod status;
 mod table;
 mod title;
 mod upgrade;

@@ -320,7 +320,7 @@ fn bind_tcp(addr: &str) -> Result<TcpListener, Error> {
 }
 
 /// Binds a Unix socket at `path`, after looking at what is there.
-fn bind_unix(addr: &str, path: &Path) -> Result<(Listener, Option<SocketFile>), Error> {
+pub(crate) fn bind_unix(addr: &str, path: &Path) -> Result<(Listener, Option<SocketFile>), Error> {
     let failed = |err: io::Error| Error::io(format!("binding {addr}"), err);
     let refuse = |kind, why: &str| failed(io::Error::new(kind, why));
     if path.as_os_str().is_empty() {
@@ -390,7 +390,7 @@ fn unix_listen_on(path: &Path) -> io::Result<UnixListener> {
     Ok(UnixListener::from(fd))
 }
 
-fn socket_file(path: &Path) -> io::Result<SocketFile> {
+pub(crate) fn socket_file(path: &Path) -> io::Result<SocketFile> {
     let meta = std::fs::symlink_metadata(path)?;
     Ok(SocketFile {
         path: path.to_path_buf(),

@@ -22,6 +22,7 @@
 //! backoff; a log pipe nobody reads fills a bounded buffer (logbuf.rs),
 //! written only when stderr is writable; a stray signal is a line.
 
+use crate::control::{self, ConnId, Control, Pending, Request};
 use crate::error::describe;
 use crate::hung::{self, Sample, Verdict};
 use crate::listen::{self, Listeners};
@@ -30,6 +31,7 @@ use crate::pidfile::PidFile;
 use crate::policy::{Backoff, Exceeded, RestartLimit};
 use crate::signals::{self, Signals, Signo};
 use crate::spawn::{self, ChildSetup, FdFloor, SpawnError};
+use crate::status::{self, Counters};
 use crate::table::{Event, Received, State, Table, Worker};
 use crate::upgrade::{self, AdoptedWorker, MasterState, Program, Upgrade};
 use crate::{limits, logbuf, reap};
@@ -50,6 +52,9 @@ const SIGNALS: Token = Token(0);
 /// How long a master about to re-execute waits for stderr to take the lines
 /// it holds: the new image starts with an empty queue.
 const LAST_LINES_BEFORE_EXEC: Duration = Duration::from_secs(1);
+/// How long a master about to exit or re-execute waits for control-socket
+/// peers to take their answers.
+const CONTROL_PATIENCE: Duration = Duration::from_millis(500);
 /// Stderr became writable: what the log buffer holds can go out.
 const LOG: Token = Token(1);
 
@@ -114,6 +119,11 @@ pub(crate) struct Master<W> {
     /// READY=1 was sent (and the pid file written) once the first workers
     /// were all Ready.
     ready_announced: bool,
+    /// The control socket (control.rs), if `--control` asked for one.
+    control: Option<Control>,
+    /// Exits by cause and requests served, for `metrics`.
+    counters: Counters,
+    started: Instant,
 }
 
 impl<W: FnMut(Handoff) -> i32> Master<W> {
@@ -185,7 +195,17 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             pid_file,
             notify: Notifier::from_env(),
             ready_announced: false,
+            control: None,
+            counters: Counters::default(),
+            started: Instant::now(),
         };
+        let handed_control = adopted.as_ref().and_then(|state| state.control);
+        if let Some(path) = master.config.control.clone() {
+            master.control = Some(match handed_control {
+                Some(fd) => Control::adopt(fd, &path, master.poll.registry())?,
+                None => Control::open(&path, master.poll.registry())?,
+            });
+        }
         if let Some(state) = adopted {
             master.adopt(state);
         }
@@ -255,15 +275,28 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 match event.token() {
                     SIGNALS => self.handle_signals()?,
                     LOG => {} // written at the top of every turn
+                    token if control::owns(token) => self.serve_control(token),
                     token => self.read_worker_messages(token),
                 }
             }
             self.enforce_deadlines();
             self.manage_workers();
             self.announce_when_ready();
+            self.answer_control();
         }
         self.pid_file.iter().for_each(PidFile::remove);
         info!("all workers stopped, master exiting");
+        if let Some(mut control) = self.control.take() {
+            let gave_up = self.gave_up.clone();
+            control.finish(
+                |pending| match (pending, &gave_up) {
+                    (Pending::Stop, None) => Ok("{\"stopped\":true}\n".to_owned()),
+                    (_, Some(reason)) => Err(format!("the master gave up: {reason}")),
+                    (_, None) => Err("the master stopped".to_owned()),
+                },
+                CONTROL_PATIENCE,
+            );
+        }
         match self.gave_up.take() {
             Some(reason) => Err(Error::GaveUp { reason }),
             None => Ok(()),
@@ -286,6 +319,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.backoff.next_deadline(now),
             self.next_hung_check,
             self.notify.next_watchdog(),
+            self.control.as_ref().and_then(Control::next_deadline),
         ]
         .into_iter()
         .flatten()
@@ -312,10 +346,14 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 libc::SIGCHLD => self.reap_children(),
                 libc::SIGTERM | libc::SIGQUIT => self.stop_gracefully(Some(signal)),
                 libc::SIGINT => self.stop_now(),
-                libc::SIGHUP => self.restart_every_worker(),
+                libc::SIGHUP => {
+                    let _ = self.restart_every_worker("received SIGHUP");
+                }
                 libc::SIGTTIN => self.change_target(1),
                 libc::SIGTTOU => self.change_target(-1),
-                libc::SIGUSR2 => self.upgrade_to_new_binary(),
+                libc::SIGUSR2 => {
+                    let _ = self.upgrade_to_new_binary("received SIGUSR2");
+                }
                 other => self.ignore_signal(other),
             }
         }
@@ -374,6 +412,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             // However it left, it proved its slot can hold a worker.
             self.backoff.lived(worker.slot);
         }
+        self.count_exit(&worker, lived);
         if !worker.state.counts() || self.stopping {
             // A retiring worker's replacement comes before its exit, even
             // when its Suicide and its SIGCHLD are read in the same turn.
@@ -384,6 +423,30 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         } else {
             self.plan_replacement(&worker, &how);
         }
+    }
+
+    /// For `metrics`: why it left, and what it served (read from its row
+    /// before a new worker takes the slot).
+    fn count_exit(&mut self, worker: &Worker, lived: Duration) {
+        let requests = self.scoreboard.read(worker.slot).map_or(0, |row| row.requests);
+        let c = &mut self.counters;
+        c.requests_of_the_gone += requests;
+        let panicked = worker
+            .last_words
+            .as_deref()
+            .is_some_and(|why| why.starts_with("panicked"));
+        let counter = if worker.hung {
+            &mut c.hung
+        } else if panicked {
+            &mut c.panicked
+        } else if !worker.state.counts() {
+            &mut c.retired
+        } else if !worker.was_ready || lived < self.config.min_uptime {
+            &mut c.failed_start
+        } else {
+            &mut c.died
+        };
+        *counter += 1;
     }
 
     /// A worker died without warning, or failed to start. A mature worker
@@ -487,6 +550,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// then a failed start), and every worker hung on one connection.
     fn enforce_deadlines(&mut self) {
         let now = Instant::now();
+        if let Some(control) = self.control.as_mut() {
+            control.expire(now, self.poll.registry());
+        }
         let (graceful, start_timeout) = (self.config.graceful_timeout, self.config.start_timeout);
         for worker in self.workers.iter_mut().filter(|w| !w.killed) {
             if worker.kill_at.is_some_and(|at| at <= now) {
@@ -542,6 +608,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                         hung::describe(worker.pid, &row, busy, worker.cpu_sample, now)
                     );
                     worker.state = worker.state.next(Event::Stop);
+                    worker.hung = true;
                     kill(worker);
                 }
             }
@@ -551,31 +618,32 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
 
     /// HUP: a rolling restart. Every worker of the current generation
     /// becomes outdated; `manage_workers` replaces them one at a time.
-    fn restart_every_worker(&mut self) {
+    /// `by` says who asked, to begin its lines: `received SIGHUP`, or
+    /// `control socket: reload`. Err: why nothing was done.
+    fn restart_every_worker(&mut self, by: &str) -> Result<(), String> {
         if self.stopping {
-            info!("received SIGHUP while stopping; ignored");
-            return;
+            info!("{by} while stopping; ignored");
+            return Err("the master is stopping".to_owned());
         }
         if self.upgrade.is_some() {
-            info!("received SIGHUP during an upgrade, which replaces every worker already; ignored");
-            return;
+            info!("{by} during an upgrade, which replaces every worker already; ignored");
+            return Err("an upgrade is under way, which replaces every worker already".to_owned());
         }
         if self.workers.counted() == 0 {
-            info!("received SIGHUP with no worker running; nothing to replace");
+            info!("{by} with no worker running; nothing to replace");
             // A reload that systemd waits for (notify-reload) ends at once.
             self.notify.reloading();
             self.notify.ready();
-            return;
+            return Ok(());
         } else if self.rolling {
-            info!(
-                "received SIGHUP during a rolling restart; every worker started before now will be replaced"
-            );
+            info!("{by} during a rolling restart; every worker started before now will be replaced");
         } else {
-            info!("received SIGHUP, replacing every worker, one at a time");
+            info!("{by}, replacing every worker, one at a time");
         }
         self.generation += 1;
         self.rolling = true;
         self.notify.reloading();
+        Ok(())
     }
 
     /// TTIN (+1) and TTOU (-1): one worker more or one fewer, never below 0.
@@ -818,38 +886,162 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             .filter_map(|w| w.pipe.as_ref().map(|p| p.as_raw_fd()))
             .filter(|&fd| fd < floor);
         let scoreboard = self.scoreboard.file().map(|fd| fd.as_raw_fd());
+        let control = self.control.as_ref().map_or(Vec::new(), Control::fds);
         [self.poll.as_raw_fd(), self.signals.as_raw_fd()]
             .into_iter()
             .chain(scoreboard)
+            .chain(control)
             .chain(logbuf::master_fd())
             .chain(self.notify.fd())
             .chain(low_pipes)
             .collect()
     }
 
+    /// An event of the control socket: connections, requests, room to write.
+    fn serve_control(&mut self, token: Token) {
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        for (conn, request) in control.on_event(token, self.poll.registry()) {
+            self.act_on_control(conn, request);
+        }
+    }
+
+    /// What a control request does: answered now, or kept waiting until
+    /// `answer_control` sees it done. Each request is its own: two scales in
+    /// a row are two changes, where two quick TTOUs may be read as one.
+    fn act_on_control(&mut self, conn: ConnId, request: Request) {
+        let answer_now: Option<Result<String, String>> = match request {
+            Request::Status => Some(Ok(status::json(&self.status_input()))),
+            Request::Metrics => Some(Ok(status::metrics(&self.status_input()))),
+            Request::Scale(n) => self.scale_to(n).err().map(Err),
+            Request::Reload => self.restart_every_worker("control socket: reload").err().map(Err),
+            Request::Upgrade => self
+                .upgrade_to_new_binary("control socket: upgrade")
+                .err()
+                .map(Err),
+            Request::Stop { now: true } => {
+                info!("control socket: stop now");
+                self.stop_now();
+                None
+            }
+            Request::Stop { now: false } => {
+                info!("control socket: stop");
+                self.stop_gracefully(None);
+                None
+            }
+        };
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        match (answer_now, pending_of(request)) {
+            (Some(answer), _) => control.reply(conn, answer, self.poll.registry()),
+            (None, Some(pending)) => control.wait(conn, pending),
+            (None, None) => {}
+        }
+        // Done already (a scale to the count there is): answered now.
+        self.answer_control();
+    }
+
+    /// `scale N`: N workers wanted, within what the master can hold.
+    fn scale_to(&mut self, n: usize) -> Result<(), String> {
+        if self.stopping {
+            return Err("the master is stopping".to_owned());
+        }
+        let (most, why) = self.most_workers();
+        if n > most {
+            info!("control socket: scale {n} refused: more than {why}");
+            return Err(format!("{n} workers would be more than {why}"));
+        }
+        self.target = n;
+        let plural = if n == 1 { "" } else { "s" };
+        info!("control socket: scale, {n} worker{plural} wanted");
+        Ok(())
+    }
+
+    /// Answers the control requests that are now done: a scale whose count
+    /// is all Ready, a reload whose rollout is over. Called at the end of
+    /// every turn, where changes are seen, never by waiting.
+    fn answer_control(&mut self) {
+        let Some(control) = self.control.as_ref() else {
+            return;
+        };
+        let waiting = control.waiting();
+        if waiting.is_empty() {
+            return;
+        }
+        let ready = self.workers.iter().filter(|w| w.state == State::Ready).count();
+        let settled = ready == self.target && self.workers.counted() == self.target;
+        let answers: Vec<(ConnId, Result<String, String>)> = waiting
+            .into_iter()
+            .filter_map(|(conn, pending)| {
+                let answer = match pending {
+                    Pending::Scale(n) if self.stopping => {
+                        Err(format!("the master is stopping; {n} were wanted"))
+                    }
+                    Pending::Scale(n) if self.target != n => {
+                        Err(format!("superseded: {} workers are wanted now", self.target))
+                    }
+                    Pending::Scale(n) if settled => Ok(format!("{{\"target\":{n},\"ready\":{ready}}}\n")),
+                    Pending::Reload if self.stopping => Err("the master is stopping".to_owned()),
+                    Pending::Reload if !self.rolling && settled => Ok(format!(
+                        "{{\"generation\":{},\"ready\":{ready}}}\n",
+                        self.generation
+                    )),
+                    Pending::Upgrade if self.stopping => Err("the master is stopping".to_owned()),
+                    _ => return None,
+                };
+                Some((conn, answer))
+            })
+            .collect();
+        if let Some(control) = self.control.as_mut() {
+            for (conn, answer) in answers {
+                control.reply(conn, answer, self.poll.registry());
+            }
+        }
+    }
+
+    /// The master's state, borrowed for a status snapshot.
+    fn status_input(&self) -> status::Input<'_> {
+        let now = Instant::now();
+        status::Input {
+            started: self.started,
+            target: self.target,
+            generation: self.generation,
+            stopping: self.stopping,
+            upgrading: self.upgrade.is_some(),
+            restarts_in_window: self.restarts.in_window(now),
+            restart_limit: self.config.max_restarts,
+            restart_window: self.config.restart_window,
+            backoff_slots: self.backoff.waiting(now).collect(),
+            listeners: &self.listeners,
+            workers: &self.workers,
+            scoreboard: &self.scoreboard,
+            counters: &self.counters,
+        }
+    }
+
     /// USR2: start the binary now on disk as new workers, one at a time as
     /// in a rolling restart; the master follows once all run it (see
     /// upgrade.rs for the steps and the way back).
-    fn upgrade_to_new_binary(&mut self) {
+    /// `by` as for `restart_every_worker`: `received SIGUSR2`, or
+    /// `control socket: upgrade`. Err: why it did not begin.
+    fn upgrade_to_new_binary(&mut self, by: &str) -> Result<(), String> {
         let path = self.program.path.display().to_string();
         if self.stopping {
-            info!("received SIGUSR2 while stopping; ignored");
-            return;
+            info!("{by} while stopping; ignored");
+            return Err("the master is stopping".to_owned());
         }
         if self.upgrade.is_some() {
-            info!(
-                "received SIGUSR2 during an upgrade to {path}; ignored (send it again once this one is done)"
-            );
-            return;
+            info!("{by} during an upgrade to {path}; ignored (send it again once this one is done)");
+            return Err(format!("an upgrade to {path} is under way"));
         }
         if let Err(err) = self.program.check() {
-            warn!(
-                "received SIGUSR2, but {path} cannot be executed ({}); the running version serves on",
-                describe(&err)
-            );
-            return;
+            let why = format!("{path} cannot be executed ({})", describe(&err));
+            warn!("{by}, but {why}; the running version serves on");
+            return Err(why);
         }
-        info!("received SIGUSR2, upgrading to {path}: each old worker stops once a new one is ready");
+        info!("{by}, upgrading to {path}: each old worker stops once a new one is ready");
         self.notify.reloading();
         self.generation += 1;
         self.rolling = true;
@@ -857,6 +1049,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             generation: self.generation,
             started: Instant::now(),
         });
+        Ok(())
     }
 
     /// Did a worker of the new binary die before it proved itself: before
@@ -883,6 +1076,17 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             failed.pid,
             failed.spawned_at.elapsed().as_secs_f64()
         );
+        if let Some(control) = self.control.as_mut() {
+            let why = format!(
+                "backed out: worker {} of the new binary exited ({how}) before it proved itself",
+                failed.pid
+            );
+            for (conn, pending) in control.waiting() {
+                if pending == Pending::Upgrade {
+                    control.reply(conn, Err(why.clone()), self.poll.registry());
+                }
+            }
+        }
         // The old workers become current again; those of the new binary are
         // outdated, and replaced one at a time like a rolling restart's.
         let current = self.generation + 1;
@@ -924,12 +1128,28 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 .scoreboard
                 .file()
                 .map(|fd| (fd.as_raw_fd(), self.scoreboard.rows())),
+            control: self.control.as_ref().map(Control::listener_fd),
             workers: self
                 .workers
                 .iter()
                 .map(|w| AdoptedWorker::of(w, w.pipe.as_ref().map(|p| p.as_raw_fd()), now))
                 .collect(),
         };
+        if let Some(control) = self.control.as_mut() {
+            // Its connections do not survive the exec (close-on-exec): answer
+            // them now; the new image opens the socket again.
+            let generation = self.generation;
+            control.finish(
+                |pending| match pending {
+                    Pending::Upgrade => Ok(format!(
+                        "{{\"generation\":{generation},\"path\":{}}}\n",
+                        status::string(&path)
+                    )),
+                    _ => Err("the master re-executes for an upgrade; ask again".to_owned()),
+                },
+                CONTROL_PATIENCE,
+            );
+        }
         logbuf::flush_before_exit(LAST_LINES_BEFORE_EXEC);
         let systemd = self.notify.for_successor();
         let err = upgrade::reexec_master(&self.program, &state, &self.listeners.fds(), &systemd);
@@ -1009,6 +1229,17 @@ fn ask_to_stop(worker: &mut Worker, graceful: Duration) {
 /// The lower of the two bounds on the target, and the words for it: what
 /// the open-file limit allows (`files`: so many workers, under that limit),
 /// and what respawn supports.
+/// What a request that is not answered at once waits for.
+fn pending_of(request: Request) -> Option<Pending> {
+    match request {
+        Request::Scale(n) => Some(Pending::Scale(n)),
+        Request::Reload => Some(Pending::Reload),
+        Request::Upgrade => Some(Pending::Upgrade),
+        Request::Stop { .. } => Some(Pending::Stop),
+        Request::Status | Request::Metrics => None,
+    }
+}
+
 fn the_most_workers(files: (usize, Option<u64>)) -> (usize, String) {
     match files {
         (most, Some(limit)) if most < MAX_WORKERS => (

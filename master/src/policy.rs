@@ -112,6 +112,14 @@ impl RestartLimit {
         }
     }
 
+    /// How many restarts lie within the window ending `now`.
+    pub(crate) fn in_window(&self, now: Instant) -> usize {
+        self.recent
+            .iter()
+            .filter(|&&at| now.saturating_duration_since(at) <= self.window)
+            .count()
+    }
+
     /// Records a restart at `now`; an error if it is one too many.
     pub(crate) fn record(&mut self, now: Instant) -> Result<(), Exceeded> {
         while self

@@ -86,6 +86,8 @@ pub(crate) struct Worker {
     pub killed: bool,
     /// Its CPU time, read while it was busy for half the hung timeout.
     pub cpu_sample: Option<Sample>,
+    /// It was killed as hung (for the exit's cause in `metrics`).
+    pub hung: bool,
     /// It said Ready once: from then on its death is not a failed start.
     pub was_ready: bool,
 }
@@ -105,6 +107,7 @@ impl Worker {
             kill_at: None,
             killed: false,
             cpu_sample: None,
+            hung: false,
             was_ready: false,
         }
     }

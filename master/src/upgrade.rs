@@ -226,6 +226,9 @@ pub(crate) struct MasterState {
     /// blocked, and would otherwise take that for the program's own).
     pub signal_mask: u64,
     pub scoreboard: Option<(RawFd, usize)>,
+    /// The control socket's listener, kept open so that no `respawn ctl`
+    /// is refused while the master re-executes.
+    pub control: Option<RawFd>,
     pub workers: Vec<AdoptedWorker>,
 }
 
@@ -279,8 +282,9 @@ impl MasterState {
             None => "-".to_owned(),
         };
         let workers: Vec<String> = self.workers.iter().map(encode_adopted).collect();
+        let control = self.control.map_or("-".to_owned(), |fd| fd.to_string());
         format!(
-            "{STATE_VERSION} target={} generation={} mask={:x} scoreboard={scoreboard} workers={}",
+            "{STATE_VERSION} target={} generation={} mask={:x} scoreboard={scoreboard} control={control} workers={}",
             self.target,
             self.generation,
             self.signal_mask,
@@ -304,6 +308,10 @@ impl MasterState {
                 Some((fd.parse().ok()?, rows.parse().ok()?))
             }
         };
+        let control = match value("control")? {
+            "-" => None,
+            fd => Some(fd.parse().ok()?),
+        };
         let workers = match value("workers")? {
             "" => Vec::new(),
             list => list.split(';').map(decode_adopted).collect::<Option<_>>()?,
@@ -313,6 +321,7 @@ impl MasterState {
             generation,
             signal_mask,
             scoreboard,
+            control,
             workers,
         })
     }
@@ -386,6 +395,7 @@ pub(crate) fn reexec_master(
         .copied()
         .chain(state.workers.iter().filter_map(|w| w.pipe))
         .chain(state.scoreboard.map(|(fd, _)| fd))
+        .chain(state.control)
         .collect();
     if let Err(err) = set_inherited(&kept, true) {
         let _ = set_inherited(&kept, false);
@@ -535,6 +545,7 @@ mod tests {
             generation: 7,
             signal_mask: 0x4002,
             scoreboard: Some((6, 8193)),
+            control: Some(9),
             workers: vec![
                 AdoptedWorker {
                     pid: 1234,
@@ -566,15 +577,16 @@ mod tests {
             generation: 0,
             signal_mask: 0,
             scoreboard: None,
+            control: None,
             workers: Vec::new(),
         };
         assert_eq!(MasterState::decode(&none.encode()), Some(none));
         for garbage in [
             "",
-            "v2 target=1 generation=0 mask=0 scoreboard=- workers=",
-            "v1 target=x generation=0 mask=0 scoreboard=- workers=",
-            "v1 target=1 generation=0 mask=0 scoreboard=- workers=1/2/3",
-            "v1 target=1 generation=0 mask=0 scoreboard=- workers=0/0/-/0/ready/1/0/-/0",
+            "v2 target=1 generation=0 mask=0 scoreboard=- control=- workers=",
+            "v1 target=x generation=0 mask=0 scoreboard=- control=- workers=",
+            "v1 target=1 generation=0 mask=0 scoreboard=- control=- workers=1/2/3",
+            "v1 target=1 generation=0 mask=0 scoreboard=- control=x workers=",
         ] {
             assert_eq!(MasterState::decode(garbage), None, "{garbage:?}");
         }

@@ -18,7 +18,7 @@ usage: respawn [-w N] [-l HOST:PORT|unix:PATH]... [--listen-mode OCTAL]
        [--graceful-timeout SECS] [-t SECS]
        [--start-timeout SECS] [--max-requests N] [--max-requests-jitter J]
        [--max-restarts R] [--restart-window SECS] [--min-uptime SECS]
-       [--user NAME] [--group NAME] [--pid-file PATH]
+       [--user NAME] [--group NAME] [--pid-file PATH] [--control PATH]
        [--log-format text|json]
        [--demo-fail-start | --demo-hang-start | --demo-bad-ipc]
        [-h|--help] [-V|--version]";
@@ -45,6 +45,7 @@ usage: respawn [flags]         SECS may have a fraction; defaults in [brackets]
       --user NAME              workers run as NAME (and its group); needs root
       --group NAME             workers run with group NAME
       --pid-file PATH          the master's pid, written once workers are ready
+      --control PATH           a control socket for `respawn ctl PATH ...`
       --log-format FORMAT      text, or json: one object per line [text]
       --demo-fail-start        every worker panics before Ready: a crash loop
       --demo-hang-start        every worker hangs before Ready (--start-timeout)
@@ -142,6 +143,8 @@ pub struct Args {
     pub user: Option<String>,
     pub group: Option<String>,
     pub pid_file: Option<PathBuf>,
+    /// The control socket (docs/control.md).
+    pub control: Option<PathBuf>,
     pub log_format: Format,
 }
 
@@ -172,6 +175,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         user: None,
         group: None,
         pid_file: None,
+        control: None,
         log_format: Format::Text,
     };
     let mut parser = lexopt::Parser::from_args(argv);
@@ -198,6 +202,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
             Long("user") => args.user = Some(text(&mut parser, "--user")?),
             Long("group") => args.group = Some(text(&mut parser, "--group")?),
             Long("pid-file") => args.pid_file = Some(parser.value()?.into()),
+            Long("control") => args.control = Some(parser.value()?.into()),
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             _ => return Err(arg.unexpected()),

@@ -93,6 +93,10 @@ fn serve(args: &Args) -> i32 {
         Some(path) => config.pid_file(path),
         None => config,
     };
+    let config = match &args.control {
+        Some(path) => config.control(path),
+        None => config,
+    };
     let worker = respawn_worker::Config::new().max_requests(args.max_requests, args.max_requests_jitter);
     let start = match (args.demo_fail_start, args.demo_hang_start) {
         (true, _) => http::Start::Fail,
