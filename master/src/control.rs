@@ -425,6 +425,35 @@ impl Conn {
     }
 }
 
+/// Asks the master whose control socket is at `path` (see
+/// [`crate::Config::control`]) and returns the body of its answer: what
+/// `respawn ctl` does, for a program that serves the status from an admin
+/// endpoint of its own. It blocks its caller (a worker, say) until the
+/// answer comes, which for `scale`, `reload`, `upgrade` and `stop` is when
+/// that is done; `timeout` bounds each read and write. An `error` answer
+/// is an `Err` whose text is the master's reason.
+pub fn ask_control(path: &Path, request: &str, timeout: Option<Duration>) -> io::Result<String> {
+    let mut conn = UnixStream::connect(path)?;
+    conn.set_read_timeout(timeout)?;
+    conn.set_write_timeout(timeout)?;
+    conn.write_all(format!("{}\n", request.trim()).as_bytes())?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    let greeting = format!("respawn-control {VERSION}\n");
+    let Some(rest) = answer.strip_prefix(&greeting) else {
+        let first = answer.lines().next().unwrap_or("");
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the control socket greeted {first:?}, not {:?}", greeting.trim()),
+        ));
+    };
+    if let Some(body) = rest.strip_prefix("ok\n") {
+        return Ok(body.to_owned());
+    }
+    let why = rest.strip_prefix("error ").unwrap_or(rest).trim();
+    Err(io::Error::other(why.to_owned()))
+}
+
 /// A request line: `status`, `metrics`, `scale N`, `reload`, `upgrade`,
 /// `stop`, `stop now`.
 fn parse(line: &str) -> Result<Request, String> {
@@ -468,6 +497,30 @@ mod tests {
             "{err}"
         );
         assert!(parse("").is_err());
+    }
+
+    #[test]
+    fn ask_control_takes_the_body_or_the_reason() {
+        let dir = std::env::temp_dir().join(format!("respawn-ask-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("s");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("binding");
+        let server = std::thread::spawn(move || {
+            for answer in ["respawn-control 1\nok\n{}\n", "respawn-control 1\nerror no\n", "hello\n"] {
+                let (mut conn, _) = listener.accept().expect("accepting");
+                let mut line = [0u8; 16];
+                let _ = conn.read(&mut line);
+                conn.write_all(answer.as_bytes()).expect("answering");
+            }
+        });
+        let timeout = Some(Duration::from_secs(5));
+        assert_eq!(ask_control(&path, "status", timeout).expect("an ok answer"), "{}\n");
+        assert_eq!(ask_control(&path, "reload", timeout).unwrap_err().to_string(), "no");
+        let err = ask_control(&path, "status", timeout).unwrap_err().to_string();
+        assert_eq!(err, "the control socket greeted \"hello\", not \"respawn-control 1\"");
+        server.join().expect("the server");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

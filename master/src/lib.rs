@@ -107,6 +107,8 @@
 //! - It sets its process title (`respawn: master, 4 workers, generation 3,
 //!   127.0.0.1:8080`, see [`set_title`]) and comm (`respawn master`), and
 //!   each worker's (`respawn: worker 2`); argv itself is left untouched.
+//! - With [`Config::control`], it serves a control socket (docs/control.md)
+//!   from its loop; [`ask_control`] is its client.
 //! - On SIGUSR2 it executes a program (see above), passing `RESPAWN_WORKER`,
 //!   `RESPAWN_MASTER_STATE`, `RESPAWN_MASTER_PATH` and `RESPAWN_LISTEN_FDS`
 //!   in the environment; each is read and unset by the program it is for.
@@ -154,6 +156,7 @@ mod upgrade;
 
 pub use activation::{inherited_listeners, HandedBy, Inherited};
 pub use config::Config;
+pub use control::ask_control;
 pub use error::Error;
 pub use listen::{bind, bind_all, Listeners, Listening, Origin};
 pub use logbuf::{log_writer, LogWriter};
