@@ -732,18 +732,26 @@ fn worker_table(status: &Status, previous: &Samples, width: usize) -> Vec<String
 }
 
 /// What a worker is doing now, in `room` columns: the request line it
-/// serves and for whom, or `-` when idle. The peer is kept whole when there
-/// is room for it and some of the request, and the request line is cut at
-/// its end (its method and path are what tell requests apart).
+/// serves and for whom, or `-` when idle. When that is too long, the HTTP
+/// version goes first (it rarely tells requests apart), then the request
+/// line is cut at its end, keeping the peer whole while there is room for
+/// it and some of the request (the method and path come first).
 fn doing(worker: &Worker, room: usize) -> String {
     let Some(request) = &worker.request else {
         return cut("-", room);
     };
     let request = printable(request, 4096);
-    let Some(peer) = &worker.peer else {
-        return cut(&request, room);
+    let suffix = match &worker.peer {
+        Some(peer) => format!(" from {}", printable(peer, 100)),
+        None => String::new(),
     };
-    let suffix = format!(" from {}", printable(peer, 100));
+    if request.len() + suffix.len() <= room {
+        return format!("{request}{suffix}");
+    }
+    let request = match request.rsplit_once(" HTTP/") {
+        Some((method_and_target, _)) => method_and_target.to_owned(),
+        None => request,
+    };
     if request.len() + suffix.len() <= room {
         return format!("{request}{suffix}");
     }
@@ -867,19 +875,21 @@ listen unix:/run/app.sock  queued - / backlog -
             peer: peer.map(str::to_owned),
             ..Worker::default()
         };
+        // Too long: the version goes first, then the end of the target.
+        assert_eq!(
+            doing(&busy("GET /a HTTP/1.1", Some("[::1]:5")), 24),
+            "GET /a from [::1]:5"
+        );
+        assert_eq!(
+            doing(&busy("GET /abcdefghijklmnop HTTP/1.1", None), 20),
+            "GET /abcdefghijkl..."
+        );
+        assert_eq!(
+            doing(&busy("GET /abcdefghijklmnop HTTP/1.1", Some("[::1]:5")), 32),
+            "GET /abcdefghijk... from [::1]:5"
+        );
         // Too narrow for the peer and some of the request: the request.
-        assert_eq!(
-            doing(&busy("GET / HTTP/1.1", Some("[::1]:50312")), 20),
-            "GET / HTTP/1.1"
-        );
-        assert_eq!(
-            doing(&busy("GET /abcdefghijkl HTTP/1.1", Some("[::1]:5")), 20),
-            "GET /abcdefghijkl..."
-        );
-        assert_eq!(
-            doing(&busy("GET /abcdefghijkl HTTP/1.1", None), 20),
-            "GET /abcdefghijkl..."
-        );
+        assert_eq!(doing(&busy("GET / HTTP/1.1", Some("[::1]:50312")), 20), "GET /");
         assert_eq!(
             doing(&busy("GET / HTTP/1.1", Some("[::1]:5")), 30),
             "GET / HTTP/1.1 from [::1]:5"
