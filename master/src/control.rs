@@ -507,7 +507,11 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).expect("binding");
         let server = std::thread::spawn(move || {
-            for answer in ["respawn-control 1\nok\n{}\n", "respawn-control 1\nerror no\n", "hello\n"] {
+            for answer in [
+                "respawn-control 1\nok\n{}\n",
+                "respawn-control 1\nerror no\n",
+                "hello\n",
+            ] {
                 let (mut conn, _) = listener.accept().expect("accepting");
                 let mut line = [0u8; 16];
                 let _ = conn.read(&mut line);
@@ -515,10 +519,19 @@ mod tests {
             }
         });
         let timeout = Some(Duration::from_secs(5));
-        assert_eq!(ask_control(&path, "status", timeout).expect("an ok answer"), "{}\n");
-        assert_eq!(ask_control(&path, "reload", timeout).unwrap_err().to_string(), "no");
+        assert_eq!(
+            ask_control(&path, "status", timeout).expect("an ok answer"),
+            "{}\n"
+        );
+        assert_eq!(
+            ask_control(&path, "reload", timeout).unwrap_err().to_string(),
+            "no"
+        );
         let err = ask_control(&path, "status", timeout).unwrap_err().to_string();
-        assert_eq!(err, "the control socket greeted \"hello\", not \"respawn-control 1\"");
+        assert_eq!(
+            err,
+            "the control socket greeted \"hello\", not \"respawn-control 1\""
+        );
         server.join().expect("the server");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -6,6 +6,7 @@
 //! would ask for terabytes up front). A value out of range, or one that does
 //! not parse, gets one line that names the flag and its range, and exit 2.
 
+use crate::ctl::{Command, Ctl};
 use crate::logfmt::Format;
 use lexopt::prelude::*;
 use std::ffi::OsString;
@@ -21,7 +22,8 @@ usage: respawn [-w N] [-l HOST:PORT|unix:PATH]... [--listen-mode OCTAL]
        [--user NAME] [--group NAME] [--pid-file PATH] [--control PATH]
        [--log-format text|json]
        [--demo-fail-start | --demo-hang-start | --demo-bad-ipc]
-       [-h|--help] [-V|--version]";
+       [-h|--help] [-V|--version]
+   or: respawn ctl PATH COMMAND  (respawn ctl --help)";
 
 /// At most 80 columns and 40 lines, so that it reads whole in a terminal
 /// (a test checks). The ranges are the constants below (a test checks that
@@ -58,6 +60,8 @@ routes: GET /     which worker answered   GET /crash     the handler panics
 signals: TERM, QUIT stop gracefully, INT at once, HUP replaces every worker,
          TTIN adds a worker, TTOU removes one, USR2 upgrades to the binary
          now on disk (backs out if it fails).  RUST_LOG=debug logs more.
+control: respawn ctl PATH status [--json] [--watch] | metrics | scale N
+         | reload | upgrade | stop [--now]   ('respawn ctl --help' says more)
 exit: 0 stopped, 1 failed (cannot bind...), 2 bad flag, 3 gave up
 ";
 
@@ -339,6 +343,75 @@ fn is_host_name(host: &str) -> bool {
     labels_ok && (!numeric || host.parse::<Ipv4Addr>().is_ok())
 }
 
+/// What `respawn ctl ...` asks for.
+#[derive(Debug, PartialEq)]
+pub enum CtlParsed {
+    Run(Ctl),
+    Help,
+}
+
+/// `respawn ctl PATH COMMAND [N] [FLAGS]`: the words after `ctl`. It is a
+/// subcommand, parsed before the master's flags (main.rs looks at the first
+/// word), so `respawn ctl ...` never starts a master. Flags may come
+/// anywhere, but only with the command they belong to.
+pub fn parse_ctl(argv: impl IntoIterator<Item = OsString>) -> Result<CtlParsed, lexopt::Error> {
+    let mut words = Vec::new();
+    let (mut json, mut watch, mut now) = (false, false, false);
+    let mut parser = lexopt::Parser::from_args(argv);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => return Ok(CtlParsed::Help),
+            Long("json") => json = true,
+            Long("watch") => watch = true,
+            Long("now") => now = true,
+            Value(word) => words.push(word),
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    let mut words = words.into_iter();
+    let (Some(path), Some(command)) = (words.next(), words.next()) else {
+        return Err("a PATH (the master's --control) and a COMMAND are needed".into());
+    };
+    let command = command.to_string_lossy().into_owned();
+    let argument = words.next().map(|word| word.to_string_lossy().into_owned());
+    if let Some(extra) = words.next() {
+        return Err(format!("{:?}: one word too many", extra.to_string_lossy()).into());
+    }
+    let command = match (command.as_str(), argument) {
+        ("status", None) => Command::Status { json, watch },
+        ("scale", Some(n)) => match n.parse::<u64>() {
+            Ok(n) => Command::Scale(n),
+            Err(_) => return Err(format!("scale: {n:?} is not a whole number of workers").into()),
+        },
+        ("scale", None) => return Err("scale: how many workers? (scale N)".into()),
+        ("metrics", None) => Command::Metrics,
+        ("reload", None) => Command::Reload,
+        ("upgrade", None) => Command::Upgrade,
+        ("stop", None) => Command::Stop { now },
+        ("status" | "metrics" | "reload" | "upgrade" | "stop", Some(extra)) => {
+            return Err(format!("{command}: {extra:?} is one word too many").into())
+        }
+        _ => {
+            return Err(format!(
+                "{command:?} is not a command: status, metrics, scale N, reload, upgrade, stop"
+            )
+            .into())
+        }
+    };
+    let status = matches!(command, Command::Status { .. });
+    if (json || watch) && !status {
+        let flag = if json { "--json" } else { "--watch" };
+        return Err(format!("{flag} goes with status only").into());
+    }
+    if now && !matches!(command, Command::Stop { .. }) {
+        return Err("--now goes with stop only".into());
+    }
+    Ok(CtlParsed::Run(Ctl {
+        path: path.into(),
+        command,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -557,5 +630,86 @@ mod tests {
             argv.extend(["--listen", one]);
         }
         assert_eq!(err(&argv), "--listen: at most 64 listeners");
+    }
+}
+
+#[cfg(test)]
+mod ctl_tests {
+    use super::*;
+
+    fn ctl(args: &[&str]) -> Result<CtlParsed, String> {
+        parse_ctl(args.iter().map(OsString::from)).map_err(|e| e.to_string())
+    }
+
+    fn run(path: &str, command: Command) -> Result<CtlParsed, String> {
+        Ok(CtlParsed::Run(Ctl {
+            path: path.into(),
+            command,
+        }))
+    }
+
+    #[test]
+    fn every_command_parses_with_its_flags() {
+        let status = |json, watch| Command::Status { json, watch };
+        assert_eq!(
+            ctl(&["/run/r.ctl", "status"]),
+            run("/run/r.ctl", status(false, false))
+        );
+        assert_eq!(ctl(&["p", "status", "--json"]), run("p", status(true, false)));
+        assert_eq!(ctl(&["--watch", "p", "status"]), run("p", status(false, true)));
+        assert_eq!(ctl(&["p", "metrics"]), run("p", Command::Metrics));
+        assert_eq!(ctl(&["p", "scale", "5"]), run("p", Command::Scale(5)));
+        assert_eq!(ctl(&["p", "scale", "0"]), run("p", Command::Scale(0)));
+        assert_eq!(ctl(&["p", "reload"]), run("p", Command::Reload));
+        assert_eq!(ctl(&["p", "upgrade"]), run("p", Command::Upgrade));
+        assert_eq!(ctl(&["p", "stop"]), run("p", Command::Stop { now: false }));
+        assert_eq!(
+            ctl(&["p", "stop", "--now"]),
+            run("p", Command::Stop { now: true })
+        );
+        assert_eq!(ctl(&["--help"]), Ok(CtlParsed::Help));
+        assert_eq!(ctl(&["p", "status", "-h"]), Ok(CtlParsed::Help));
+    }
+
+    #[test]
+    fn bad_usage_says_what_is_wrong() {
+        for (args, said) in [
+            (
+                &[][..],
+                "a PATH (the master's --control) and a COMMAND are needed",
+            ),
+            (
+                &["p"][..],
+                "a PATH (the master's --control) and a COMMAND are needed",
+            ),
+            (
+                &["p", "restart"][..],
+                "\"restart\" is not a command: status, metrics, scale N, reload, upgrade, stop",
+            ),
+            (&["p", "scale"][..], "scale: how many workers? (scale N)"),
+            (&["p", "scale", "-1"][..], "invalid option '-1'"),
+            (
+                &["p", "scale", "five"][..],
+                "scale: \"five\" is not a whole number of workers",
+            ),
+            (&["p", "scale", "5", "6"][..], "\"6\": one word too many"),
+            (
+                &["p", "reload", "now"][..],
+                "reload: \"now\" is one word too many",
+            ),
+            (&["p", "metrics", "--json"][..], "--json goes with status only"),
+            (&["p", "stop", "--watch"][..], "--watch goes with status only"),
+            (&["p", "reload", "--now"][..], "--now goes with stop only"),
+            (&["p", "status", "--all"][..], "invalid option '--all'"),
+        ] {
+            assert_eq!(ctl(args).err().as_deref(), Some(said), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn the_help_fits_80_columns() {
+        for line in crate::ctl::HELP.lines().chain(crate::ctl::USAGE.lines()) {
+            assert!(line.len() <= 80, "{line:?}");
+        }
     }
 }

@@ -11,6 +11,7 @@
 //! documented exit code, not 101.
 
 mod args;
+mod ctl;
 mod http;
 mod logfmt;
 
@@ -31,7 +32,12 @@ const EXIT_BAD_FLAG: i32 = 2;
 const EXIT_GAVE_UP: i32 = 3;
 
 fn main() {
-    let args = match args::parse(std::env::args_os().skip(1)) {
+    let mut argv = std::env::args_os().skip(1).peekable();
+    // A subcommand, before any master flag: `respawn ctl ...` is a client.
+    if argv.next_if(|word| word == "ctl").is_some() {
+        exit(ctl(argv));
+    }
+    let args = match args::parse(argv) {
         Ok(Parsed::Run(args)) => args,
         Ok(Parsed::Help) => exit(print(args::HELP)),
         Ok(Parsed::Version) => exit(print(&format!("respawn {}\n", env!("CARGO_PKG_VERSION")))),
@@ -48,6 +54,28 @@ fn main() {
     // Whatever the log path still holds goes out before the process does.
     log::logger().flush();
     exit(code);
+}
+
+/// `respawn ctl PATH COMMAND`: asks a running master (ctl.rs); the exit
+/// code: 0 done, 1 refused or unreachable, 2 bad usage.
+fn ctl(argv: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
+    match args::parse_ctl(argv) {
+        Ok(args::CtlParsed::Run(ctl)) => match ctl::run(&ctl) {
+            Ok(()) => 0,
+            Err(reason) => {
+                say(&format!("respawn ctl: {reason}\n"));
+                EXIT_FAILED
+            }
+        },
+        Ok(args::CtlParsed::Help) => print(ctl::HELP),
+        Err(err) => {
+            say(&format!(
+                "respawn ctl: {err}\n{}\n'respawn ctl --help' says what each command does\n",
+                ctl::USAGE
+            ));
+            EXIT_BAD_FLAG
+        }
+    }
 }
 
 fn serve(args: &Args) -> i32 {
