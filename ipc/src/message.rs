@@ -4,10 +4,16 @@
 //!
 //! ```text
 //! byte 0     version (1)
-//! byte 1     kind: 1 = Ready, 2 = Suicide
+//! byte 1     kind: 1 = Ready, 2 = Suicide, 3 = Busy, 4 = Idle
 //! bytes 2-3  payload length, u16 little-endian, at most MAX_REASON
-//! payload    Ready: empty; Suicide: the reason, UTF-8
+//! payload    Ready, Idle: empty; Suicide: the reason; Busy: what starts
+//!            (`GET / HTTP/1.1 from 127.0.0.1:5555`); UTF-8
 //! ```
+//!
+//! Busy and Idle are for workers that cannot write the scoreboard (a
+//! program in another language, started by `respawn -- CMD`): the master
+//! writes their row for them. docs/protocol.md is the contract for
+//! implementers in other languages.
 //!
 //! Every frame fits in [`MAX_FRAME`] bytes, far below `PIPE_BUF` (4096 on
 //! Linux), so one `write(2)` puts a whole frame in the pipe or none of it.
@@ -30,6 +36,8 @@ const _: () = assert!(MAX_FRAME <= libc::PIPE_BUF);
 
 const KIND_READY: u8 = 1;
 const KIND_SUICIDE: u8 = 2;
+const KIND_BUSY: u8 = 3;
+const KIND_IDLE: u8 = 4;
 
 /// What a worker tells its master.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +47,11 @@ pub enum Message {
     /// The worker will not serve again (it panicked, say): replace it now.
     /// It finishes what it holds and exits on its own.
     Suicide { reason: String },
+    /// A request started (`what`: its line and peer, for the log). A worker
+    /// that serves several at once says it at each start.
+    Busy { what: String },
+    /// Nothing is in flight any more.
+    Idle,
 }
 
 impl Message {
@@ -56,15 +69,16 @@ impl Message {
             len: HEADER_LEN,
         };
         frame.bytes[0] = VERSION;
-        match self {
-            Message::Ready => frame.bytes[1] = KIND_READY,
-            Message::Suicide { reason } => {
-                let reason = truncate(reason, MAX_REASON).as_bytes();
-                frame.bytes[1] = KIND_SUICIDE;
-                frame.bytes[HEADER_LEN..HEADER_LEN + reason.len()].copy_from_slice(reason);
-                frame.len += reason.len();
-            }
-        }
+        let (kind, text) = match self {
+            Message::Ready => (KIND_READY, ""),
+            Message::Suicide { reason } => (KIND_SUICIDE, reason.as_str()),
+            Message::Busy { what } => (KIND_BUSY, what.as_str()),
+            Message::Idle => (KIND_IDLE, ""),
+        };
+        let text = truncate(text, MAX_REASON).as_bytes();
+        frame.bytes[1] = kind;
+        frame.bytes[HEADER_LEN..HEADER_LEN + text.len()].copy_from_slice(text);
+        frame.len += text.len();
         let payload = (frame.len - HEADER_LEN) as u16;
         frame.bytes[2..4].copy_from_slice(&payload.to_le_bytes());
         frame
@@ -120,7 +134,7 @@ pub fn decode(bytes: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
         }
     }
     if let Some(&kind) = bytes.get(1) {
-        if kind != KIND_READY && kind != KIND_SUICIDE {
+        if !(KIND_READY..=KIND_IDLE).contains(&kind) {
             return Err(DecodeError::Kind(kind));
         }
     }
@@ -130,7 +144,7 @@ pub fn decode(bytes: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
     let kind = bytes[1];
     let len = u16::from_le_bytes([bytes[2], bytes[3]]) as usize;
     let allowed = match kind {
-        KIND_READY => len == 0,
+        KIND_READY | KIND_IDLE => len == 0,
         _ => len <= MAX_REASON,
     };
     if !allowed {
@@ -139,14 +153,16 @@ pub fn decode(bytes: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
     let Some(payload) = bytes.get(HEADER_LEN..HEADER_LEN + len) else {
         return Ok(None);
     };
+    let text = || {
+        std::str::from_utf8(payload)
+            .map(str::to_owned)
+            .map_err(|_| DecodeError::Utf8)
+    };
     let message = match kind {
         KIND_READY => Message::Ready,
-        _ => {
-            let reason = std::str::from_utf8(payload).map_err(|_| DecodeError::Utf8)?;
-            Message::Suicide {
-                reason: reason.to_owned(),
-            }
-        }
+        KIND_IDLE => Message::Idle,
+        KIND_BUSY => Message::Busy { what: text()? },
+        _ => Message::Suicide { reason: text()? },
     };
     Ok(Some((message, HEADER_LEN + len)))
 }
@@ -243,10 +259,23 @@ mod tests {
             suicide(""),
             suicide("panicked: boom"),
             suicide("é"),
+            Message::Busy {
+                what: "GET / HTTP/1.1 from 127.0.0.1:5555".to_owned(),
+            },
+            Message::Busy { what: String::new() },
+            Message::Idle,
         ] {
             let frame = message.encode();
             assert_eq!(decode(&frame), Ok(Some((message.clone(), frame.len()))));
         }
+    }
+
+    #[test]
+    fn the_exact_bytes_of_busy_and_idle_as_docs_protocol_md_gives_them() {
+        assert_eq!(&*Message::Idle.encode(), &[1, 4, 0, 0]);
+        assert_eq!(&*Message::Busy { what: "GET /".to_owned() }.encode(), b"\x01\x03\x05\x00GET /");
+        assert_eq!(decode(&[1, 4, 1, 0, b'x']), Err(DecodeError::Length { kind: 4, len: 1 }));
+        assert_eq!(decode(&[1, 5]), Err(DecodeError::Kind(5)));
     }
 
     #[test]

@@ -399,7 +399,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         // Its last words: a Suicide written just before it exited may still
         // be in the pipe, and tells why it went. It is reaped: whatever the
         // pipe holds, nothing may signal its pid now (it may be reused).
-        if let Some(err) = read_messages(self.poll.registry(), &mut worker, self.config.graceful_timeout) {
+        if let Some(err) = read_messages(
+            self.poll.registry(),
+            &self.scoreboard,
+            &mut worker,
+            self.config.graceful_timeout,
+        ) {
             debug!("worker {pid} left malformed ipc behind ({err})");
         }
         close_pipe(self.poll.registry(), &mut worker);
@@ -495,7 +500,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         let Some(worker) = self.workers.by_token(token) else {
             return;
         };
-        if let Some(err) = read_messages(self.poll.registry(), worker, graceful) {
+        if let Some(err) = read_messages(self.poll.registry(), &self.scoreboard, worker, graceful) {
             match worker.state {
                 State::Retiring => debug!("worker {} sent malformed ipc ({err}) while retiring", worker.pid),
                 _ => warn!("worker {} sent malformed ipc ({err}); replacing it", worker.pid),
@@ -1173,10 +1178,15 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
 /// Reads and acts on every message in a worker's pipe, until it would block.
 /// Garbage closes the pipe and is returned: the caller decides whether the
 /// worker is still there to be signalled.
-fn read_messages(registry: &Registry, worker: &mut Worker, graceful: Duration) -> Option<DecodeError> {
+fn read_messages(
+    registry: &Registry,
+    board: &Scoreboard,
+    worker: &mut Worker,
+    graceful: Duration,
+) -> Option<DecodeError> {
     loop {
         match worker.receive() {
-            Received::Message(message) => on_message(worker, message, graceful),
+            Received::Message(message) => on_message(worker, message, graceful, board),
             Received::Nothing => return None,
             Received::Closed => {
                 close_pipe(registry, worker);
@@ -1195,7 +1205,7 @@ fn read_messages(registry: &Registry, worker: &mut Worker, graceful: Duration) -
     }
 }
 
-fn on_message(worker: &mut Worker, message: Message, graceful: Duration) {
+fn on_message(worker: &mut Worker, message: Message, graceful: Duration, board: &Scoreboard) {
     let pid = worker.pid;
     match message {
         Message::Ready => {
@@ -1217,6 +1227,28 @@ fn on_message(worker: &mut Worker, message: Message, graceful: Duration) {
             // It leaves on its own, but not later than a stopped one would.
             worker.kill_at.get_or_insert(Instant::now() + graceful);
         }
+        // A worker that cannot write the scoreboard (another language's)
+        // marks its requests; the master writes its row. Each Busy starts a
+        // new "current request", so a worker that serves many at once is
+        // found hung only when it starts none for the whole timeout: its
+        // event loop is stuck, or every request it holds is.
+        Message::Busy { what } => {
+            if let Some(row) = board.writer(worker.slot) {
+                if board.read(worker.slot).is_some_and(|r| r.busy_since.is_some()) {
+                    row.end();
+                }
+                let (request, peer) = what.rsplit_once(" from ").unwrap_or((what.as_str(), ""));
+                row.begin(&peer);
+                row.note_request(request.as_bytes());
+            }
+        }
+        Message::Idle => {
+            if let Some(row) = board.writer(worker.slot) {
+                if board.read(worker.slot).is_some_and(|r| r.busy_since.is_some()) {
+                    row.end();
+                }
+            }
+        }
     }
 }
 
@@ -1226,9 +1258,6 @@ fn ask_to_stop(worker: &mut Worker, graceful: Duration) {
     terminate(worker, graceful);
 }
 
-/// The lower of the two bounds on the target, and the words for it: what
-/// the open-file limit allows (`files`: so many workers, under that limit),
-/// and what respawn supports.
 /// What a request that is not answered at once waits for.
 fn pending_of(request: Request) -> Option<Pending> {
     match request {
@@ -1240,6 +1269,9 @@ fn pending_of(request: Request) -> Option<Pending> {
     }
 }
 
+/// The lower of the two bounds on the target, and the words for it: what
+/// the open-file limit allows (`files`: so many workers, under that limit),
+/// and what respawn supports.
 fn the_most_workers(files: (usize, Option<u64>)) -> (usize, String) {
     match files {
         (most, Some(limit)) if most < MAX_WORKERS => (

@@ -467,7 +467,7 @@ fn join(fds: &[RawFd]) -> String {
 
 /// execve(2) with this process's environment, `ours` replacing any
 /// variable of the same name. Returns only on failure.
-fn execute(program: &Program, ours: &[(String, String)]) -> io::Error {
+pub(crate) fn execute(program: &Program, ours: &[(String, String)]) -> io::Error {
     let Some(path) = c_string(program.path.as_os_str()) else {
         return io::Error::new(io::ErrorKind::InvalidInput, "the program's path holds a NUL byte");
     };

@@ -149,6 +149,10 @@ pub struct Args {
     pub pid_file: Option<PathBuf>,
     /// The control socket (docs/control.md).
     pub control: Option<PathBuf>,
+    /// `-- CMD [ARGS...]`: each worker executes it (docs/protocol.md).
+    pub command: Vec<std::ffi::OsString>,
+    /// `--ready-on-exec`: CMD does not speak the channel.
+    pub ready_on_exec: bool,
     pub log_format: Format,
 }
 
@@ -180,6 +184,8 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         group: None,
         pid_file: None,
         control: None,
+        command: Vec::new(),
+        ready_on_exec: false,
         log_format: Format::Text,
     };
     let mut parser = lexopt::Parser::from_args(argv);
@@ -207,6 +213,12 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
             Long("group") => args.group = Some(text(&mut parser, "--group")?),
             Long("pid-file") => args.pid_file = Some(parser.value()?.into()),
             Long("control") => args.control = Some(parser.value()?.into()),
+            Long("ready-on-exec") => args.ready_on_exec = true,
+            // After `--`, everything is the command and its arguments.
+            Value(command) => {
+                args.command.push(command);
+                args.command.extend(parser.raw_args()?);
+            }
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             _ => return Err(arg.unexpected()),
@@ -223,6 +235,9 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         return Err(
             "--demo-fail-start, --demo-hang-start and --demo-bad-ipc exclude each other: pick one".into(),
         );
+    }
+    if args.ready_on_exec && args.command.is_empty() {
+        return Err("--ready-on-exec: only with a command to run (respawn [flags] -- CMD [ARGS...])".into());
     }
     Ok(Parsed::Run(args))
 }

@@ -96,6 +96,20 @@ fn serve(args: &Args) -> i32 {
             }
         },
     };
+    // A program that cannot run is said now, not found out in a crash loop.
+    let exec = match args.command.split_first() {
+        None => None,
+        Some((command, rest)) => match respawn_master::Exec::new(command, rest.iter().cloned()) {
+            Ok(exec) => Some(
+                exec.max_requests(args.max_requests, args.max_requests_jitter)
+                    .ready_at_exec(args.ready_on_exec),
+            ),
+            Err(err) => {
+                say(&format!("respawn: -- {err}\n"));
+                return EXIT_FAILED;
+            }
+        },
+    };
     let listeners = match bind(&args.listen, args.listen_mode) {
         Ok(listeners) => listeners,
         Err(code) => return code,
@@ -133,6 +147,9 @@ fn serve(args: &Args) -> i32 {
     };
     let bad_ipc = args.demo_bad_ipc;
     let demo = |handoff: respawn_master::Handoff| {
+        if let Some(exec) = &exec {
+            return exec.run(handoff);
+        }
         if bad_ipc {
             speak_a_newer_contract(&handoff);
         }
