@@ -273,8 +273,17 @@ mod tests {
     #[test]
     fn the_exact_bytes_of_busy_and_idle_as_docs_protocol_md_gives_them() {
         assert_eq!(&*Message::Idle.encode(), &[1, 4, 0, 0]);
-        assert_eq!(&*Message::Busy { what: "GET /".to_owned() }.encode(), b"\x01\x03\x05\x00GET /");
-        assert_eq!(decode(&[1, 4, 1, 0, b'x']), Err(DecodeError::Length { kind: 4, len: 1 }));
+        assert_eq!(
+            &*Message::Busy {
+                what: "GET /".to_owned()
+            }
+            .encode(),
+            b"\x01\x03\x05\x00GET /"
+        );
+        assert_eq!(
+            decode(&[1, 4, 1, 0, b'x']),
+            Err(DecodeError::Length { kind: 4, len: 1 })
+        );
         assert_eq!(decode(&[1, 5]), Err(DecodeError::Kind(5)));
     }
 

@@ -41,11 +41,13 @@ impl Exec {
     /// `command` (looked up in `PATH` when it has no `/`, as a shell does)
     /// with `args`. The error says what is wrong, at start rather than in
     /// a crash loop: `node: no such file or directory`.
-    pub fn new(command: impl Into<OsString>, args: impl IntoIterator<Item = OsString>) -> Result<Exec, Error> {
+    pub fn new(
+        command: impl Into<OsString>,
+        args: impl IntoIterator<Item = OsString>,
+    ) -> Result<Exec, Error> {
         let command = command.into();
-        let path = find(Path::new(&command)).map_err(|err| {
-            Error::io(command.to_string_lossy().into_owned(), err)
-        })?;
+        let path = find(Path::new(&command))
+            .map_err(|err| Error::io(command.to_string_lossy().into_owned(), err))?;
         let args = std::iter::once(command).chain(args).collect();
         Ok(Exec {
             program: Program { path, args },
@@ -105,7 +107,10 @@ impl Exec {
             return err;
         }
         let n = listeners.len();
-        let names = (0..n).map(|i| format!("listener{i}")).collect::<Vec<_>>().join(":");
+        let names = (0..n)
+            .map(|i| format!("listener{i}"))
+            .collect::<Vec<_>>()
+            .join(":");
         let mut ours = vec![
             ("LISTEN_FDS".to_owned(), n.to_string()),
             ("LISTEN_PID".to_owned(), pid.to_string()),

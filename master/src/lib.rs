@@ -149,6 +149,7 @@ mod policy;
 mod privileges;
 mod reap;
 mod signals;
+mod sockdiag;
 mod spawn;
 mod status;
 mod table;

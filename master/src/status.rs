@@ -2,10 +2,10 @@
 //! control socket's `status` (JSON) and `metrics` (Prometheus text).
 //!
 //! Everything here reads: the worker table, the scoreboard's rows, /proc for
-//! each worker's CPU time and memory, TCP_INFO for each listener's accept
-//! queue. Nothing is sampled in the background: an idle master keeps no
-//! timer for this, and a snapshot costs a few reads of /proc per worker,
-//! made only when someone asks.
+//! each worker's CPU time and memory, TCP_INFO or sock_diag (sockdiag.rs)
+//! for each listener's accept queue. Nothing is sampled in the background:
+//! an idle master keeps no timer for this, and a snapshot costs a few reads
+//! of /proc per worker, made only when someone asks.
 
 use crate::listen::Listeners;
 use crate::table::{State, Table};
@@ -227,13 +227,13 @@ pub(crate) fn metrics(input: &Input) -> String {
     family(
         "respawn_listen_queue",
         "gauge",
-        "Connections waiting in the accept queue (TCP listeners).",
+        "Connections waiting in the accept queue.",
         &per_listener(|q| q.0),
     );
     family(
         "respawn_listen_backlog",
         "gauge",
-        "The accept queue's length (TCP listeners).",
+        "The accept queue's length (the listen backlog).",
         &per_listener(|q| q.1),
     );
     family(
@@ -248,12 +248,14 @@ pub(crate) fn metrics(input: &Input) -> String {
     out
 }
 
-/// A TCP listener's accept queue: waiting now, and its length. For a
+/// A listener's accept queue: waiting now, and its length. For a TCP
 /// socket in LISTEN state, TCP_INFO's `unacked` is the queue and `sacked`
-/// the backlog. None for a Unix socket, or if the kernel refuses.
+/// the backlog; a Unix socket's come from sock_diag. None if the kernel
+/// refuses.
 fn queue(listener: &Listener) -> Option<(u32, u32)> {
-    let Listener::Tcp(tcp) = listener else {
-        return None;
+    let tcp = match listener {
+        Listener::Tcp(tcp) => tcp,
+        Listener::Unix(unix) => return crate::sockdiag::unix_queue(unix),
     };
     // SAFETY: all zeroes is a valid tcp_info (plain integers).
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };

@@ -165,6 +165,17 @@ pub enum Parsed {
 }
 
 pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt::Error> {
+    // `-- CMD [ARGS...]`: everything after the first `--` is the command
+    // each worker runs, its own flags included.
+    let mut argv: Vec<OsString> = argv.into_iter().collect();
+    let command = match argv.iter().position(|arg| arg == "--") {
+        Some(at) => {
+            let command = argv.split_off(at + 1);
+            argv.pop();
+            command
+        }
+        None => Vec::new(),
+    };
     let mut args = Args {
         workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         listen: Vec::new(),
@@ -184,7 +195,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         group: None,
         pid_file: None,
         control: None,
-        command: Vec::new(),
+        command,
         ready_on_exec: false,
         log_format: Format::Text,
     };
@@ -214,11 +225,6 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
             Long("pid-file") => args.pid_file = Some(parser.value()?.into()),
             Long("control") => args.control = Some(parser.value()?.into()),
             Long("ready-on-exec") => args.ready_on_exec = true,
-            // After `--`, everything is the command and its arguments.
-            Value(command) => {
-                args.command.push(command);
-                args.command.extend(parser.raw_args()?);
-            }
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             _ => return Err(arg.unexpected()),
