@@ -228,10 +228,11 @@ impl Respawn {
     pub fn start_program(program: &Path, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Respawn {
         let mut command = Command::new(program);
         adjust(&mut command);
-        command.args(args);
+        // Before the test's own: a `-- CMD ...` at their end takes the rest.
         if !args.contains(&"--listen") {
             command.args(["--listen", "127.0.0.1:0"]);
         }
+        command.args(args);
         command
             .env("RUST_LOG", "debug")
             .env("RUST_LOG_STYLE", "never")

@@ -1,0 +1,233 @@
+//! `respawn -- CMD`: workers in any language (docs/protocol.md), under the
+//! real master. The clients of clients/ are the workers where they exist;
+//! small Python scripts written here play the misbehaving ones. Without
+//! python3 or node, the tests that need one say so loudly and return.
+
+use respawn_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A directory of scripts for one test, removed at the end.
+struct Scripts(PathBuf);
+
+impl Scripts {
+    fn new(name: &str) -> Scripts {
+        let dir = std::env::temp_dir().join(format!("respawn-any-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating a directory for scripts");
+        Scripts(dir)
+    }
+
+    /// Writes `text` to `name` (a new file renamed into place, as a deploy
+    /// does) and returns its path.
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        let new = self.0.join(format!("{name}.new"));
+        std::fs::write(&new, text).expect("writing a script");
+        std::fs::rename(&new, &path).expect("renaming it into place");
+        path
+    }
+}
+
+impl Drop for Scripts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn have(tool: &str, test: &str) -> bool {
+    let found = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("\n*** SKIPPED {test}: {tool} is not installed, and this test runs a worker in it ***\n");
+    }
+    found
+}
+
+/// A worker in Python that speaks the protocol by hand, one request at a
+/// time: Ready, then Busy and Idle around each request; `/crash` sends
+/// Suicide, answers 500 and exits 70; `/hang` spins; `/garbage` writes a
+/// frame of version 9.
+const PYTHON_WORKER: &str = r#"
+import os, socket, struct, sys, signal
+assert os.environ["LISTEN_PID"] == str(os.getpid())
+ch = int(os.environ["RESPAWN_CHANNEL_FD"])
+def frame(kind, text=b""):
+    os.write(ch, struct.pack("<BBH", 1, kind, len(text)) + text)
+listener = socket.socket(fileno=3)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+frame(1)
+while True:
+    conn, peer = listener.accept()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        more = conn.recv(4096)
+        if not more:
+            break
+        head += more
+    line = head.split(b"\r\n")[0]
+    frame(3, line + b" from %s:%d" % (peer[0].encode(), peer[1]))
+    if line.startswith(b"GET /hang"):
+        while True:
+            pass
+    if line.startswith(b"GET /garbage"):
+        os.write(ch, bytes([9, 1, 0, 0]))
+    body = b"%s %d\n" % (os.environ.get("TAG", "py").encode(), os.getpid())
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    conn.close()
+    frame(4)
+"#;
+
+fn python_worker(scripts: &Scripts) -> String {
+    scripts.write("worker.py", PYTHON_WORKER).display().to_string()
+}
+
+#[test]
+fn a_missing_program_is_one_line_and_exit_1() {
+    let (status, output) = run_to_exit(&[
+        "--workers",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--",
+        "no-such-program-anywhere",
+    ]);
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert_eq!(
+        output.trim(),
+        "respawn: -- no-such-program-anywhere: no such file or directory"
+    );
+    let (status, output) = run_to_exit(&["--workers", "1", "--listen", "127.0.0.1:0", "--", "/etc/passwd"]);
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert_eq!(output.trim(), "respawn: -- /etc/passwd: permission denied");
+}
+
+#[test]
+fn a_program_that_exits_at_once_backs_off_and_is_given_up_on() {
+    let mut respawn = Respawn::start(&[
+        "--workers",
+        "1",
+        "--max-restarts",
+        "2",
+        "--",
+        "/bin/sh",
+        "-c",
+        "exit 1",
+    ]);
+    respawn.wait_for_log("a back-off", |l| {
+        message(l).contains("after it was forked; slot 0 respawns in")
+    });
+    let status = respawn.wait_exit();
+    assert_eq!(status.code(), Some(3), "{}", respawn.dump());
+    assert_eq!(respawn.count_log("giving up: "), 1, "{}", respawn.dump());
+}
+
+#[test]
+fn a_python_worker_serves_and_its_pid_is_the_forked_one() {
+    if !have("python3", "a_python_worker_serves_and_its_pid_is_the_forked_one") {
+        return;
+    }
+    let scripts = Scripts::new("serves");
+    let worker = python_worker(&scripts);
+    let respawn = Respawn::start(&["--workers", "2", "--", "python3", &worker]);
+    let workers = respawn.wait_for_workers(2);
+    for _ in 0..6 {
+        let answer = respawn.get("/").expect("GET /");
+        assert_eq!(answer.status, 200);
+        let pid = answer.pid().expect("a pid in the answer");
+        assert!(
+            workers.contains(&pid),
+            "{pid} is not a child of the master: {workers:?}"
+        );
+    }
+}
+
+#[test]
+fn garbage_on_the_channel_replaces_the_worker() {
+    if !have("python3", "garbage_on_the_channel_replaces_the_worker") {
+        return;
+    }
+    let scripts = Scripts::new("garbage");
+    let worker = python_worker(&scripts);
+    let respawn = Respawn::start(&["--workers", "1", "--", "python3", &worker]);
+    let before = respawn.wait_for_workers(1);
+    let victim = *before.iter().next().expect("a worker");
+    let _ = respawn.get("/garbage");
+    respawn.wait_for_log("the malformed frame", |l| {
+        message(l).starts_with(&format!("worker {victim} sent malformed ipc ("))
+            && l.ends_with("; replacing it")
+    });
+    // Stopped (SIGTERM, which the script obeys), then replaced.
+    assert!(wait_until(PATIENCE, || !alive(victim)), "{}", respawn.dump());
+    let after = respawn.wait_for_workers(1);
+    assert!(!after.contains(&victim), "{}", respawn.dump());
+    assert_eq!(respawn.get("/").expect("GET /").status, 200);
+}
+
+#[test]
+fn busy_marks_let_the_master_find_a_hung_worker_in_another_language() {
+    if !have(
+        "python3",
+        "busy_marks_let_the_master_find_a_hung_worker_in_another_language",
+    ) {
+        return;
+    }
+    let scripts = Scripts::new("hung");
+    let worker = python_worker(&scripts);
+    let respawn = Respawn::start(&["--workers", "1", "--timeout", "1", "--", "python3", &worker]);
+    let before = respawn.wait_for_workers(1);
+    let victim = *before.iter().next().expect("a worker");
+    let addr = respawn.addr;
+    std::thread::spawn(move || get(addr, "/hang"));
+    let line = respawn.wait_for_log("the hung worker", |l| {
+        message(l).starts_with(&format!("worker {victim} hung "))
+    });
+    assert!(line.contains("on GET /hang HTTP/1.1 from 127.0.0.1:"), "{line}");
+    let after = respawn.wait_for_workers(1);
+    assert!(!after.contains(&victim));
+    assert_eq!(respawn.get("/").expect("GET /").status, 200);
+}
+
+#[test]
+fn hup_runs_the_script_as_it_is_on_disk_now() {
+    if !have("python3", "hup_runs_the_script_as_it_is_on_disk_now") {
+        return;
+    }
+    let scripts = Scripts::new("hup");
+    let worker = scripts.write("worker.py", &PYTHON_WORKER.replace("\"py\"", "\"old\""));
+    let shown = worker.display().to_string();
+    let respawn = Respawn::start(&["--workers", "2", "--", "python3", &shown]);
+    respawn.wait_for_workers(2);
+    assert!(respawn.get("/").expect("GET /").body.starts_with("old "));
+    scripts.write("worker.py", &PYTHON_WORKER.replace("\"py\"", "\"new\""));
+    respawn.signal(libc::SIGHUP);
+    respawn.wait_for_line("rolling restart done: every worker is new");
+    for _ in 0..4 {
+        let body = respawn.get("/").expect("GET /").body;
+        assert!(body.starts_with("new "), "{body}");
+    }
+}
+
+#[test]
+fn a_program_that_knows_only_listen_fds_runs_with_ready_on_exec() {
+    let proxyd = [
+        "/lib/systemd/systemd-socket-proxyd",
+        "/usr/lib/systemd/systemd-socket-proxyd",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists());
+    let Some(proxyd) = proxyd else {
+        eprintln!("\n*** SKIPPED a_program_that_knows_only_listen_fds_runs_with_ready_on_exec: systemd-socket-proxyd is not installed (apt-get install systemd) ***\n");
+        return;
+    };
+    // The backend it forwards to: a respawn demo on a port of its own.
+    let backend = Respawn::with_workers(1, &[]);
+    let target = backend.addr.to_string();
+    let respawn = Respawn::start(&["--workers", "2", "--ready-on-exec", "--", proxyd, &target]);
+    respawn.wait_for_workers(2);
+    let answer = respawn.get("/").expect("GET / through the proxy");
+    assert_eq!(answer.status, 200);
+    assert!(answer.body.starts_with("handle by child "), "{answer:?}");
+}
