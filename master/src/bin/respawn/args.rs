@@ -20,9 +20,9 @@ usage: respawn [-w N] [-l HOST:PORT|unix:PATH]... [--listen-mode OCTAL]
        [--start-timeout SECS] [--max-requests N] [--max-requests-jitter J]
        [--max-restarts R] [--restart-window SECS] [--min-uptime SECS]
        [--user NAME] [--group NAME] [--pid-file PATH] [--control PATH]
-       [--log-format text|json]
+       [--log-format text|json] [--ready-on-exec]
        [--demo-fail-start | --demo-hang-start | --demo-bad-ipc]
-       [-h|--help] [-V|--version]
+       [-h|--help] [-V|--version] [-- CMD [ARGS...]]
    or: respawn ctl PATH COMMAND  (respawn ctl --help)";
 
 /// At most 80 columns and 40 lines, so that it reads whole in a terminal
@@ -30,7 +30,7 @@ usage: respawn [-w N] [-l HOST:PORT|unix:PATH]... [--listen-mode OCTAL]
 /// too).
 pub const HELP: &str = "\
 respawn: a prefork supervisor, and a demo HTTP server to watch it heal
-usage: respawn [flags]         SECS may have a fraction; defaults in [brackets]
+usage: respawn [flags] [-- CMD [ARGS...]]   SECS may have a fraction
 
   -w, --workers N              1 to 4096 workers to keep alive [one per CPU]
   -l, --listen HOST:PORT       port 0 to 65535, 0 picks one [127.0.0.1:8080]
@@ -52,8 +52,13 @@ usage: respawn [flags]         SECS may have a fraction; defaults in [brackets]
       --demo-fail-start        every worker panics before Ready: a crash loop
       --demo-hang-start        every worker hangs before Ready (--start-timeout)
       --demo-bad-ipc           every worker speaks a newer ipc version: backoff
+      --ready-on-exec          CMD does not speak docs/protocol.md: Ready
+                               once executed, no handover
   -h, --help, -V, --version    this help, the version
+  -- CMD [ARGS...]             workers run CMD (node app.js...) instead of
+                               the demo, listeners at fd 3 (LISTEN_FDS)
 
+defaults in [brackets].  The demo's routes, without -- CMD:
 routes: GET /     which worker answered   GET /crash     the handler panics
         GET /hang spins: for --timeout    GET /sleep/MS  answers after MS ms
         GET /version which build answers (RESPAWN_DEMO_TAG is added)
