@@ -119,7 +119,7 @@ function serve(server) {
   };
 
   // What is in flight, each with what to do with it if the code serving it
-  // throws. The store follows each request through its callbacks and
+  // throws. `current` follows each HTTP request through its callbacks and
   // promises, so the uncaught exception handler knows which request threw.
   const inFlight = new Set();
   const current = new AsyncLocalStorage();
@@ -137,13 +137,11 @@ function serve(server) {
   const servers = [server, ...handed.fds.slice(1).map(() =>
     net.createServer((socket) => server.emit('connection', socket)))];
 
-  // A request (or connection) starts: counted, marked, and made the
-  // current one of everything it runs.
+  // A request (or connection) starts: counted and marked.
   const begin = (job, line) => {
     started += 1;
     inFlight.add(job);
     send(BUSY, line);
-    current.enterWith(job);
     if (stopping) job.lastOne();
     if (handed.share > 0 && started === handed.share) {
       suicide(`served its ${handed.share} requests`);
@@ -183,8 +181,18 @@ function serve(server) {
       res.once('finish', () => end(job));
       res.once('close', () => end(job));
       begin(job, `${req.method} ${req.url} HTTP/${req.httpVersion}${peer(req.socket)}`);
+      // The request becomes the store of what runs now (the handlers after
+      // this one) and of everything they start. 'request' runs in its
+      // connection's own parser context, so the store cannot leak to
+      // another connection; a later request on the same one replaces it.
+      current.enterWith(job);
     });
   } else {
+    // No store here: 'connection' runs in the listener's context, which
+    // every later connection inherits, so a store set here would name the
+    // wrong connection. A throw is then traced to none: the others finish,
+    // and the one that threw holds the worker until its client closes, or
+    // the master's --graceful-timeout after the Suicide.
     server.prependListener('connection', (socket) => {
       const job = { lastOne: () => {}, fail: () => socket.destroy() };
       socket.once('close', () => end(job));
@@ -228,8 +236,10 @@ function serve(server) {
       }
     }
     // Last: a slow log must hold up neither the handover nor the answer.
-    console.error(`worker ${pid} threw ${message}${where(err)}; ` +
-      `it exits once its ${inFlight.size} requests in flight are done`);
+    const n = inFlight.size;
+    const when = n === 0 ? 'now' : n === 1 ? 'once its request in flight is done'
+      : `once its ${n} requests in flight are done`;
+    console.error(`worker ${pid} threw ${message}${where(err)}; it exits ${when}`);
   });
   for (const signal of ['SIGTERM', 'SIGQUIT']) process.on(signal, () => stop(STOPPED));
   // Node resets every inherited signal disposition at start: the ones that

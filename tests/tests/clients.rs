@@ -291,6 +291,17 @@ impl Worker {
         })
     }
 
+    /// Waits until the worker has closed its listener (fd 3) while it still
+    /// holds its channel (fd 4): it stopped accepting before it exited.
+    fn wait_listener_closed(&self) {
+        let fd = |n: i32| std::path::Path::new(&format!("/proc/{}/fd/{n}", self.pid)).exists();
+        assert!(
+            wait_until(PATIENCE, || !fd(3) && fd(4)),
+            "the worker did not close its listener before it exited\n{}",
+            self.dump()
+        );
+    }
+
     /// Waits for the Busy frame of `GET path`.
     fn wait_busy(&self, path: &str) -> Frame {
         let line = format!("GET {path} HTTP/1.1 from 127.0.0.1:");
@@ -477,6 +488,9 @@ fn crash_answers_500_says_suicide_and_finishes_what_is_in_flight(lang: Lang) {
 
     // Node serves it beside the sleep; Python after it, from the queue.
     let crashed = get(worker.addr(), "/crash").expect("GET /crash");
+    if lang.concurrent() {
+        worker.wait_listener_closed();
+    }
     assert_eq!(crashed.status, 500, "{crashed:?}");
     assert_eq!(
         crashed.body,
@@ -509,6 +523,9 @@ fn sigterm_finishes_the_request_in_flight_then_exits_0(lang: Lang) {
     worker.wait_busy("/sleep/300");
 
     send(worker.pid, libc::SIGTERM);
+    if lang.concurrent() {
+        worker.wait_listener_closed();
+    }
     let (slept, _) = sleeper.join().expect("the GET /sleep/300 thread");
     assert_eq!(slept.status, 200, "{slept:?}");
     assert_eq!(slept.body, format!("slept 300 ms in child {}\n", worker.pid));
