@@ -249,11 +249,15 @@ function serve(server) {
 
   let listening = 0;
   servers.forEach((s, i) => {
-    s.once('error', (err) => {
+    const failed = (err) => {
       console.error(`worker ${pid}: listening on fd ${handed.fds[i]}: ${err.message}`);
       process.exit(SETUP_FAILED);
-    });
+    };
+    s.once('error', failed);
     s.listen({ fd: handed.fds[i] }, () => {
+      // A later error (accept failing, say) is not a failed start: left
+      // unhandled, it is an uncaught exception, and the worker is replaced.
+      s.removeListener('error', failed);
       listening += 1;
       if (listening === servers.length) send(READY);
     });

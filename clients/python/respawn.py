@@ -91,12 +91,14 @@ def serve(handler_class):
         )
         return SETUP_FAILED
     fds, channel_fd, share = handed
-    try:
-        worker = _Worker(pid, fds, channel_fd, share, handler_class)
-    except OSError as err:
-        _log(f"worker {pid}: taking the listeners {fds}: {err}")
-        return SETUP_FAILED
-    return worker.run()
+    listeners = []
+    for fd in fds:
+        try:
+            listeners.append(socket.socket(fileno=fd))
+        except OSError as err:
+            _log(f"worker {pid}: listening on fd {fd}: {err}")
+            return SETUP_FAILED
+    return _Worker(pid, listeners, channel_fd, share, handler_class).run()
 
 
 def _inherited(pid):
@@ -131,7 +133,7 @@ class _Worker:
     """The accept loop, the channel and the stop flag. Handlers see it as
     `self.server` (with `pid` and `slot` for their logs)."""
 
-    def __init__(self, pid, fds, channel_fd, share, handler_class):
+    def __init__(self, pid, listeners, channel_fd, share, handler_class):
         self.pid = pid
         self.slot = os.environ.get("RESPAWN_SLOT", "")
         self.channel_fd = channel_fd
@@ -141,7 +143,7 @@ class _Worker:
         self.exit_code = STOPPED
         self.suicide_sent = False
         self.handler_class = _guarded(handler_class)
-        self.listeners = [socket.socket(fileno=fd) for fd in fds]
+        self.listeners = listeners
         for listener in self.listeners:
             # Non-blocking: another worker may take the connection between
             # our wake-up and our accept, and a blocking accept would then

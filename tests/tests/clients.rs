@@ -422,7 +422,25 @@ in_both_languages!(
     a_long_busy_line_is_cut_to_240_bytes_on_a_character_boundary,
     serves_every_listener_handed_over,
     an_empty_frame_is_four_bytes,
+    a_listener_that_is_not_a_socket_exits_3,
 );
+
+fn a_listener_that_is_not_a_socket_exits_3(lang: Lang) {
+    let output = Command::new("sh")
+        .args([
+            "-c",
+            r#"exec 3</dev/null; LISTEN_PID=$$ exec "$0" "$@""#,
+            &lang.interpreter(),
+        ])
+        .arg(lang.example())
+        .env("LISTEN_FDS", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running the example");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains(": listening on fd 3: "), "{stderr}");
+}
 
 fn serves_every_listener_handed_over(lang: Lang) {
     let mut worker = Worker::start_with(lang, 3, &[]);
