@@ -152,16 +152,35 @@ function serve(server) {
     if (!inFlight.delete(job)) return;
     if (inFlight.size === 0) {
       send(IDLE);
-      if (stopping) leave();
+      if (stopping) leaveWhenDone();
     }
+  };
+
+  // Every open connection, and how many requests it has carried. A worker
+  // that stops must not cut a connection it accepted whose request it has
+  // not read yet: that client did nothing wrong, and would see a reset.
+  // (http.Server.close() in Node 19+ closes such "idle" connections too, so
+  // the listening handle is closed with net.Server's close instead.)
+  const connections = new Map();
+  const leaveWhenDone = () => {
+    if (inFlight.size === 0 && connections.size === 0) leave();
   };
 
   const isHttp = server instanceof http.Server || server instanceof require('node:https').Server;
   if (isHttp) {
     // prependListener: marked before the program's own handler runs, so a
     // handler that throws at once is already in flight.
+    server.prependListener('connection', (socket) => {
+      connections.set(socket, 0);
+      socket.once('close', () => {
+        connections.delete(socket);
+        if (stopping) leaveWhenDone();
+      });
+    });
     server.prependListener('request', (req, res) => {
+      if (connections.has(req.socket)) connections.set(req.socket, connections.get(req.socket) + 1);
       const job = {
+        socket: req.socket,
         lastOne: () => { if (!res.headersSent) res.setHeader('Connection', 'close'); },
         // The request threw: answer it if it still can be, else cut it, so
         // that the client is not left waiting and it leaves the count.
@@ -206,14 +225,19 @@ function serve(server) {
     exitCode = Math.max(exitCode, code);
     if (!stopping) {
       stopping = true;
-      for (const s of servers) s.close();
+      // net.Server's close: stop listening, and keep every connection.
+      for (const s of servers) net.Server.prototype.close.call(s);
       for (const job of inFlight) job.lastOne();
     }
-    // Kept-alive connections between requests hold nothing to finish.
-    // (Node 19+ does this in close(); 18 does not.)
-    if (typeof server.closeIdleConnections === 'function') server.closeIdleConnections();
-    if (inFlight.size === 0) leave();
+    // A kept-alive connection between requests holds nothing to finish; one
+    // that has carried no request yet holds one about to be read.
+    const busy = new Set([...inFlight].map((job) => job.socket));
+    for (const [socket, carried] of connections) {
+      if (carried > 0 && !busy.has(socket)) socket.destroy();
+    }
+    leaveWhenDone();
   }
+
   // The last answer was handed to the kernel ('finish'); exit once the
   // handlers of this turn have run.
   function leave() {

@@ -185,6 +185,7 @@ fn busy_marks_let_the_master_find_a_hung_worker_in_another_language() {
         message(l).starts_with(&format!("worker {victim} hung "))
     });
     assert!(line.contains("on GET /hang HTTP/1.1 from 127.0.0.1:"), "{line}");
+    assert!(wait_until(PATIENCE, || !alive(victim)), "{}", respawn.dump());
     let after = respawn.wait_for_workers(1);
     assert!(!after.contains(&victim));
     assert_eq!(respawn.get("/").expect("GET /").status, 200);
@@ -230,4 +231,166 @@ fn a_program_that_knows_only_listen_fds_runs_with_ready_on_exec() {
     let answer = respawn.get("/").expect("GET / through the proxy");
     assert_eq!(answer.status, 200);
     assert!(answer.body.starts_with("handle by child "), "{answer:?}");
+}
+
+/// A copy of one client and its example in a directory of the test's own,
+/// so that the test can change the example as a deploy would.
+fn example(scripts: &Scripts, language: &str) -> String {
+    let (dir, files, example) = match language {
+        "node" => ("clients/node", ["respawn.js", "example.js"], "example.js"),
+        _ => ("clients/python", ["respawn.py", "example.py"], "example.py"),
+    };
+    for file in files {
+        let text = std::fs::read_to_string(workspace().join(dir).join(file))
+            .unwrap_or_else(|err| panic!("reading {dir}/{file}: {err}"));
+        scripts.write(file, &text);
+    }
+    scripts.0.join(example).display().to_string()
+}
+
+fn interpreter(language: &str) -> &'static str {
+    if language == "node" {
+        "node"
+    } else {
+        "python3"
+    }
+}
+
+fn serves_and_hands_over_a_crash(language: &str, test: &str) {
+    if !have(interpreter(language), test) {
+        return;
+    }
+    let scripts = Scripts::new(test);
+    let example = example(&scripts, language);
+    let respawn = Respawn::start(&["--workers", "2", "--", interpreter(language), &example]);
+    let workers = respawn.wait_for_workers(2);
+    let answer = respawn.get("/").expect("GET /");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(answer.body.starts_with("handle by child "), "{answer:?}");
+    assert!(
+        workers.contains(&answer.pid().expect("a pid")),
+        "{answer:?} {workers:?}"
+    );
+    let crashed = respawn.get("/crash").expect("GET /crash");
+    assert_eq!(crashed.status, 500, "{crashed:?}");
+    let suicide = respawn.wait_for_log("the suicide", |l| l.contains(" sent suicide (uncaught "));
+    let victim = worker_pid(&suicide).expect("the crashed worker's pid");
+    respawn.wait_for_log("the crashed worker's exit", |l| {
+        message(l).starts_with(&format!("worker {victim} exited (code 70: uncaught "))
+    });
+    // The replacement was forked before the crashed worker left.
+    let log = respawn.log();
+    let spawned = position(&log, |l| {
+        message(l).ends_with(" spawned") && worker_pid(l).is_some_and(|pid| !workers.contains(&pid))
+    });
+    let exited = position(&log, |l| {
+        message(l).starts_with(&format!("worker {victim} exited"))
+    });
+    assert!(
+        spawned < exited,
+        "replacement {spawned:?}, exit {exited:?}\n{}",
+        respawn.dump()
+    );
+    respawn.wait_for_workers(2);
+}
+
+fn a_crash_storm_loses_no_request(language: &str, test: &str) {
+    if !have(interpreter(language), test) {
+        return;
+    }
+    let scripts = Scripts::new(test);
+    let example = example(&scripts, language);
+    let respawn = Respawn::start(&[
+        "--workers",
+        "2",
+        "--min-uptime",
+        "0",
+        "--",
+        interpreter(language),
+        &example,
+    ]);
+    respawn.wait_for_workers(2);
+    let load = Load::start(&respawn, 2);
+    for _ in 0..10 {
+        assert_eq!(
+            respawn.get("/crash").map(|a| a.status).ok(),
+            Some(500),
+            "{}",
+            respawn.dump()
+        );
+    }
+    let (served, failed) = load.stop();
+    assert!(served > 0);
+    assert_eq!(failed, Vec::<String>::new(), "{}", respawn.dump());
+    assert_eq!(respawn.wait_for_workers(2).len(), 2);
+}
+
+fn a_killed_worker_is_replaced_and_hup_runs_new_code(language: &str, test: &str) {
+    if !have(interpreter(language), test) {
+        return;
+    }
+    let scripts = Scripts::new(test);
+    let example = example(&scripts, language);
+    let respawn = Respawn::start(&["--workers", "2", "--", interpreter(language), &example]);
+    let before = respawn.wait_for_workers(2);
+    let victim = *before.iter().next().expect("a worker");
+    send(victim, libc::SIGKILL);
+    respawn.wait_for_log("the replacement", |l| {
+        message(l).starts_with(&format!("worker {victim} exited (signal 9)"))
+    });
+    assert!(!respawn.wait_for_workers(2).contains(&victim));
+    // A new version of the script, renamed into place; HUP runs it.
+    let file = Path::new(&example)
+        .file_name()
+        .and_then(|f| f.to_str())
+        .expect("its name")
+        .to_owned();
+    let text = std::fs::read_to_string(&example).expect("reading the example");
+    scripts.write(&file, &text.replace("handle by child ", "new code in child "));
+    respawn.signal(libc::SIGHUP);
+    respawn.wait_for_line("rolling restart done: every worker is new");
+    for _ in 0..4 {
+        let body = respawn.get("/").expect("GET /").body;
+        assert!(
+            body.starts_with("new code in child "),
+            "{body}\n{}",
+            respawn.dump()
+        );
+    }
+}
+
+#[test]
+fn node_worker_serves_and_hands_over_a_crash() {
+    serves_and_hands_over_a_crash("node", "node_worker_serves_and_hands_over_a_crash");
+}
+
+#[test]
+fn python_worker_serves_and_hands_over_a_crash() {
+    serves_and_hands_over_a_crash("python", "python_worker_serves_and_hands_over_a_crash");
+}
+
+#[test]
+fn node_crash_storm_loses_no_request() {
+    a_crash_storm_loses_no_request("node", "node_crash_storm_loses_no_request");
+}
+
+#[test]
+fn python_crash_storm_loses_no_request() {
+    a_crash_storm_loses_no_request("python", "python_crash_storm_loses_no_request");
+}
+
+#[test]
+fn node_killed_worker_is_replaced_and_hup_runs_new_code() {
+    a_killed_worker_is_replaced_and_hup_runs_new_code(
+        "node",
+        "node_killed_worker_is_replaced_and_hup_runs_new_code",
+    );
+}
+
+#[test]
+fn python_killed_worker_is_replaced_and_hup_runs_new_code() {
+    a_killed_worker_is_replaced_and_hup_runs_new_code(
+        "python",
+        "python_killed_worker_is_replaced_and_hup_runs_new_code",
+    );
 }
