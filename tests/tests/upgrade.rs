@@ -541,3 +541,49 @@ fn an_upgrade_keeps_every_listener_and_the_socket_file() {
     assert_eq!(respawn.wait_exit().code(), Some(0), "{}", respawn.dump());
     assert!(!socket.exists(), "the socket file outlived a clean stop");
 }
+
+/// `upgrade` on the control socket answers when the upgrade is done (just
+/// before the master re-executes), or with the back-out's reason; the
+/// socket itself survives the exec.
+#[test]
+fn the_control_socket_answers_an_upgrade_when_done_and_a_back_out_with_its_reason() {
+    use std::io::{Read, Write};
+    let deploy = Deploy::new("control");
+    let socket = deploy.dir.join("control.sock");
+    let shown = socket.display().to_string();
+    let respawn = deploy.start(&["--workers", "2", "--control", &shown]);
+    respawn.wait_for_workers(2);
+    let ask = |request: &str| {
+        let mut conn = std::os::unix::net::UnixStream::connect(&socket).expect("connecting");
+        conn.set_read_timeout(Some(PATIENCE)).expect("a timeout");
+        conn.write_all(format!("{request}\n").as_bytes()).expect("asking");
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).expect("the answer");
+        answer
+    };
+    deploy.replace_with("exit 1");
+    let answer = ask("upgrade");
+    assert!(
+        answer.starts_with("respawn-control 1\nerror backed out: worker ") && answer.contains("(code 1)"),
+        "{answer:?}"
+    );
+    deploy.replace_with_build("c");
+    let answer = ask("upgrade");
+    assert_eq!(
+        answer,
+        format!(
+            "respawn-control 1\nok\n{{\"generation\":3,\"path\":\"{}\"}}\n",
+            deploy.shown()
+        ),
+        "{}",
+        respawn.dump()
+    );
+    wait_for_reexec_after(&respawn, 1);
+    // The same socket, served by the new image.
+    let status = ask("status");
+    assert!(status.contains("\"generation\":3,"), "{status}");
+    assert_eq!(
+        respawn.get("/version").expect("GET /version").body.trim(),
+        format!("{} c", untagged())
+    );
+}
