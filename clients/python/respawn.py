@@ -205,6 +205,11 @@ class _Worker:
                 if key.fileobj is wake_r:
                     os.read(wake_r, 512)
                     continue
+                # The stop may have come with this select's wake-up: once
+                # asked, not one more accept (the master already counts this
+                # worker out; its replacement takes the connection).
+                if self.stopping:
+                    break
                 try:
                     conn, address = key.fileobj.accept()
                 except (BlockingIOError, InterruptedError, ConnectionAbortedError):

@@ -192,26 +192,6 @@ fn busy_marks_let_the_master_find_a_hung_worker_in_another_language() {
 }
 
 #[test]
-fn hup_runs_the_script_as_it_is_on_disk_now() {
-    if !have("python3", "hup_runs_the_script_as_it_is_on_disk_now") {
-        return;
-    }
-    let scripts = Scripts::new("hup");
-    let worker = scripts.write("worker.py", &PYTHON_WORKER.replace("\"py\"", "\"old\""));
-    let shown = worker.display().to_string();
-    let respawn = Respawn::start(&["--workers", "2", "--", "python3", &shown]);
-    respawn.wait_for_workers(2);
-    assert!(respawn.get("/").expect("GET /").body.starts_with("old "));
-    scripts.write("worker.py", &PYTHON_WORKER.replace("\"py\"", "\"new\""));
-    respawn.signal(libc::SIGHUP);
-    respawn.wait_for_line("rolling restart done: every worker is new");
-    for _ in 0..4 {
-        let body = respawn.get("/").expect("GET /").body;
-        assert!(body.starts_with("new "), "{body}");
-    }
-}
-
-#[test]
 fn a_program_that_knows_only_listen_fds_runs_with_ready_on_exec() {
     let proxyd = [
         "/lib/systemd/systemd-socket-proxyd",

@@ -66,12 +66,10 @@ fn field(json: &str, key: &str) -> Option<u64> {
     rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
-/// Live children of the master that said `ready`: counted the moment the
-/// answer came.
-fn ready_workers(respawn: &Respawn) -> usize {
+/// How many of `workers` have said `ready` in the log so far.
+fn ready_workers(respawn: &Respawn, workers: &std::collections::BTreeSet<i32>) -> usize {
     let log = respawn.log();
-    respawn
-        .workers()
+    workers
         .iter()
         .filter(|&&pid| log.iter().any(|l| worker_says(l, "ready") == Some(pid)))
         .count()
@@ -107,8 +105,16 @@ fn scale_answers_once_that_many_workers_are_ready() {
     let dir = Dir::new("scale");
     let respawn = start(&dir, 2, &[]);
     let body = ok(&ask(&dir.socket(), "scale 5")).to_owned();
-    // Counted the moment the answer came: all five are there and Ready.
-    assert_eq!(ready_workers(&respawn), 5, "{body}\n{}", respawn.dump());
+    // The master's children the moment the answer came: all five are there,
+    // and each had said Ready (its line reaches the test a little later,
+    // through the log pipe).
+    let children = respawn.workers();
+    assert_eq!(children.len(), 5, "{body}\n{}", respawn.dump());
+    assert!(
+        wait_until(PATIENCE, || ready_workers(&respawn, &children) == 5),
+        "{body}\n{}",
+        respawn.dump()
+    );
     assert_eq!(body, "{\"target\":5,\"ready\":5}\n");
     assert_eq!(ok(&ask(&dir.socket(), "scale 1")), "{\"target\":1,\"ready\":1}\n");
     respawn.wait_for_workers(1);
