@@ -329,13 +329,17 @@ fn a_killed_worker_is_replaced_and_hup_runs_new_code(language: &str, test: &str)
     scripts.write(&file, &text.replace("handle by child ", "new code in child "));
     respawn.signal(libc::SIGHUP);
     respawn.wait_for_line("rolling restart done: every worker is new");
+    // Once the old workers have left (one may still take a connection in
+    // the event-loop turn its stop arrives in), every answer is new code.
+    let new = respawn.wait_for_workers(2);
     for _ in 0..4 {
-        let body = respawn.get("/").expect("GET /").body;
+        let answer = respawn.get("/").expect("GET /");
         assert!(
-            body.starts_with("new code in child "),
-            "{body}\n{}",
+            answer.body.starts_with("new code in child "),
+            "{answer:?}\n{}",
             respawn.dump()
         );
+        assert!(new.contains(&answer.pid().expect("a pid")), "{answer:?}");
     }
 }
 

@@ -182,6 +182,8 @@ fn metrics_are_prometheus_text() {
     let respawn = start(&dir, 2, &[]);
     assert_eq!(respawn.get("/crash").expect("GET /crash").status, 500);
     respawn.wait_for_log("the crash's exit", |l| l.contains("exited (code 70"));
+    // Its replacement Ready too, so that the gauge below is settled.
+    respawn.wait_for_workers(2);
     let body = ok(&ask(&dir.socket(), "metrics")).to_owned();
     for line in body.lines().filter(|l| !l.starts_with('#')) {
         let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line:?}"));
