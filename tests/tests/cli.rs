@@ -160,7 +160,11 @@ impl NobodysCopy {
     fn new() -> NobodysCopy {
         let dir = std::env::temp_dir().join(format!("respawn-permission-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(binary(), dir.join("respawn")).unwrap();
+        // A link where it can be (see privileges.rs: a fresh copy can be
+        // "text file busy" while another test thread forks).
+        if std::fs::hard_link(binary(), dir.join("respawn")).is_err() {
+            std::fs::copy(binary(), dir.join("respawn")).unwrap();
+        }
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         NobodysCopy(dir)
     }

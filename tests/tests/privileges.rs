@@ -183,7 +183,12 @@ impl NobodysCopy {
     fn new(test: &str) -> NobodysCopy {
         let dir = std::env::temp_dir().join(format!("respawn-{test}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(binary(), dir.join("respawn")).unwrap();
+        // A link, not a copy, where it can be: a file just written is held
+        // open for writing by any child another test thread forks meanwhile,
+        // and executing it then fails with "text file busy".
+        if std::fs::hard_link(binary(), dir.join("respawn")).is_err() {
+            std::fs::copy(binary(), dir.join("respawn")).unwrap();
+        }
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         NobodysCopy(dir)
     }
