@@ -2,7 +2,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run test lint doc bench bench-upgrade build-demo mutants linux-only release install install-files uninstall static
+.PHONY: run test lint doc bench bench-upgrade bench-any build-demo mutants linux-only release install install-files uninstall static
 
 # Build in release mode and start the demo on 127.0.0.1:8080 (make run ARGS='--workers 2').
 run: linux-only
@@ -73,10 +73,11 @@ doc:
 
 # Load and fault benchmarks, respawn beside a Node.js cluster server; writes
 # docs/benchmarks.md and docs/benchmarks.svg. Installs wrk from Debian's
-# packages if it is missing. Takes about 12 minutes on an idle machine, more
-# when others use its cores; never part of make test. Its last part, the
-# upgrade under load (USR2) beside a plain restart, runs alone as
-# bench-upgrade, which rewrites only that section (under a minute).
+# packages if it is missing. Takes about 16 minutes on an idle machine, more
+# when others use its cores; never part of make test. Its last parts run
+# alone and rewrite only their own section: bench-upgrade, the upgrade under
+# load (USR2) beside a plain restart (under a minute); bench-any, the example
+# Node and Python servers under respawn beside Node's cluster (about 6 minutes).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 bench: linux-only
 	@command -v wrk >/dev/null || { echo "bench: installing wrk from Debian's packages"; \
@@ -88,6 +89,13 @@ bench: linux-only
 bench-upgrade: linux-only
 	$(CARGO) build --release -p respawn-master --features demo --bin respawn
 	python3 bench/upgrade.py
+
+bench-any: linux-only
+	@command -v wrk >/dev/null || { echo "bench-any: installing wrk from Debian's packages"; \
+		$(SUDO) apt-get install -y wrk || { $(SUDO) apt-get update && $(SUDO) apt-get install -y wrk; }; }
+	@command -v node >/dev/null || echo "bench-any: node not found: its columns will say so"
+	$(CARGO) build --release -p respawn-master --features demo --bin respawn
+	python3 bench/anylang.py
 
 # Mutation testing of the files where the logic lives: each mutant is built
 # and judged by every test, in a scratch copy; results in

@@ -255,10 +255,12 @@ def stop_group(proc):
 
 
 class System:
-    def __init__(self, name, argv, env=None, extra=(), kill_flags=()):
+    def __init__(self, name, argv, env=None, extra=(), kill_flags=(), command=()):
         self.name, self.argv, self.env, self.extra = name, argv, env, list(extra)
         # For the scenarios that kill workers on purpose, many times a second.
         self.kill_flags = list(kill_flags)
+        # `-- CMD ARGS`, after every flag: the workers' program, if not the demo.
+        self.command = list(command)
 
     def start(self, workers, *flags):
         env = dict(os.environ, **(self.env or {}))
@@ -266,7 +268,7 @@ class System:
         # closes the listener, and a replacement listening on port 0 would
         # get a new port, so clients of the old one are refused for good.
         return Running(self.argv + ["--workers", str(workers), "--listen", f"127.0.0.1:{free_port()}"]
-                       + self.extra + list(flags), env)
+                       + self.extra + list(flags) + self.command, env)
 
 
 def free_port():
@@ -809,10 +811,10 @@ def main():
     parser.add_argument("--no-baseline", action="store_true", help="measure respawn only")
     args = parser.parse_args()
     if args.list:
-        print("\n".join([name for name, _ in SCENARIOS] + ["upgrade"]))
+        print("\n".join([name for name, _ in SCENARIOS] + ["upgrade", "any language"]))
         return
     only = {n.strip() for n in args.only.split(",") if n.strip()}
-    if unknown := only - {name for name, _ in SCENARIOS} - {"upgrade"}:
+    if unknown := only - {name for name, _ in SCENARIOS} - {"upgrade", "any language"}:
         sys.exit(f"bench: no scenario named {', '.join(sorted(unknown))} (--list names them)")
     if not os.path.exists(RESPAWN):
         sys.exit(f"bench: {RESPAWN} is missing: run 'make bench', which builds it")
@@ -849,6 +851,12 @@ def main():
         import upgrade
         progress("upgrade under load and a plain restart (bench/upgrade.py)")
         sections.append(upgrade.section(upgrade.measure(args.runs), "`make bench`, beside the figures above"))
+    if not only or "any language" in only:
+        # The Rust demo's and the cluster's figures of this run, reused.
+        sys.modules.setdefault("run", sys.modules[__name__])
+        import anylang
+        progress("any language: Node and Python workers under respawn (bench/anylang.py)")
+        sections.append(anylang.section(anylang.measure(args.runs, results), "`make bench`, beside the figures above"))
     elapsed = time.monotonic() - started
     write_report(args.out, machine(), results, args.runs, elapsed, baseline is None and not args.no_baseline,
                  sections)

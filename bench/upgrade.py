@@ -492,15 +492,16 @@ def total_failures(runs):
     return total
 
 
-def write_section(path, text):
-    """Puts `text` in place of the section of the same title in the file at
+def write_section(path, text, title=TITLE):
+    """Puts `text` in place of the section titled `title` in the file at
     `path`, or, if there is none yet, before the notes on method (## How
-    each figure is taken), where make bench puts it; the rest is kept."""
+    each figure is taken), where make bench puts it; the rest is kept.
+    bench/anylang.py writes its section with it too."""
     with open(path) as f:
         doc = f.read()
-    if TITLE + "\n" in doc:
-        start = doc.index(TITLE + "\n")
-        end = doc.find("\n## ", start + len(TITLE))
+    if title + "\n" in doc:
+        start = doc.index(title + "\n")
+        end = doc.find("\n## ", start + len(title))
         end = len(doc) if end < 0 else end + 1
     else:
         start = end = doc.find("## How each figure is taken")
