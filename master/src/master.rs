@@ -286,21 +286,28 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         self.pid_file.iter().for_each(PidFile::remove);
         info!("all workers stopped, master exiting");
-        if let Some(mut control) = self.control.take() {
-            let gave_up = self.gave_up.clone();
-            control.finish(
-                |pending| match (pending, &gave_up) {
-                    (Pending::Stop, None) => Ok("{\"stopped\":true}\n".to_owned()),
-                    (_, Some(reason)) => Err(format!("the master gave up: {reason}")),
-                    (_, None) => Err("the master stopped".to_owned()),
-                },
-                CONTROL_PATIENCE,
-            );
-        }
+        self.answer_control_at_exit();
         match self.gave_up.take() {
             Some(reason) => Err(Error::GaveUp { reason }),
             None => Ok(()),
         }
+    }
+
+    /// The control requests still waiting when the master exits: a `stop`
+    /// is done now; anything else was overtaken by the stop (or a give-up).
+    fn answer_control_at_exit(&mut self) {
+        let Some(mut control) = self.control.take() else {
+            return;
+        };
+        let gave_up = self.gave_up.clone();
+        control.finish(
+            |pending| match (pending, &gave_up) {
+                (Pending::Stop, None) => Ok("{\"stopped\":true}\n".to_owned()),
+                (_, Some(reason)) => Err(format!("the master gave up: {reason}")),
+                (_, None) => Err("the master stopped".to_owned()),
+            },
+            CONTROL_PATIENCE,
+        );
     }
 
     /// Writes what the log buffer holds, as far as stderr takes it now. The
