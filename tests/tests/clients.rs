@@ -463,7 +463,7 @@ fn serves_with_ready_then_busy_and_idle_per_request(lang: Lang) {
     let mut worker = Worker::start(lang, &[]);
     worker.wait_ready();
 
-    for path in ["/", "/version", "/nope"] {
+    for (i, path) in ["/", "/version", "/nope"].into_iter().enumerate() {
         let answer =
             get(worker.addr(), path).unwrap_or_else(|err| panic!("GET {path}: {err}\n{}", worker.dump()));
         match path {
@@ -480,8 +480,11 @@ fn serves_with_ready_then_busy_and_idle_per_request(lang: Lang) {
                 (404, "no route for /nope\n")
             ),
         }
-        // The Idle of this request, before the next one starts.
-        wait_until(PATIENCE, || worker.frames().last().is_some_and(|f| f.0 == IDLE));
+        // The Idle of this request, before the next one starts (counted:
+        // the last frame read may still be the previous request's Idle).
+        wait_until(PATIENCE, || {
+            worker.frames().iter().filter(|f| f.0 == IDLE).count() == i + 1
+        });
     }
     let frames = worker.frames();
     let kinds: Vec<u8> = frames.iter().map(|f| f.0).collect();
