@@ -362,6 +362,11 @@ impl RowWriter {
         row.busy_since.store(0, Ordering::Release);
     }
 
+    /// Is a connection under way (begun and not ended)? One atomic load.
+    pub fn is_busy(&self) -> bool {
+        self.row().busy_since.load(Ordering::Acquire) != 0
+    }
+
     fn row(&self) -> &Row {
         // SAFETY: the pointer came from Scoreboard::writer, in range of a
         // mapping that is never unmapped, aligned and initialised; Row is

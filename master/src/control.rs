@@ -112,23 +112,14 @@ impl Control {
         let Listener::Unix(listener) = listener else {
             return Err(Error::io(shown, io::Error::other("not a Unix socket")));
         };
-        let context = |doing: &str| format!("{doing} the control socket {}", path.display());
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|err| Error::io(context("setting the mode of"), err))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|err| Error::io(context("making non-blocking"), err))?;
-        registry
-            .register(&mut SourceFd(&listener.as_raw_fd()), LISTENER, Interest::READABLE)
-            .map_err(|err| Error::io(context("watching"), err))?;
-        Ok(Control {
-            listener,
-            file,
-            conns: Vec::new(),
-            next: 1,
-            uid: nix::unistd::geteuid().as_raw(),
-        })
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|err| {
+            Error::io(
+                format!("setting the mode of the control socket {}", path.display()),
+                err,
+            )
+        })?;
+        Control::serve_on(listener, file, path, registry)
     }
 
     /// After an upgrade's re-execution: the listener the previous image
@@ -138,11 +129,21 @@ impl Control {
         // SAFETY: the previous image left this fd open for us alone (the
         // state naming it is removed from the environment).
         let listener = unsafe { UnixListener::from_raw_fd(fd) };
-        let context = |doing: &str| format!("{doing} the control socket {}", path.display());
         let _ = nix::fcntl::fcntl(
             &listener,
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
         );
+        Control::serve_on(listener, listen::socket_file(path).ok(), path, registry)
+    }
+
+    /// Watches `listener`, non-blocking, for the loop.
+    fn serve_on(
+        listener: UnixListener,
+        file: Option<SocketFile>,
+        path: &Path,
+        registry: &Registry,
+    ) -> Result<Control, Error> {
+        let context = |doing: &str| format!("{doing} the control socket {}", path.display());
         listener
             .set_nonblocking(true)
             .map_err(|err| Error::io(context("making non-blocking"), err))?;
@@ -151,7 +152,7 @@ impl Control {
             .map_err(|err| Error::io(context("watching"), err))?;
         Ok(Control {
             listener,
-            file: listen::socket_file(path).ok(),
+            file,
             conns: Vec::new(),
             next: 1,
             uid: nix::unistd::geteuid().as_raw(),

@@ -127,29 +127,22 @@ impl Exec {
     }
 }
 
-/// Finds `command` as execvp would, and checks it can be executed.
+/// Finds `command` as execvp would (a bare name in `PATH`, the search the
+/// upgrade's argv[0] uses too), and checks it can be executed.
 fn find(command: &Path) -> io::Result<PathBuf> {
     use std::os::unix::ffi::OsStrExt;
-    let candidates: Vec<PathBuf> = if command.as_os_str().as_bytes().contains(&b'/') {
-        vec![command.to_path_buf()]
+    let candidate = if command.as_os_str().as_bytes().contains(&b'/') {
+        command.to_path_buf()
     } else {
-        std::env::var_os("PATH")
-            .iter()
-            .flat_map(std::env::split_paths)
-            .map(|dir| dir.join(command))
-            .collect()
+        let cwd = std::env::current_dir().ok();
+        crate::title::search_path(command, cwd.as_deref())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?
     };
-    let mut last = io::Error::from(io::ErrorKind::NotFound);
-    for candidate in candidates {
-        match nix::unistd::access(&candidate, nix::unistd::AccessFlags::X_OK) {
-            Ok(()) if candidate.is_file() => {
-                return Ok(std::fs::canonicalize(&candidate).unwrap_or(candidate));
-            }
-            Ok(()) => last = io::Error::other("not a file"),
-            Err(errno) => last = errno.into(),
-        }
+    nix::unistd::access(&candidate, nix::unistd::AccessFlags::X_OK)?;
+    if !candidate.is_file() {
+        return Err(io::Error::other("not a file"));
     }
-    Err(last)
+    Ok(std::fs::canonicalize(&candidate).unwrap_or(candidate))
 }
 
 /// Puts `sources[i]` at fd 3 + i, without close-on-exec. Each is first

@@ -42,7 +42,7 @@ use mio::{Events, Interest, Poll, Registry, Token};
 use nix::sys::signal::{self as nix_signal, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
-use respawn_ipc::scoreboard::{self, Scoreboard};
+use respawn_ipc::scoreboard::{self, RowWriter, Scoreboard};
 use respawn_ipc::{DecodeError, Handoff, Message};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -1241,7 +1241,7 @@ fn on_message(worker: &mut Worker, message: Message, graceful: Duration, board: 
         // event loop is stuck, or every request it holds is.
         Message::Busy { what } => {
             if let Some(row) = board.writer(worker.slot) {
-                if board.read(worker.slot).is_some_and(|r| r.busy_since.is_some()) {
+                if row.is_busy() {
                     row.end();
                 }
                 let (request, peer) = what.rsplit_once(" from ").unwrap_or((what.as_str(), ""));
@@ -1250,10 +1250,8 @@ fn on_message(worker: &mut Worker, message: Message, graceful: Duration, board: 
             }
         }
         Message::Idle => {
-            if let Some(row) = board.writer(worker.slot) {
-                if board.read(worker.slot).is_some_and(|r| r.busy_since.is_some()) {
-                    row.end();
-                }
+            if let Some(row) = board.writer(worker.slot).filter(RowWriter::is_busy) {
+                row.end();
             }
         }
     }

@@ -127,7 +127,7 @@ fn resolve_exe(argv0: &Path) -> Option<PathBuf> {
 
 /// The first executable file named `name` in `PATH` (an empty entry, or a
 /// relative one, is relative to `cwd`, as execvp reads it).
-fn search_path(name: &Path, cwd: Option<&Path>) -> Option<PathBuf> {
+pub(crate) fn search_path(name: &Path, cwd: Option<&Path>) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).find_map(|dir| {
         let dir = match (dir.is_absolute(), cwd) {
