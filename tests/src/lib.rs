@@ -661,19 +661,50 @@ pub fn port_is_free(addr: SocketAddr) -> bool {
     std::net::TcpListener::bind(addr).is_ok()
 }
 
+/// A directory of a test's own under the system's temp dir (`name` and this
+/// process's pid in its name), made empty, and removed when dropped, the
+/// test failed or not. It derefs to its path.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        TempDir(dir)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A directory holding the program respawn is started from, for the
 /// upgrade (SIGUSR2): a hard link to the build's binary, which a test then
 /// replaces as a deploy does (a new file renamed over it).
 pub struct Deploy {
-    pub dir: PathBuf,
+    pub dir: TempDir,
     pub path: PathBuf,
 }
 
 impl Deploy {
     pub fn new(name: &str) -> Deploy {
-        let dir = std::env::temp_dir().join(format!("respawn-upgrade-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating the deploy directory");
+        let dir = TempDir::new(&format!("respawn-upgrade-{name}"));
         let path = dir.join("respawn");
         if std::fs::hard_link(binary(), &path).is_err() {
             std::fs::copy(binary(), &path).expect("copying the binary");
@@ -709,12 +740,6 @@ impl Deploy {
 
     pub fn shown(&self) -> String {
         self.path.display().to_string()
-    }
-}
-
-impl Drop for Deploy {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

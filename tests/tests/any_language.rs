@@ -8,14 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// A directory of scripts for one test, removed at the end.
-struct Scripts(PathBuf);
+struct Scripts(TempDir);
 
 impl Scripts {
     fn new(name: &str) -> Scripts {
-        let dir = std::env::temp_dir().join(format!("respawn-any-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating a directory for scripts");
-        Scripts(dir)
+        Scripts(TempDir::new(&format!("respawn-any-{name}")))
     }
 
     /// Writes `text` to `name` (a new file renamed into place, as a deploy
@@ -26,12 +23,6 @@ impl Scripts {
         std::fs::write(&new, text).expect("writing a script");
         std::fs::rename(&new, &path).expect("renaming it into place");
         path
-    }
-}
-
-impl Drop for Scripts {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

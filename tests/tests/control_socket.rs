@@ -11,24 +11,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A directory for one test's control socket, removed at the end.
-struct Dir(PathBuf);
+struct Dir(TempDir);
 
 impl Dir {
     fn new(name: &str) -> Dir {
-        let dir = std::env::temp_dir().join(format!("respawn-control-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating a directory for the socket");
-        Dir(dir)
+        Dir(TempDir::new(&format!("respawn-control-{name}")))
     }
 
     fn socket(&self) -> PathBuf {
         self.0.join("control.sock")
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

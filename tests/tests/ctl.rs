@@ -20,16 +20,13 @@ use std::sync::mpsc;
 use std::thread;
 
 /// A directory of this test's own for a control socket, removed after.
-struct Dir(PathBuf);
+struct Dir(TempDir);
 
 impl Dir {
     fn new() -> Dir {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("respawn-ctl-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("making a directory for the socket");
-        Dir(dir)
+        Dir(TempDir::new(&format!("respawn-ctl-{n}")))
     }
 
     fn socket(&self) -> PathBuf {
@@ -38,12 +35,6 @@ impl Dir {
 
     fn socket_arg(&self) -> String {
         self.socket().display().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -44,24 +44,6 @@ const INSTALLED: &str = "/usr/local/bin/respawn";
 /// 253 (which introduced it).
 const BEFORE_253: &str = "Type=notify\nExecReload=/bin/kill -HUP $MAINPID\n";
 
-/// A directory that is removed when the test ends, failed or not.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn read(relative: &str) -> String {
     let path = workspace().join(relative);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))

@@ -15,11 +15,30 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// A socket path of this test's own, with nothing there yet.
-fn socket_path(name: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("respawn-{}-{name}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    path
+/// A socket path of this test's own, with nothing there yet, in a directory
+/// removed at the end: a master the harness kills leaves its file behind.
+fn socket_path(name: &str) -> SocketPath {
+    let dir = TempDir::new(&format!("respawn-listeners-{name}"));
+    let path = dir.join("http.sock");
+    SocketPath { _dir: dir, path }
+}
+
+struct SocketPath {
+    _dir: TempDir,
+    path: PathBuf,
+}
+
+impl std::ops::Deref for SocketPath {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for SocketPath {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
 }
 
 fn unix_arg(path: &Path) -> String {

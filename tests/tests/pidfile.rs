@@ -6,14 +6,11 @@ use std::path::PathBuf;
 
 /// A directory of this test's own for its pid file, removed even if the
 /// test fails (a master killed by the harness leaves its file behind).
-struct Scratch(PathBuf);
+struct Scratch(TempDir);
 
 impl Scratch {
     fn new(test: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("respawn-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
+        Scratch(TempDir::new(&format!("respawn-{test}")))
     }
 
     fn pid_file(&self) -> PathBuf {
@@ -22,12 +19,6 @@ impl Scratch {
 
     fn pid_file_arg(&self) -> String {
         self.pid_file().display().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
