@@ -38,9 +38,13 @@ pub struct Exec {
 }
 
 impl Exec {
-    /// `command` (looked up in `PATH` when it has no `/`, as a shell does)
-    /// with `args`. The error says what is wrong, at start rather than in
-    /// a crash loop: `node: no such file or directory`.
+    /// `command` (looked up in `PATH` when it has no `/`, as a shell does,
+    /// or made absolute against the current directory) with `args`. The
+    /// error says what is wrong, at start rather than in a crash loop:
+    /// `node: no such file or directory`. Only the name is fixed here: each
+    /// worker executes what the path names when it is forked, so a rolling
+    /// restart (HUP) after a deploy that flipped a symlink runs the new
+    /// release.
     pub fn new(
         command: impl Into<OsString>,
         args: impl IntoIterator<Item = OsString>,
@@ -73,7 +77,8 @@ impl Exec {
         self
     }
 
-    /// Where the program was found.
+    /// Where the program was found: absolute, its symlinks not resolved
+    /// (each fork's exec follows them as they are then).
     pub fn path(&self) -> &Path {
         &self.program.path
     }
@@ -128,13 +133,23 @@ impl Exec {
 }
 
 /// Finds `command` as execvp would (a bare name in `PATH`, the search the
-/// upgrade's argv[0] uses too), and checks it can be executed.
+/// upgrade's argv[0] uses too), and checks it can be executed. The path is
+/// made absolute but never resolved: each fork's exec follows its symlinks
+/// then, so that a deploy that flips `current -> release2` and sends HUP
+/// runs release2 (canonicalizing here would pin the release of the start).
 fn find(command: &Path) -> io::Result<PathBuf> {
     use std::os::unix::ffi::OsStrExt;
+    let cwd = std::env::current_dir().ok();
     let candidate = if command.as_os_str().as_bytes().contains(&b'/') {
-        command.to_path_buf()
+        // Relative to the directory the master started in, which a later
+        // chdir (by a program embedding the library) must not change. If
+        // that directory cannot be named (removed), the path stays as it
+        // is, and the kernel reads it from there all the same.
+        match &cwd {
+            Some(cwd) => cwd.join(command),
+            None => command.to_path_buf(),
+        }
     } else {
-        let cwd = std::env::current_dir().ok();
         crate::title::search_path(command, cwd.as_deref())
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?
     };
@@ -142,7 +157,9 @@ fn find(command: &Path) -> io::Result<PathBuf> {
     if !candidate.is_file() {
         return Err(io::Error::other("not a file"));
     }
-    Ok(std::fs::canonicalize(&candidate).unwrap_or(candidate))
+    // Components drop the `.` of `./server` (for the log's sake); `..` is
+    // kept, as the kernel must read it after the symlink before it.
+    Ok(candidate.components().collect())
 }
 
 /// Puts `sources[i]` at fd 3 + i, without close-on-exec. Each is first
@@ -208,6 +225,24 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         let err = Exec::new("/etc/passwd", []).map(|_| ()).unwrap_err();
         assert_eq!(err.to_string(), "/etc/passwd: permission denied");
+    }
+
+    #[test]
+    fn a_path_through_a_symlink_is_kept_for_each_exec_to_follow() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("respawn-exec-find-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("release1")).unwrap();
+        let server = dir.join("release1/server");
+        std::fs::write(&server, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&server, std::fs::Permissions::from_mode(0o755)).unwrap();
+        symlink("release1", dir.join("current")).unwrap();
+        let through = dir.join("current/./server");
+        let found = find(&through);
+        let missing = find(&dir.join("current/none")).map_err(|err| err.kind());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(found.ok(), Some(dir.join("current/server")));
+        assert_eq!(missing, Err(io::ErrorKind::NotFound));
     }
 
     #[test]

@@ -369,3 +369,61 @@ fn python_killed_worker_is_replaced_and_hup_runs_new_code() {
         "python_killed_worker_is_replaced_and_hup_runs_new_code",
     );
 }
+
+/// A deploy as many are done: each release in a directory of its own, a
+/// `current` symlink flipped to the new one (a new link renamed over the
+/// old, so it always names a release), then HUP. The program is the
+/// symlinked file itself (`-- ./current/server`, a script with a `#!`
+/// line), so it is respawn that finds it: resolving the path once at
+/// start would run release1 at every fork.
+#[test]
+fn hup_runs_what_the_path_names_now() {
+    if !have("python3", "hup_runs_what_the_path_names_now") {
+        return;
+    }
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let scripts = Scripts::new("symlinked-release");
+    for release in ["release1", "release2"] {
+        std::fs::create_dir(scripts.0.join(release)).expect("a release directory");
+        let text =
+            format!("#!/usr/bin/env python3\nimport os\nos.environ['TAG'] = '{release}'{PYTHON_WORKER}");
+        let server = scripts.write(&format!("{release}/server"), &text);
+        std::fs::set_permissions(&server, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    symlink("release1", scripts.0.join("current")).expect("current -> release1");
+    let dir = scripts.0.clone();
+    let respawn = Respawn::start_with(&["--workers", "2", "--", "./current/server"], |command| {
+        command.current_dir(&dir);
+    });
+    let old = respawn.wait_for_workers(2);
+    for _ in 0..4 {
+        let answer = respawn.get("/").expect("GET /");
+        assert!(
+            answer.body.starts_with("release1 "),
+            "{answer:?}\n{}",
+            respawn.dump()
+        );
+    }
+
+    symlink("release2", scripts.0.join("current.new")).expect("current.new -> release2");
+    std::fs::rename(scripts.0.join("current.new"), scripts.0.join("current")).expect("flipping current");
+    respawn.signal(libc::SIGHUP);
+    respawn.wait_for_line("rolling restart done: every worker is new");
+    // Once the old workers have left (one may still take a connection in
+    // the turn its stop arrives in), every answer is release2's.
+    assert!(
+        wait_until(PATIENCE, || old.iter().all(|&pid| !alive(pid))),
+        "{}",
+        respawn.dump()
+    );
+    let new = respawn.wait_for_workers(2);
+    for _ in 0..8 {
+        let answer = respawn.get("/").expect("GET /");
+        assert!(
+            answer.body.starts_with("release2 "),
+            "{answer:?}\n{}",
+            respawn.dump()
+        );
+        assert!(new.contains(&answer.pid().expect("a pid")), "{answer:?} {new:?}");
+    }
+}
