@@ -64,8 +64,9 @@ pub enum HandedBy {
 /// removed, so the first call takes them and later calls return nothing.
 /// Call it before any thread is started (it changes the environment).
 ///
-/// Errors: a `LISTEN_FDS` or `RESPAWN_LISTEN_FDS` that does not parse, or
-/// that names an fd that is not open, is a clear error rather than a guess.
+/// Errors: a `LISTEN_FDS` or `RESPAWN_LISTEN_FDS` that does not parse,
+/// that names an fd that is not open, or one twice, is a clear error rather
+/// than a guess.
 pub fn inherited_listeners() -> Result<Vec<Inherited>, Error> {
     let pid = std::env::var("LISTEN_PID").ok();
     let count = std::env::var("LISTEN_FDS").ok();
@@ -159,25 +160,37 @@ fn parse_count(count: &str) -> Result<Vec<RawFd>, Error> {
     }
 }
 
-/// `RESPAWN_LISTEN_FDS=3,7`: those fds.
+/// `RESPAWN_LISTEN_FDS=3,7`: those fds, each once. An fd listed twice would
+/// become two `OwnedFd`s of one number: the first dropped closes it under
+/// the other, which then closes whatever the number is given to next.
 fn parse_list(list: &str) -> Result<Vec<RawFd>, Error> {
     let fds: Option<Vec<RawFd>> = list
         .split(',')
         .map(|fd| fd.parse::<RawFd>().ok().filter(|&fd| fd >= FIRST))
         .collect();
-    match fds {
-        Some(fds) if !fds.is_empty() && fds.len() <= MOST => Ok(fds),
-        _ => Err(bad("RESPAWN_LISTEN_FDS", list)),
+    let fds = match fds {
+        Some(fds) if !fds.is_empty() && fds.len() <= MOST => fds,
+        _ => return Err(bad("RESPAWN_LISTEN_FDS", list)),
+    };
+    let mut seen = std::collections::HashSet::with_capacity(fds.len());
+    if let Some(twice) = fds.iter().find(|&&fd| !seen.insert(fd)) {
+        return Err(refused(
+            "RESPAWN_LISTEN_FDS",
+            list,
+            format!("fd {twice} is listed twice"),
+        ));
     }
+    Ok(fds)
 }
 
 fn bad(var: &str, value: &str) -> Error {
+    refused(var, value, "not a list of fds this process holds".to_owned())
+}
+
+fn refused(var: &str, value: &str, why: String) -> Error {
     Error::io(
         format!("reading {var}={value:?}"),
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a list of fds this process holds",
-        ),
+        io::Error::new(io::ErrorKind::InvalidInput, why),
     )
 }
 
@@ -210,5 +223,20 @@ mod tests {
             err.to_string(),
             "reading RESPAWN_LISTEN_FDS=\"x\": not a list of fds this process holds"
         );
+    }
+
+    #[test]
+    fn an_fd_listed_twice_is_refused_not_owned_twice() {
+        let err = parse_list("3,3").map(|_| ()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "reading RESPAWN_LISTEN_FDS=\"3,3\": fd 3 is listed twice"
+        );
+        let err = parse_list("3,7,4,7").map(|_| ()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "reading RESPAWN_LISTEN_FDS=\"3,7,4,7\": fd 7 is listed twice"
+        );
+        assert_eq!(parse_list("7,3,4").ok(), Some(vec![7, 3, 4]));
     }
 }
