@@ -217,16 +217,19 @@ impl Notifier {
     }
 
     /// The variables this process was started with, for a program that
-    /// takes the service over in the same pid (an upgrade that execs):
-    /// WATCHDOG_PID names this pid, which is then also the successor's.
+    /// takes the service over in the same pid (an upgrade that execs), so
+    /// that it reads them as this process did: the same socket, and a
+    /// watchdog that is its own exactly when it was this process's. Each
+    /// goes down as it came. A WATCHDOG_PID that named another process
+    /// still names it (claiming it would make the successor ping a watchdog
+    /// systemd keeps for someone else), and one that was garbage is still
+    /// refused. Only a watchdog meant for whoever reads it (WATCHDOG_USEC
+    /// without WATCHDOG_PID) is pinned to this pid, the successor's too, so
+    /// that nothing else the successor starts could take it for its own.
     pub(crate) fn for_successor(&self) -> Vec<(&'static str, OsString)> {
-        let mut env: Vec<_> = self
-            .inherited
-            .iter()
-            .filter(|(name, _)| *name != WATCHDOG_PID)
-            .cloned()
-            .collect();
-        if env.iter().any(|(name, _)| *name == WATCHDOG_USEC) {
+        let mut env = self.inherited.clone();
+        let has = |wanted: &str| env.iter().any(|(name, _)| *name == wanted);
+        if has(WATCHDOG_USEC) && !has(WATCHDOG_PID) {
             env.push((WATCHDOG_PID, getpid().to_string().into()));
         }
         env
@@ -298,8 +301,10 @@ fn parse_address(value: &OsStr) -> Result<Option<Address>, String> {
 }
 
 /// WATCHDOG_USEC (microseconds; 0 or unset: none), and WATCHDOG_PID, which
-/// if set must be `ours`. Garbage in either is refused with the sentence to
-/// log.
+/// if set must be `ours`: otherwise the watchdog is another process's, and
+/// this one neither pings it nor hands it down as its own
+/// (`sd_watchdog_enabled(3)`). Garbage in either, a pid of 0 or below
+/// included, is refused with the sentence to log.
 fn parse_watchdog(usec: Option<&OsStr>, pid: Option<&OsStr>, ours: i32) -> Result<Watchdog, String> {
     let Some(usec) = usec else {
         return Ok(Watchdog::Off);
@@ -312,6 +317,7 @@ fn parse_watchdog(usec: Option<&OsStr>, pid: Option<&OsStr>, ours: i32) -> Resul
         let pid: i32 = pid
             .to_str()
             .and_then(|text| text.parse().ok())
+            .filter(|&pid| pid > 0)
             .ok_or_else(|| format!("WATCHDOG_PID is {pid:?}, not a process id"))?;
         if pid != ours {
             return Ok(Watchdog::NotOurs(pid));
@@ -421,6 +427,8 @@ mod tests {
             parse_watchdog(os("400000"), os("me"), 7),
             Err("WATCHDOG_PID is \"me\", not a process id".to_owned())
         );
+        assert!(parse_watchdog(os("400000"), os("0"), 7).is_err(), "no process");
+        assert!(parse_watchdog(os("400000"), os("-7"), 7).is_err(), "a group");
     }
 
     #[test]
@@ -503,19 +511,86 @@ mod tests {
         assert!(notifier.failed);
     }
 
+    /// What a process started with `env` makes of the watchdog, in pid `me`.
+    fn watchdog_of(env: &[(&'static str, OsString)], me: i32) -> Result<Watchdog, String> {
+        let get = |wanted: &str| {
+            env.iter()
+                .find(|(name, _)| *name == wanted)
+                .map(|(_, value)| value.as_os_str())
+        };
+        parse_watchdog(get(WATCHDOG_USEC), get(WATCHDOG_PID), me)
+    }
+
     #[test]
-    fn a_successor_gets_the_variables_with_its_own_watchdog_pid() {
+    fn a_successor_gets_the_socket_and_reads_the_watchdog_as_this_process_did() {
+        let me = getpid().as_raw();
+        let other = (me + 1).to_string();
+        let cases: [&[(&'static str, &str)]; 8] = [
+            &[],
+            &[(NOTIFY_SOCKET, "/run/notify")],
+            &[(NOTIFY_SOCKET, "/run/notify"), (WATCHDOG_USEC, "400000")],
+            &[
+                (NOTIFY_SOCKET, "@notify"),
+                (WATCHDOG_USEC, "400000"),
+                (WATCHDOG_PID, &other),
+            ],
+            &[
+                (NOTIFY_SOCKET, "/run/notify"),
+                (WATCHDOG_USEC, "400000"),
+                (WATCHDOG_PID, "1"),
+            ],
+            &[
+                (NOTIFY_SOCKET, "/run/notify"),
+                (WATCHDOG_USEC, "400000"),
+                (WATCHDOG_PID, "me"),
+            ],
+            &[
+                (NOTIFY_SOCKET, "/run/notify"),
+                (WATCHDOG_USEC, "400000"),
+                (WATCHDOG_PID, "0"),
+            ],
+            &[(WATCHDOG_PID, "1")],
+        ];
+        for case in cases {
+            let inherited: Vec<(&'static str, OsString)> =
+                case.iter().map(|&(name, value)| (name, value.into())).collect();
+            let handed = Notifier::off(inherited.clone()).for_successor();
+            assert_eq!(
+                watchdog_of(&handed, me),
+                watchdog_of(&inherited, me),
+                "{case:?} handed down as {handed:?}"
+            );
+            let socket = |env: &[(&str, OsString)]| {
+                env.iter()
+                    .find(|(name, _)| *name == NOTIFY_SOCKET)
+                    .map(|(_, value)| value.clone())
+            };
+            assert_eq!(socket(&handed), socket(&inherited), "{case:?}");
+        }
+    }
+
+    #[test]
+    fn a_watchdog_of_another_process_is_not_claimed_for_the_successor() {
         let notifier = Notifier::off(vec![
             (NOTIFY_SOCKET, "/run/notify".into()),
             (WATCHDOG_USEC, "400000".into()),
             (WATCHDOG_PID, "1".into()),
         ]);
-        let me = getpid().to_string();
         assert_eq!(
             notifier.for_successor(),
             [
                 (NOTIFY_SOCKET, OsString::from("/run/notify")),
                 (WATCHDOG_USEC, "400000".into()),
+                (WATCHDOG_PID, "1".into())
+            ]
+        );
+        // Meant for whoever reads it: pinned to this pid, the successor's.
+        let notifier = Notifier::off(vec![(WATCHDOG_USEC, "400000".into())]);
+        let me = getpid().to_string();
+        assert_eq!(
+            notifier.for_successor(),
+            [
+                (WATCHDOG_USEC, OsString::from("400000")),
                 (WATCHDOG_PID, me.into())
             ]
         );

@@ -511,3 +511,46 @@ fn notify_ready_after_a_backed_out_upgrade() {
     systemd.wait_for(&respawn, "READY=1", |m| m == "READY=1");
     respawn.wait_for_log("the back-out", |l| l.contains("backed out"));
 }
+
+/// A watchdog that systemd keeps for another process (WATCHDOG_PID names
+/// it) stays that process's across an upgrade: the re-executed master,
+/// though it is the same pid, neither pings it nor says it is its own.
+#[test]
+fn watchdog_pid_of_another_process_is_not_claimed_by_an_upgrade() {
+    let mut systemd = Systemd::new("watchdog-pid-upgrade");
+    let deploy = Deploy::new("watchdog-pid");
+    let path = systemd.path();
+    let respawn = deploy.start_with(&["--workers", "1"], |command| {
+        command
+            .env("NOTIFY_SOCKET", &path)
+            .env("WATCHDOG_USEC", "100000")
+            .env("WATCHDOG_PID", "1");
+    });
+    let not_ours = "WATCHDOG_PID is 1, not this process: no watchdog pings";
+    respawn.wait_for_line(not_ours);
+    systemd.wait_for(&respawn, "READY=1", |m| m.starts_with("READY=1"));
+    respawn.wait_for_workers(1);
+
+    deploy.replace_with_build("n");
+    respawn.signal(libc::SIGUSR2);
+    respawn.wait_for_log("the master re-executing", |l| {
+        message(l).starts_with("master re-executed as ")
+    });
+    systemd.wait_for(&respawn, "READY=1 after the upgrade", |m| {
+        m.starts_with("READY=1")
+    });
+    // Twenty times the interval it would have pinged at.
+    systemd.read_for(Duration::from_secs(1));
+    assert_eq!(systemd.count("WATCHDOG=1"), 0, "{:?}", systemd.messages());
+    // The new image read the variables again, and found the watchdog is
+    // still another's.
+    assert!(
+        wait_until(PATIENCE, || respawn.count_lines(not_ours) == 2),
+        "{}",
+        respawn.dump()
+    );
+    assert_eq!(
+        respawn.get("/version").expect("GET /version").body.trim(),
+        format!("respawn {} n", env!("CARGO_PKG_VERSION"))
+    );
+}
