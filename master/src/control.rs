@@ -41,6 +41,9 @@ const MAX_REQUEST: usize = 256;
 const PATIENCE: Duration = Duration::from_secs(5);
 /// The most connections served at once.
 const MAX_CONNECTIONS: usize = 64;
+/// How long a request that waits for what it asked (`scale`, `reload`,
+/// `upgrade`) may wait: past it, the master answers with the state reached.
+pub(crate) const WAIT_BOUND: Duration = Duration::from_secs(120);
 
 /// Is this event the control socket's?
 pub(crate) fn owns(token: Token) -> bool {
@@ -92,6 +95,8 @@ struct Conn {
     /// Reading and answering have one; waiting has none (a reload may take
     /// minutes, and the peer asked to wait).
     deadline: Option<Instant>,
+    /// When it began to wait for what it asked.
+    waiting_since: Option<Instant>,
 }
 
 pub(crate) struct Control {
@@ -166,7 +171,12 @@ impl Control {
 
     /// Handles an event of one of its tokens: new connections, request
     /// bytes, room to write. Returns the requests now complete.
-    pub(crate) fn on_event(&mut self, token: Token, registry: &Registry) -> Vec<(ConnId, Request)> {
+    pub(crate) fn on_event(
+        &mut self,
+        token: Token,
+        _closed: bool,
+        registry: &Registry,
+    ) -> Vec<(ConnId, Request)> {
         if token == LISTENER {
             self.accept_all(registry);
             return Vec::new();
@@ -203,6 +213,7 @@ impl Control {
         if let Some(conn) = self.conns.iter_mut().find(|c| c.token == id.0) {
             conn.phase = Phase::Waiting(pending);
             conn.deadline = None;
+            conn.waiting_since = Some(Instant::now());
         }
     }
 
@@ -217,9 +228,23 @@ impl Control {
             .collect()
     }
 
-    /// The nearest deadline of a connection reading or answering.
+    /// The nearest deadline of a connection: reading or answering, or
+    /// waiting past its bound.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.conns.iter().filter_map(|c| c.deadline).min()
+        self.conns
+            .iter()
+            .filter_map(|c| c.deadline.or(c.waiting_since.map(|at| at + WAIT_BOUND)))
+            .min()
+    }
+
+    /// The connections that have waited past their bound.
+    pub(crate) fn overdue(&self, now: Instant) -> Vec<ConnId> {
+        self.conns
+            .iter()
+            .filter(|c| matches!(c.phase, Phase::Waiting(_)))
+            .filter(|c| c.waiting_since.is_some_and(|at| at + WAIT_BOUND <= now))
+            .map(|c| ConnId(c.token))
+            .collect()
     }
 
     /// Connections past their deadline: a late request gets an error (if it
@@ -275,15 +300,82 @@ impl Control {
                 conn.answer(answer(pending));
             }
         }
-        for conn in &mut self.conns {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || conn.stream.set_nonblocking(false).is_err() {
-                break;
-            }
-            let _ = conn.stream.set_write_timeout(Some(left));
-            let _ = conn.stream.write_all(&conn.output[conn.written..]);
-        }
+        write_within(&mut self.conns, patience);
+        let _ = deadline;
         self.conns.clear();
+    }
+
+    /// Before the master's exec: the connections that can be carried across
+    /// it are returned, to be handed down (handdown.rs): those waiting for
+    /// what they asked, and those whose greeting is out and of whose request
+    /// nothing is read yet. The others are answered (one still reading is
+    /// told to ask again), written within `patience`, and closed. If the
+    /// exec fails, the handed-down ones are here still, as they were.
+    pub(crate) fn prepare_exec(&mut self, patience: Duration) -> Vec<(RawFd, Option<Pending>)> {
+        let mut handed = Vec::new();
+        let mut kept = Vec::new();
+        let mut others = Vec::new();
+        for mut conn in std::mem::take(&mut self.conns) {
+            match conn.phase {
+                Phase::Waiting(pending) => {
+                    handed.push((conn.stream.as_raw_fd(), Some(pending)));
+                    kept.push(conn);
+                }
+                Phase::Reading if conn.input.is_empty() && conn.written >= conn.output.len() => {
+                    handed.push((conn.stream.as_raw_fd(), None));
+                    kept.push(conn);
+                }
+                Phase::Reading => {
+                    conn.answer(Err("the master re-executes for an upgrade; ask again".to_owned()));
+                    others.push(conn);
+                }
+                Phase::Answering => others.push(conn),
+            }
+        }
+        write_within(&mut others, patience);
+        self.conns = kept;
+        handed
+    }
+
+    /// After the master's exec: the connections the previous image handed
+    /// down, reading their request (None) or waiting for what they asked.
+    pub(crate) fn adopt_conns(&mut self, conns: Vec<(RawFd, Option<Pending>)>, registry: &Registry) {
+        use std::os::fd::FromRawFd;
+        for (fd, pending) in conns {
+            // SAFETY: the previous image left this fd open for us alone
+            // (the state naming it is removed, and names each fd once).
+            let stream = unsafe { UnixStream::from_raw_fd(fd) };
+            let _ = nix::fcntl::fcntl(
+                &stream,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            );
+            let _ = stream.set_nonblocking(true);
+            let token = Token(CONTROL_BIT | self.next);
+            self.next += 1;
+            if let Err(err) = registry.register(
+                &mut SourceFd(&stream.as_raw_fd()),
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                debug!("control socket: watching a connection handed down: {err}");
+                continue;
+            }
+            let now = Instant::now();
+            let (phase, deadline, waiting_since) = match pending {
+                None => (Phase::Reading, Some(now + PATIENCE), None),
+                Some(pending) => (Phase::Waiting(pending), None, Some(now)),
+            };
+            self.conns.push(Conn {
+                stream,
+                token,
+                input: Vec::new(),
+                output: Vec::new(),
+                written: 0,
+                phase,
+                deadline,
+                waiting_since,
+            });
+        }
     }
 
     fn accept_all(&mut self, registry: &Registry) {
@@ -323,6 +415,7 @@ impl Control {
                 written: 0,
                 phase: Phase::Reading,
                 deadline: Some(Instant::now() + PATIENCE),
+                waiting_since: None,
             };
             conn.write_some();
             self.conns.push(conn);
@@ -423,6 +516,20 @@ impl Conn {
                 }
             }
         }
+    }
+}
+
+/// Writes what each connection has left to write, blocking, waiting for
+/// slow peers at most `patience` in all.
+fn write_within(conns: &mut [Conn], patience: Duration) {
+    let deadline = Instant::now() + patience;
+    for conn in conns {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || conn.stream.set_nonblocking(false).is_err() {
+            break;
+        }
+        let _ = conn.stream.set_write_timeout(Some(left));
+        let _ = conn.stream.write_all(&conn.output[conn.written..]);
     }
 }
 

@@ -138,6 +138,7 @@ mod config;
 mod control;
 mod error;
 mod exec;
+mod handdown;
 mod hung;
 mod limits;
 mod listen;
@@ -190,7 +191,7 @@ where
 {
     let listeners = listeners.into();
     match upgrade::take_worker_env() {
-        Ok(Some(env)) => run_upgraded_worker(&env, listeners, &config, worker),
+        Ok(Some(env)) => run_upgraded_worker(&env, listeners, worker),
         Ok(None) => {}
         Err(why) => {
             return Err(Error::io(
@@ -219,25 +220,19 @@ where
 }
 
 /// This process is a worker that a master started from a new binary during
-/// an upgrade (see upgrade.rs): it runs `worker` at once, as a forked worker
-/// would, and exits with the code it returns.
-fn run_upgraded_worker<W>(env: &upgrade::WorkerEnv, listeners: Listeners, config: &Config, mut worker: W) -> !
+/// an upgrade (spawn.rs, step 5): it was forked, cleaned and dropped its
+/// privileges before the exec, so all that is left is step 6 (spawn.rs's
+/// `after_exec`), then `worker`; it exits with the code it returns.
+/// Nothing of the configuration is used: the master resolved and applied
+/// it already.
+fn run_upgraded_worker<W>(env: &upgrade::WorkerEnv, listeners: Listeners, mut worker: W) -> !
 where
     W: FnMut(Handoff) -> i32,
 {
-    logbuf::become_worker_after_exec();
-    spawn::name_process(env.slot);
-    title::set_worker_title(env.slot);
-    if let Some(run_as) = &config.run_as {
-        // Changing the user clears the parent-death signal: ask again.
-        let master = nix::unistd::getppid();
-        let dropped = privileges::drop_privileges(run_as)
-            .and_then(|()| spawn::die_with_master(master).map_err(|err| err.to_string()));
-        if let Err(err) = dropped {
-            log::error!("worker {}: dropping privileges: {err}", std::process::id());
-            log::logger().flush();
-            std::process::exit(respawn_ipc::exit_code::SETUP_FAILED);
-        }
+    if let Err(err) = spawn::after_exec(env) {
+        log::error!("worker {}: {err}", std::process::id());
+        log::logger().flush();
+        std::process::exit(respawn_ipc::exit_code::SETUP_FAILED);
     }
     let code = worker(upgrade::handoff(env, listeners.into_listeners()));
     log::logger().flush();

@@ -43,7 +43,7 @@ use nix::sys::stat::{fstat, SFlag};
 use std::collections::VecDeque;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -111,18 +111,58 @@ pub(crate) fn become_worker() {
     global.worker = true;
 }
 
+/// In a forked child that is about to execute a program as a worker (an
+/// upgrade's new binary): its own way to stderr, opened now if it is not
+/// yet, to be handed across the exec. Now, because once the child has
+/// dropped its privileges it may not reopen a pipe that belongs to root.
+pub(crate) fn worker_out_fd() -> Option<RawFd> {
+    with_path(|path| path.out.as_ref().map(|out| out.fd.as_raw_fd()))
+}
+
 /// In a worker started by executing a program (an upgrade's new binary):
 /// whatever this process logged so far is its own, so it is kept and
-/// written now, and its fd onto stderr stays its own (nobody else closes it).
-pub(crate) fn become_worker_after_exec() {
+/// written now. `handed` is the way to stderr its parent opened for it
+/// before the exec ([`worker_out_fd`]), which it now owns.
+pub(crate) fn become_worker_after_exec(handed: Option<RawFd>) {
     {
         let mut global = GLOBAL.lock().unwrap_or_else(PoisonError::into_inner);
         global.worker = true;
-        if let Some(path) = global.path.as_mut() {
-            path.worker = true;
+        let handed = handed.and_then(adopt_out);
+        match global.path.as_mut() {
+            Some(path) => {
+                path.worker = true;
+                if let Some(out) = handed {
+                    path.out = Some(out);
+                }
+            }
+            None if handed.is_some() => global.path = Some(LogPath::new(handed, true)),
+            None => {}
         }
     }
     flush_pending();
+}
+
+/// Takes `fd`, handed across an exec, as the way to stderr: its kind is
+/// read from the file (a non-blocking description is ours alone).
+fn adopt_out(fd: RawFd) -> Option<Out> {
+    // SAFETY: the parent handed this fd to us alone across the exec (the
+    // variable naming it is removed): nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let _ = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    let stat = fstat(fd.as_fd()).ok()?;
+    let kind = match SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) {
+        SFlag::S_IFSOCK => Kind::Socket,
+        SFlag::S_IFREG => Kind::Blocking,
+        _ => {
+            let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).ok()?;
+            if flags & libc::O_NONBLOCK != 0 {
+                Kind::NonBlocking
+            } else {
+                Kind::Blocking
+            }
+        }
+    };
+    Some(Out { fd, kind })
 }
 
 /// The master's own fd onto stderr, if it has opened one: a forked child

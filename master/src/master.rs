@@ -3,37 +3,55 @@
 //! ```text
 //! signals ──► signalfd ─┐
 //! worker pipes ─────────┤
+//! control socket ───────┤
 //! stderr writable ──────┼──► poll(until the nearest deadline) ──► handle ──► act
 //! deadlines: kill, ─────┘                                   (fork, signal, reap)
-//!   start, backoff, hung check
+//!   start, backoff, hung check, control
 //! ```
 //!
-//! Handlers record what happened in the worker table and send signals; they
-//! never fork. The count invariant is restored by one function,
-//! `manage_workers`, at the end of every turn of the loop, and also before a
-//! retiring worker's exit is logged, so that the log shows its replacement
-//! first: that is the one place outside the end of a turn where a fork can
-//! happen. The order of events within a turn therefore does not matter: a
-//! pipe's EOF before or after its worker's SIGCHLD, a Suicide read before or
-//! after the exit, both end in the same table.
+//! This file is the crash path of the article, in order: a worker is
+//! spawned (`spawn_worker`), says Ready or Suicide (`read_worker_messages`),
+//! exits and is reaped (`reap_children`, `forget_worker`), and is replaced
+//! (`manage_workers`). Handlers record what happened in the worker table
+//! and send signals; they never decide that anything is done.
+//!
+//! Two functions hold the rules, each in one place:
+//!
+//! - `manage_workers`, the count invariant: fork while fewer workers count
+//!   than wanted, retire while more count. It runs at the end of every turn,
+//!   and also before a retiring worker's exit is logged, so that the log
+//!   shows its replacement first.
+//! - `settle` (settle.rs), what is owed: whether a rollout or an upgrade is
+//!   over, whether READY=1 is due (and the pid file before it), and what
+//!   each waiting control client is answered. It runs once, at the end of
+//!   every turn, after `manage_workers`, never from inside a handler.
+//!
+//! The steering verbs (HUP, USR2, the back-out, the re-execution and the
+//! adoption that follows it) are in deploy.rs; the control socket's verbs in
+//! settle.rs. They reach this file through the worker table and the build
+//! the master wants (`Wanted`), nothing else.
 //!
 //! Nothing the host does can stop the loop but a stop signal: a fork or a
 //! pipe that fails is a line naming the limit and a retry on the slot's
 //! backoff; a log pipe nobody reads fills a bounded buffer (logbuf.rs),
 //! written only when stderr is writable; a stray signal is a line.
 
-use crate::control::{self, ConnId, Control, Pending, Request};
+mod deploy;
+mod settle;
+mod strays;
+
+use crate::control::{self, Control, Pending};
 use crate::error::describe;
 use crate::hung::{self, Sample, Verdict};
 use crate::listen::{self, Listeners};
-use crate::notify::{self, Notifier};
+use crate::notify::Notifier;
 use crate::pidfile::PidFile;
 use crate::policy::{Backoff, Exceeded, RestartLimit};
 use crate::signals::{self, Signals, Signo};
 use crate::spawn::{self, ChildSetup, FdFloor, SpawnError};
-use crate::status::{self, Counters};
-use crate::table::{Event, Received, State, Table, Worker};
-use crate::upgrade::{self, AdoptedWorker, MasterState, Program, Upgrade};
+use crate::status::Counters;
+use crate::table::{Event, Received, State, Table, Wanted, Worker};
+use crate::upgrade::{self, Program, Upgrade};
 use crate::{limits, logbuf, reap};
 use crate::{Config, Error};
 use log::{debug, error, info, warn};
@@ -45,16 +63,10 @@ use nix::unistd::Pid;
 use respawn_ipc::scoreboard::{self, RowWriter, Scoreboard};
 use respawn_ipc::{DecodeError, Handoff, Message};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 const SIGNALS: Token = Token(0);
-/// How long a master about to re-execute waits for stderr to take the lines
-/// it holds: the new image starts with an empty queue.
-const LAST_LINES_BEFORE_EXEC: Duration = Duration::from_secs(1);
-/// How long a master about to exit or re-execute waits for control-socket
-/// peers to take their answers.
-const CONTROL_PATIENCE: Duration = Duration::from_millis(500);
 /// Stderr became writable: what the log buffer holds can go out.
 const LOG: Token = Token(1);
 
@@ -82,11 +94,19 @@ pub(crate) struct Master<W> {
     poll: Poll,
     signals: Signals,
     workers: Table,
-    /// How many workers to keep: the configured number, then TTIN and TTOU.
+    /// How many workers to keep: the configured number, then TTIN, TTOU
+    /// and `scale`.
     target: usize,
-    /// Bumped by each HUP; a counting worker of an older generation is
-    /// outdated, and replaced one at a time.
+    /// The program image this master runs: 0 at the first start, one more
+    /// at each re-execution. A worker forked by this image runs it; one
+    /// forked during an upgrade runs the next.
+    image: u32,
+    /// Bumped by each HUP and USR2: the generation of the workers forked
+    /// from then on.
     generation: u64,
+    /// The build every counted worker should run; the others are outdated
+    /// and replaced one at a time (`manage_workers`).
+    wanted: Wanted,
     backoff: Backoff,
     restarts: RestartLimit,
     scoreboard: Scoreboard,
@@ -94,7 +114,8 @@ pub(crate) struct Master<W> {
     next_hung_check: Option<Instant>,
     /// Set by TERM, QUIT or INT: no more forks, exit once the table is empty.
     stopping: bool,
-    /// Set by HUP, cleared with the `rolling restart done` line.
+    /// A rollout (HUP, or the way back from an upgrade) is under way, and
+    /// its `rolling restart done` line is still to be said.
     rolling: bool,
     /// Why the master gave up, if it did: `run` returns it once all stopped.
     gave_up: Option<String>,
@@ -106,21 +127,23 @@ pub(crate) struct Master<W> {
     failed_forks: usize,
     /// A replacement waits for a retiring worker to leave (logged once).
     waiting_for_room: bool,
-    /// Lines about signals that mean nothing, at most one a second each.
-    stray_signals: signals::RateLimit,
+    /// Lines that a peer or a worker can cause, at most one a second each.
+    noisy: signals::RateLimit,
     /// The program this master runs, for an upgrade to execute it anew.
     program: Program,
-    /// Set by USR2 until every worker runs the new binary, or it is backed out.
+    /// Set by USR2 until the master re-executes, or the upgrade ends.
     upgrade: Option<Upgrade>,
-    /// Claimed at start; written when READY=1 would be sent.
+    /// Claimed at start; written again before READY=1.
     pid_file: Option<PidFile>,
     /// systemd's notification socket (notify.rs).
     notify: Notifier,
-    /// READY=1 was sent (and the pid file written) once the first workers
-    /// were all Ready.
-    ready_announced: bool,
+    /// What settle.rs owes and has said (READY=1, control answers).
+    owed: settle::Owed,
     /// The control socket (control.rs), if `--control` asked for one.
     control: Option<Control>,
+    /// Processes that are the master's children but not its workers: a
+    /// worker's descendants, orphaned to the master (strays.rs).
+    strays: strays::Strays,
     /// Exits by cause and requests served, for `metrics`.
     counters: Counters,
     started: Instant,
@@ -139,22 +162,18 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             ));
         }
         listen::prepare(&listeners)?;
+        let handed_down = upgrade::take_master_state();
         let pid_file = config.pid_file.as_deref().map(PidFile::claim).transpose()?;
         let floor =
             FdFloor::above_open_fds().map_err(|err| Error::io("listing open fds in /proc/self/fd", err))?;
         let program = Program::of_this_process();
-        let adopted = upgrade::take_master_state().map_err(|why| {
-            Error::io(
-                "adopting the workers of the previous master",
-                io::Error::other(why),
-            )
-        })?;
         let mut signals =
             Signals::block().map_err(|err| Error::io("blocking signals for the signalfd", err))?;
+        let poll = Poll::new().map_err(|err| Error::io("creating the epoll instance", err))?;
+        let adopted = deploy::read_handed_down(handed_down);
         if let Some(state) = &adopted {
             signals.set_saved_mask(state.signal_mask);
         }
-        let poll = Poll::new().map_err(|err| Error::io("creating the epoll instance", err))?;
         let scoreboard = upgrade::adopt_scoreboard(adopted.as_ref().and_then(|state| state.scoreboard))
             .map_err(|err| Error::io("creating the scoreboard", err))?;
         poll.registry()
@@ -169,13 +188,18 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 debug!("not watching stderr for writability: {err}");
             }
         }
+        // Orphaned descendants of workers become the master's children,
+        // not init's: the master reaps them and ends them at a stop.
+        strays::become_subreaper();
         let mut master = Master {
             backoff: Backoff::new(config.backoff_initial, config.backoff_cap),
             restarts: RestartLimit::new(config.max_restarts, config.restart_window),
             scoreboard,
             next_hung_check: config.timeout.map(|timeout| Instant::now() + timeout / 2),
             target: config.workers,
+            image: 0,
             generation: 0,
+            wanted: Wanted { image: 0, since: 0 },
             config,
             listeners,
             work,
@@ -189,13 +213,14 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             floor,
             failed_forks: 0,
             waiting_for_room: false,
-            stray_signals: signals::RateLimit::default(),
+            noisy: signals::RateLimit::default(),
             program,
             upgrade: None,
             pid_file,
             notify: Notifier::from_env(),
-            ready_announced: false,
+            owed: settle::Owed::default(),
             control: None,
+            strays: strays::Strays::default(),
             counters: Counters::default(),
             started: Instant::now(),
         };
@@ -212,53 +237,6 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         Ok(master)
     }
 
-    /// After an upgrade's re-execution: the workers the previous image
-    /// handed down become this one's, with their pipes, states and
-    /// deadlines. A pid that is not our child any more (it exited and was
-    /// reaped by nobody yet is still our child; this is one that is gone)
-    /// is left out.
-    fn adopt(&mut self, state: MasterState) {
-        self.target = state.target;
-        self.generation = state.generation;
-        let now = Instant::now();
-        let count = state.workers.len();
-        for adopted in state.workers {
-            let pipe = adopted.pipe.map(|fd| {
-                // SAFETY: the previous image left this fd open for us alone
-                // (the state naming it is removed from the environment).
-                let pipe = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-                let _ = nix::fcntl::fcntl(
-                    &pipe,
-                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-                );
-                pipe
-            });
-            let token = Token(self.next_token);
-            self.next_token += 1;
-            let mut worker = adopted.into_worker(token, pipe, now);
-            if let Some(pipe) = &worker.pipe {
-                if let Err(err) =
-                    self.poll
-                        .registry()
-                        .register(&mut SourceFd(&pipe.as_raw_fd()), token, Interest::READABLE)
-                {
-                    error!(
-                        "watching the pipe of worker {}: {}; killing it",
-                        worker.pid,
-                        describe(&err)
-                    );
-                    kill(&mut worker);
-                }
-            }
-            self.workers.insert(worker);
-        }
-        info!(
-            "master re-executed as {} (pid {} kept), {count} workers adopted",
-            self.program.path.display(),
-            std::process::id()
-        );
-    }
-
     /// The loop. Returns once stopped and every worker is reaped.
     pub(crate) fn run(&mut self) -> Result<(), Error> {
         let mut events = Events::with_capacity(64);
@@ -267,22 +245,22 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         // discarded (POSIX: a pending signal whose default is to ignore).
         self.reap_children();
         self.manage_workers();
-        self.announce_when_ready();
-        while !(self.stopping && self.workers.is_empty()) {
+        self.settle();
+        while !(self.stopping && self.workers.is_empty() && self.strays.is_empty()) {
             self.write_log();
             self.wait_for_events(&mut events)?;
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => self.handle_signals()?,
                     LOG => {} // written at the top of every turn
-                    token if control::owns(token) => self.serve_control(token),
+                    token if control::owns(token) => self.serve_control(token, event.is_read_closed()),
                     token => self.read_worker_messages(token),
                 }
             }
             self.enforce_deadlines();
             self.manage_workers();
-            self.announce_when_ready();
-            self.answer_control();
+            self.look_for_strays();
+            self.settle();
         }
         self.pid_file.iter().for_each(PidFile::remove);
         info!("all workers stopped, master exiting");
@@ -291,23 +269,6 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             Some(reason) => Err(Error::GaveUp { reason }),
             None => Ok(()),
         }
-    }
-
-    /// The control requests still waiting when the master exits: a `stop`
-    /// is done now; anything else was overtaken by the stop (or a give-up).
-    fn answer_control_at_exit(&mut self) {
-        let Some(mut control) = self.control.take() else {
-            return;
-        };
-        let gave_up = self.gave_up.clone();
-        control.finish(
-            |pending| match (pending, &gave_up) {
-                (Pending::Stop, None) => Ok("{\"stopped\":true}\n".to_owned()),
-                (_, Some(reason)) => Err(format!("the master gave up: {reason}")),
-                (_, None) => Err("the master stopped".to_owned()),
-            },
-            CONTROL_PATIENCE,
-        );
     }
 
     /// Writes what the log buffer holds, as far as stderr takes it now. The
@@ -327,6 +288,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.next_hung_check,
             self.notify.next_watchdog(),
             self.control.as_ref().and_then(Control::next_deadline),
+            self.owed.next_deadline(),
+            self.strays.next_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -343,6 +306,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
     }
 
+    /// One handler per signal, named for what it does; none of them decides
+    /// that anything is done (that is `settle`'s).
     fn handle_signals(&mut self) -> Result<(), Error> {
         while let Some(signal) = self
             .signals
@@ -370,7 +335,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// Any other signal: a line saying what it means to respawn (at most one
     /// a second per signal), and nothing else.
     fn ignore_signal(&mut self, signal: Signo) {
-        let Some(unsaid) = self.stray_signals.allow(signal, Instant::now()) else {
+        let Some(unsaid) = self.noisy.allow(signal, Instant::now()) else {
             return;
         };
         let name = signals::name(signal);
@@ -384,23 +349,26 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             libc::SIGUSR1 => ": respawn logs to stderr and has no log file to reopen",
             _ => ", which means nothing to respawn",
         };
-        let more = match unsaid {
-            0 => String::new(),
-            n => format!(" ({n} more since the last line)"),
-        };
-        info!("received {name}{meaning}; ignored{more}");
+        info!("received {name}{meaning}; ignored{}", signals::unsaid(unsaid));
     }
 
     /// 'exit': collect every dead child; one SIGCHLD may stand for many.
     fn reap_children(&mut self) {
+        let mut reaped = false;
         while let Some((pid, status)) = reap::next_exited() {
             self.forget_worker(pid, &status);
+            reaped = true;
+        }
+        if reaped {
+            // A worker's orphans are reparented to the master before its
+            // SIGCHLD is sent: they are the master's children by now.
+            self.strays.look_soon();
         }
     }
 
     fn forget_worker(&mut self, pid: Pid, status: &WaitStatus) {
         let Some(mut worker) = self.workers.remove(pid) else {
-            debug!("reaped process {pid}, not a worker ({})", reap::describe(status));
+            self.strays.reaped(pid, status);
             return;
         };
         // Its last words: a Suicide written just before it exited may still
@@ -499,6 +467,20 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         );
     }
 
+    /// Takes the master's children that are not workers as strays
+    /// (strays.rs), after a reap or a Ready: the moments a worker's
+    /// descendants are orphaned or started.
+    fn look_for_strays(&mut self) {
+        if !self.strays.wants_a_look() {
+            return;
+        }
+        let children: Vec<Pid> = strays::children()
+            .into_iter()
+            .filter(|&pid| !self.workers.contains(pid))
+            .collect();
+        self.strays.found(children, Instant::now());
+    }
+
     /// 'message': everything a worker's pipe holds now. A worker that speaks
     /// garbage is stopped; its exit is judged like any death (plan_replacement).
     fn read_worker_messages(&mut self, token: Token) {
@@ -507,7 +489,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         let Some(worker) = self.workers.by_token(token) else {
             return;
         };
-        if let Some(err) = read_messages(self.poll.registry(), &self.scoreboard, worker, graceful) {
+        let was_ready = worker.was_ready;
+        let garbage = read_messages(self.poll.registry(), &self.scoreboard, worker, graceful);
+        if worker.was_ready != was_ready {
+            self.strays.look_soon();
+        }
+        if let Some(err) = garbage {
             match worker.state {
                 State::Retiring => debug!("worker {} sent malformed ipc ({err}) while retiring", worker.pid),
                 _ => warn!("worker {} sent malformed ipc ({err}); replacing it", worker.pid),
@@ -519,7 +506,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
 
     /// TERM, QUIT (or giving up, with no signal): every worker finishes what
     /// it holds and exits; any still alive after the graceful timeout is
-    /// killed.
+    /// killed. The workers' orphaned descendants are asked to stop too.
     fn stop_gracefully(&mut self, signal: Option<Signo>) {
         if self.stopping {
             if let Some(signal) = signal {
@@ -543,6 +530,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         for worker in self.workers.iter_mut() {
             ask_to_stop(worker, self.config.graceful_timeout);
         }
+        self.strays.stop(Some(self.config.graceful_timeout));
     }
 
     /// INT (Ctrl-C): every worker is killed now; a graceful stop under way
@@ -555,6 +543,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             worker.state = worker.state.next(Event::Stop);
             kill(worker);
         }
+        self.strays.stop(None);
     }
 
     /// Kills every stopping worker whose graceful timeout has passed, every
@@ -583,6 +572,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 kill(worker);
             }
         }
+        self.strays.enforce(now);
         if self.next_hung_check.is_some_and(|at| at <= now) {
             self.kill_hung_workers(now);
         }
@@ -628,36 +618,6 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         self.next_hung_check = Some(next);
     }
 
-    /// HUP: a rolling restart. Every worker of the current generation
-    /// becomes outdated; `manage_workers` replaces them one at a time.
-    /// `by` says who asked, to begin its lines: `received SIGHUP`, or
-    /// `control socket: reload`. Err: why nothing was done.
-    fn restart_every_worker(&mut self, by: &str) -> Result<(), String> {
-        if self.stopping {
-            info!("{by} while stopping; ignored");
-            return Err("the master is stopping".to_owned());
-        }
-        if self.upgrade.is_some() {
-            info!("{by} during an upgrade, which replaces every worker already; ignored");
-            return Err("an upgrade is under way, which replaces every worker already".to_owned());
-        }
-        if self.workers.counted() == 0 {
-            info!("{by} with no worker running; nothing to replace");
-            // A reload that systemd waits for (notify-reload) ends at once.
-            self.notify.reloading();
-            self.notify.ready();
-            return Ok(());
-        } else if self.rolling {
-            info!("{by} during a rolling restart; every worker started before now will be replaced");
-        } else {
-            info!("{by}, replacing every worker, one at a time");
-        }
-        self.generation += 1;
-        self.rolling = true;
-        self.notify.reloading();
-        Ok(())
-    }
-
     /// TTIN (+1) and TTOU (-1): one worker more or one fewer, never below 0.
     fn change_target(&mut self, change: isize) {
         let name = if change > 0 { "SIGTTIN" } else { "SIGTTOU" };
@@ -691,21 +651,22 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// The count invariant, in one place: fork while fewer workers count
     /// than wanted (except into a slot that waits out its backoff), and
     /// retire while more count, until neither changes anything. During a
-    /// rolling restart one more is wanted, and the surplus is retired only
-    /// once nothing is starting, so an outdated worker leaves only when its
+    /// rollout one more is wanted, and the surplus is retired only once
+    /// nothing is starting, so an outdated worker leaves only when its
     /// replacement is Ready, and the next replacement is forked at once,
     /// without waiting for the old worker to finish.
     ///
     /// At most twice the target plus one workers live at once: the counted
-    /// ones, one more during a rolling restart, and as many retiring ones
-    /// as the target. Past that, a replacement waits for a retiring worker
-    /// to leave (within the graceful timeout), so that clients who hold
-    /// retiring workers (slow requests, --max-requests 1) cannot make the
-    /// master fork without bound.
+    /// ones, one more during a rollout, and as many retiring ones as the
+    /// target. Past that, a replacement waits for a retiring worker to leave
+    /// (within the graceful timeout), so that clients who hold retiring
+    /// workers (slow requests, --max-requests 1) cannot make the master fork
+    /// without bound.
     fn manage_workers(&mut self) {
         if self.stopping {
             return;
         }
+        self.note_upgrade_proved();
         loop {
             self.spawn_missing_workers();
             // A retired worker makes room for the next new one of a rollout.
@@ -713,47 +674,21 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 break;
             }
         }
-        if self.rolling && self.workers.outdated(self.generation) == 0 && !self.workers.any_starting() {
-            self.rolling = false;
-            match self.upgrade.take() {
-                Some(upgrade) => self.reexec_as_new_binary(upgrade),
-                None => {
-                    info!("rolling restart done: every worker is new");
-                    self.notify.ready();
-                }
-            }
-        }
     }
 
-    /// Tells systemd the service is up once the first workers asked for
-    /// are all Ready (READY=1, once), and the count and generation whenever
-    /// they change (STATUS=; while stopping, the workers left). Called at
-    /// the end of every turn.
-    fn announce_when_ready(&mut self) {
-        let ready = self.workers.iter().filter(|w| w.state == State::Ready).count();
-        let status = if self.stopping {
-            notify::stopping_line(self.workers.iter().count())
-        } else {
-            notify::status_line(ready, self.generation)
-        };
-        if !self.ready_announced && !self.stopping && ready >= self.target {
-            self.ready_announced = true;
-            self.notify.ready_with_status(status);
-            self.pid_file.iter().for_each(PidFile::write);
-        } else {
-            self.notify.status(status);
-        }
-        crate::title::show_master(
-            self.workers.counted(),
-            self.generation,
-            self.listeners.listeners(),
-        );
+    /// How many workers to fork up to: the target, one more while a rollout
+    /// replaces outdated ones, and one at least while an upgrade has no
+    /// worker of the new binary that proved itself (deploy.rs): the master
+    /// never follows a binary no worker ran.
+    fn wanted_count(&self) -> usize {
+        let rolling = self.workers.outdated(self.wanted) > 0 && self.target > 0;
+        let unproven = self.upgrade.is_some_and(|upgrade| !upgrade.proved);
+        self.target + usize::from(rolling || unproven)
     }
 
     /// Forks into the slots to fill now, as far as the room allows.
     fn spawn_missing_workers(&mut self) {
-        let rolling = self.workers.outdated(self.generation) > 0;
-        let wanted = self.target + usize::from(rolling && self.target > 0);
+        let wanted = self.wanted_count();
         let room = (2 * self.target + 1).saturating_sub(self.workers.iter().count());
         let waiting: Vec<usize> = self.backoff.waiting(Instant::now()).collect();
         let slots = self.workers.slots_to_fill(wanted, &waiting, room);
@@ -787,12 +722,11 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         self.waiting_for_room = waiting;
     }
 
-    /// Retires the oldest outdated worker if a rolling restart is under
-    /// way, else the newest (TTOU: the one with the least warm state).
+    /// Retires the oldest outdated worker if a rollout is under way, else
+    /// the newest (TTOU: the one with the least warm state).
     fn retire_one(&mut self) {
         let graceful = self.config.graceful_timeout;
-        let generation = self.generation;
-        if let Some(worker) = self.workers.oldest_outdated(generation) {
+        if let Some(worker) = self.workers.oldest_outdated(self.wanted) {
             info!(
                 "rolling restart: stopping worker {}, its replacement is ready",
                 worker.pid
@@ -804,11 +738,14 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
     }
 
-    /// Forks a worker into `slot`. If the host refuses, that is logged, and
-    /// the slot is retried on its backoff.
+    /// Forks a worker into `slot`, of the build wanted: a fork of this
+    /// image, or, during an upgrade, a fork that executes the new binary
+    /// (spawn.rs: the same steps either way). If the host refuses, that is
+    /// logged, and the slot is retried on its backoff.
     fn spawn_worker(&mut self, slot: usize) {
         let master_fds = self.master_fds();
         self.scoreboard.reset(slot);
+        let new_binary = self.wanted.image != self.image;
         let setup = ChildSetup {
             slot,
             listeners: &self.listeners,
@@ -817,7 +754,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             signals: &self.signals,
             row: self.scoreboard.writer(slot),
             run_as: self.config.run_as.as_ref(),
-            exec: self.upgrade.map(|_| {
+            exec: new_binary.then(|| {
                 let file = self
                     .scoreboard
                     .file()
@@ -837,6 +774,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         self.next_token += 1;
         let fd = spawned.pipe.as_raw_fd();
         let mut worker = Worker::new(spawned.pid, slot, token, Some(spawned.pipe));
+        worker.image = self.wanted.image;
         worker.generation = self.generation;
         info!("worker {} spawned", spawned.pid);
         if let Err(err) = self
@@ -909,268 +847,6 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             .collect()
     }
 
-    /// An event of the control socket: connections, requests, room to write.
-    fn serve_control(&mut self, token: Token) {
-        let Some(control) = self.control.as_mut() else {
-            return;
-        };
-        for (conn, request) in control.on_event(token, self.poll.registry()) {
-            self.act_on_control(conn, request);
-        }
-    }
-
-    /// What a control request does: answered now, or kept waiting until
-    /// `answer_control` sees it done. Each request is its own: two scales in
-    /// a row are two changes, where two quick TTOUs may be read as one.
-    fn act_on_control(&mut self, conn: ConnId, request: Request) {
-        let answer_now: Option<Result<String, String>> = match request {
-            Request::Status => Some(Ok(status::json(&self.status_input()))),
-            Request::Metrics => Some(Ok(status::metrics(&self.status_input()))),
-            Request::Scale(n) => self.scale_to(n).err().map(Err),
-            Request::Reload => self.restart_every_worker("control socket: reload").err().map(Err),
-            Request::Upgrade => self
-                .upgrade_to_new_binary("control socket: upgrade")
-                .err()
-                .map(Err),
-            Request::Stop { now: true } => {
-                info!("control socket: stop now");
-                self.stop_now();
-                None
-            }
-            Request::Stop { now: false } => {
-                info!("control socket: stop");
-                self.stop_gracefully(None);
-                None
-            }
-        };
-        let Some(control) = self.control.as_mut() else {
-            return;
-        };
-        match (answer_now, pending_of(request)) {
-            (Some(answer), _) => control.reply(conn, answer, self.poll.registry()),
-            (None, Some(pending)) => control.wait(conn, pending),
-            (None, None) => {}
-        }
-        // Done already (a scale to the count there is): answered now.
-        self.answer_control();
-    }
-
-    /// `scale N`: N workers wanted, within what the master can hold.
-    fn scale_to(&mut self, n: usize) -> Result<(), String> {
-        if self.stopping {
-            return Err("the master is stopping".to_owned());
-        }
-        let (most, why) = self.most_workers();
-        if n > most {
-            info!("control socket: scale {n} refused: more than {why}");
-            return Err(format!("{n} workers would be more than {why}"));
-        }
-        self.target = n;
-        let plural = if n == 1 { "" } else { "s" };
-        info!("control socket: scale, {n} worker{plural} wanted");
-        Ok(())
-    }
-
-    /// Answers the control requests that are now done: a scale whose count
-    /// is all Ready, a reload whose rollout is over. Called at the end of
-    /// every turn, where changes are seen, never by waiting.
-    fn answer_control(&mut self) {
-        let Some(control) = self.control.as_ref() else {
-            return;
-        };
-        let waiting = control.waiting();
-        if waiting.is_empty() {
-            return;
-        }
-        let ready = self.workers.iter().filter(|w| w.state == State::Ready).count();
-        let settled = ready == self.target && self.workers.counted() == self.target;
-        let answers: Vec<(ConnId, Result<String, String>)> = waiting
-            .into_iter()
-            .filter_map(|(conn, pending)| {
-                let answer = match pending {
-                    Pending::Scale(n) if self.stopping => {
-                        Err(format!("the master is stopping; {n} were wanted"))
-                    }
-                    Pending::Scale(n) if self.target != n => {
-                        Err(format!("superseded: {} workers are wanted now", self.target))
-                    }
-                    Pending::Scale(n) if settled => Ok(format!("{{\"target\":{n},\"ready\":{ready}}}\n")),
-                    Pending::Reload if self.stopping => Err("the master is stopping".to_owned()),
-                    Pending::Reload if !self.rolling && settled => Ok(format!(
-                        "{{\"generation\":{},\"ready\":{ready}}}\n",
-                        self.generation
-                    )),
-                    Pending::Upgrade if self.stopping => Err("the master is stopping".to_owned()),
-                    _ => return None,
-                };
-                Some((conn, answer))
-            })
-            .collect();
-        if let Some(control) = self.control.as_mut() {
-            for (conn, answer) in answers {
-                control.reply(conn, answer, self.poll.registry());
-            }
-        }
-    }
-
-    /// The master's state, borrowed for a status snapshot.
-    fn status_input(&self) -> status::Input<'_> {
-        let now = Instant::now();
-        status::Input {
-            started: self.started,
-            target: self.target,
-            generation: self.generation,
-            stopping: self.stopping,
-            upgrading: self.upgrade.is_some(),
-            restarts_in_window: self.restarts.in_window(now),
-            restart_limit: self.config.max_restarts,
-            restart_window: self.config.restart_window,
-            backoff_slots: self.backoff.waiting(now).collect(),
-            listeners: &self.listeners,
-            workers: &self.workers,
-            scoreboard: &self.scoreboard,
-            counters: &self.counters,
-        }
-    }
-
-    /// USR2: start the binary now on disk as new workers, one at a time as
-    /// in a rolling restart; the master follows once all run it (see
-    /// upgrade.rs for the steps and the way back).
-    /// `by` as for `restart_every_worker`: `received SIGUSR2`, or
-    /// `control socket: upgrade`. Err: why it did not begin.
-    fn upgrade_to_new_binary(&mut self, by: &str) -> Result<(), String> {
-        let path = self.program.path.display().to_string();
-        if self.stopping {
-            info!("{by} while stopping; ignored");
-            return Err("the master is stopping".to_owned());
-        }
-        if self.upgrade.is_some() {
-            info!("{by} during an upgrade to {path}; ignored (send it again once this one is done)");
-            return Err(format!("an upgrade to {path} is under way"));
-        }
-        if let Err(err) = self.program.check() {
-            let why = format!("{path} cannot be executed ({})", describe(&err));
-            warn!("{by}, but {why}; the running version serves on");
-            return Err(why);
-        }
-        info!("{by}, upgrading to {path}: each old worker stops once a new one is ready");
-        self.notify.reloading();
-        self.generation += 1;
-        self.rolling = true;
-        self.upgrade = Some(Upgrade {
-            generation: self.generation,
-            started: Instant::now(),
-        });
-        Ok(())
-    }
-
-    /// Did a worker of the new binary die before it proved itself: before
-    /// it said Ready, or younger than the minimum uptime?
-    fn new_binary_failed(&self, worker: &Worker) -> bool {
-        self.upgrade.is_some_and(|upgrade| {
-            worker.generation == upgrade.generation
-                && (!worker.was_ready || worker.spawned_at.elapsed() < self.config.min_uptime)
-        })
-    }
-
-    /// The new binary is broken: its workers are replaced by forks of the
-    /// running version (which never stopped serving: each old worker is
-    /// asked to stop only once a new one is Ready). Nothing counts toward
-    /// giving up: a bad deploy must not take the service down.
-    fn back_out_of_upgrade(&mut self, failed: &Worker, how: &str) {
-        let Some(upgrade) = self.upgrade.take() else {
-            return;
-        };
-        warn!(
-            "upgrade to {} backed out: its worker {} exited ({how}) {:.2} s after it was forked; \
-             the running version serves on, and SIGUSR2 may be sent again",
-            self.program.path.display(),
-            failed.pid,
-            failed.spawned_at.elapsed().as_secs_f64()
-        );
-        if let Some(control) = self.control.as_mut() {
-            let why = format!(
-                "backed out: worker {} of the new binary exited ({how}) before it proved itself",
-                failed.pid
-            );
-            for (conn, pending) in control.waiting() {
-                if pending == Pending::Upgrade {
-                    control.reply(conn, Err(why.clone()), self.poll.registry());
-                }
-            }
-        }
-        // The old workers become current again; those of the new binary are
-        // outdated, and replaced one at a time like a rolling restart's.
-        let current = self.generation + 1;
-        let graceful = self.config.graceful_timeout;
-        for worker in self.workers.iter_mut() {
-            if worker.generation != upgrade.generation {
-                worker.generation = current;
-            } else if worker.state == State::Starting {
-                // Holding no connection, it has nothing to finish.
-                worker.state = worker.state.next(Event::Stop);
-                terminate(worker, graceful);
-                kill(worker);
-            }
-        }
-        self.generation = current;
-        self.rolling = self.workers.outdated(current) > 0;
-        if !self.rolling {
-            self.notify.ready();
-        }
-    }
-
-    /// Every worker runs the new binary: the master executes it too, in
-    /// place (same pid), handing down its workers. Returns only if that
-    /// failed, and then the master goes on as it was.
-    fn reexec_as_new_binary(&mut self, upgrade: Upgrade) {
-        let path = self.program.path.display().to_string();
-        info!(
-            "upgrade: every worker runs {path}, {:.2} s after SIGUSR2; \
-             the master re-executes itself as it (pid {} kept)",
-            upgrade.started.elapsed().as_secs_f64(),
-            std::process::id()
-        );
-        let now = Instant::now();
-        let state = MasterState {
-            target: self.target,
-            generation: self.generation,
-            signal_mask: self.signals.saved_mask(),
-            scoreboard: self
-                .scoreboard
-                .file()
-                .map(|fd| (fd.as_raw_fd(), self.scoreboard.rows())),
-            control: self.control.as_ref().map(Control::listener_fd),
-            workers: self
-                .workers
-                .iter()
-                .map(|w| AdoptedWorker::of(w, w.pipe.as_ref().map(|p| p.as_raw_fd()), now))
-                .collect(),
-        };
-        if let Some(control) = self.control.as_mut() {
-            // Its connections do not survive the exec (close-on-exec): answer
-            // them now; the new image opens the socket again.
-            let generation = self.generation;
-            control.finish(
-                |pending| match pending {
-                    Pending::Upgrade => Ok(format!(
-                        "{{\"generation\":{generation},\"path\":{}}}\n",
-                        status::string(&path)
-                    )),
-                    _ => Err("the master re-executes for an upgrade; ask again".to_owned()),
-                },
-                CONTROL_PATIENCE,
-            );
-        }
-        logbuf::flush_before_exit(LAST_LINES_BEFORE_EXEC);
-        let systemd = self.notify.for_successor();
-        let err = upgrade::reexec_master(&self.program, &state, &self.listeners.fds(), &systemd);
-        error!(
-            "upgrade: re-executing the master as {path}: {}; its workers serve on under the running master",
-            describe(&err)
-        );
-    }
-
     /// After an error: no worker may outlive the master or become a zombie.
     pub(crate) fn kill_all_and_reap(&mut self) {
         let pids: Vec<Pid> = self.workers.iter().map(|w| w.pid).collect();
@@ -1179,6 +855,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             reap::wait_for(pid);
             self.workers.remove(pid);
         }
+        self.strays.kill_all_and_reap();
     }
 }
 
@@ -1227,10 +904,15 @@ fn on_message(worker: &mut Worker, message: Message, graceful: Duration, board: 
                 // Nothing to hand over: its exit is a failed start.
                 State::Starting => debug!("worker {pid} failed to start ({reason})"),
                 State::Ready => info!("worker {pid} sent suicide ({reason}); replacing it"),
+                // A second Suicide says nothing new: a worker that sends
+                // them by the hundred must not fill the log.
+                State::Retiring if worker.last_words.is_some() => {
+                    debug!("worker {pid} sent suicide again ({reason})")
+                }
                 State::Retiring => info!("worker {pid} sent suicide ({reason})"),
             }
             worker.state = worker.state.next(Event::Suicide);
-            worker.last_words = Some(reason);
+            worker.last_words.get_or_insert(reason);
             // It leaves on its own, but not later than a stopped one would.
             worker.kill_at.get_or_insert(Instant::now() + graceful);
         }
@@ -1261,17 +943,6 @@ fn on_message(worker: &mut Worker, message: Message, graceful: Duration, board: 
 fn ask_to_stop(worker: &mut Worker, graceful: Duration) {
     worker.state = worker.state.next(Event::Stop);
     terminate(worker, graceful);
-}
-
-/// What a request that is not answered at once waits for.
-fn pending_of(request: Request) -> Option<Pending> {
-    match request {
-        Request::Scale(n) => Some(Pending::Scale(n)),
-        Request::Reload => Some(Pending::Reload),
-        Request::Upgrade => Some(Pending::Upgrade),
-        Request::Stop { .. } => Some(Pending::Stop),
-        Request::Status | Request::Metrics => None,
-    }
 }
 
 /// The lower of the two bounds on the target, and the words for it: what

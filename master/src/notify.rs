@@ -183,12 +183,8 @@ impl Notifier {
         self.socket.as_ref().map(|s| s.fd.as_raw_fd())
     }
 
-    /// `READY=1`: the service is up (again, after a reload or an upgrade).
-    pub(crate) fn ready(&mut self) {
-        self.send("READY=1");
-    }
-
-    /// `READY=1` and the status, in one datagram: the first readiness.
+    /// `READY=1` and the status, in one datagram: the first readiness, and
+    /// again after a reload or an upgrade.
     pub(crate) fn ready_with_status(&mut self, status: String) {
         self.send(&format!("READY=1\nSTATUS={status}"));
         self.status = status;
@@ -505,9 +501,9 @@ mod tests {
         let (mut notifier, receiver, dir) = pair("broken", Watchdog::Off);
         drop(receiver);
         std::fs::remove_dir_all(&dir).unwrap();
-        notifier.ready();
+        notifier.ready_with_status(String::new());
         assert!(notifier.failed, "the failure is noted");
-        notifier.ready();
+        notifier.ready_with_status(String::new());
         assert!(notifier.failed);
     }
 

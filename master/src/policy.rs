@@ -78,6 +78,26 @@ impl Backoff {
             .map(|(slot, _)| slot)
     }
 
+    /// Every slot that failed recently: its delay, and until when it waits
+    /// (for a re-executed master to carry on where this one was).
+    pub(crate) fn slots(&self) -> impl Iterator<Item = (usize, Duration, Option<Instant>)> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.delay.is_zero() || s.not_before.is_some())
+            .map(|(slot, s)| (slot, s.delay, s.not_before))
+    }
+
+    /// Takes a slot's state back, as [`Backoff::slots`] gave it; a delay
+    /// above the cap is brought down to it.
+    pub(crate) fn restore(&mut self, slot: usize, delay: Duration, not_before: Option<Instant>) {
+        let cap = self.cap;
+        *self.slot(slot) = SlotDelay {
+            delay: delay.min(cap),
+            not_before,
+        };
+    }
+
     /// The nearest moment a waiting slot may be filled, if any waits.
     pub(crate) fn next_deadline(&self, now: Instant) -> Option<Instant> {
         self.slots
@@ -118,6 +138,23 @@ impl RestartLimit {
             .iter()
             .filter(|&&at| now.saturating_duration_since(at) <= self.window)
             .count()
+    }
+
+    /// When the restarts still remembered happened, oldest first.
+    pub(crate) fn history(&self) -> impl Iterator<Item = Instant> + '_ {
+        self.recent.iter().copied()
+    }
+
+    /// Takes back a history as [`RestartLimit::history`] gave it; only the
+    /// last `max + 1` are kept, as `record` would.
+    pub(crate) fn restore(&mut self, history: impl IntoIterator<Item = Instant>) {
+        self.recent.clear();
+        for at in history {
+            if self.recent.len() > self.max {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(at);
+        }
     }
 
     /// Records a restart at `now`; an error if it is one too many.
@@ -224,6 +261,41 @@ mod tests {
             limit.record(start + Duration::from_secs(10)).is_err(),
             "10 s apart is within a 10 s window"
         );
+    }
+
+    #[test]
+    fn backoff_and_history_are_carried_whole() {
+        let now = Instant::now();
+        let mut backoff = Backoff::new(100 * MS, 1000 * MS);
+        backoff.died_young(2, now);
+        backoff.died_young(2, now);
+        let slots: Vec<_> = backoff.slots().collect();
+        assert_eq!(slots, [(2, 200 * MS, Some(now + 200 * MS))]);
+        let mut next = Backoff::new(100 * MS, 1000 * MS);
+        for (slot, delay, at) in slots {
+            next.restore(slot, delay, at);
+        }
+        assert_eq!(
+            next.died_young(2, now),
+            400 * MS,
+            "it doubles on from where it was"
+        );
+        next.restore(1, 60_000 * MS, None);
+        assert_eq!(next.died_young(1, now), 1000 * MS, "never above the cap");
+
+        let mut limit = RestartLimit::new(2, Duration::from_secs(60));
+        for i in 0..2 {
+            limit.record(now + i * MS).unwrap();
+        }
+        let mut carried = RestartLimit::new(2, Duration::from_secs(60));
+        carried.restore(limit.history());
+        assert_eq!(carried.in_window(now + 5 * MS), 2);
+        assert!(
+            carried.record(now + 5 * MS).is_err(),
+            "the third in the window is too many"
+        );
+        carried.restore((0..100).map(|i| now + i * MS));
+        assert_eq!(carried.history().count(), 3, "bounded like record");
     }
 
     #[test]

@@ -276,6 +276,15 @@ impl RateLimit {
     }
 }
 
+/// The end of a rate-limited line: ` (3 more since the last line)`, or
+/// nothing when none went unsaid.
+pub(crate) fn unsaid(count: usize) -> String {
+    match count {
+        0 => String::new(),
+        n => format!(" ({n} more since the last line)"),
+    }
+}
+
 /// A signal's name as the log says it: `SIGUSR1`, `SIGRTMIN+3`, `signal 32`.
 pub(crate) fn name(signal: Signo) -> String {
     let rtmin = libc::SIGRTMIN();

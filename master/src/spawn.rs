@@ -2,28 +2,39 @@
 //!
 //! A forked child starts as a copy of the master: its signal mask (with the
 //! master's signals blocked), its dispositions, its fds (the epoll, the
-//! signalfd, every other worker's pipe), and nothing that ties its life to
-//! the master's. Before the worker's code runs, the child undoes each of
-//! these:
+//! signalfd, every other worker's pipe), its privileges, and nothing that
+//! ties its life to the master's. There is one way to become a worker, and
+//! every worker takes it, whether it runs the master's own code or, during
+//! an upgrade, executes the new binary (`ChildSetup::exec`):
 //!
-//! 1. close every fd that belongs to the master, in a constant number of
-//!    system calls whatever the number of workers: the master keeps its
-//!    pipes at or above a floor (`FdFloor`), so one `close_range` takes them
-//!    all, and the few others (epoll, signalfd, the log's fd) are closed by
-//!    name;
-//! 2. ask for SIGKILL when the master dies (PR_SET_PDEATHSIG), then check the
-//!    master did not die before that request was made;
-//! 3. take a name that `ps` shows: `worker 3`;
-//! 4. restore the dispositions and the mask the program had before the
-//!    master took its signals, with TERM and QUIT still blocked until the
-//!    worker arms its stop handler.
+//! 1. **The master's fds closed**, in a constant number of system calls
+//!    whatever the number of workers: the master keeps its pipes at or
+//!    above a floor (`FdFloor`), so one `close_range` takes them all, and
+//!    the few others (epoll, signalfd, the log's fd, the control socket) are
+//!    closed by name. Kept: the listeners, the worker's end of its pipe,
+//!    and for an exec the scoreboard's file.
+//! 2. **Privileges dropped** (`Config::run_workers_as`), with the ids the
+//!    master resolved before the fork: a worker never looks a name up. A
+//!    worker that will execute the new binary drops them before the exec,
+//!    so the new program's `main` never runs as root in a worker: the user
+//!    the workers run as must be allowed to execute it.
+//! 3. **Named**, so that `ps` shows `worker 3`.
+//! 4. **Signals restored**: the dispositions and the mask the program had
+//!    before the master took its signals, TERM and QUIT still blocked until
+//!    the worker arms its stop handler, HUP, TTIN, TTOU and USR2 ignored.
+//! 5. **The last exec**, for a worker of the new binary ([`exec_worker`]
+//!    in upgrade.rs): its `main` reaches `run`, which goes straight to 6
+//!    ([`after_exec`]) and runs nothing else of the master's.
+//! 6. **The parent-death signal armed and checked**: SIGKILL when the
+//!    master dies (PR_SET_PDEATHSIG), then a check that the parent is still
+//!    the master, since it may have died before. Armed after 2 (a change of
+//!    uid clears it) and after 5 (executing a file with capabilities or a
+//!    set-id bit clears it too).
 //!
-//! With `Config::run_workers_as`, the child drops its privileges between 1
-//! and 2 (privileges.rs): a change of uid clears PR_SET_PDEATHSIG.
-//!
-//! The child never returns into the master's code: everything it runs is
-//! inside `catch_unwind`, and it leaves with `_exit`, which runs no atexit
-//! handler and flushes no stdio buffer of the master's.
+//! Then the worker's function runs. The child never returns into the
+//! master's code: everything it runs is inside `catch_unwind`, and it
+//! leaves with `_exit`, which runs no atexit handler and flushes no stdio
+//! buffer of the master's.
 
 use crate::listen::Listeners;
 use crate::logbuf;
@@ -75,6 +86,19 @@ impl FdFloor {
     /// at or past the open-file limit (fds inherited above a low `ulimit
     /// -n`) leaves it where it is: the master then closes it in each worker
     /// by name, like its other fds below the floor.
+    /// As `lift`, but keeps `fd` where it is (made close-on-exec) when it
+    /// cannot be moved: an fd handed across an exec is never lost.
+    pub(crate) fn lift_or_keep(self, fd: OwnedFd) -> OwnedFd {
+        match fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(self.0)) {
+            // SAFETY: F_DUPFD_CLOEXEC just returned this new fd; we own it.
+            Ok(lifted) => unsafe { OwnedFd::from_raw_fd(lifted) },
+            Err(_) => {
+                let _ = fcntl(&fd, FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+                fd
+            }
+        }
+    }
+
     fn lift(self, fd: OwnedFd) -> io::Result<OwnedFd> {
         match fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(self.0)) {
             // SAFETY: F_DUPFD_CLOEXEC just returned this new fd; we own it.
@@ -99,9 +123,7 @@ pub(crate) struct ChildSetup<'a> {
     /// The user and group to become, resolved before the fork.
     pub run_as: Option<&'a RunAs>,
     /// During an upgrade: the new binary, which the child executes as a
-    /// worker, handed the scoreboard's file (fd and rows). It drops its
-    /// privileges itself, after the exec: as another user it might not be
-    /// allowed to execute the file.
+    /// worker (step 5), handed the scoreboard's file (fd and rows).
     pub exec: Option<(&'a Program, Option<(RawFd, usize)>)>,
 }
 
@@ -142,24 +164,23 @@ where
     }
 }
 
+/// Steps 1 to 6 of the module doc, in order, in the forked child.
 fn become_worker<W>(setup: &ChildSetup, master: Pid, write_end: OwnedFd, work: &mut W) -> i32
 where
     W: FnMut(Handoff) -> i32,
 {
     let pid = std::process::id();
-    if setup.exec.is_none() {
-        // An executed program loses them anyway: every master fd is
-        // close-on-exec.
-        close_master_fds(setup, write_end.as_raw_fd());
-    }
+    let scoreboard = setup.exec.and_then(|(_, file)| file);
+    let kept: Vec<RawFd> = [write_end.as_raw_fd()]
+        .into_iter()
+        .chain(scoreboard.map(|(fd, _)| fd))
+        .collect();
+    close_master_fds(setup, &kept);
     logbuf::become_worker();
-    let run_as = setup.run_as.filter(|_| setup.exec.is_none());
-    if let Err(err) = run_as.map_or(Ok(()), privileges::drop_privileges) {
+    // Opened before the privileges go: the pipe to stderr may be root's.
+    let log = setup.exec.and_then(|_| logbuf::worker_out_fd());
+    if let Err(err) = setup.run_as.map_or(Ok(()), privileges::drop_privileges) {
         error!("worker {pid}: dropping privileges: {err}");
-        return exit_code::SETUP_FAILED;
-    }
-    if let Err(err) = die_with_master(master) {
-        error!("worker {pid}: {err}");
         return exit_code::SETUP_FAILED;
     }
     name_process(setup.slot);
@@ -175,9 +196,19 @@ where
             slot: setup.slot,
             pipe: write_end.as_raw_fd(),
             scoreboard,
+            master: master.as_raw(),
+            log,
         };
         let err = upgrade::exec_worker(program, &setup.listeners.fds(), &env, pid);
-        error!("worker {pid}: executing {}: {err}", program.path.display());
+        let who = setup
+            .run_as
+            .and_then(|run_as| run_as.uid())
+            .map_or(String::new(), |uid| format!(" as uid {uid}"));
+        error!("worker {pid}: executing {}{who}: {err}", program.path.display());
+        return exit_code::SETUP_FAILED;
+    }
+    if let Err(err) = die_with_master(master) {
+        error!("worker {pid}: {err}");
         return exit_code::SETUP_FAILED;
     }
     // SAFETY: the master's listeners in this address space are never
@@ -197,23 +228,36 @@ where
     work(handoff)
 }
 
+/// Step 6 for a worker that executed the new binary (called by `run`
+/// before anything else): its log, its name, and the parent-death signal
+/// armed again and checked. Steps 1 to 4 were taken before the exec, in
+/// the forked child; close-on-exec has closed nothing more.
+pub(crate) fn after_exec(env: &WorkerEnv) -> Result<(), String> {
+    logbuf::become_worker_after_exec(env.log);
+    name_process(env.slot);
+    crate::title::set_worker_title(env.slot);
+    die_with_master(Pid::from_raw(env.master)).map_err(|err| err.to_string())
+}
+
 /// Closes the master's fds: by name those that may lie below the floor, and
-/// everything from the floor up but the worker's own end of its pipe.
-fn close_master_fds(setup: &ChildSetup, keep: RawFd) {
-    for &fd in setup.master_fds {
+/// everything from the floor up, but `keep` (the worker's end of its pipe,
+/// and for an exec the scoreboard's file).
+fn close_master_fds(setup: &ChildSetup, keep: &[RawFd]) {
+    for &fd in setup.master_fds.iter().filter(|fd| !keep.contains(fd)) {
         // SAFETY: these fds belong to the master's Poll, signalfd and log,
         // whose owners live on in this copy of the address space but are
         // never dropped here (the child leaves with _exit): nothing closes
         // them twice or uses them after.
         unsafe { libc::close(fd) };
     }
-    let floor = setup.floor.0;
-    if keep >= floor {
-        close_range(floor, keep - 1);
-        close_range(keep + 1, RawFd::MAX);
-    } else {
-        close_range(floor, RawFd::MAX);
+    let mut from = setup.floor.0;
+    let mut above: Vec<RawFd> = keep.iter().copied().filter(|&fd| fd >= from).collect();
+    above.sort_unstable();
+    for fd in above {
+        close_range(from, fd - 1);
+        from = fd + 1;
     }
+    close_range(from, RawFd::MAX);
 }
 
 /// close_range(2), Linux 5.9: closes every open fd from `first` to `last`

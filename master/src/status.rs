@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 /// Exits since the master started, by cause, and the requests served by
 /// workers that are gone (the live ones' are in their scoreboard rows).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Counters {
     pub failed_start: u64,
     pub died: u64,

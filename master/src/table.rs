@@ -63,6 +63,22 @@ impl State {
     }
 }
 
+/// The build the master wants its workers to run: this program image, and
+/// a generation at least this one (HUP and USR2 raise it). A worker's own
+/// build never changes; what is wanted does, and a worker that does not run
+/// it is outdated and replaced, one at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Wanted {
+    pub image: u32,
+    pub since: u64,
+}
+
+impl Wanted {
+    pub(crate) fn is_run_by(self, worker: &Worker) -> bool {
+        worker.image == self.image && worker.generation >= self.since
+    }
+}
+
 pub(crate) struct Worker {
     pub pid: Pid,
     /// A small number, unique among live workers: its name (`worker 3`),
@@ -70,7 +86,10 @@ pub(crate) struct Worker {
     pub slot: usize,
     pub state: State,
     pub spawned_at: Instant,
-    /// The master's generation when it was forked (see HUP).
+    /// The build it runs, fixed at its fork and never rewritten: the
+    /// program image (the master's own, or the new binary of an upgrade)
+    /// and the master's generation then (bumped by HUP and USR2).
+    pub image: u32,
     pub generation: u64,
     /// The reason of its Suicide, if it sent one: why it went.
     pub last_words: Option<String>,
@@ -99,6 +118,7 @@ impl Worker {
             slot,
             state: State::Starting,
             spawned_at: Instant::now(),
+            image: 0,
             generation: 0,
             last_words: None,
             token,
@@ -168,6 +188,10 @@ impl Table {
         Some(self.workers.swap_remove(index))
     }
 
+    pub(crate) fn contains(&self, pid: Pid) -> bool {
+        self.workers.iter().any(|w| w.pid == pid)
+    }
+
     pub(crate) fn by_token(&mut self, token: Token) -> Option<&mut Worker> {
         self.workers.iter_mut().find(|w| w.token == token)
     }
@@ -198,20 +222,27 @@ impl Table {
         self.workers.iter().any(|w| w.state == State::Starting)
     }
 
-    /// How many counted workers are older than `generation`.
-    pub(crate) fn outdated(&self, generation: u64) -> usize {
+    /// How many counted workers do not run the build `wanted`.
+    pub(crate) fn outdated(&self, wanted: Wanted) -> usize {
         self.workers
             .iter()
-            .filter(|w| w.state.counts() && w.generation < generation)
+            .filter(|w| w.state.counts() && !wanted.is_run_by(w))
             .count()
     }
 
-    /// The counted worker of an older generation forked first.
-    pub(crate) fn oldest_outdated(&mut self, generation: u64) -> Option<&mut Worker> {
+    /// The counted worker not of the build `wanted` forked first.
+    pub(crate) fn oldest_outdated(&mut self, wanted: Wanted) -> Option<&mut Worker> {
         self.workers
             .iter_mut()
-            .filter(|w| w.state.counts() && w.generation < generation)
+            .filter(|w| w.state.counts() && !wanted.is_run_by(w))
             .min_by_key(|w| w.spawned_at)
+    }
+
+    /// Has a worker of `image` said Ready, and is it still alive and counted?
+    pub(crate) fn proved(&self, image: u32) -> bool {
+        self.workers
+            .iter()
+            .any(|w| w.image == image && w.was_ready && w.state.counts())
     }
 
     /// The counted worker forked last.
@@ -466,15 +497,18 @@ mod tests {
             worker.generation = i as u64; // 100: gen 0, 101: gen 1, 102: gen 2
             worker.spawned_at = now + Duration::from_secs(i as u64);
         }
-        assert_eq!(table.outdated(0), 0);
-        assert_eq!(table.outdated(1), 1, "only generations below 1");
-        assert_eq!(table.outdated(2), 2);
-        assert_eq!(table.outdated(9), 3);
+        let since = |since| Wanted { image: 0, since };
+        assert_eq!(table.outdated(since(0)), 0);
+        assert_eq!(table.outdated(since(1)), 1, "only generations below 1");
+        assert_eq!(table.outdated(since(2)), 2);
+        assert_eq!(table.outdated(since(9)), 3);
+        let other_image = Wanted { image: 1, since: 0 };
+        assert_eq!(table.outdated(other_image), 3, "another program image");
         apply(&mut table, 100, Stop);
-        assert_eq!(table.outdated(9), 2, "a retiring worker is not outdated");
-        let oldest = table.oldest_outdated(2).map(|w| w.pid.as_raw());
+        assert_eq!(table.outdated(since(9)), 2, "a retiring worker is not outdated");
+        let oldest = table.oldest_outdated(since(2)).map(|w| w.pid.as_raw());
         assert_eq!(oldest, Some(101), "100 retires already; 102 is current");
-        assert_eq!(table.oldest_outdated(1).map(|w| w.pid.as_raw()), None);
+        assert_eq!(table.oldest_outdated(since(1)).map(|w| w.pid.as_raw()), None);
         assert_eq!(table.newest_counted().map(|w| w.pid.as_raw()), Some(102));
         apply(&mut table, 102, Suicide);
         assert_eq!(table.newest_counted().map(|w| w.pid.as_raw()), Some(101));

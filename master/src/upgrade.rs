@@ -37,21 +37,22 @@
 //! master is not caught (its workers would have failed too, in practice,
 //! since both run the same `main` up to `run`).
 
+use crate::handdown::MasterState;
 use crate::master::SCOREBOARD_ROWS;
-use crate::table::{State, Worker};
-use nix::unistd::Pid;
+use crate::table::Wanted;
 use respawn_ipc::scoreboard::Scoreboard;
 use respawn_ipc::{Channel, Handoff};
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Set in an upgraded worker's environment: `slot=2,pipe=5,scoreboard=6,rows=8193`.
 const WORKER_VAR: &str = "RESPAWN_WORKER";
-/// Set in the re-executed master's environment: its state (see `MasterState`).
+/// Set in the re-executed master's environment: the fd of its state (a
+/// sealed memory file, see handdown.rs).
 const MASTER_VAR: &str = "RESPAWN_MASTER_STATE";
 /// The path the first master was started from, kept across re-executions:
 /// an upgrade through a wrapper script must find the wrapper next time too.
@@ -60,8 +61,6 @@ const PATH_VAR: &str = "RESPAWN_MASTER_PATH";
 /// for writing (ETXTBSY) is tried again: at most 0.2 s in all.
 const TEXT_BUSY_WAITS: u32 = 20;
 const TEXT_BUSY_PAUSE: Duration = Duration::from_millis(10);
-/// This version of the state's text; a master that reads another refuses it.
-const STATE_VERSION: &str = "v1";
 
 /// The program to execute for an upgrade: where it lies, and its arguments.
 #[derive(Clone, Debug)]
@@ -92,11 +91,17 @@ impl Program {
     }
 }
 
-/// An upgrade under way: the generation whose workers run the new binary.
+/// An upgrade under way.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Upgrade {
-    pub generation: u64,
+    /// The image its workers run: the new binary.
+    pub image: u32,
+    /// What was wanted before: what a back-out returns to.
+    pub before: Wanted,
     pub started: Instant,
+    /// A worker of the new binary said Ready: the binary starts and serves,
+    /// and the master may follow it.
+    pub proved: bool,
 }
 
 /// What an upgraded worker finds in its environment.
@@ -105,6 +110,12 @@ pub(crate) struct WorkerEnv {
     pub slot: usize,
     pub pipe: RawFd,
     pub scoreboard: Option<(RawFd, usize)>,
+    /// The master's pid: the parent-death signal is armed again after the
+    /// exec, and the parent checked to be it.
+    pub master: i32,
+    /// The worker's own non-blocking way to stderr, opened before it
+    /// dropped its privileges (logbuf.rs).
+    pub log: Option<RawFd>,
 }
 
 /// In a forked child: executes `program` as a worker in `slot`, handing it
@@ -117,6 +128,7 @@ pub(crate) fn exec_worker(program: &Program, listeners: &[RawFd], worker: &Worke
         .copied()
         .chain([worker.pipe])
         .chain(scoreboard)
+        .chain(worker.log)
         .collect();
     if let Err(err) = set_inherited(&kept, true) {
         return err;
@@ -181,9 +193,15 @@ pub(crate) fn handoff(env: &WorkerEnv, listeners: Vec<respawn_ipc::Listener>) ->
 }
 
 fn encode_worker(worker: &WorkerEnv) -> String {
-    let mut text = format!("slot={},pipe={}", worker.slot, worker.pipe);
+    let mut text = format!(
+        "slot={},pipe={},master={}",
+        worker.slot, worker.pipe, worker.master
+    );
     if let Some((fd, rows)) = worker.scoreboard {
         text.push_str(&format!(",scoreboard={fd},rows={rows}"));
+    }
+    if let Some(fd) = worker.log {
+        text.push_str(&format!(",log={fd}"));
     }
     text
 }
@@ -191,211 +209,73 @@ fn encode_worker(worker: &WorkerEnv) -> String {
 fn decode_worker(text: &str) -> Option<WorkerEnv> {
     let mut slot = None;
     let mut pipe = None;
+    let mut master = None;
     let mut scoreboard = None;
     let mut rows = None;
+    let mut log = None;
+    let fd = |value: usize| RawFd::try_from(value).ok().filter(|&fd| fd > 2);
     for field in text.split(',') {
         let (key, value) = field.split_once('=')?;
+        if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
         let value: usize = value.parse().ok()?;
         match key {
-            "slot" => slot = Some(value),
-            "pipe" => pipe = Some(RawFd::try_from(value).ok()?),
-            "scoreboard" => scoreboard = Some(RawFd::try_from(value).ok()?),
+            "slot" if value < SCOREBOARD_ROWS => slot = Some(value),
+            "pipe" => pipe = Some(fd(value)?),
+            "master" => master = Some(i32::try_from(value).ok().filter(|&pid| pid > 0)?),
+            "scoreboard" => scoreboard = Some(fd(value)?),
             "rows" => rows = Some(value),
+            "log" => log = Some(fd(value)?),
             _ => return None,
         }
+    }
+    let mut fds = [pipe?]
+        .into_iter()
+        .chain(scoreboard)
+        .chain(log)
+        .collect::<Vec<_>>();
+    let count = fds.len();
+    fds.sort_unstable();
+    fds.dedup();
+    if fds.len() != count {
+        return None; // one fd named twice would have two owners
     }
     Some(WorkerEnv {
         slot: slot?,
         pipe: pipe?,
+        master: master?,
         scoreboard: match (scoreboard, rows) {
             (Some(fd), Some(rows)) => Some((fd, rows)),
             (None, None) => None,
             _ => return None,
         },
+        log,
     })
 }
 
-/// What a master hands to the image it executes: its count, its
-/// generation, the scoreboard, and every live worker.
-#[derive(Debug, PartialEq)]
-pub(crate) struct MasterState {
-    pub target: usize,
-    pub generation: u64,
-    /// The signal mask the program had before the master blocked its
-    /// signals: what workers get back (the new image starts with them all
-    /// blocked, and would otherwise take that for the program's own).
-    pub signal_mask: u64,
-    pub scoreboard: Option<(RawFd, usize)>,
-    /// The control socket's listener, kept open so that no `respawn ctl`
-    /// is refused while the master re-executes.
-    pub control: Option<RawFd>,
-    pub workers: Vec<AdoptedWorker>,
-}
-
-/// One live worker, as the next image must know it.
-#[derive(Debug, PartialEq)]
-pub(crate) struct AdoptedWorker {
-    pub pid: i32,
-    pub slot: usize,
-    pub pipe: Option<RawFd>,
-    pub generation: u64,
-    pub state: State,
-    pub was_ready: bool,
-    pub age: Duration,
-    /// Time left before it is SIGKILLed, if it is retiring.
-    pub kill_in: Option<Duration>,
-    pub killed: bool,
-}
-
-impl AdoptedWorker {
-    pub(crate) fn of(worker: &Worker, pipe: Option<RawFd>, now: Instant) -> AdoptedWorker {
-        AdoptedWorker {
-            pid: worker.pid.as_raw(),
-            slot: worker.slot,
-            pipe,
-            generation: worker.generation,
-            state: worker.state,
-            was_ready: worker.was_ready,
-            age: now.saturating_duration_since(worker.spawned_at),
-            kill_in: worker.kill_at.map(|at| at.saturating_duration_since(now)),
-            killed: worker.killed,
-        }
-    }
-
-    /// The table's record of it again, with `pipe` taken over.
-    pub(crate) fn into_worker(self, token: mio::Token, pipe: Option<OwnedFd>, now: Instant) -> Worker {
-        let mut worker = Worker::new(Pid::from_raw(self.pid), self.slot, token, pipe);
-        worker.generation = self.generation;
-        worker.state = self.state;
-        worker.was_ready = self.was_ready;
-        worker.spawned_at = now.checked_sub(self.age).unwrap_or(now);
-        worker.kill_at = self.kill_in.map(|left| now + left);
-        worker.killed = self.killed;
-        worker
-    }
-}
-
-impl MasterState {
-    fn encode(&self) -> String {
-        let scoreboard = match self.scoreboard {
-            Some((fd, rows)) => format!("{fd}:{rows}"),
-            None => "-".to_owned(),
-        };
-        let workers: Vec<String> = self.workers.iter().map(encode_adopted).collect();
-        let control = self.control.map_or("-".to_owned(), |fd| fd.to_string());
-        format!(
-            "{STATE_VERSION} target={} generation={} mask={:x} scoreboard={scoreboard} control={control} workers={}",
-            self.target,
-            self.generation,
-            self.signal_mask,
-            workers.join(";")
-        )
-    }
-
-    fn decode(text: &str) -> Option<MasterState> {
-        let mut fields = text.split(' ');
-        if fields.next()? != STATE_VERSION {
-            return None;
-        }
-        let mut value = |key: &str| fields.next()?.strip_prefix(key)?.strip_prefix('=');
-        let target = value("target")?.parse().ok()?;
-        let generation = value("generation")?.parse().ok()?;
-        let signal_mask = u64::from_str_radix(value("mask")?, 16).ok()?;
-        let scoreboard = match value("scoreboard")? {
-            "-" => None,
-            pair => {
-                let (fd, rows) = pair.split_once(':')?;
-                Some((fd.parse().ok()?, rows.parse().ok()?))
-            }
-        };
-        let control = match value("control")? {
-            "-" => None,
-            fd => Some(fd.parse().ok()?),
-        };
-        let workers = match value("workers")? {
-            "" => Vec::new(),
-            list => list.split(';').map(decode_adopted).collect::<Option<_>>()?,
-        };
-        Some(MasterState {
-            target,
-            generation,
-            signal_mask,
-            scoreboard,
-            control,
-            workers,
-        })
-    }
-}
-
-/// `pid/slot/pipe/generation/state/ready/age_ms/kill_ms/killed`, `-` for none.
-fn encode_adopted(w: &AdoptedWorker) -> String {
-    let state = match w.state {
-        State::Starting => "starting",
-        State::Ready => "ready",
-        State::Retiring => "retiring",
-    };
-    let pipe = w.pipe.map_or("-".to_owned(), |fd| fd.to_string());
-    let kill = w
-        .kill_in
-        .map_or("-".to_owned(), |left| left.as_millis().to_string());
-    format!(
-        "{}/{}/{pipe}/{}/{state}/{}/{}/{kill}/{}",
-        w.pid,
-        w.slot,
-        w.generation,
-        u8::from(w.was_ready),
-        w.age.as_millis(),
-        u8::from(w.killed)
-    )
-}
-
-fn decode_adopted(text: &str) -> Option<AdoptedWorker> {
-    let f: Vec<&str> = text.split('/').collect();
-    let [pid, slot, pipe, generation, state, ready, age, kill, killed] = f.as_slice() else {
-        return None;
-    };
-    let millis = |text: &str| text.parse().ok().map(Duration::from_millis);
-    Some(AdoptedWorker {
-        pid: pid.parse().ok().filter(|&pid: &i32| pid > 0)?,
-        slot: slot.parse().ok()?,
-        pipe: match *pipe {
-            "-" => None,
-            fd => Some(fd.parse().ok()?),
-        },
-        generation: generation.parse().ok()?,
-        state: match *state {
-            "starting" => State::Starting,
-            "ready" => State::Ready,
-            "retiring" => State::Retiring,
-            _ => return None,
-        },
-        was_ready: *ready == "1",
-        age: millis(age)?,
-        kill_in: match *kill {
-            "-" => None,
-            left => Some(millis(left)?),
-        },
-        killed: *killed == "1",
-    })
-}
-
-/// Executes `program` in place of this master, handing it `state` and the
-/// listeners at the fd numbers they have. Returns only if the exec failed,
-/// with every fd as it was.
-/// `more` is added to the environment (systemd's variables, which the
-/// master took out of its own).
+/// Executes `program` in place of this master, handing it `state` (in a
+/// sealed memory file, handdown.rs) and keeping `kept` open at the fd
+/// numbers they have: the listeners, the worker pipes, the scoreboard and
+/// the control socket's fds. Returns only if the exec failed, with every fd
+/// as it was. `more` is added to the environment (systemd's variables,
+/// which the master took out of its own).
 pub(crate) fn reexec_master(
     program: &Program,
     state: &MasterState,
     listeners: &[RawFd],
+    kept: &[RawFd],
     more: &[(&str, OsString)],
 ) -> io::Error {
+    let file = match state.to_memfd() {
+        Ok(file) => file,
+        Err(err) => return io::Error::new(err.kind(), format!("writing the state to hand down: {err}")),
+    };
     let kept: Vec<RawFd> = listeners
         .iter()
+        .chain(kept)
         .copied()
-        .chain(state.workers.iter().filter_map(|w| w.pipe))
-        .chain(state.scoreboard.map(|(fd, _)| fd))
-        .chain(state.control)
+        .chain([file.as_raw_fd()])
         .collect();
     if let Err(err) = set_inherited(&kept, true) {
         let _ = set_inherited(&kept, false);
@@ -404,7 +284,7 @@ pub(crate) fn reexec_master(
     let mut ours = vec![
         ("LISTEN_PID".to_owned(), std::process::id().to_string()),
         ("RESPAWN_LISTEN_FDS".to_owned(), join(listeners)),
-        (MASTER_VAR.to_owned(), state.encode()),
+        (MASTER_VAR.to_owned(), file.as_raw_fd().to_string()),
         (PATH_VAR.to_owned(), program.path.to_string_lossy().into_owned()),
     ];
     ours.extend(
@@ -417,16 +297,32 @@ pub(crate) fn reexec_master(
 }
 
 /// In a re-executed master: the state its previous image handed down, if
-/// it is one. The variable is removed (workers must not see it).
+/// it is one (None: a first start). The variable is removed (workers must
+/// not see it), and the memory file closed once read. Err: it names an fd
+/// that is not a sealed state, or the state does not parse (handdown.rs).
 pub(crate) fn take_master_state() -> Result<Option<MasterState>, String> {
     let Some(text) = std::env::var_os(MASTER_VAR) else {
         return Ok(None);
     };
     std::env::remove_var(MASTER_VAR);
     let text = text.to_string_lossy();
-    MasterState::decode(&text)
+    let fd: RawFd = text
+        .parse()
+        .ok()
+        .filter(|&fd| fd > 2)
+        .ok_or_else(|| format!("{MASTER_VAR}={text:?} is not an fd"))?;
+    // Only an fd that is open may be owned: a forged number must not close
+    // one of the program's own fds later.
+    // SAFETY: F_GETFD only reads the fd's flags.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!("{MASTER_VAR}={fd}: no such fd is open"));
+    }
+    // SAFETY: the previous image left this fd open for us alone (the
+    // variable naming it is removed); we close it once read.
+    let file = unsafe { OwnedFd::from_raw_fd(fd) };
+    MasterState::from_memfd(&file)
         .map(Some)
-        .ok_or_else(|| format!("reading {MASTER_VAR}: not a state this version of respawn can adopt"))
+        .map_err(|why| format!("the state in fd {fd}: {why}"))
 }
 
 /// The scoreboard handed down, or a new one if there was none or it cannot
@@ -434,10 +330,14 @@ pub(crate) fn take_master_state() -> Result<Option<MasterState>, String> {
 /// costs their hung check until they are replaced).
 pub(crate) fn adopt_scoreboard(handed: Option<(RawFd, usize)>) -> io::Result<Scoreboard> {
     if let Some((fd, rows)) = handed {
+        // SAFETY: the previous image left this fd open for us alone (the
+        // state naming it is removed, and names each fd once): nothing else
+        // owns it. Unused, it is closed when `file` drops.
+        let file = unsafe { OwnedFd::from_raw_fd(fd) };
+        // It was handed down without close-on-exec: a program a worker
+        // executes must not inherit it.
+        let _ = set_inherited(&[fd], false);
         if rows == SCOREBOARD_ROWS {
-            // SAFETY: the previous image left this fd open for us alone
-            // (the variable naming it is removed): nothing else owns it.
-            let file = unsafe { OwnedFd::from_raw_fd(fd) };
             match Scoreboard::inherit(file, rows) {
                 Ok(scoreboard) => return Ok(scoreboard),
                 Err(err) => {
@@ -519,76 +419,33 @@ mod tests {
             slot: 3,
             pipe: 9,
             scoreboard: Some((10, 8193)),
+            master: 4321,
+            log: Some(11),
         };
         assert_eq!(decode_worker(&encode_worker(&worker)), Some(worker));
         let bare = WorkerEnv {
             slot: 0,
             pipe: 4,
             scoreboard: None,
+            master: 1,
+            log: None,
         };
         assert_eq!(decode_worker(&encode_worker(&bare)), Some(bare));
         for garbage in [
             "",
             "slot=1",
-            "slot=x,pipe=4",
-            "slot=1,pipe=4,rows=3",
-            "slot=1,pipe=4,what=2",
+            "slot=1,pipe=4",
+            "slot=x,pipe=4,master=2",
+            "slot=1,pipe=4,master=2,rows=3",
+            "slot=1,pipe=4,master=2,what=2",
+            "slot=1,pipe=4,master=0",
+            "slot=1,pipe=2,master=5",
+            "slot=1,pipe=4,master=5,log=4",
+            "slot=1,pipe=4,master=5,scoreboard=4,rows=3",
+            "slot=99999,pipe=4,master=5",
+            "slot=1,pipe=+4,master=5",
         ] {
             assert_eq!(decode_worker(garbage), None, "{garbage:?}");
-        }
-    }
-
-    #[test]
-    fn the_master_state_round_trips_and_refuses_garbage() {
-        let state = MasterState {
-            target: 4,
-            generation: 7,
-            signal_mask: 0x4002,
-            scoreboard: Some((6, 8193)),
-            control: Some(9),
-            workers: vec![
-                AdoptedWorker {
-                    pid: 1234,
-                    slot: 0,
-                    pipe: Some(11),
-                    generation: 7,
-                    state: State::Ready,
-                    was_ready: true,
-                    age: Duration::from_millis(2500),
-                    kill_in: None,
-                    killed: false,
-                },
-                AdoptedWorker {
-                    pid: 1200,
-                    slot: 5,
-                    pipe: None,
-                    generation: 6,
-                    state: State::Retiring,
-                    was_ready: true,
-                    age: Duration::from_millis(90_000),
-                    kill_in: Some(Duration::from_millis(29_000)),
-                    killed: false,
-                },
-            ],
-        };
-        assert_eq!(MasterState::decode(&state.encode()), Some(state));
-        let none = MasterState {
-            target: 0,
-            generation: 0,
-            signal_mask: 0,
-            scoreboard: None,
-            control: None,
-            workers: Vec::new(),
-        };
-        assert_eq!(MasterState::decode(&none.encode()), Some(none));
-        for garbage in [
-            "",
-            "v2 target=1 generation=0 mask=0 scoreboard=- control=- workers=",
-            "v1 target=x generation=0 mask=0 scoreboard=- control=- workers=",
-            "v1 target=1 generation=0 mask=0 scoreboard=- control=- workers=1/2/3",
-            "v1 target=1 generation=0 mask=0 scoreboard=- control=x workers=",
-        ] {
-            assert_eq!(MasterState::decode(garbage), None, "{garbage:?}");
         }
     }
 }

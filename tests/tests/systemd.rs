@@ -189,7 +189,7 @@ fn notify_reloading_and_ready_around_hup() {
         "MONOTONIC_USEC {stamp} is between {before} and {after}"
     );
 
-    systemd.wait_for(&respawn, "READY=1", |m| m == "READY=1");
+    systemd.wait_for(&respawn, "READY=1", |m| m.starts_with("READY=1\n"));
     // Said only once the rollout is done: four new workers run already
     // (each forked only after the one before it said Ready).
     let new: Vec<i32> = respawn.workers().difference(&old).copied().collect();
@@ -508,7 +508,13 @@ fn notify_ready_after_a_backed_out_upgrade() {
     deploy.replace_with("exit 1");
     respawn.signal(libc::SIGUSR2);
     systemd.wait_for(&respawn, "RELOADING=1", |m| m.starts_with("RELOADING=1"));
-    systemd.wait_for(&respawn, "READY=1", |m| m == "READY=1");
+    let ready = systemd.wait_for(&respawn, "READY=1", |m| m.starts_with("READY=1\n"));
+    // The reload systemd waits for ends with why: the new binary failed.
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=upgrade failed: backed out: worker ")
+            && ready.contains("(code 1)"),
+        "{ready:?}"
+    );
     respawn.wait_for_log("the back-out", |l| l.contains("backed out"));
 }
 

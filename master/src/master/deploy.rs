@@ -1,0 +1,345 @@
+//! The verbs that change what the workers should run: HUP (a rollout),
+//! USR2 (an upgrade, see upgrade.rs for its steps), the back-out, the
+//! master's re-execution, and the adoption of the workers by the new image.
+//!
+//! Each of them changes only what is wanted (`wanted`, `upgrade`), never
+//! what a worker runs: a worker's build is fixed at its fork. Then
+//! `manage_workers` forks and retires toward what is wanted, and `settle`
+//! (settle.rs) decides when it is over; the re-execution is called from
+//! there, once per turn, never from a signal's handler.
+
+use super::*;
+use crate::handdown::{AdoptedWorker, MasterState};
+use crate::status;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+/// How long a master about to re-execute waits for stderr to take the lines
+/// it holds: the new image starts with an empty queue.
+const LAST_LINES_BEFORE_EXEC: Duration = Duration::from_secs(1);
+/// How long a master about to re-execute waits for control clients that
+/// cannot be handed down to take their answers.
+const CONTROL_PATIENCE_BEFORE_EXEC: Duration = Duration::from_millis(200);
+
+impl<W: FnMut(Handoff) -> i32> Master<W> {
+    /// HUP: a rolling restart. Every counted worker becomes outdated;
+    /// `manage_workers` replaces them one at a time. `by` says who asked,
+    /// to begin its lines: `received SIGHUP`, or `control socket: reload`.
+    /// Err: why nothing was done.
+    pub(super) fn restart_every_worker(&mut self, by: &str) -> Result<(), String> {
+        if self.stopping {
+            info!("{by} while stopping; ignored");
+            return Err("the master is stopping".to_owned());
+        }
+        if self.upgrade.is_some() {
+            info!("{by} during an upgrade, which replaces every worker already; ignored");
+            return Err("an upgrade is under way, which replaces every worker already".to_owned());
+        }
+        self.notify.reloading();
+        self.owed.reloading = true;
+        if self.workers.counted() == 0 {
+            // A reload that systemd waits for (notify-reload) ends at once:
+            // settle sends READY=1 at the end of this turn.
+            info!("{by} with no worker running; nothing to replace");
+            return Ok(());
+        }
+        if self.rolling {
+            info!("{by} during a rolling restart; every worker started before now will be replaced");
+        } else {
+            info!("{by}, replacing every worker, one at a time");
+        }
+        self.generation += 1;
+        self.wanted.since = self.generation;
+        self.rolling = true;
+        Ok(())
+    }
+
+    /// USR2: start the binary now on disk as new workers, one at a time as
+    /// in a rolling restart; the master follows once one has proved itself
+    /// and no old worker accepts any more (upgrade.rs, settle.rs).
+    /// `by` as for `restart_every_worker`. Err: why it did not begin.
+    pub(super) fn upgrade_to_new_binary(&mut self, by: &str) -> Result<(), String> {
+        let path = self.program.path.display().to_string();
+        if self.stopping {
+            info!("{by} while stopping; ignored");
+            return Err("the master is stopping".to_owned());
+        }
+        if self.upgrade.is_some() {
+            info!("{by} during an upgrade to {path}; ignored (send it again once this one is done)");
+            return Err(format!("an upgrade to {path} is under way"));
+        }
+        if let Err(err) = self.program.check() {
+            let why = format!("{path} cannot be executed ({})", describe(&err));
+            warn!("{by}, but {why}; the running version serves on");
+            return Err(why);
+        }
+        if self.target == 0 || self.workers.counted() == 0 {
+            info!(
+                "{by}, upgrading to {path}: no worker runs now, so one is started from it first, \
+                 to prove it before the master follows"
+            );
+        } else {
+            info!("{by}, upgrading to {path}: each old worker stops once a new one is ready");
+        }
+        self.notify.reloading();
+        self.owed.reloading = true;
+        self.generation += 1;
+        let before = self.wanted;
+        self.wanted = Wanted {
+            image: self.image + 1,
+            since: self.generation,
+        };
+        self.upgrade = Some(Upgrade {
+            image: self.wanted.image,
+            before,
+            started: Instant::now(),
+            proved: false,
+        });
+        Ok(())
+    }
+
+    /// A worker of the new binary said Ready: the binary starts and
+    /// serves. From then on the probe (`wanted_count`) is not needed.
+    pub(super) fn note_upgrade_proved(&mut self) {
+        if let Some(upgrade) = self.upgrade.as_mut() {
+            if !upgrade.proved && self.workers.proved(upgrade.image) {
+                upgrade.proved = true;
+            }
+        }
+    }
+
+    /// Did a worker of the new binary die before it proved itself: before
+    /// it said Ready, or younger than the minimum uptime?
+    pub(super) fn new_binary_failed(&self, worker: &Worker) -> bool {
+        self.upgrade.is_some_and(|upgrade| {
+            worker.image == upgrade.image
+                && (!worker.was_ready || worker.spawned_at.elapsed() < self.config.min_uptime)
+        })
+    }
+
+    /// The new binary is broken: what was wanted before is wanted again.
+    /// The old workers never stopped serving (each is asked to stop only
+    /// once a new one is Ready); the new binary's starting workers are
+    /// stopped now, its Ready ones are outdated and replaced one at a time.
+    /// Nothing counts toward giving up: a bad deploy must not take the
+    /// service down.
+    pub(super) fn back_out_of_upgrade(&mut self, failed: &Worker, how: &str) {
+        let Some(upgrade) = self.upgrade.take() else {
+            return;
+        };
+        warn!(
+            "upgrade to {} backed out: its worker {} exited ({how}) {:.2} s after it was forked; \
+             the running version serves on, and SIGUSR2 may be sent again",
+            self.program.path.display(),
+            failed.pid,
+            failed.spawned_at.elapsed().as_secs_f64()
+        );
+        self.return_to(upgrade.before);
+        self.owed.upgrade_ended = Some(Err(format!(
+            "backed out: worker {} of the new binary exited ({how}) before it proved itself",
+            failed.pid
+        )));
+    }
+
+    /// Wants `before` again, after an upgrade that failed.
+    fn return_to(&mut self, before: Wanted) {
+        self.wanted = before;
+        let graceful = self.config.graceful_timeout;
+        for worker in self.workers.iter_mut() {
+            if !before.is_run_by(worker) && worker.state == State::Starting {
+                // Holding no connection, it has nothing to finish.
+                ask_to_stop(worker, graceful);
+                kill(worker);
+            }
+        }
+        self.rolling |= self.workers.outdated(self.wanted) > 0;
+    }
+
+    /// Every worker runs the new binary, and no old one accepts: the master
+    /// executes it too, in place (same pid), handing down everything it
+    /// knows (handdown.rs). Returns only if that failed: then the upgrade
+    /// is backed out, and every party that asked is told (settle.rs).
+    pub(super) fn reexec_as_new_binary(&mut self, upgrade: Upgrade) {
+        let path = self.program.path.display().to_string();
+        info!(
+            "upgrade: every worker runs {path}, {:.2} s after it began; \
+             the master re-executes itself as it (pid {} kept)",
+            upgrade.started.elapsed().as_secs_f64(),
+            std::process::id()
+        );
+        let conns = self.control.as_mut().map_or(Vec::new(), |control| {
+            control.prepare_exec(CONTROL_PATIENCE_BEFORE_EXEC)
+        });
+        let state = self.state_to_hand_down(upgrade, &conns);
+        let kept: Vec<RawFd> = state
+            .workers
+            .iter()
+            .filter_map(|w| w.pipe)
+            .chain(state.scoreboard.map(|(fd, _)| fd))
+            .chain(state.control)
+            .chain(conns.iter().map(|(fd, _)| *fd))
+            .collect();
+        logbuf::flush_before_exit(LAST_LINES_BEFORE_EXEC);
+        let systemd = self.notify.for_successor();
+        let err = upgrade::reexec_master(&self.program, &state, &self.listeners.fds(), &kept, &systemd);
+        let why = format!("re-executing the master as {path}: {}", describe(&err));
+        error!(
+            "upgrade: {why}; backed out: the running version serves on, \
+             and replaces the new binary's workers one at a time"
+        );
+        self.return_to(upgrade.before);
+        self.owed.upgrade_ended = Some(Err(format!("{why}; the running version serves on")));
+    }
+
+    /// What the next image must know; `conns` are the control connections
+    /// kept open across the exec.
+    fn state_to_hand_down(&self, upgrade: Upgrade, conns: &[(RawFd, Option<Pending>)]) -> MasterState {
+        MasterState {
+            image: upgrade.image,
+            target: self.target,
+            generation: self.generation,
+            since: self.wanted.since,
+            signal_mask: self.signals.saved_mask(),
+            scoreboard: self
+                .scoreboard
+                .file()
+                .map(|fd| (fd.as_raw_fd(), self.scoreboard.rows())),
+            control: self.control.as_ref().map(Control::listener_fd),
+            conns: conns.to_vec(),
+            started: self.started,
+            counters: self.counters.clone(),
+            backoff: self.backoff.slots().collect(),
+            restarts: self.restarts.history().collect(),
+            reloading: self.owed.reloading,
+            announced: self.owed.announced,
+            workers: self
+                .workers
+                .iter()
+                .map(|w| AdoptedWorker {
+                    pid: w.pid.as_raw(),
+                    slot: w.slot,
+                    pipe: w.pipe.as_ref().map(AsRawFd::as_raw_fd),
+                    image: w.image,
+                    generation: w.generation,
+                    state: w.state,
+                    was_ready: w.was_ready,
+                    spawned_at: w.spawned_at,
+                    kill_at: w.kill_at,
+                    killed: w.killed,
+                    hung: w.hung,
+                })
+                .collect(),
+        }
+    }
+
+    /// After an upgrade's re-execution: this image takes over what the
+    /// previous one handed down. A worker that is no longer this process's
+    /// child (a wrapper script run during the exec may have reaped it) is
+    /// not adopted, and said in a line: its slot is filled again.
+    pub(super) fn adopt(&mut self, state: MasterState) {
+        self.image = state.image;
+        self.target = state.target;
+        self.generation = state.generation;
+        self.wanted = Wanted {
+            image: state.image,
+            since: state.since,
+        };
+        self.started = state.started;
+        self.counters = state.counters;
+        for (slot, delay, until) in state.backoff {
+            self.backoff.restore(slot, delay, until);
+        }
+        self.restarts.restore(state.restarts);
+        self.owed.reloading = state.reloading;
+        self.owed.announced = state.announced;
+        let path = self.program.path.display().to_string();
+        self.owed.upgrade_ended = Some(Ok(format!(
+            "{{\"generation\":{},\"path\":{}}}\n",
+            self.generation,
+            status::string(&path)
+        )));
+        let children = strays::children();
+        let (mut adopted, mut gone) = (0, Vec::new());
+        for handed in state.workers {
+            // SAFETY: the previous image left this fd open for us alone
+            // (the state naming it is removed, and names each fd once).
+            let pipe = handed.pipe.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+            let pid = Pid::from_raw(handed.pid);
+            if !children.contains(&pid) {
+                gone.push(pid.to_string());
+                continue; // its pipe is closed as it drops
+            }
+            // Above the floor again, close-on-exec: closed in each fork
+            // with one close_range, not one by one.
+            let pipe = pipe.map(|pipe| self.floor.lift_or_keep(pipe));
+            self.adopt_worker(handed, pipe);
+            adopted += 1;
+        }
+        info!(
+            "master re-executed as {path} (pid {} kept), {adopted} workers adopted",
+            std::process::id()
+        );
+        if !gone.is_empty() {
+            warn!(
+                "{} workers handed down were gone before this image could adopt them \
+                 (reaped during the exec?): {}; their slots are filled again",
+                gone.len(),
+                gone.join(", ")
+            );
+        }
+        if let Some(control) = self.control.as_mut() {
+            control.adopt_conns(state.conns, self.poll.registry());
+        }
+    }
+
+    fn adopt_worker(&mut self, handed: AdoptedWorker, pipe: Option<OwnedFd>) {
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        let mut worker = Worker::new(Pid::from_raw(handed.pid), handed.slot, token, pipe);
+        worker.image = handed.image;
+        worker.generation = handed.generation;
+        worker.state = handed.state;
+        worker.was_ready = handed.was_ready;
+        worker.spawned_at = handed.spawned_at;
+        worker.kill_at = handed.kill_at;
+        worker.killed = handed.killed;
+        worker.hung = handed.hung;
+        if let Some(pipe) = &worker.pipe {
+            if let Err(err) =
+                self.poll
+                    .registry()
+                    .register(&mut SourceFd(&pipe.as_raw_fd()), token, Interest::READABLE)
+            {
+                error!(
+                    "watching the pipe of worker {}: {}; killing it",
+                    worker.pid,
+                    describe(&err)
+                );
+                kill(&mut worker);
+            }
+        }
+        self.workers.insert(worker);
+    }
+}
+
+/// The state the previous image handed down, if this is a re-executed
+/// master. An unreadable one is refused whole: one line, every child of
+/// this process killed (nothing could supervise them) and reaped, and a
+/// fresh start.
+pub(super) fn read_handed_down(handed: Result<Option<MasterState>, String>) -> Option<MasterState> {
+    match handed {
+        Ok(state) => state,
+        Err(why) => {
+            let children = strays::children();
+            error!(
+                "adopting the workers of the previous master: {why}; killing its {} children \
+                 and starting afresh",
+                children.len()
+            );
+            for pid in children {
+                send(pid, Signal::SIGKILL);
+                reap::wait_for(pid);
+            }
+            None
+        }
+    }
+}
