@@ -418,6 +418,11 @@ impl Respawn {
     pub fn get(&self, path: &str) -> std::io::Result<Response> {
         get(self.addr, path)
     }
+
+    /// [`get_raw`] on the master's port.
+    pub fn get_raw(&self, path: &str) -> std::io::Result<Vec<u8>> {
+        get_raw(self.addr, path)
+    }
 }
 
 impl Drop for Respawn {
@@ -494,6 +499,28 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
     conn.read_to_string(&mut answer)?;
     parse_response(&answer)
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not HTTP: {answer:?}")))
+}
+
+/// GET `path` on a new connection, and every byte that came back until the
+/// server closed it: for an answer that is not HTTP. A worker killed while
+/// it holds a request (a hung one, say) closes the connection without a
+/// byte: `Ok` of nothing, which [`cut_without_an_answer`] checks. A read
+/// timeout ([`PATIENCE`]) is an `Err`.
+pub fn get_raw(addr: SocketAddr, path: &str) -> std::io::Result<Vec<u8>> {
+    let mut conn = TcpStream::connect_timeout(&addr, PATIENCE)?;
+    conn.set_read_timeout(Some(PATIENCE))?;
+    conn.set_write_timeout(Some(PATIENCE))?;
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n")?;
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer)?;
+    Ok(answer)
+}
+
+/// What the client of a worker killed in the middle of its request sees:
+/// the connection closed, cleanly, with no answer at all. Not an error
+/// page, not a reset, not a wait that ran out.
+pub fn cut_without_an_answer(got: &std::io::Result<Vec<u8>>) -> bool {
+    matches!(got, Ok(bytes) if bytes.is_empty())
 }
 
 /// GET `path` over the Unix socket at `socket`, the whole answer read until

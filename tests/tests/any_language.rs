@@ -163,12 +163,18 @@ fn busy_marks_let_the_master_find_a_hung_worker_in_another_language() {
     let before = respawn.wait_for_workers(1);
     let victim = *before.iter().next().expect("a worker");
     let addr = respawn.addr;
-    std::thread::spawn(move || get(addr, "/hang"));
+    let hanging = std::thread::spawn(move || get_raw(addr, "/hang"));
     let line = respawn.wait_for_log("the hung worker", |l| {
         message(l).starts_with(&format!("worker {victim} hung "))
     });
     assert!(line.contains("on GET /hang HTTP/1.1 from 127.0.0.1:"), "{line}");
     assert!(wait_until(PATIENCE, || !alive(victim)), "{}", respawn.dump());
+    let cut = hanging.join().unwrap();
+    assert!(
+        cut_without_an_answer(&cut),
+        "the hung request is cut without an answer, not {cut:?}\n{}",
+        respawn.dump()
+    );
     let after = respawn.wait_for_workers(1);
     assert!(!after.contains(&victim));
     assert_eq!(respawn.get("/").expect("GET /").status, 200);
