@@ -2,7 +2,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run test lint doc bench bench-upgrade bench-any build-demo mutants linux-only release install install-files uninstall static
+.PHONY: run test skips lint doc bench bench-upgrade bench-any build-demo mutants linux-only release install install-files uninstall static
 
 # Build in release mode and start the demo on 127.0.0.1:8080 (make run ARGS='--workers 2').
 run: linux-only
@@ -12,9 +12,23 @@ run: linux-only
 # the demo binary. `cargo test --workspace` builds it too (tests/Cargo.toml
 # says how); build-demo also writes the list of its sources (respawn.d) that
 # the harness checks it against. TEST=name runs the tests whose name holds it.
+# A test that cannot run here passes, but is listed at the end: the harness
+# appends each skip to $(SKIPS) (docs/testing.md, skips), emptied first, and
+# the list is printed whether the tests passed or not.
 TEST ?=
+SKIPS = $(abspath $(TARGET_DIR))/skips.txt
 test: linux-only build-demo
-	$(CARGO) test --workspace --all-features $(if $(TEST),-- $(TEST))
+	@: > $(SKIPS)
+	@echo "RESPAWN_SKIPS=$(SKIPS) $(CARGO) test --workspace --all-features $(if $(TEST),-- $(TEST))"
+	@RESPAWN_SKIPS=$(SKIPS) $(CARGO) test --workspace --all-features $(if $(TEST),-- $(TEST)); \
+		status=$$?; $(MAKE) --no-print-directory skips; exit $$status
+
+# The tests the last make test skipped, with the kind and the reason.
+skips:
+	@if [ ! -e $(SKIPS) ]; then echo "no list of skips ($(SKIPS)): run make test"; \
+	elif [ ! -s $(SKIPS) ]; then echo "no test skipped"; \
+	else n=$$(wc -l < $(SKIPS)); [ "$$n" = 1 ] && echo "1 test skipped:" || echo "$$n tests skipped:"; \
+		awk -F '\t' '{ printf "  %s (%s): %s\n", $$2, $$1, $$3 }' $(SKIPS) | sort; fi
 
 build-demo:
 	$(CARGO) build -p respawn-master --features demo --bin respawn

@@ -17,6 +17,10 @@
 //!   beside the test executable (so `CARGO_TARGET_DIR`, `--release` and
 //!   cargo-mutants' scratch copies all work), and refuses to run one that is
 //!   older than the sources it is built from.
+//! - **A skip shows.** A test that cannot run here calls [`skip`] (or
+//!   [`require`]): a loud line, a record in `$RESPAWN_SKIPS` that `make
+//!   test` sums up, and a failure where `RESPAWN_SKIPS_FATAL` says the
+//!   machine has what the test needs (CI).
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -414,6 +418,11 @@ impl Respawn {
     pub fn get(&self, path: &str) -> std::io::Result<Response> {
         get(self.addr, path)
     }
+
+    /// [`get_raw`] on the master's port.
+    pub fn get_raw(&self, path: &str) -> std::io::Result<Vec<u8>> {
+        get_raw(self.addr, path)
+    }
 }
 
 impl Drop for Respawn {
@@ -490,6 +499,28 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
     conn.read_to_string(&mut answer)?;
     parse_response(&answer)
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not HTTP: {answer:?}")))
+}
+
+/// GET `path` on a new connection, and every byte that came back until the
+/// server closed it: for an answer that is not HTTP. A worker killed while
+/// it holds a request (a hung one, say) closes the connection without a
+/// byte: `Ok` of nothing, which [`cut_without_an_answer`] checks. A read
+/// timeout ([`PATIENCE`]) is an `Err`.
+pub fn get_raw(addr: SocketAddr, path: &str) -> std::io::Result<Vec<u8>> {
+    let mut conn = TcpStream::connect_timeout(&addr, PATIENCE)?;
+    conn.set_read_timeout(Some(PATIENCE))?;
+    conn.set_write_timeout(Some(PATIENCE))?;
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n")?;
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer)?;
+    Ok(answer)
+}
+
+/// What the client of a worker killed in the middle of its request sees:
+/// the connection closed, cleanly, with no answer at all. Not an error
+/// page, not a reset, not a wait that ran out.
+pub fn cut_without_an_answer(got: &std::io::Result<Vec<u8>>) -> bool {
+    matches!(got, Ok(bytes) if bytes.is_empty())
 }
 
 /// GET `path` over the Unix socket at `socket`, the whole answer read until
@@ -661,6 +692,164 @@ pub fn port_is_free(addr: SocketAddr) -> bool {
     std::net::TcpListener::bind(addr).is_ok()
 }
 
+/// Why a test did not run (or a part of it did not): the kind decides
+/// whether a machine may let it skip.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// Something CI has. Where `RESPAWN_SKIPS_FATAL` is set (CI), a skip
+    /// of this kind fails the test.
+    Needs(Need),
+    /// Something no machine is promised: a tool outside CI's image
+    /// (systemd-analyze, strace), a kernel or container that refuses
+    /// something (a process title, a network namespace, ptrace).
+    Environment,
+}
+
+/// What CI provides, so that a test that needs it runs there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    Root,
+    /// A user nobody of uid and gid 65534, as on Debian.
+    Nobody,
+    /// `node --version` runs.
+    Node,
+    /// `python3 --version` runs.
+    Python,
+    /// nginx, on the PATH or at /usr/sbin/nginx.
+    Nginx,
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Skip::Needs(Need::Root) => "needs root",
+            Skip::Needs(Need::Nobody) => "needs user nobody",
+            Skip::Needs(Need::Node) => "needs node",
+            Skip::Needs(Need::Python) => "needs python3",
+            Skip::Needs(Need::Nginx) => "needs nginx",
+            Skip::Environment => "environment",
+        })
+    }
+}
+
+/// Says loudly that `test` (or the part of it `test` names) did not run,
+/// and why; then returns, and the caller returns or goes on without that
+/// part. With `RESPAWN_SKIPS` naming a file (`make test` sets it), the skip
+/// is also a line there, `kind<TAB>binary: test<TAB>why`, for the summary.
+/// With `RESPAWN_SKIPS_FATAL` set (CI does), a skip of kind
+/// [`Skip::Needs`] fails the test: that machine has what it needs.
+pub fn skip(test: &str, kind: Skip, why: &str) {
+    let name = format!("{}: {test}", test_binary());
+    eprintln!("\n*** SKIPPED {name} ({kind}): {why} ***\n");
+    if let Some(path) = std::env::var_os("RESPAWN_SKIPS") {
+        let path = PathBuf::from(path);
+        if let Err(err) = record_skip(&path, kind, &name, why) {
+            // Better a failed test than a skip nobody sees.
+            panic!("recording the skip of {name} in {}: {err}", path.display());
+        }
+    }
+    if matches!(kind, Skip::Needs(_)) && std::env::var_os("RESPAWN_SKIPS_FATAL").is_some() {
+        panic!(
+            "{name} skipped ({kind}: {why}), and RESPAWN_SKIPS_FATAL says this machine has \
+             what it needs: install it, or run as root (docs/testing.md, skips)"
+        );
+    }
+}
+
+/// Is `need` met here? If not, [`skip`]s `test` with `Skip::Needs(need)`,
+/// saying what is missing, and returns false: `if !require(TEST,
+/// Need::Root) { return; }`.
+pub fn require(test: &str, need: Need) -> bool {
+    let why = match need {
+        Need::Root if !is_root() => "it needs root",
+        Need::Nobody if !nobody_is_65534() => "there is no user nobody of uid and gid 65534",
+        Need::Node if !runs("node") => "`node --version` does not run here",
+        Need::Python if !runs("python3") => "`python3 --version` does not run here",
+        Need::Nginx if nginx().is_none() => "nginx is not installed (apt-get install nginx-light)",
+        _ => return true,
+    };
+    skip(test, Skip::Needs(need), why);
+    false
+}
+
+/// Is this process root?
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Does user nobody exist with uid and gid 65534?
+fn nobody_is_65534() -> bool {
+    // SAFETY: an all-zero passwd is a valid value to be written over.
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: getpwnam_r (not getpwnam: other test threads may look users
+    // up too) writes only into `entry`, `buf` (whose length it is given)
+    // and `found`, all alive for the call.
+    let err = unsafe {
+        libc::getpwnam_r(
+            c"nobody".as_ptr(),
+            &mut entry,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    err == 0 && !found.is_null() && (entry.pw_uid, entry.pw_gid) == (65534, 65534)
+}
+
+/// Does `program --version` run and succeed?
+fn runs(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// nginx, from the PATH or where Debian puts it (/usr/sbin, which is not
+/// on every user's PATH).
+pub fn nginx() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|dir| dir.join("nginx"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The test binary's name without cargo's hash: `privileges` for
+/// `target/debug/deps/privileges-5d48af8f59360c36`.
+fn test_binary() -> String {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let stem = exe.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+    match stem.rsplit_once('-') {
+        Some((name, hash)) if !hash.is_empty() && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            name.to_owned()
+        }
+        _ => stem,
+    }
+}
+
+/// Appends one line for a skip to `path`. libtest runs a binary's tests on
+/// parallel threads: the file is opened O_APPEND and the line goes in one
+/// write(2), so that lines from different tests never interleave.
+fn record_skip(path: &Path, kind: Skip, name: &str, why: &str) -> std::io::Result<()> {
+    let flat = |text: &str| text.replace(['\t', '\n', '\r'], " ");
+    let line = format!("{kind}\t{}\t{}\n", flat(name), flat(why));
+    let mut file = std::fs::OpenOptions::new().append(true).create(true).open(path)?;
+    let written = file.write(line.as_bytes())?;
+    if written != line.len() {
+        return Err(std::io::Error::other(format!(
+            "wrote {written} of {} bytes",
+            line.len()
+        )));
+    }
+    Ok(())
+}
+
 /// A directory of a test's own under the system's temp dir (`name` and this
 /// process's pid in its name), made empty, and removed when dropped, the
 /// test failed or not. It derefs to its path.
@@ -815,6 +1004,63 @@ mod tests {
         let err = check_fresh(&bin, &dir).unwrap_err();
         assert!(err.contains("older than master/src/lib.rs"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn skips_from_parallel_threads_are_whole_lines() {
+        let dir = scratch("skips");
+        let path = dir.join("skips.txt");
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    for n in 0..50 {
+                        let kind = if n % 2 == 0 {
+                            Skip::Needs(Need::Root)
+                        } else {
+                            Skip::Environment
+                        };
+                        let why = format!("reason {t} {n}\twith a tab\nand a newline {}", "x".repeat(300));
+                        record_skip(&path, kind, &format!("bin: test_{t}_{n}"), &why).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 400);
+        lines.sort();
+        for line in &lines {
+            let fields: Vec<&str> = line.split('\t').collect();
+            let [kind, name, why] = fields[..] else {
+                panic!("not three fields: {line:?}");
+            };
+            let (t, n) = name
+                .strip_prefix("bin: test_")
+                .and_then(|rest| rest.split_once('_'))
+                .unwrap_or_else(|| panic!("{line:?}"));
+            let expected_kind = if n.parse::<u32>().unwrap() % 2 == 0 {
+                "needs root"
+            } else {
+                "environment"
+            };
+            assert_eq!(kind, expected_kind, "{line:?}");
+            assert_eq!(
+                why,
+                format!("reason {t} {n} with a tab and a newline {}", "x".repeat(300)),
+                "{line:?}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_test_binary_is_named_without_its_hash() {
+        // This very binary: target/debug/deps/respawn_tests-<hash>.
+        assert_eq!(test_binary(), "respawn_tests");
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! `respawn -- CMD`: workers in any language (docs/protocol.md), under the
 //! real master. The clients of clients/ are the workers where they exist;
 //! small Python scripts written here play the misbehaving ones. Without
-//! python3 or node, the tests that need one say so loudly and return.
+//! python3 or node, the tests that need one are skipped (`require`), which
+//! `make test`'s summary lists and CI does not allow.
 
 use respawn_tests::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// A directory of scripts for one test, removed at the end.
 struct Scripts(TempDir);
@@ -24,17 +24,6 @@ impl Scripts {
         std::fs::rename(&new, &path).expect("renaming it into place");
         path
     }
-}
-
-fn have(tool: &str, test: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        eprintln!("\n*** SKIPPED {test}: {tool} is not installed, and this test runs a worker in it ***\n");
-    }
-    found
 }
 
 /// A worker in Python that speaks the protocol by hand, one request at a
@@ -117,7 +106,10 @@ fn a_program_that_exits_at_once_backs_off_and_is_given_up_on() {
 
 #[test]
 fn a_python_worker_serves_and_its_pid_is_the_forked_one() {
-    if !have("python3", "a_python_worker_serves_and_its_pid_is_the_forked_one") {
+    if !require(
+        "a_python_worker_serves_and_its_pid_is_the_forked_one",
+        Need::Python,
+    ) {
         return;
     }
     let scripts = Scripts::new("serves");
@@ -137,7 +129,7 @@ fn a_python_worker_serves_and_its_pid_is_the_forked_one() {
 
 #[test]
 fn garbage_on_the_channel_replaces_the_worker() {
-    if !have("python3", "garbage_on_the_channel_replaces_the_worker") {
+    if !require("garbage_on_the_channel_replaces_the_worker", Need::Python) {
         return;
     }
     let scripts = Scripts::new("garbage");
@@ -159,9 +151,9 @@ fn garbage_on_the_channel_replaces_the_worker() {
 
 #[test]
 fn busy_marks_let_the_master_find_a_hung_worker_in_another_language() {
-    if !have(
-        "python3",
+    if !require(
         "busy_marks_let_the_master_find_a_hung_worker_in_another_language",
+        Need::Python,
     ) {
         return;
     }
@@ -171,12 +163,18 @@ fn busy_marks_let_the_master_find_a_hung_worker_in_another_language() {
     let before = respawn.wait_for_workers(1);
     let victim = *before.iter().next().expect("a worker");
     let addr = respawn.addr;
-    std::thread::spawn(move || get(addr, "/hang"));
+    let hanging = std::thread::spawn(move || get_raw(addr, "/hang"));
     let line = respawn.wait_for_log("the hung worker", |l| {
         message(l).starts_with(&format!("worker {victim} hung "))
     });
     assert!(line.contains("on GET /hang HTTP/1.1 from 127.0.0.1:"), "{line}");
     assert!(wait_until(PATIENCE, || !alive(victim)), "{}", respawn.dump());
+    let cut = hanging.join().unwrap();
+    assert!(
+        cut_without_an_answer(&cut),
+        "the hung request is cut without an answer, not {cut:?}\n{}",
+        respawn.dump()
+    );
     let after = respawn.wait_for_workers(1);
     assert!(!after.contains(&victim));
     assert_eq!(respawn.get("/").expect("GET /").status, 200);
@@ -191,7 +189,11 @@ fn a_program_that_knows_only_listen_fds_runs_with_ready_on_exec() {
     .into_iter()
     .find(|p| Path::new(p).exists());
     let Some(proxyd) = proxyd else {
-        eprintln!("\n*** SKIPPED a_program_that_knows_only_listen_fds_runs_with_ready_on_exec: systemd-socket-proxyd is not installed (apt-get install systemd) ***\n");
+        skip(
+            "a_program_that_knows_only_listen_fds_runs_with_ready_on_exec",
+            Skip::Environment,
+            "systemd-socket-proxyd is not installed (apt-get install systemd)",
+        );
         return;
     };
     // The backend it forwards to: a respawn demo on a port of its own.
@@ -219,6 +221,15 @@ fn example(scripts: &Scripts, language: &str) -> String {
     scripts.0.join(example).display().to_string()
 }
 
+/// What a test in `language` needs: CI has both.
+fn need(language: &str) -> Need {
+    if language == "node" {
+        Need::Node
+    } else {
+        Need::Python
+    }
+}
+
 fn interpreter(language: &str) -> &'static str {
     if language == "node" {
         "node"
@@ -228,7 +239,7 @@ fn interpreter(language: &str) -> &'static str {
 }
 
 fn serves_and_hands_over_a_crash(language: &str, test: &str) {
-    if !have(interpreter(language), test) {
+    if !require(test, need(language)) {
         return;
     }
     let scripts = Scripts::new(test);
@@ -266,7 +277,7 @@ fn serves_and_hands_over_a_crash(language: &str, test: &str) {
 }
 
 fn a_crash_storm_loses_no_request(language: &str, test: &str) {
-    if !have(interpreter(language), test) {
+    if !require(test, need(language)) {
         return;
     }
     let scripts = Scripts::new(test);
@@ -297,7 +308,7 @@ fn a_crash_storm_loses_no_request(language: &str, test: &str) {
 }
 
 fn a_killed_worker_is_replaced_and_hup_runs_new_code(language: &str, test: &str) {
-    if !have(interpreter(language), test) {
+    if !require(test, need(language)) {
         return;
     }
     let scripts = Scripts::new(test);

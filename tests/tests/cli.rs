@@ -202,12 +202,9 @@ fn as_nobody(command: &mut Command, new_netns: bool) {
 
 #[test]
 fn a_privileged_port_says_what_would_allow_it() {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!(
-            "\n*** SKIPPED a_privileged_port_says_what_would_allow_it: it runs respawn as user \
-             nobody, which needs root ***\n"
-        );
+    const TEST: &str = "a_privileged_port_says_what_would_allow_it";
+    // It runs respawn as uid 65534, which takes root.
+    if !require(TEST, Need::Root) {
         return;
     }
     let start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
@@ -223,10 +220,13 @@ fn a_privileged_port_says_what_would_allow_it() {
         let mut probe = Command::new("/bin/true");
         as_nobody(&mut probe, true);
         if let Err(err) = probe.status() {
-            eprintln!(
-                "\n*** SKIPPED a_privileged_port_says_what_would_allow_it: every port is \
-                 unprivileged here (ip_unprivileged_port_start = {start}) and no network \
-                 namespace can be made ({err}) ***\n"
+            skip(
+                TEST,
+                Skip::Environment,
+                &format!(
+                    "every port is unprivileged here (ip_unprivileged_port_start = {start}) \
+                     and no network namespace can be made ({err})"
+                ),
             );
             return;
         }

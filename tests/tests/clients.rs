@@ -7,7 +7,8 @@
 //!
 //! Each behaviour is a function run once per language (a module per
 //! behaviour, a test per language). Without node or python3 on the PATH,
-//! that language's tests say SKIPPED, loudly, and pass.
+//! that language's tests are skipped: loudly, in `make test`'s summary, and
+//! as a failure on CI, which has both.
 
 use respawn_tests::*;
 use std::io::Read;
@@ -54,8 +55,8 @@ impl Lang {
         matches!(self, Lang::Node)
     }
 
-    /// Is the interpreter here? If not, says so loudly: the test then
-    /// returns without testing anything.
+    /// Is the interpreter here? If not, [`skip`]s `test`: it then returns
+    /// without testing anything.
     fn present(self, test: &str) -> bool {
         let found = Command::new(self.interpreter())
             .arg("--version")
@@ -64,9 +65,17 @@ impl Lang {
             .status()
             .is_ok_and(|status| status.success());
         if !found {
-            eprintln!(
-                "SKIPPED {test} ({self:?}): `{} --version` does not run here, so the {self:?} client is NOT tested",
-                self.interpreter()
+            let need = match self {
+                Lang::Node => Need::Node,
+                Lang::Python => Need::Python,
+            };
+            skip(
+                test,
+                Skip::Needs(need),
+                &format!(
+                    "`{} --version` does not run here, so the {self:?} client is NOT tested",
+                    self.interpreter()
+                ),
             );
         }
         found
@@ -398,13 +407,13 @@ macro_rules! in_both_languages {
         mod $behaviour {
             #[test]
             fn node() {
-                if super::Lang::Node.present(stringify!($behaviour)) {
+                if super::Lang::Node.present(concat!(stringify!($behaviour), "::node")) {
                     super::$behaviour(super::Lang::Node);
                 }
             }
             #[test]
             fn python() {
-                if super::Lang::Python.present(stringify!($behaviour)) {
+                if super::Lang::Python.present(concat!(stringify!($behaviour), "::python")) {
                     super::$behaviour(super::Lang::Python);
                 }
             }

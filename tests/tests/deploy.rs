@@ -94,9 +94,10 @@ fn verify(dir: &Path, service: &str, socket: &str) -> (bool, Vec<String>) {
 #[test]
 fn deploy_units_pass_systemd_analyze_verify() {
     let Some(version) = systemd_version() else {
-        eprintln!(
-            "\n*** SKIPPED deploy_units_pass_systemd_analyze_verify: systemd-analyze is not \
-             installed (apt-get install systemd) ***\n"
+        skip(
+            "deploy_units_pass_systemd_analyze_verify",
+            Skip::Environment,
+            "systemd-analyze is not installed (apt-get install systemd)",
         );
         return;
     };
@@ -403,7 +404,11 @@ fn every_system_call_respawn_makes_is_in_the_units_filter() {
         ("systemd-analyze", "apt-get install systemd"),
     ] {
         if Command::new(tool).arg("--version").output().is_err() {
-            eprintln!("\n*** SKIPPED every_system_call_respawn_makes_is_in_the_units_filter: {tool} is not installed ({why}) ***\n");
+            skip(
+                "every_system_call_respawn_makes_is_in_the_units_filter",
+                Skip::Environment,
+                &format!("{tool} is not installed ({why})"),
+            );
             return;
         }
     }

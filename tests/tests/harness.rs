@@ -83,3 +83,79 @@ fn a_master_outlives_the_thread_that_started_it() {
     assert_eq!(answer.status, 200);
     assert_eq!(respawn.wait_for_workers(1), workers, "{}", respawn.dump());
 }
+
+/// Set in the environment of the copy of this binary that skips: `root`
+/// for `Skip::Needs(Need::Root)`, anything else for `Skip::Environment`.
+const SKIP_AS: &str = "RESPAWN_TESTS_SKIP_AS";
+
+#[test]
+fn a_skip_is_a_record_and_fails_where_the_machine_has_what_it_needs() {
+    let dir = TempDir::new("respawn-harness-skips");
+    let file = dir.join("skips.txt");
+    // Runs `skip_as_told` in a copy of this binary: did it pass, and what
+    // did it print?
+    let run = |kind: &str, record: bool, fatal: bool| -> (bool, String) {
+        let mut copy = Command::new(std::env::current_exe().expect("this test's executable"));
+        copy.args(["--exact", "skip_as_told", "--nocapture"])
+            .env(SKIP_AS, kind)
+            .env_remove("RESPAWN_SKIPS")
+            .env_remove("RESPAWN_SKIPS_FATAL")
+            .stdin(Stdio::null());
+        if record {
+            copy.env("RESPAWN_SKIPS", &file);
+        }
+        if fatal {
+            copy.env("RESPAWN_SKIPS_FATAL", "1");
+        }
+        let out = copy.output().expect("running a copy of this test binary");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let records = || std::fs::read_to_string(&file).unwrap_or_default();
+
+    // Without RESPAWN_SKIPS (a plain `cargo test`): the loud line only.
+    let (passed, said) = run("root", false, false);
+    assert!(passed, "{said}");
+    assert!(
+        said.contains("\n*** SKIPPED harness: skip_as_told (needs root): asked to\tskip ***\n"),
+        "{said}"
+    );
+    assert_eq!(records(), "");
+
+    // With it: one line per skip, the tab in the reason made a space.
+    let (passed, said) = run("root", true, false);
+    assert!(passed, "{said}");
+    let (passed, said) = run("kernel", true, true);
+    assert!(passed, "an environment skip is allowed anywhere: {said}");
+    assert_eq!(
+        records(),
+        "needs root\tharness: skip_as_told\tasked to skip\n\
+         environment\tharness: skip_as_told\tasked to skip\n"
+    );
+
+    // Where the machine has what the test needs (CI), that skip fails,
+    // and is still recorded.
+    let (passed, said) = run("root", true, true);
+    assert!(!passed, "a root skip under RESPAWN_SKIPS_FATAL fails: {said}");
+    assert!(
+        said.contains("harness: skip_as_told skipped (needs root: asked to\tskip), and RESPAWN_SKIPS_FATAL"),
+        "{said}"
+    );
+    assert_eq!(records().lines().count(), 3, "{}", records());
+}
+
+/// Not a test on its own: the other half of the one above.
+#[test]
+fn skip_as_told() {
+    let Some(kind) = std::env::var_os(SKIP_AS) else {
+        return;
+    };
+    let kind = if kind == "root" {
+        Skip::Needs(Need::Root)
+    } else {
+        Skip::Environment
+    };
+    skip("skip_as_told", kind, "asked to\tskip");
+}

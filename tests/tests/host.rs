@@ -51,7 +51,11 @@ fn wait_for_title(respawn: &Respawn, expected: &str) {
 fn the_master_title_shows_workers_and_generation() {
     let respawn = Respawn::with_workers(2, &[]);
     if let Some(line) = title_refused(&respawn) {
-        eprintln!("SKIPPED the_master_title_shows_workers_and_generation: the kernel refused: {line}");
+        skip(
+            "the_master_title_shows_workers_and_generation",
+            Skip::Environment,
+            &format!("the kernel refused: {}", message(&line)),
+        );
         return;
     }
     let addr = respawn.addr;
@@ -88,7 +92,11 @@ fn the_master_title_shows_workers_and_generation() {
 fn cmdline_stays_well_formed() {
     let respawn = Respawn::with_workers(1, &[]);
     if let Some(line) = title_refused(&respawn) {
-        eprintln!("SKIPPED cmdline_stays_well_formed: the kernel refused: {line}");
+        skip(
+            "cmdline_stays_well_formed",
+            Skip::Environment,
+            &format!("the kernel refused: {}", message(&line)),
+        );
         return;
     }
     let addr = respawn.addr;
@@ -158,7 +166,11 @@ fn cmdline_stays_well_formed() {
         let shown = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         assert_eq!(shown, format!("respawn: master, 1 worker, generation 0, {addr}"));
     } else {
-        eprintln!("cmdline_stays_well_formed: ps not found; its view not checked");
+        skip(
+            "cmdline_stays_well_formed (what ps shows)",
+            Skip::Environment,
+            "ps not found (apt-get install procps)",
+        );
     }
     if let Ok(out) = Command::new("pgrep")
         .args(["-f", &format!("^respawn: master, .*, {addr}$")])
@@ -167,7 +179,11 @@ fn cmdline_stays_well_formed() {
         let found = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         assert_eq!(found, respawn.pid.to_string(), "pgrep -f");
     } else {
-        eprintln!("cmdline_stays_well_formed: pgrep not found; its view not checked");
+        skip(
+            "cmdline_stays_well_formed (what pgrep finds)",
+            Skip::Environment,
+            "pgrep not found (apt-get install procps)",
+        );
     }
     let environ = std::fs::read(format!("/proc/{}/environ", respawn.pid)).unwrap_or_default();
     assert!(
@@ -369,8 +385,8 @@ for n, line in enumerate(open(sys.argv[1], encoding="utf-8"), 1):
 
 #[test]
 fn json_log_lines_are_one_object_each() {
-    if Command::new("python3").arg("--version").output().is_err() {
-        eprintln!("SKIPPED json_log_lines_are_one_object_each: python3 not found to parse the lines");
+    // python3's json module parses the lines.
+    if !require("json_log_lines_are_one_object_each", Need::Python) {
         return;
     }
     let log = scratch("json.log");
@@ -433,7 +449,11 @@ fn json_log_lines_are_one_object_each() {
 #[test]
 fn make_install_puts_an_executable_in_destdir() {
     if Command::new("make").arg("--version").output().is_err() {
-        eprintln!("SKIPPED make_install_puts_an_executable_in_destdir: make not found");
+        skip(
+            "make_install_puts_an_executable_in_destdir",
+            Skip::Environment,
+            "make not found",
+        );
         return;
     }
     let destdir = scratch("destdir");

@@ -12,32 +12,10 @@ const NOBODY: u32 = 65534;
 /// linux/capability.h; the libc crate does not have it.
 const CAP_SETUID: libc::c_ulong = 7;
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Whether user nobody exists here as uid and gid 65534.
-fn nobody_is_65534() -> bool {
-    // SAFETY: getpwnam reads the passwd database and returns a pointer to
-    // static storage, read at once; the test thread is the only user of it
-    // in this function.
-    let entry = unsafe { libc::getpwnam(c"nobody".as_ptr()) };
-    // SAFETY: non-null, it points to a valid passwd entry.
-    !entry.is_null() && unsafe { ((*entry).pw_uid, (*entry).pw_gid) } == (NOBODY, NOBODY)
-}
-
-/// Root and a user nobody of uid and gid 65534, or a loud line and false.
+/// Root and a user nobody of uid and gid 65534, or a skip (CI has both)
+/// and false.
 fn root_and_nobody(test: &str) -> bool {
-    if !is_root() {
-        eprintln!("\n*** SKIPPED {test}: changing a worker's user needs root ***\n");
-        return false;
-    }
-    if !nobody_is_65534() {
-        eprintln!("\n*** SKIPPED {test}: there is no user nobody with uid and gid 65534 ***\n");
-        return false;
-    }
-    true
+    require(test, Need::Root) && require(test, Need::Nobody)
 }
 
 /// A line of /proc/PID/status, without its name: `Uid:\t0\t0\t0\t0` gives

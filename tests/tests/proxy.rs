@@ -3,13 +3,14 @@
 //! connection to a worker, so clients that trickle or stay silent hold an
 //! nginx connection (cheap, event-driven), never a worker.
 //!
-//! Needs nginx (`apt-get install nginx-light`); without it the test says so
-//! loudly and passes, since the rest of respawn does not depend on it.
+//! Needs nginx (`apt-get install nginx-light`); without it the test is
+//! skipped, loudly and in `make test`'s summary (CI has nginx, and fails
+//! if it skips).
 
 use respawn_tests::*;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -49,14 +50,6 @@ http {{
 }}
 "#
     )
-}
-
-fn find_nginx() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|dir| dir.join("nginx"))
-        .find(|candidate| candidate.exists())
 }
 
 /// nginx, killed on drop.
@@ -101,13 +94,13 @@ fn get_via(proxy: std::net::SocketAddr, path: &str) -> std::io::Result<Response>
 
 #[test]
 fn a_buffering_proxy_keeps_slow_clients_off_the_workers() {
-    let Some(nginx) = find_nginx() else {
-        eprintln!(
-            "\n*** SKIPPED a_buffering_proxy_keeps_slow_clients_off_the_workers: nginx is not \
-             installed (apt-get install nginx-light) ***\n"
-        );
+    if !require(
+        "a_buffering_proxy_keeps_slow_clients_off_the_workers",
+        Need::Nginx,
+    ) {
         return;
-    };
+    }
+    let nginx = nginx().expect("nginx, found a moment ago");
     let respawn = Respawn::with_workers(2, &[]);
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()

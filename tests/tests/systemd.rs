@@ -275,27 +275,31 @@ fn notify_stopping_and_no_ready_when_workers_never_start() {
 fn notify_watchdog_at_the_asked_interval() {
     let mut systemd = Systemd::new("watchdog");
     let respawn = systemd.start(&["--workers", "1"], &[("WATCHDOG_USEC", "400000")]);
-    let first = Instant::now() + Duration::from_secs(5);
-    let mut pings = Vec::new();
-    while let Some(message) = systemd.receive(first) {
+    systemd.wait_for(&respawn, "the first WATCHDOG=1", |m| m == "WATCHDOG=1");
+    let window = Duration::from_secs(5);
+    let end = Instant::now() + window;
+    let mut pings = 0;
+    while let Some(message) = systemd.receive(end) {
         if message == "WATCHDOG=1" {
-            pings.push(Instant::now());
+            pings += 1;
         }
     }
-    // Every 200 ms (half of WATCHDOG_USEC) on an idle master: about 25 in
-    // 5 s; a busy machine delays them, so only 3 are required, and never
-    // more than the master can send at that pace.
+    // The promise: a ping every half of WATCHDOG_USEC, 200 ms, so 25 in the
+    // 5 s after the first. Each is timed from the one before, so a busy
+    // machine's late wake-ups add up: a third fewer is allowed (an average
+    // of 300 ms). A master that pinged only every WATCHDOG_USEC (12), on
+    // the very edge of being killed by systemd, fails.
+    let promised = (window.as_millis() / 200) as usize;
     assert!(
-        pings.len() >= 3,
-        "{} WATCHDOG=1 in 5 s: {:?}\n{}",
-        pings.len(),
+        pings >= promised * 2 / 3,
+        "{pings} WATCHDOG=1 in the {window:?} after the first, not {promised} (one every 200 ms): {:?}\n{}",
         systemd.messages(),
         respawn.dump()
     );
+    // Never sooner than due; one more for where the window's edges fall.
     assert!(
-        pings.len() <= 5000 / 200 + 5,
-        "{} WATCHDOG=1 in 5 s is faster than every 200 ms",
-        pings.len()
+        pings <= promised + 1,
+        "{pings} WATCHDOG=1 in {window:?} is faster than every 200 ms"
     );
 }
 
@@ -365,14 +369,21 @@ fn workers_do_not_inherit_the_notify_socket_or_its_variables() {
     }
     // The variables are gone from what getenv reads, in the master and in
     // every worker forked from it (so also in what they would exec).
+    // Reading another process's memory takes ptrace access, which Yama or a
+    // container may deny: then this part cannot run, for any of them. Once
+    // the master's can be read, every process's must be.
+    let mem = format!("/proc/{}/mem", respawn.pid);
+    if let Err(err) = std::fs::File::open(&mem) {
+        skip(
+            "workers_do_not_inherit_the_notify_socket_or_its_variables (the environment)",
+            Skip::Environment,
+            &format!("opening {mem}: {err}"),
+        );
+        return;
+    }
     for pid in std::iter::once(respawn.pid).chain(workers) {
-        let Some(env) = live_environment(pid) else {
-            eprintln!(
-                "SKIPPED the environment check: the environment of process {pid} \
-                 could not be read from /proc/{pid}/mem (no ptrace access?)"
-            );
-            return;
-        };
+        let env = live_environment(pid)
+            .unwrap_or_else(|why| panic!("the environment of process {pid}: {why}\n{}", respawn.dump()));
         assert!(
             env.iter().any(|v| v.starts_with("RUST_LOG=")),
             "found the environment: {env:?}"
@@ -415,49 +426,77 @@ fn unix_sockets(pid: i32) -> Vec<String> {
 /// pointer out of the `environ` array. So this reads that array, where exec
 /// put it: on the stack, right after argc and the argv pointers. (It would
 /// miss a change made after a setenv moved the array to the heap; nothing
-/// in the master calls setenv.) None if the memory cannot be read.
-fn live_environment(pid: i32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields from the state on (field 3); arg_start is field 48.
-    let fields: Vec<u64> = stat[stat.rfind(')')? + 2..]
+/// in the master calls setenv.) Err says which step failed.
+fn live_environment(pid: i32) -> Result<Vec<String>, String> {
+    let read = |what: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/{what}"))
+            .map_err(|err| format!("reading /proc/{pid}/{what}: {err}"))
+    };
+    let stat = read("stat")?;
+    // Fields from the state on (field 3); env_start and env_end are fields
+    // 50 and 51. Not arg_start (48): the process title (title.rs) points
+    // it at a buffer of its own, away from where exec put the arguments.
+    let fields: Vec<u64> = stat[stat.rfind(')').ok_or("no ')' in stat")? + 2..]
         .split(' ')
         .map(|f| f.trim().parse().unwrap_or(0))
         .collect();
-    let (arg_start, arg_end) = (*fields.get(45)?, *fields.get(46)?);
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    let stack = maps.lines().find(|l| l.ends_with("[stack]"))?;
-    let (low, high) = stack.split(' ').next()?.split_once('-')?;
-    let (low, high) = (
-        u64::from_str_radix(low, 16).ok()?,
-        u64::from_str_radix(high, 16).ok()?,
-    );
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
-    let mut bytes = vec![0; usize::try_from(high - low).ok()?];
-    mem.read_exact_at(&mut bytes, low).ok()?;
+    let (env_start, env_end) = match (fields.get(47), fields.get(48)) {
+        (Some(&start), Some(&end)) if start < end => (start, end),
+        _ => return Err(format!("no env_start and env_end in {stat:?}")),
+    };
+    let maps = read("maps")?;
+    let (low, high) = maps
+        .lines()
+        .find(|l| l.ends_with("[stack]"))
+        .and_then(|stack| stack.split(' ').next()?.split_once('-'))
+        .and_then(|(low, high)| {
+            Some((
+                u64::from_str_radix(low, 16).ok()?,
+                u64::from_str_radix(high, 16).ok()?,
+            ))
+        })
+        .ok_or_else(|| format!("no [stack] in /proc/{pid}/maps"))?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+        .map_err(|err| format!("opening /proc/{pid}/mem: {err}"))?;
+    let mut bytes = vec![0; usize::try_from(high - low).map_err(|err| err.to_string())?];
+    mem.read_exact_at(&mut bytes, low)
+        .map_err(|err| format!("reading the stack from /proc/{pid}/mem: {err}"))?;
     let words: Vec<u64> = bytes
         .chunks_exact(8)
         .map(|w| u64::from_ne_bytes(w.try_into().unwrap_or_default()))
         .collect();
-    // argc, then argc pointers into the argument strings, the first at
-    // arg_start, then NULL: then the environment's pointers, to NULL.
-    let argv = (1..words.len()).find(|&i| {
-        let argc = words[i - 1] as usize;
-        words[i] == arg_start
-            && (1..4096).contains(&argc)
-            && words.get(i + argc) == Some(&0)
-            && words[i..i + argc]
-                .iter()
-                .all(|&p| (arg_start..arg_end).contains(&p))
-    })?;
+    // argc, then argc pointers into the argument strings (on the stack,
+    // right below the environment's), then NULL: then the environment's
+    // pointers, into env_start..env_end, to NULL.
+    let strings = |range: std::ops::Range<u64>, from: usize| {
+        words[from..]
+            .iter()
+            .take_while(|&&p| p != 0)
+            .all(|p| range.contains(p))
+    };
+    let argv = (1..words.len())
+        .find(|&i| {
+            let argc = words[i - 1] as usize;
+            (1..4096).contains(&argc)
+                && words.get(i + argc) == Some(&0)
+                && words[i..i + argc].iter().all(|&p| (low..env_start).contains(&p))
+                && words
+                    .get(i + argc + 1)
+                    .is_some_and(|p| (env_start..env_end).contains(p))
+                && strings(env_start..env_end, i + argc + 1)
+        })
+        .ok_or_else(|| format!("no argc, argv and environment pointers on the stack of {pid}"))?;
     let argc = words[argv - 1] as usize;
     let mut env = Vec::new();
     for &pointer in words[argv + argc + 1..].iter().take_while(|&&p| p != 0) {
         let mut text = vec![0; 4096];
-        let n = mem.read_at(&mut text, pointer).ok()?;
+        let n = mem
+            .read_at(&mut text, pointer)
+            .map_err(|err| format!("reading a variable at {pointer:#x}: {err}"))?;
         let end = text[..n].iter().position(|&b| b == 0).unwrap_or(n);
         env.push(String::from_utf8_lossy(&text[..end]).into_owned());
     }
-    Some(env)
+    Ok(env)
 }
 
 /// USR2 under `Type=notify-reload`: RELOADING=1 when it begins, READY=1
