@@ -202,7 +202,21 @@ fn an_upgraded_master_replaces_workers_stops_cleanly_and_still_finds_hung_ones()
     wait_for_reexec(&respawn);
     let upgraded = respawn.wait_for_workers(2);
 
+    // The scoreboard was handed down: a hung worker is still found. Every
+    // worker now is one the new image adopted (none was forked by it), so
+    // the hung one writes its row into the scoreboard the old image made.
+    let hung = respawn.get_raw("/hang");
+    assert!(
+        cut_without_an_answer(&hung),
+        "the hung request is cut without an answer, not {hung:?}\n{}",
+        respawn.dump()
+    );
+    let line = respawn.wait_for_log("the hung worker killed", |l| message(l).contains("hung"));
+    let hung_pid = worker_pid(message(&line)).expect("the hung line names its worker");
+    assert!(upgraded.contains(&hung_pid), "{line} names an adopted worker");
+
     // The adopted table is live: a killed worker is replaced.
+    let upgraded = respawn.wait_for_workers(2);
     let victim = *upgraded.iter().next().expect("a worker");
     send(victim, libc::SIGKILL);
     respawn.wait_for_log("the replacement", |l| {
@@ -210,11 +224,6 @@ fn an_upgraded_master_replaces_workers_stops_cleanly_and_still_finds_hung_ones()
     });
     let replaced = respawn.wait_for_workers(2);
     assert!(!replaced.contains(&victim));
-    // The scoreboard was handed down: a hung worker is still found.
-    let hung = respawn.get("/hang");
-    assert!(hung.is_err() || hung.is_ok_and(|a| a.status != 200));
-    respawn.wait_for_log("the hung worker killed", |l| message(l).contains("hung"));
-    respawn.wait_for_workers(2);
     assert_eq!(
         respawn.get("/version").expect("GET /version").body.trim(),
         format!("{} v2", untagged())
@@ -416,13 +425,13 @@ fn the_pid_file_holds_the_same_pid_across_an_upgrade() {
     assert!(!pid_file.exists(), "the pid file outlived a clean stop");
 }
 
-/// Workers started from the new binary drop to `--user` too; they do it
-/// after their exec, as root, so that the file need not be executable by
-/// that user.
+/// Workers started from the new binary drop to `--user` too, as forked
+/// ones do: before their exec (spawn.rs, step 2), so that the new program's
+/// `main` never runs as root in a worker.
 #[test]
 fn upgraded_workers_run_as_the_user_asked() {
-    if !nix_is_root() || !user_exists("nobody") {
-        eprintln!("SKIPPED upgraded_workers_run_as_the_user_asked: needs root and a user `nobody`");
+    const TEST: &str = "upgraded_workers_run_as_the_user_asked";
+    if !require(TEST, Need::Root) || !require(TEST, Need::Nobody) {
         return;
     }
     let deploy = Deploy::new("user");
@@ -454,21 +463,6 @@ fn upgraded_workers_run_as_the_user_asked() {
         respawn.get("/version").expect("GET /version").body.trim(),
         format!("{} u", untagged())
     );
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-fn user_exists(name: &str) -> bool {
-    std::fs::read_to_string("/etc/passwd").is_ok_and(|p| p.lines().any(|l| l.split(':').next() == Some(name)))
 }
 
 /// A worker started from the new binary holds what a forked one holds
@@ -589,4 +583,266 @@ fn the_control_socket_answers_an_upgrade_when_done_and_a_back_out_with_its_reaso
         respawn.get("/version").expect("GET /version").body.trim(),
         format!("{} c", untagged())
     );
+}
+
+/// `respawn ctl PATH ARGS...`: its exit code, stdout and stderr.
+fn ctl(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = std::process::Command::new(binary())
+        .arg("ctl")
+        .arg(socket)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running respawn ctl");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// With no worker counted (scaled to 0 here; every slot waiting out a
+/// backoff is the same case), nothing has proved the new binary: the
+/// master starts one worker from it first, and follows only if it says
+/// Ready. A new file that exits is backed out, and the master serves on
+/// on the same listener; a good one is followed, and the probe retired.
+#[test]
+fn usr2_with_no_worker_running_proves_the_new_binary_first() {
+    let deploy = Deploy::new("probe");
+    let socket = deploy.dir.join("control.sock");
+    let respawn = deploy.start(&["--workers", "1", "--control", &socket.display().to_string()]);
+    respawn.wait_for_workers(1);
+    let (code, _, err) = ctl(&socket, &["scale", "0"]);
+    assert_eq!(code, Some(0), "{err}");
+    respawn.wait_for_workers(0);
+
+    deploy.replace_with("exit 1");
+    let (code, _, err) = ctl(&socket, &["upgrade"]);
+    assert_eq!(
+        code,
+        Some(1),
+        "a broken binary is refused: {err}\n{}",
+        respawn.dump()
+    );
+    assert!(err.contains("backed out: worker "), "{err}");
+    assert_eq!(
+        log_lines_with(&respawn, "master re-executed").len(),
+        0,
+        "the master followed a binary no worker ran\n{}",
+        respawn.dump()
+    );
+    assert!(alive(respawn.pid));
+    let (code, _, err) = ctl(&socket, &["scale", "1"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        respawn
+            .get("/version")
+            .expect("the running version serves on")
+            .body
+            .trim(),
+        untagged()
+    );
+
+    let (code, _, err) = ctl(&socket, &["scale", "0"]);
+    assert_eq!(code, Some(0), "{err}");
+    respawn.wait_for_workers(0);
+    deploy.replace_with_build("p");
+    let (code, out, err) = ctl(&socket, &["upgrade"]);
+    assert_eq!(code, Some(0), "{err}\n{}", respawn.dump());
+    assert!(out.contains("upgraded"), "{out}");
+    respawn.wait_for_log("the re-execution", |l| {
+        message(l).starts_with("master re-executed as ")
+    });
+    assert!(
+        respawn.count_log("one is started from it first") >= 1,
+        "{}",
+        respawn.dump()
+    );
+    respawn.wait_for_workers(0);
+    let (code, _, err) = ctl(&socket, &["scale", "1"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        respawn.get("/version").expect("GET /version").body.trim(),
+        format!("{} p", untagged())
+    );
+}
+
+/// A new binary whose workers start but which cannot be executed by the
+/// master (it removed its own execute bit): the upgrade is backed out and
+/// said to every party that asked: the control client gets an error (exit
+/// 1), the log an ERROR line; the old master serves on, with the same pid.
+#[test]
+fn a_failed_reexec_is_said_to_the_client_and_the_running_master_serves_on() {
+    let deploy = Deploy::new("noexec");
+    let socket = deploy.dir.join("control.sock");
+    let respawn = deploy.start(&["--workers", "1", "--control", &socket.display().to_string()]);
+    let old = respawn.wait_for_workers(1);
+    deploy.replace_with(&format!(
+        "chmod a-x \"$0\"\nRESPAWN_DEMO_TAG=x exec '{}' \"$@\"",
+        binary().display()
+    ));
+    let (code, out, err) = ctl(&socket, &["upgrade"]);
+    assert_eq!(
+        code,
+        Some(1),
+        "ok was said for an exec that failed: {out}\n{}",
+        respawn.dump()
+    );
+    assert!(
+        err.contains("re-executing the master as ") && err.contains("permission denied"),
+        "{err}"
+    );
+    respawn.wait_for_log("the ERROR line", |l| {
+        l.contains("ERROR") && message(l).starts_with("upgrade: re-executing the master as ")
+    });
+    // Backed out: the new binary's worker is replaced by the running
+    // version's, and the same master serves.
+    let replaced = wait_until(PATIENCE, || {
+        let now = respawn.workers();
+        now.len() == 1 && now.is_disjoint(&old) && respawn.count_log("rolling restart done") == 1
+    });
+    assert!(
+        replaced,
+        "the new binary's worker is replaced: {:?}\n{}",
+        respawn.workers(),
+        respawn.dump()
+    );
+    let version = respawn.get("/version").expect("GET /version");
+    assert_eq!(version.body.trim(), untagged(), "the running version serves on");
+    assert!(alive(respawn.pid));
+    let (code, _, err) = ctl(&socket, &["status"]);
+    assert_eq!(code, Some(0), "the control socket is still served: {err}");
+}
+
+/// A reload under way when an upgrade backs out goes on: the back-out
+/// changes what is wanted, not what a worker ran, so a worker started
+/// before the reload is still replaced, and the reload is answered only
+/// when none is left.
+#[test]
+fn a_back_out_during_a_reload_lets_the_reload_finish() {
+    let deploy = Deploy::new("reload-backout");
+    let socket = deploy.dir.join("control.sock");
+    let respawn = deploy.start_with(
+        &["--workers", "3", "--control", &socket.display().to_string()],
+        |command| {
+            command.env("RESPAWN_DEMO_START_MS", "700");
+        },
+    );
+    let before = respawn.wait_for_workers(3);
+    let wait = wait_until(PATIENCE, || respawn.count_log(" ready") >= 3);
+    assert!(wait, "{}", respawn.dump());
+    let reload = {
+        let socket = socket.clone();
+        std::thread::spawn(move || ctl(&socket, &["reload"]))
+    };
+    respawn.wait_for_log("the reload", |l| message(l).starts_with("control socket: reload"));
+    deploy.replace_with("exit 1");
+    respawn.signal(libc::SIGUSR2);
+    respawn.wait_for_log("the back-out", |l| l.contains("backed out"));
+    let (code, out, err) = reload.join().expect("the reload's client");
+    assert_eq!(code, Some(0), "{out}{err}\n{}", respawn.dump());
+    let now = respawn.workers();
+    assert!(
+        now.is_disjoint(&before),
+        "the reload was answered ({out:?}) while {:?}, started before it, still runs\n{}",
+        now.intersection(&before).collect::<Vec<_>>(),
+        respawn.dump()
+    );
+}
+
+/// Once `ctl upgrade` has answered, every request is answered by the new
+/// build: the old workers had stopped accepting before the master
+/// re-executed, and the answer comes from the new image.
+#[test]
+fn after_ctl_upgrade_answers_only_the_new_build_answers() {
+    let deploy = Deploy::new("answered");
+    let socket = deploy.dir.join("control.sock");
+    let respawn = deploy.start(&["--workers", "3", "--control", &socket.display().to_string()]);
+    respawn.wait_for_workers(3);
+    let versions = Versions::start(&respawn, 2);
+    versions.let_answer(20);
+    deploy.replace_with_build("n");
+    let (code, out, err) = ctl(&socket, &["upgrade"]);
+    assert_eq!(code, Some(0), "{out}{err}\n{}", respawn.dump());
+    let new = format!("{} n", untagged());
+    let old: Vec<String> = (0..60)
+        .filter_map(|_| respawn.get("/version").ok())
+        .map(|a| a.body.trim().to_owned())
+        .filter(|v| *v != new)
+        .collect();
+    assert!(
+        old.is_empty(),
+        "answered by the previous build after the answer: {old:?}"
+    );
+    let answers = versions.stop();
+    assert_eq!(failures(&answers), Vec::<String>::new());
+}
+
+/// What `metrics` counts and the uptime `status` shows are the master's,
+/// not its image's: they go on across the re-execution.
+#[test]
+fn counters_uptime_and_restart_history_survive_the_reexec() {
+    let deploy = Deploy::new("counters");
+    let socket = deploy.dir.join("control.sock");
+    let respawn = deploy.start(&["--workers", "1", "--control", &socket.display().to_string()]);
+    respawn.wait_for_workers(1);
+    for _ in 0..20 {
+        respawn.get("/").expect("GET /");
+    }
+    let _ = respawn.get("/crash");
+    respawn.wait_for_workers(1);
+    let metric = |name: &str| -> f64 {
+        let (_, out, _) = ctl(&socket, &["metrics"]);
+        out.lines()
+            .find(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+    };
+    let requests = metric("respawn_requests_total");
+    let uptime = metric("respawn_master_uptime_seconds");
+    assert!(requests >= 21.0, "{requests}");
+    deploy.replace_with_build("c");
+    let (code, _, err) = ctl(&socket, &["upgrade"]);
+    assert_eq!(code, Some(0), "{err}\n{}", respawn.dump());
+    assert!(
+        metric("respawn_requests_total") >= requests,
+        "the request count was reset"
+    );
+    assert!(
+        metric("respawn_master_uptime_seconds") >= uptime,
+        "the uptime was reset"
+    );
+}
+
+/// The new binary is a wrapper that sleeps before its exec, as a shell
+/// script does: a worker that dies meanwhile is reaped by the shell, and
+/// is no longer the master's child when the new image starts. It is not
+/// adopted (one line says so), its slot is filled again, and a stop ends.
+#[test]
+fn a_worker_reaped_during_the_exec_is_not_adopted_and_is_replaced() {
+    let deploy = Deploy::new("wrapper");
+    let mut respawn = deploy.start(&["--workers", "2"]);
+    respawn.wait_for_workers(2);
+    deploy.replace_with(&format!(
+        "[ -n \"$RESPAWN_MASTER_STATE\" ] && sleep 1\nRESPAWN_DEMO_TAG=w exec '{}' \"$@\"",
+        binary().display()
+    ));
+    respawn.signal(libc::SIGUSR2);
+    respawn.wait_for_log("the master's exec", |l| {
+        message(l).starts_with("upgrade: every worker runs ")
+    });
+    let victim = *respawn.workers().iter().next().expect("a worker");
+    send(victim, libc::SIGKILL);
+    wait_for_reexec(&respawn);
+    respawn.wait_for_log("the line for the worker gone", |l| {
+        message(l).contains("were gone before this image could adopt them") && l.contains(&victim.to_string())
+    });
+    let now = respawn.wait_for_workers(2);
+    assert!(!now.contains(&victim));
+    assert_eq!(
+        respawn.get("/version").expect("GET /version").body.trim(),
+        format!("{} w", untagged())
+    );
+    respawn.signal(libc::SIGTERM);
+    assert_eq!(respawn.wait_exit().code(), Some(0), "{}", respawn.dump());
 }

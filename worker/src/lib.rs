@@ -200,6 +200,11 @@ pub fn run_with<S: Service>(handoff: Handoff, mut service: S, config: &Config) -
                 retire(&channel, &format!("panicked: {}", panic.message));
             }
             let again = panic::catch(|| service.recover(&mut conn, &panic.message)).err();
+            // Answered or not, the connection is finished: `metrics` counts
+            // every connection finished, the one that crashed included.
+            if let Some(row) = scoreboard {
+                row.end();
+            }
             // Only now: a log that blocks can hold up neither the handover
             // nor the client's answer.
             panic.log();

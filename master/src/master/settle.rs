@@ -65,8 +65,10 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         let mut quiet = self.owes_something() && self.transition_over(now);
         if quiet {
             if let Some(upgrade) = self.upgrade.take() {
-                // Returns only if the exec failed, backing out.
+                // Returns only if the exec failed, backing out: what is
+                // wanted changed, and the workers follow it now.
                 self.reexec_as_new_binary(upgrade);
+                self.manage_workers();
                 quiet = self.transition_over(now);
             }
         }

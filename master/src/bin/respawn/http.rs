@@ -63,7 +63,17 @@ impl Demo {
 impl Service for Demo {
     fn start(&mut self) {
         match self.start {
-            Start::Normal => {}
+            // A slow start, for the tests of what happens during a rollout
+            // (a reload or an upgrade under way): RESPAWN_DEMO_START_MS, like
+            // RESPAWN_DEMO_TAG, is a knob of the demo, not of respawn.
+            Start::Normal => {
+                let ms = std::env::var("RESPAWN_DEMO_START_MS")
+                    .ok()
+                    .and_then(|ms| ms.parse().ok());
+                if let Some(ms) = ms {
+                    std::thread::sleep(Duration::from_millis(ms).min(Duration::from_millis(MAX_SLEEP_MS)));
+                }
+            }
             Start::Fail => panic!("--demo-fail-start: failing before Ready on purpose"),
             Start::Hang => {
                 info!(
