@@ -389,7 +389,7 @@ fn python_killed_worker_is_replaced_and_hup_runs_new_code() {
 /// start would run release1 at every fork.
 #[test]
 fn hup_runs_what_the_path_names_now() {
-    if !have("python3", "hup_runs_what_the_path_names_now") {
+    if !require("hup_runs_what_the_path_names_now", Need::Python) {
         return;
     }
     use std::os::unix::fs::{symlink, PermissionsExt};
