@@ -202,7 +202,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         let handed_control = adopted.as_ref().and_then(|state| state.control);
         if let Some(path) = master.config.control.clone() {
             master.control = Some(match handed_control {
-                Some(fd) => Control::adopt(fd, &path, master.poll.registry())?,
+                Some(fd) => Control::adopt(fd, &[], &path, master.poll.registry())?,
                 None => Control::open(&path, master.poll.registry())?,
             });
         }
@@ -982,6 +982,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         if waiting.is_empty() {
             return;
         }
+        let overdue = control.overdue(Instant::now());
         let ready = self.workers.iter().filter(|w| w.state == State::Ready).count();
         let settled = ready == self.target && self.workers.counted() == self.target;
         let answers: Vec<(ConnId, Result<String, String>)> = waiting
@@ -1001,6 +1002,14 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                         self.generation
                     )),
                     Pending::Upgrade if self.stopping => Err("the master is stopping".to_owned()),
+                    // Past control::WAIT_BOUND: said, with what was reached.
+                    Pending::Stop if overdue.contains(&(conn, pending)) => Err(control::not_done(Some(
+                        &format!("{} workers still running", self.workers.iter().count()),
+                    ))),
+                    _ if overdue.contains(&(conn, pending)) => Err(control::not_done(Some(&format!(
+                        "{ready} of {} workers ready",
+                        self.target
+                    )))),
                     _ => return None,
                 };
                 Some((conn, answer))
