@@ -1,29 +1,37 @@
 //! The control socket (docs/control.md): one more event source in the
 //! master's one loop.
 //!
-//! A Unix stream socket, mode 0600. Each connection is a small state machine
-//! driven by readiness events, never by waiting: the master greets it,
-//! reads one request line (at most 256 bytes, within 5 s), and either
-//! answers at once (`status`, `metrics`) or keeps it waiting until what it
-//! asked for is done (`scale`, `reload`, `upgrade`, `stop`); the master
-//! checks those after every turn of its loop, where it sees state change.
-//! Then the answer is written as far as the peer takes it (within 5 s), and
-//! the connection closed. Nothing here blocks, and nothing grows without
-//! bound: a request is 256 bytes, an answer is what the master wrote, and
-//! at most 64 connections are open.
+//! A Unix stream socket, mode 0600 from its bind on. Each connection is a
+//! small state machine driven by readiness events, never by waiting: the
+//! master greets it, reads one request line (at most 256 bytes, within
+//! 5 s), and either answers at once (`status`, `metrics`) or keeps it
+//! waiting until what it asked for is done (`scale`, `reload`, `upgrade`,
+//! `stop`), at most [`WAIT_BOUND`]; the master checks those after every
+//! turn of its loop, where it sees state change. Then the answer is written
+//! as far as the peer takes it (within 5 s), and the connection closed.
+//!
+//! Nothing a peer does can lock the socket: every connection has a
+//! deadline in every phase; a waiting one whose peer hangs up is dropped
+//! at once; at the limit of 64, the connection idle the longest makes room
+//! for a new one, and only when all 64 wait for commands is one refused;
+//! each kind of refusal is logged at most once a second. Nothing grows
+//! without bound: a request is 256 bytes, an answer is what the master
+//! wrote, and at most 64 connections are open.
 //!
 //! This module knows sockets and the protocol; what a request does to the
-//! workers is the master's (`act_on_control` in master.rs).
+//! workers, and what to answer, is the master's (`act_on_control` in
+//! master.rs).
 
 use crate::listen::{self, SocketFile};
+use crate::signals::{RateLimit, Signo};
 use crate::Error;
-use log::{debug, info};
+use log::{debug, info, warn};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use nix::sys::socket::{getsockopt, sockopt};
 use respawn_ipc::Listener;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -41,9 +49,23 @@ const MAX_REQUEST: usize = 256;
 const PATIENCE: Duration = Duration::from_secs(5);
 /// The most connections served at once.
 const MAX_CONNECTIONS: usize = 64;
-/// How long a request that waits for what it asked (`scale`, `reload`,
-/// `upgrade`) may wait: past it, the master answers with the state reached.
-pub(crate) const WAIT_BOUND: Duration = Duration::from_secs(120);
+/// The longest a command waits for its answer (`scale`, `reload`,
+/// `upgrade`, `stop`). systemd's default for a unit's start and reload
+/// (DefaultTimeoutStartSec=90s), which an `ExecReload=respawn ctl ...
+/// reload` runs under: longer than the defaults of `--start-timeout` (60 s)
+/// and `--graceful-timeout` (30 s), so a command that can complete has
+/// done so, and one that cannot (a slot crash-looping below the give-up
+/// rate) is said to be stuck while the operator still watches. The command
+/// is not cancelled: the answer says what it reached.
+pub(crate) const WAIT_BOUND: Duration = Duration::from_secs(90);
+/// How long after [`WAIT_BOUND`] a waiting connection the master has not
+/// answered is answered here, with no state: nothing waits for good, even
+/// if the master forgot it.
+const GRACE: Duration = Duration::from_secs(1);
+/// At most this much is read and thrown away from a connection before it
+/// is closed: a Unix socket closed with unread bytes resets its peer
+/// (ECONNRESET), which would lose the answer just written to it.
+const DRAIN_AT_CLOSE: usize = 16 << 10;
 
 /// Is this event the control socket's?
 pub(crate) fn owns(token: Token) -> bool {
@@ -74,6 +96,30 @@ pub(crate) enum Pending {
     Stop,
 }
 
+impl std::fmt::Display for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pending::Scale(n) => write!(f, "scale {n}"),
+            Pending::Reload => f.write_str("reload"),
+            Pending::Upgrade => f.write_str("upgrade"),
+            Pending::Stop => f.write_str("stop"),
+        }
+    }
+}
+
+/// The error an overdue command is answered with: `not done within 90 s`,
+/// then what it reached if the master says (`2 of 3 workers ready`).
+pub(crate) fn not_done(reached: Option<&str>) -> String {
+    let bound = format!("not done within {} s", WAIT_BOUND.as_secs());
+    match reached {
+        Some(reached) => format!("{bound}: {reached}"),
+        None => bound,
+    }
+}
+
+/// What a re-executing master answers a connection it cannot hand down.
+const REEXEC: &str = "the master re-executes for an upgrade; ask again";
+
 /// A connection's id, for the master to answer it later.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ConnId(Token);
@@ -85,6 +131,15 @@ enum Phase {
     Answering,
 }
 
+/// The kinds of line a peer can cause, each rate-limited on its own
+/// ([`RateLimit`] counts per number; these are not signals).
+#[derive(Clone, Copy)]
+enum Said {
+    Busy = 1,
+    Stranger = 2,
+    MadeRoom = 3,
+}
+
 struct Conn {
     stream: UnixStream,
     token: Token,
@@ -92,11 +147,13 @@ struct Conn {
     output: Vec<u8>,
     written: usize,
     phase: Phase,
-    /// Reading and answering have one; waiting has none (a reload may take
-    /// minutes, and the peer asked to wait).
-    deadline: Option<Instant>,
-    /// When it began to wait for what it asked.
-    waiting_since: Option<Instant>,
+    /// Reading and answering: the peer's ([`PATIENCE`]). Waiting: the
+    /// master's ([`WAIT_BOUND`]), then [`GRACE`] more before it is
+    /// answered here.
+    deadline: Instant,
+    /// A write failed: the peer can read nothing more. A request it sent
+    /// whole is still read and carried out.
+    gone: bool,
 }
 
 pub(crate) struct Control {
@@ -106,6 +163,8 @@ pub(crate) struct Control {
     next: usize,
     /// The master's effective uid: the peer must be it, or root.
     uid: u32,
+    /// Lines a peer causes, at most one a second of each kind.
+    said: RateLimit,
 }
 
 impl Control {
@@ -113,24 +172,35 @@ impl Control {
     /// live one refused, as for `--listen unix:`), mode 0600, and watches it.
     pub(crate) fn open(path: &Path, registry: &Registry) -> Result<Control, Error> {
         let shown = format!("--control {}", path.display());
-        let (listener, file) = listen::bind_unix(&shown, path)?;
+        // The file is made 0600 by the bind itself: a chmod by path after it
+        // would follow whatever is at the path by then (a symlink planted by
+        // a user who can write to the directory). umask is the process's,
+        // and the master is one thread here (lib.rs refuses to start with
+        // others), so no other file is made meanwhile with this mask.
+        use nix::sys::stat::{umask, Mode};
+        let before = umask(Mode::from_bits_truncate(0o177));
+        let bound = listen::bind_unix(&shown, path);
+        umask(before);
+        let (listener, file) = bound?;
         let Listener::Unix(listener) = listener else {
             return Err(Error::io(shown, io::Error::other("not a Unix socket")));
         };
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|err| {
-            Error::io(
-                format!("setting the mode of the control socket {}", path.display()),
-                err,
-            )
-        })?;
         Control::serve_on(listener, file, path, registry)
     }
 
     /// After an upgrade's re-execution: the listener the previous image
-    /// handed down, at `fd`, for the socket at `path`.
-    pub(crate) fn adopt(fd: RawFd, path: &Path, registry: &Registry) -> Result<Control, Error> {
-        use std::os::fd::FromRawFd;
+    /// handed down, at `fd`, for the socket at `path`, and the connections
+    /// it handed down with it (see [`Control::handed_down`]): those it had
+    /// greeted and not yet read a byte from, whose requests are read here,
+    /// and those waiting for what they asked, answered here when it is
+    /// done. An fd in `conns` that is not such a connection is left alone,
+    /// with a line.
+    pub(crate) fn adopt(
+        fd: RawFd,
+        conns: &[(RawFd, Option<Pending>)],
+        path: &Path,
+        registry: &Registry,
+    ) -> Result<Control, Error> {
         // SAFETY: the previous image left this fd open for us alone (the
         // state naming it is removed from the environment).
         let listener = unsafe { UnixListener::from_raw_fd(fd) };
@@ -138,7 +208,17 @@ impl Control {
             &listener,
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
         );
-        Control::serve_on(listener, listen::socket_file(path).ok(), path, registry)
+        let mut control = Control::serve_on(listener, listen::socket_file(path).ok(), path, registry)?;
+        let mut seen = vec![fd];
+        for &(conn, pending) in conns {
+            if seen.contains(&conn) {
+                warn!("control socket: fd {conn} was handed down twice; adopted once");
+                continue;
+            }
+            seen.push(conn);
+            control.adopt_conn(conn, pending, registry);
+        }
+        Ok(control)
     }
 
     /// Watches `listener`, non-blocking, for the loop.
@@ -161,7 +241,49 @@ impl Control {
             conns: Vec::new(),
             next: 1,
             uid: nix::unistd::geteuid().as_raw(),
+            said: RateLimit::default(),
         })
+    }
+
+    /// One connection handed down: a connected Unix stream socket, or it is
+    /// not ours to take (nor to close).
+    fn adopt_conn(&mut self, fd: RawFd, pending: Option<Pending>, registry: &Registry) {
+        // SAFETY: F_GETFD reads one flag of an fd number; on a number that
+        // is not open it fails with EBADF and touches nothing.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            warn!("control socket: fd {fd} handed down is not open; ignored");
+            return;
+        }
+        // SAFETY: the fd is open, and the previous image handed it down for
+        // the control socket alone; if it is not a connection it is given
+        // back unclosed (into_raw_fd) below.
+        let stream = unsafe { UnixStream::from_raw_fd(fd) };
+        let connected = matches!(
+            getsockopt(&stream, sockopt::SockType),
+            Ok(nix::sys::socket::SockType::Stream)
+        ) && matches!(getsockopt(&stream, sockopt::AcceptConn), Ok(false))
+            && stream.peer_addr().is_ok();
+        if !connected {
+            let _ = stream.into_raw_fd();
+            warn!("control socket: fd {fd} handed down is not a connection; ignored");
+            return;
+        }
+        let _ = nix::fcntl::fcntl(
+            &stream,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+        if self.stranger(&stream).is_some() {
+            return;
+        }
+        // Greeted by the previous image: only the request is left to read,
+        // or only the answer to write.
+        self.serve(stream, Vec::new(), registry);
+        if let Some(pending) = pending {
+            if let Some(conn) = self.conns.last() {
+                let id = ConnId(conn.token);
+                self.wait(id, pending);
+            }
+        }
     }
 
     /// The listener's fd, to hand down through an upgrade's exec.
@@ -169,14 +291,29 @@ impl Control {
         self.listener.as_raw_fd()
     }
 
+    /// The connections to hand down through an upgrade's exec: those
+    /// waiting for what they asked (the next image answers them: an
+    /// `upgrade` is answered only once the new image runs), and those
+    /// greeted and not a byte of their request read yet, so that the next
+    /// image reads it whole from the socket. [`Control::finish_for_exec`]
+    /// answers every other one and keeps these.
+    pub(crate) fn handed_down(&self) -> Vec<(RawFd, Option<Pending>)> {
+        self.conns
+            .iter()
+            .filter(|c| c.can_hand_down())
+            .map(|c| {
+                let pending = match c.phase {
+                    Phase::Waiting(pending) => Some(pending),
+                    _ => None,
+                };
+                (c.stream.as_raw_fd(), pending)
+            })
+            .collect()
+    }
+
     /// Handles an event of one of its tokens: new connections, request
-    /// bytes, room to write. Returns the requests now complete.
-    pub(crate) fn on_event(
-        &mut self,
-        token: Token,
-        _closed: bool,
-        registry: &Registry,
-    ) -> Vec<(ConnId, Request)> {
+    /// bytes, room to write, a peer gone. Returns the requests now complete.
+    pub(crate) fn on_event(&mut self, token: Token, registry: &Registry) -> Vec<(ConnId, Request)> {
         if token == LISTENER {
             self.accept_all(registry);
             return Vec::new();
@@ -186,15 +323,23 @@ impl Control {
         };
         let mut requests = Vec::new();
         let conn = &mut self.conns[i];
-        if matches!(conn.phase, Phase::Reading) {
-            match conn.read_request() {
+        match conn.phase {
+            Phase::Reading => match conn.read_request() {
                 Ok(Some(line)) => match parse(&line) {
                     Ok(request) => requests.push((ConnId(token), request)),
-                    Err(why) => conn.answer(Err(why)),
+                    Err(why) => conn.answer(Err(why), Instant::now()),
                 },
                 Ok(None) => {}
-                Err(()) => conn.phase = Phase::Answering,
+                // Gone before its request was whole: nothing to carry out.
+                Err(()) => conn.close(),
+            },
+            Phase::Waiting(pending) => {
+                if conn.hung_up() {
+                    debug!("control socket: a peer left before its answer to {pending}; dropped");
+                    conn.close();
+                }
             }
+            Phase::Answering => {}
         }
         self.flush_and_reap(registry);
         requests
@@ -203,18 +348,26 @@ impl Control {
     /// Answers a connection: `ok\n` and the body, or `error <why>\n`.
     pub(crate) fn reply(&mut self, id: ConnId, answer: Result<String, String>, registry: &Registry) {
         if let Some(conn) = self.conns.iter_mut().find(|c| c.token == id.0) {
-            conn.answer(answer);
+            conn.answer(answer, Instant::now());
         }
         self.flush_and_reap(registry);
     }
 
-    /// Keeps a connection until what it asked for is done.
+    /// Keeps a connection until what it asked for is done, at most
+    /// [`WAIT_BOUND`]; a peer already gone is dropped now (what it asked
+    /// for is under way all the same).
     pub(crate) fn wait(&mut self, id: ConnId, pending: Pending) {
-        if let Some(conn) = self.conns.iter_mut().find(|c| c.token == id.0) {
-            conn.phase = Phase::Waiting(pending);
-            conn.deadline = None;
-            conn.waiting_since = Some(Instant::now());
+        let Some(conn) = self.conns.iter_mut().find(|c| c.token == id.0) else {
+            return;
+        };
+        if conn.gone || conn.hung_up() {
+            debug!("control socket: a peer left before its answer to {pending}; dropped");
+            // Reaped at the next flush: closed, with nothing left to write.
+            conn.close();
+            return;
         }
+        conn.phase = Phase::Waiting(pending);
+        conn.deadline = Instant::now() + WAIT_BOUND;
     }
 
     /// The connections waiting, and for what.
@@ -228,59 +381,66 @@ impl Control {
             .collect()
     }
 
-    /// The nearest deadline of a connection: reading or answering, or
-    /// waiting past its bound.
-    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+    /// The connections that have waited [`WAIT_BOUND`] and are still not
+    /// answered: the master answers each with [`not_done`] and the state
+    /// it reached. One it leaves is answered here [`GRACE`] later.
+    pub(crate) fn overdue(&self, now: Instant) -> Vec<(ConnId, Pending)> {
         self.conns
             .iter()
-            .filter_map(|c| c.deadline.or(c.waiting_since.map(|at| at + WAIT_BOUND)))
-            .min()
-    }
-
-    /// The connections that have waited past their bound.
-    pub(crate) fn overdue(&self, now: Instant) -> Vec<ConnId> {
-        self.conns
-            .iter()
-            .filter(|c| matches!(c.phase, Phase::Waiting(_)))
-            .filter(|c| c.waiting_since.is_some_and(|at| at + WAIT_BOUND <= now))
-            .map(|c| ConnId(c.token))
+            .filter(|c| c.deadline <= now)
+            .filter_map(|c| match c.phase {
+                Phase::Waiting(pending) => Some((ConnId(c.token), pending)),
+                _ => None,
+            })
             .collect()
     }
 
+    /// The nearest deadline of any connection: a peer's to send or read, a
+    /// waiting one's bound (or, once that is past, its grace).
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.conns
+            .iter()
+            .map(|c| match c.phase {
+                Phase::Waiting(_) if c.deadline <= now => c.deadline + GRACE,
+                _ => c.deadline,
+            })
+            .min()
+    }
+
     /// Connections past their deadline: a late request gets an error (if it
-    /// can still be written), an answer nobody reads is dropped.
+    /// can still be written), an answer nobody reads is dropped, and a
+    /// waiting one the master left unanswered past its grace is answered.
     pub(crate) fn expire(&mut self, now: Instant, registry: &Registry) {
-        for conn in self
-            .conns
-            .iter_mut()
-            .filter(|c| c.deadline.is_some_and(|at| at <= now))
-        {
+        let mut timed_out = 0;
+        for conn in &mut self.conns {
             match conn.phase {
-                Phase::Reading => conn.answer(Err(format!("no request within {} s", PATIENCE.as_secs()))),
-                _ => {
-                    debug!("control socket: a peer did not read its answer; closing");
-                    conn.output.clear();
-                    conn.written = 0;
+                Phase::Reading if conn.deadline <= now => {
+                    conn.answer(Err(format!("no request within {} s", PATIENCE.as_secs())), now);
+                    // One try to write it, then gone.
+                    conn.write_some();
+                    conn.close();
+                    timed_out += 1;
                 }
+                Phase::Answering if conn.deadline <= now => {
+                    debug!("control socket: a peer did not read its answer; closing");
+                    conn.close();
+                    timed_out += 1;
+                }
+                Phase::Waiting(pending) if conn.deadline + GRACE <= now => {
+                    warn!(
+                        "control socket: {pending} not answered within {} s; answering it so",
+                        WAIT_BOUND.as_secs()
+                    );
+                    conn.answer(Err(not_done(None)), now);
+                }
+                _ => {}
             }
-            // Either way, one last try to write, then gone.
-            conn.deadline = Some(now);
+        }
+        if timed_out > 0 {
+            debug!("control socket: {timed_out} connections timed out");
         }
         self.flush_and_reap(registry);
-        let before = self.conns.len();
-        self.conns.retain(|c| {
-            let keep = c.deadline.is_none_or(|at| at > now);
-            if !keep {
-                let _ = registry.deregister(&mut SourceFd(&c.stream.as_raw_fd()));
-            }
-            keep
-        });
-        if self.conns.len() < before {
-            debug!(
-                "control socket: {} connections timed out",
-                before - self.conns.len()
-            );
-        }
     }
 
     /// Every fd of the control socket, for a forked worker to close.
@@ -290,92 +450,43 @@ impl Control {
             .collect()
     }
 
-    /// At the master's end or before its exec: answers what still waits
-    /// (`answer` decides, per pending request) and writes every answer,
-    /// waiting for slow peers at most `patience` in all.
+    /// At the master's end: answers what still waits (`answer` decides,
+    /// per pending request) and writes every answer, waiting for slow peers
+    /// at most `patience` in all; then closes every connection.
     pub(crate) fn finish(&mut self, answer: impl Fn(Pending) -> Result<String, String>, patience: Duration) {
-        let deadline = Instant::now() + patience;
+        let now = Instant::now();
         for conn in &mut self.conns {
             if let Phase::Waiting(pending) = conn.phase {
-                conn.answer(answer(pending));
+                conn.answer(answer(pending), now);
             }
         }
-        write_within(&mut self.conns, patience);
-        let _ = deadline;
+        write_out(self.conns.iter_mut(), now + patience);
         self.conns.clear();
     }
 
-    /// Before the master's exec: the connections that can be carried across
-    /// it are returned, to be handed down (handdown.rs): those waiting for
-    /// what they asked, and those whose greeting is out and of whose request
-    /// nothing is read yet. The others are answered (one still reading is
-    /// told to ask again), written within `patience`, and closed. If the
-    /// exec fails, the handed-down ones are here still, as they were.
-    pub(crate) fn prepare_exec(&mut self, patience: Duration) -> Vec<(RawFd, Option<Pending>)> {
-        let mut handed = Vec::new();
-        let mut kept = Vec::new();
-        let mut others = Vec::new();
-        for mut conn in std::mem::take(&mut self.conns) {
-            match conn.phase {
-                Phase::Waiting(pending) => {
-                    handed.push((conn.stream.as_raw_fd(), Some(pending)));
-                    kept.push(conn);
-                }
-                Phase::Reading if conn.input.is_empty() && conn.written >= conn.output.len() => {
-                    handed.push((conn.stream.as_raw_fd(), None));
-                    kept.push(conn);
-                }
-                Phase::Reading => {
-                    conn.answer(Err("the master re-executes for an upgrade; ask again".to_owned()));
-                    others.push(conn);
-                }
-                Phase::Answering => others.push(conn),
+    /// Before an upgrade's exec: as [`Control::finish`], but the
+    /// connections [`Control::handed_down`] names are kept, unanswered, for
+    /// the next image (or for this one, if the exec fails); one that had
+    /// sent part of its request is answered `error the master re-executes
+    /// for an upgrade; ask again`, since its bytes cannot go along.
+    pub(crate) fn finish_for_exec(&mut self, patience: Duration, registry: &Registry) {
+        let now = Instant::now();
+        for conn in self.conns.iter_mut().filter(|c| !c.can_hand_down()) {
+            if matches!(conn.phase, Phase::Reading) {
+                conn.answer(Err(REEXEC.to_owned()), now);
             }
         }
-        write_within(&mut others, patience);
-        self.conns = kept;
-        handed
-    }
-
-    /// After the master's exec: the connections the previous image handed
-    /// down, reading their request (None) or waiting for what they asked.
-    pub(crate) fn adopt_conns(&mut self, conns: Vec<(RawFd, Option<Pending>)>, registry: &Registry) {
-        use std::os::fd::FromRawFd;
-        for (fd, pending) in conns {
-            // SAFETY: the previous image left this fd open for us alone
-            // (the state naming it is removed, and names each fd once).
-            let stream = unsafe { UnixStream::from_raw_fd(fd) };
-            let _ = nix::fcntl::fcntl(
-                &stream,
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-            );
-            let _ = stream.set_nonblocking(true);
-            let token = Token(CONTROL_BIT | self.next);
-            self.next += 1;
-            if let Err(err) = registry.register(
-                &mut SourceFd(&stream.as_raw_fd()),
-                token,
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                debug!("control socket: watching a connection handed down: {err}");
-                continue;
+        write_out(
+            self.conns.iter_mut().filter(|c| !c.can_hand_down()),
+            now + patience,
+        );
+        self.conns.retain(|conn| {
+            let keep = conn.can_hand_down();
+            if !keep {
+                let _ = registry.deregister(&mut SourceFd(&conn.stream.as_raw_fd()));
             }
-            let now = Instant::now();
-            let (phase, deadline, waiting_since) = match pending {
-                None => (Phase::Reading, Some(now + PATIENCE), None),
-                Some(pending) => (Phase::Waiting(pending), None, Some(now)),
-            };
-            self.conns.push(Conn {
-                stream,
-                token,
-                input: Vec::new(),
-                output: Vec::new(),
-                written: 0,
-                phase,
-                deadline,
-                waiting_since,
-            });
-        }
+            keep
+        });
     }
 
     fn accept_all(&mut self, registry: &Registry) {
@@ -392,42 +503,104 @@ impl Control {
                 }
             };
             let _ = stream.set_nonblocking(true);
-            if let Some(refusal) = self.refusal(&stream) {
-                info!("control socket: {refusal}");
-                let _ = (&stream).write_all(format!("error {refusal}\n").as_bytes());
+            if let Some(refusal) = self.stranger(&stream) {
+                self.refuse(stream, Said::Stranger, &refusal);
                 continue;
             }
-            let token = Token(CONTROL_BIT | self.next);
-            self.next += 1;
-            if let Err(err) = registry.register(
-                &mut SourceFd(&stream.as_raw_fd()),
-                token,
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                debug!("control socket: watching a connection: {err}");
+            if self.conns.len() >= MAX_CONNECTIONS && !self.make_room(registry) {
+                let refusal = format!(
+                    "busy: {MAX_CONNECTIONS} control connections are open, each waiting for its command"
+                );
+                self.refuse(stream, Said::Busy, &refusal);
                 continue;
             }
-            let mut conn = Conn {
+            self.serve(
                 stream,
-                token,
-                input: Vec::new(),
-                output: format!("respawn-control {VERSION}\n").into_bytes(),
-                written: 0,
-                phase: Phase::Reading,
-                deadline: Some(Instant::now() + PATIENCE),
-                waiting_since: None,
-            };
-            conn.write_some();
-            self.conns.push(conn);
+                format!("respawn-control {VERSION}\n").into_bytes(),
+                registry,
+            );
         }
     }
 
-    /// Why this peer is not served, if it is not: too many connections, or
-    /// a uid that is neither ours nor root's.
-    fn refusal(&self, stream: &UnixStream) -> Option<String> {
-        if self.conns.len() >= MAX_CONNECTIONS {
-            return Some(format!("busy: {MAX_CONNECTIONS} control connections are open"));
+    /// Watches a new connection, reading its request, and writes `output`
+    /// (the greeting) to it.
+    fn serve(&mut self, stream: UnixStream, output: Vec<u8>, registry: &Registry) {
+        let token = Token(CONTROL_BIT | self.next);
+        self.next += 1;
+        if let Err(err) = registry.register(
+            &mut SourceFd(&stream.as_raw_fd()),
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            debug!("control socket: watching a connection: {err}");
+            return;
         }
+        let mut conn = Conn {
+            stream,
+            token,
+            input: Vec::new(),
+            output,
+            written: 0,
+            phase: Phase::Reading,
+            deadline: Instant::now() + PATIENCE,
+            gone: false,
+        };
+        conn.write_some();
+        self.conns.push(conn);
+    }
+
+    /// At the limit: closes the connection idle the longest, one still to
+    /// send its request (else one not reading its answer), to let a new one
+    /// in. A connection waiting for its command is never closed for room.
+    /// False if every one waits.
+    fn make_room(&mut self, registry: &Registry) -> bool {
+        let idle = |phase: fn(&Phase) -> bool| self.conns.iter().position(|c| phase(&c.phase));
+        let Some(i) =
+            idle(|p| matches!(p, Phase::Reading)).or_else(|| idle(|p| matches!(p, Phase::Answering)))
+        else {
+            return false;
+        };
+        let mut conn = self.conns.remove(i);
+        if matches!(conn.phase, Phase::Reading) {
+            conn.answer(
+                Err(format!(
+                    "closed to make room: {MAX_CONNECTIONS} control connections were open, \
+                     this one idle the longest"
+                )),
+                Instant::now(),
+            );
+            conn.write_some();
+        }
+        let _ = registry.deregister(&mut SourceFd(&conn.stream.as_raw_fd()));
+        self.say(
+            Said::MadeRoom,
+            &format!("{MAX_CONNECTIONS} connections are open; closing the one idle the longest to make room"),
+        );
+        true
+    }
+
+    /// Tells the peer why it is not served, and closes.
+    fn refuse(&mut self, stream: UnixStream, kind: Said, refusal: &str) {
+        self.say(kind, refusal);
+        let _ = (&stream).write_all(format!("error {refusal}\n").as_bytes());
+        drain(&stream);
+    }
+
+    /// `control socket: <what>`, unless a line of this kind was written
+    /// less than a second ago; the next one says how many went unsaid.
+    fn say(&mut self, kind: Said, what: &str) {
+        let Some(unsaid) = self.said.allow(kind as Signo, Instant::now()) else {
+            return;
+        };
+        let more = match unsaid {
+            0 => String::new(),
+            n => format!(" ({n} more since the last line)"),
+        };
+        info!("control socket: {what}{more}");
+    }
+
+    /// Why this peer is not served, if its uid is neither ours nor root's.
+    fn stranger(&self, stream: &UnixStream) -> Option<String> {
         match getsockopt(stream, sockopt::PeerCredentials) {
             Ok(cred) if cred.uid() == self.uid || cred.uid() == 0 => None,
             Ok(cred) => Some(format!(
@@ -466,9 +639,42 @@ impl Drop for Control {
     }
 }
 
+/// Writes each connection's answer, blocking, until `deadline` for all.
+fn write_out<'a>(conns: impl Iterator<Item = &'a mut Conn>, deadline: Instant) {
+    for conn in conns {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || conn.gone || conn.stream.set_nonblocking(false).is_err() {
+            continue;
+        }
+        let _ = conn.stream.set_write_timeout(Some(left));
+        let _ = conn.stream.write_all(&conn.output[conn.written..]);
+        conn.written = conn.output.len();
+    }
+}
+
+/// Reads and throws away what the peer sent and nobody read, at most
+/// [`DRAIN_AT_CLOSE`], without waiting: see there.
+fn drain(stream: &UnixStream) {
+    use nix::sys::socket::{recv, MsgFlags};
+    let mut buf = [0u8; 4096];
+    let mut left = DRAIN_AT_CLOSE;
+    while left > 0 {
+        match recv(stream.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        drain(&self.stream);
+    }
+}
+
 impl Conn {
     /// Reads what the peer sent; the request line once it is whole. Err: the
-    /// peer left, or sent too much (then the answer is an error).
+    /// peer left before it was whole. Too much: the answer is an error.
     fn read_request(&mut self) -> Result<Option<String>, ()> {
         let mut buf = [0u8; MAX_REQUEST];
         loop {
@@ -485,20 +691,56 @@ impl Conn {
                 return Ok(Some(line));
             }
             if self.input.len() >= MAX_REQUEST {
-                self.answer(Err(format!("request longer than {MAX_REQUEST} bytes")));
+                self.answer(
+                    Err(format!("request longer than {MAX_REQUEST} bytes")),
+                    Instant::now(),
+                );
                 return Ok(None);
             }
         }
     }
 
-    fn answer(&mut self, answer: Result<String, String>) {
+    fn answer(&mut self, answer: Result<String, String>, now: Instant) {
         let text = match answer {
             Ok(body) => format!("ok\n{body}"),
             Err(why) => format!("error {why}\n"),
         };
-        self.output.extend_from_slice(text.as_bytes());
+        if !self.gone {
+            self.output.extend_from_slice(text.as_bytes());
+        }
         self.phase = Phase::Answering;
-        self.deadline = Some(Instant::now() + PATIENCE);
+        self.deadline = now + PATIENCE;
+    }
+
+    /// Nothing more to write: reaped at the next flush.
+    fn close(&mut self) {
+        self.output.truncate(self.written);
+        self.phase = Phase::Answering;
+    }
+
+    /// Greeted, and not a byte of its request read: its request can be
+    /// read as well by the next image, from the socket.
+    fn can_hand_down(&self) -> bool {
+        match self.phase {
+            Phase::Waiting(_) => !self.gone,
+            Phase::Reading => self.input.is_empty() && self.written >= self.output.len() && !self.gone,
+            Phase::Answering => false,
+        }
+    }
+
+    /// Has the peer closed its end, both ways (POLLHUP)? One that only
+    /// shut down its sending side (`shutdown(SHUT_WR)`, as `socat` and `nc
+    /// -N` do after the request) still reads its answer, and is kept.
+    fn hung_up(&self) -> bool {
+        let mut poll = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, valid for the call; a zero timeout never
+        // waits.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        ready == 1 && poll.revents & (libc::POLLHUP | libc::POLLERR) != 0
     }
 
     fn write_some(&mut self) {
@@ -509,27 +751,15 @@ impl Conn {
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
                 Err(_) => {
-                    // The peer left: nothing more to write.
-                    self.written = self.output.len();
-                    self.phase = Phase::Answering;
+                    // The peer left (EPIPE): nothing more can be written. A
+                    // connection still reading keeps reading: a request the
+                    // peer sent whole before it left is carried out.
+                    self.gone = true;
+                    self.output.truncate(self.written);
                     return;
                 }
             }
         }
-    }
-}
-
-/// Writes what each connection has left to write, blocking, waiting for
-/// slow peers at most `patience` in all.
-fn write_within(conns: &mut [Conn], patience: Duration) {
-    let deadline = Instant::now() + patience;
-    for conn in conns {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || conn.stream.set_nonblocking(false).is_err() {
-            break;
-        }
-        let _ = conn.stream.set_write_timeout(Some(left));
-        let _ = conn.stream.write_all(&conn.output[conn.written..]);
     }
 }
 
@@ -642,6 +872,282 @@ mod tests {
         );
         server.join().expect("the server");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A control socket served as the master serves it, minus the master:
+    /// a test drives its loop by hand.
+    struct Rig {
+        dir: std::path::PathBuf,
+        path: std::path::PathBuf,
+        poll: mio::Poll,
+        control: Control,
+    }
+
+    impl Rig {
+        fn new(name: &str) -> Rig {
+            let dir = std::env::temp_dir().join(format!("respawn-control-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("a directory");
+            let path = dir.join("s");
+            let listener = UnixListener::bind(&path).expect("binding");
+            let poll = mio::Poll::new().expect("a poll");
+            let control = Control::serve_on(listener, None, &path, poll.registry()).expect("serving");
+            Rig {
+                dir,
+                path,
+                poll,
+                control,
+            }
+        }
+
+        /// A client, its greeting read.
+        fn greeted(&mut self) -> UnixStream {
+            let mut client = UnixStream::connect(&self.path).expect("connecting");
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("a timeout");
+            let accepted = self.control.next;
+            self.turn_until(|rig| rig.control.next > accepted);
+            let mut greeting = [0u8; 18];
+            client.read_exact(&mut greeting).expect("the greeting");
+            assert_eq!(&greeting, b"respawn-control 1\n");
+            client
+        }
+
+        /// Turns of the loop until `done` holds (within 5 s); the requests
+        /// read meanwhile.
+        fn turn_until(&mut self, done: impl Fn(&Rig) -> bool) -> Vec<(ConnId, Request)> {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut events = mio::Events::with_capacity(64);
+            let mut requests = Vec::new();
+            while !done(self) {
+                assert!(Instant::now() < deadline, "not within 5 s");
+                self.poll
+                    .poll(&mut events, Some(Duration::from_millis(100)))
+                    .expect("polling");
+                for event in &events {
+                    requests.extend(self.control.on_event(event.token(), self.poll.registry()));
+                }
+            }
+            requests
+        }
+
+        /// Turns until one request is read, and returns it.
+        fn request(&mut self) -> (ConnId, Request) {
+            let got = std::cell::RefCell::new(Vec::new());
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut events = mio::Events::with_capacity(64);
+            while got.borrow().is_empty() {
+                assert!(Instant::now() < deadline, "no request within 5 s");
+                self.poll
+                    .poll(&mut events, Some(Duration::from_millis(100)))
+                    .expect("polling");
+                for event in &events {
+                    got.borrow_mut()
+                        .extend(self.control.on_event(event.token(), self.poll.registry()));
+                }
+            }
+            let mut got = got.into_inner();
+            assert_eq!(got.len(), 1, "{got:?}");
+            got.remove(0)
+        }
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn read_all(mut client: &UnixStream) -> String {
+        let mut said = String::new();
+        client.read_to_string(&mut said).expect("reading to the close");
+        said
+    }
+
+    #[test]
+    fn a_waiting_command_is_answered_within_its_bound() {
+        let mut rig = Rig::new("bound");
+        let mut client = rig.greeted();
+        client.write_all(b"scale 3\n").expect("sending");
+        let (id, request) = rig.request();
+        assert_eq!(request, Request::Scale(3));
+        rig.control.wait(id, Pending::Scale(3));
+        let now = Instant::now();
+        // The master's poll wakes for the bound.
+        let next = rig.control.next_deadline().expect("a deadline");
+        assert!(
+            next > now + WAIT_BOUND - Duration::from_secs(1) && next <= now + WAIT_BOUND,
+            "{next:?}"
+        );
+        assert_eq!(rig.control.overdue(now), []);
+        assert_eq!(rig.control.overdue(now + WAIT_BOUND), [(id, Pending::Scale(3))]);
+        // The master has its grace to answer with the state it reached...
+        rig.control.expire(now + WAIT_BOUND, rig.poll.registry());
+        assert_eq!(rig.control.waiting(), [(id, Pending::Scale(3))]);
+        // ...and if it does not, the answer is given here.
+        rig.control.expire(now + WAIT_BOUND + GRACE, rig.poll.registry());
+        assert_eq!(rig.control.waiting(), []);
+        assert_eq!(read_all(&client), "error not done within 90 s\n");
+        assert_eq!(rig.control.conns.len(), 0);
+        assert_eq!(
+            not_done(Some("2 of 3 workers ready")),
+            "not done within 90 s: 2 of 3 workers ready"
+        );
+    }
+
+    #[test]
+    fn a_waiting_peer_that_hangs_up_is_dropped_and_one_that_half_closes_is_kept() {
+        let mut rig = Rig::new("hangup");
+        let mut stays = rig.greeted();
+        stays.write_all(b"reload\n").expect("sending");
+        let (kept, _) = rig.request();
+        rig.control.wait(kept, Pending::Reload);
+        let mut leaves = rig.greeted();
+        leaves.write_all(b"reload\n").expect("sending");
+        let (left, _) = rig.request();
+        rig.control.wait(left, Pending::Reload);
+        // Done sending: shutdown(SHUT_WR), as socat does; still reading.
+        stays.shutdown(std::net::Shutdown::Write).expect("shutting down");
+        drop(leaves);
+        rig.turn_until(|rig| rig.control.conns.len() == 1);
+        assert_eq!(rig.control.waiting(), [(kept, Pending::Reload)]);
+        rig.control
+            .reply(kept, Ok("{}\n".to_owned()), rig.poll.registry());
+        assert_eq!(read_all(&stays), "ok\n{}\n");
+    }
+
+    #[test]
+    fn a_request_sent_whole_is_read_though_its_peer_left_before_the_greeting() {
+        let mut rig = Rig::new("left");
+        let mut client = UnixStream::connect(&rig.path).expect("connecting");
+        client.write_all(b"reload\n").expect("sending");
+        drop(client);
+        // Accepted only now: the greeting's write fails (EPIPE).
+        let (id, request) = rig.request();
+        assert_eq!(request, Request::Reload);
+        // Nobody to answer: dropped at once, the reload carried out all the same.
+        rig.control.wait(id, Pending::Reload);
+        assert_eq!(rig.control.waiting(), []);
+        rig.control.flush_and_reap(rig.poll.registry());
+        assert_eq!(rig.control.conns.len(), 0);
+    }
+
+    #[test]
+    fn at_the_limit_the_idle_make_room_and_the_waiting_never_do() {
+        let mut rig = Rig::new("limit");
+        let mut clients = Vec::new();
+        let mut waiting = Vec::new();
+        for _ in 0..MAX_CONNECTIONS - 1 {
+            let mut client = rig.greeted();
+            client.write_all(b"stop\n").expect("sending");
+            let (id, _) = rig.request();
+            rig.control.wait(id, Pending::Stop);
+            waiting.push(id);
+            clients.push(client);
+        }
+        let idle = rig.greeted();
+        assert_eq!(rig.control.conns.len(), MAX_CONNECTIONS);
+        let mut last = rig.greeted();
+        assert_eq!(
+            read_all(&idle),
+            "error closed to make room: 64 control connections were open, this one idle the longest\n"
+        );
+        last.write_all(b"stop\n").expect("sending");
+        let (id, _) = rig.request();
+        rig.control.wait(id, Pending::Stop);
+        waiting.push(id);
+        // Every one waits for its command: the next is refused, none closed.
+        let refused = UnixStream::connect(&rig.path).expect("connecting");
+        refused
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("a timeout");
+        // A Unix connect returns once the connection is in the listener's
+        // queue: the accept takes it now.
+        assert_eq!(rig.control.on_event(LISTENER, rig.poll.registry()), []);
+        assert_eq!(
+            read_all(&refused),
+            "error busy: 64 control connections are open, each waiting for its command\n"
+        );
+        assert_eq!(
+            rig.control
+                .waiting()
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect::<Vec<_>>(),
+            waiting
+        );
+    }
+
+    #[test]
+    fn connections_greeted_and_unread_or_waiting_go_through_an_exec() {
+        let mut old = Rig::new("exec");
+        let idle = old.greeted();
+        let mut partial = old.greeted();
+        partial.write_all(b"stat").expect("half a request");
+        old.turn_until(|rig| rig.control.conns.iter().any(|c| !c.input.is_empty()));
+        let mut waiting = old.greeted();
+        waiting.write_all(b"upgrade\n").expect("sending");
+        let (id, _) = old.request();
+        old.control.wait(id, Pending::Upgrade);
+        let handed = old.control.handed_down();
+        assert_eq!(handed.len(), 2, "the idle one and the waiting one: {handed:?}");
+        assert_eq!(handed[1].1, Some(Pending::Upgrade));
+        old.control
+            .finish_for_exec(Duration::from_secs(5), old.poll.registry());
+        assert_eq!(
+            read_all(&partial),
+            "error the master re-executes for an upgrade; ask again\n"
+        );
+        assert_eq!(old.control.handed_down(), handed, "kept for the next image");
+
+        // The exec, as far as these sockets see it: the next image has the
+        // same sockets at other numbers, and this one is gone.
+        let listener = old.control.listener.try_clone().expect("dup").into_raw_fd();
+        assert_eq!(old.control.conns[0].stream.as_raw_fd(), handed[0].0);
+        let conn = old.control.conns[0]
+            .stream
+            .try_clone()
+            .expect("dup")
+            .into_raw_fd();
+        let waits = old.control.conns[1]
+            .stream
+            .try_clone()
+            .expect("dup")
+            .into_raw_fd();
+        let not_a_socket = std::fs::File::open("/dev/null").expect("opening /dev/null");
+        let path = old.path.clone();
+        let new_poll = mio::Poll::new().expect("a poll");
+        let fds = [
+            (conn, None),
+            (conn, None),
+            (not_a_socket.as_raw_fd(), None),
+            (waits, Some(Pending::Upgrade)),
+        ];
+        let adopted = Control::adopt(listener, &fds, &path, new_poll.registry()).expect("adopting");
+        drop(std::mem::replace(&mut old.control, adopted));
+        old.poll = new_poll;
+        assert_eq!(old.control.conns.len(), 2);
+        // Not ours: left open.
+        assert!(nix::fcntl::fcntl(&not_a_socket, nix::fcntl::FcntlArg::F_GETFD).is_ok());
+        // The waiting one is answered by the new image, when it is done.
+        let (id, pending) = old.control.waiting()[0];
+        assert_eq!(pending, Pending::Upgrade);
+        old.control
+            .reply(id, Ok("{\"upgraded\":1}\n".to_owned()), old.poll.registry());
+        assert_eq!(read_all(&waiting), "ok\n{\"upgraded\":1}\n");
+
+        (&idle)
+            .write_all(b"status\n")
+            .expect("the request, after the exec");
+        let (id, request) = old.request();
+        assert_eq!(request, Request::Status);
+        old.control.reply(id, Ok("{}\n".to_owned()), old.poll.registry());
+        assert_eq!(read_all(&idle), "ok\n{}\n");
+        // And the listener serves on.
+        let mut again = old.greeted();
+        again.write_all(b"metrics\n").expect("sending");
+        assert_eq!(old.request().1, Request::Metrics);
     }
 
     #[test]

@@ -63,7 +63,7 @@ use nix::unistd::Pid;
 use respawn_ipc::scoreboard::{self, RowWriter, Scoreboard};
 use respawn_ipc::{DecodeError, Handoff, Message};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 const SIGNALS: Token = Token(0);
@@ -170,7 +170,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         let mut signals =
             Signals::block().map_err(|err| Error::io("blocking signals for the signalfd", err))?;
         let poll = Poll::new().map_err(|err| Error::io("creating the epoll instance", err))?;
-        let adopted = deploy::read_handed_down(handed_down);
+        let mut adopted = deploy::read_handed_down(handed_down);
         if let Some(state) = &adopted {
             signals.set_saved_mask(state.signal_mask);
         }
@@ -224,13 +224,26 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             counters: Counters::default(),
             started: Instant::now(),
         };
-        let handed_control = adopted.as_ref().and_then(|state| state.control);
-        if let Some(path) = master.config.control.clone() {
-            master.control = Some(match handed_control {
-                Some(fd) => Control::adopt(fd, &path, master.poll.registry())?,
-                None => Control::open(&path, master.poll.registry())?,
-            });
-        }
+        let handed_control = adopted.as_mut().and_then(|state| {
+            let conns = std::mem::take(&mut state.conns);
+            state.control.map(|fd| (fd, conns))
+        });
+        master.control = match (master.config.control.clone(), handed_control) {
+            (Some(path), Some((fd, conns))) => {
+                Some(Control::adopt(fd, &conns, &path, master.poll.registry())?)
+            }
+            (Some(path), None) => Some(Control::open(&path, master.poll.registry())?),
+            (None, handed) => {
+                // Handed down, but this image serves no control socket:
+                // closed, so that no worker inherits them.
+                if let Some((fd, conns)) = handed {
+                    [fd].into_iter()
+                        .chain(conns.into_iter().map(|(fd, _)| fd))
+                        .for_each(close_handed_down);
+                }
+                None
+            }
+        };
         if let Some(state) = adopted {
             master.adopt(state);
         }
@@ -253,7 +266,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 match event.token() {
                     SIGNALS => self.handle_signals()?,
                     LOG => {} // written at the top of every turn
-                    token if control::owns(token) => self.serve_control(token, event.is_read_closed()),
+                    token if control::owns(token) => self.serve_control(token),
                     token => self.read_worker_messages(token),
                 }
             }
@@ -990,6 +1003,13 @@ fn send(pid: Pid, signal: Signal) {
     if let Err(err) = nix_signal::kill(pid, signal) {
         debug!("sending {signal} to worker {pid}: {err}");
     }
+}
+
+/// Closes an fd the previous image handed down that this one has no use for.
+fn close_handed_down(fd: RawFd) {
+    // SAFETY: the previous image left this fd open for us alone (the state
+    // naming it is removed, and names each fd once); nothing else owns it.
+    drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
 }
 
 /// fork copies only the calling thread: any lock another thread holds at

@@ -166,9 +166,13 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             upgrade.started.elapsed().as_secs_f64(),
             std::process::id()
         );
-        let conns = self.control.as_mut().map_or(Vec::new(), |control| {
-            control.prepare_exec(CONTROL_PATIENCE_BEFORE_EXEC)
-        });
+        let conns = match self.control.as_mut() {
+            Some(control) => {
+                control.finish_for_exec(CONTROL_PATIENCE_BEFORE_EXEC, self.poll.registry());
+                control.handed_down()
+            }
+            None => Vec::new(),
+        };
         let state = self.state_to_hand_down(upgrade, &conns);
         let kept: Vec<RawFd> = state
             .workers
@@ -285,9 +289,6 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 gone.len(),
                 gone.join(", ")
             );
-        }
-        if let Some(control) = self.control.as_mut() {
-            control.adopt_conns(state.conns, self.poll.registry());
         }
     }
 

@@ -184,14 +184,15 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 };
                 self.owed.replies.push((conn, answer));
             }
-            for conn in control.overdue(now) {
+            for (conn, pending) in control.overdue(now) {
                 if !self.owed.replies.iter().any(|(c, _)| *c == conn) {
-                    let why = format!(
-                        "not done within {} s: {}",
-                        control::WAIT_BOUND.as_secs(),
-                        self.progress()
-                    );
-                    self.owed.replies.push((conn, Err(why)));
+                    let reached = match pending {
+                        Pending::Stop => format!("{} workers still running", self.workers.iter().count()),
+                        _ => self.progress(),
+                    };
+                    self.owed
+                        .replies
+                        .push((conn, Err(control::not_done(Some(&reached)))));
                 }
             }
         }
@@ -256,11 +257,11 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     }
 
     /// An event of the control socket: connections, requests, room to write.
-    pub(super) fn serve_control(&mut self, token: Token, closed: bool) {
+    pub(super) fn serve_control(&mut self, token: Token) {
         let Some(control) = self.control.as_mut() else {
             return;
         };
-        for (conn, request) in control.on_event(token, closed, self.poll.registry()) {
+        for (conn, request) in control.on_event(token, self.poll.registry()) {
             self.act_on_control(conn, request);
         }
     }

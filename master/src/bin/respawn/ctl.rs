@@ -11,9 +11,11 @@
 //!
 //! Two deadlines, chosen for what each wait means. Connecting and the
 //! greeting get 5 s: a master that cannot say hello in 5 s is stuck, and the
-//! operator should hear so. The answer gets none: `scale`, `reload` and
-//! `stop` answer when they are done, which can take minutes (a slow start,
-//! a long graceful timeout), and the answer is the point of asking.
+//! operator should hear so. The answer gets none of its own: `scale`,
+//! `reload` and `stop` answer when they are done, which can take a while
+//! (a slow start, a long graceful timeout), and the master bounds that
+//! wait itself (90 s, then `error not done within 90 s: ...`), where it
+//! can say how far the command got.
 
 use serde_json::Value;
 use std::collections::HashMap;
