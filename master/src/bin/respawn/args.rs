@@ -46,7 +46,7 @@ usage: respawn [flags] [-- CMD [ARGS...]]   SECS may have a fraction
       --min-uptime SECS        0 to 86400: dying sooner backs the slot off [1]
       --user NAME              workers run as NAME (and its group); needs root
       --group NAME             workers run with group NAME
-      --pid-file PATH          the master's pid, written once workers are ready
+      --pid-file PATH          the master's pid, written at start
       --control PATH           a control socket for `respawn ctl PATH ...`
       --log-format FORMAT      text, or json: one object per line [text]
       --demo-fail-start        every worker panics before Ready: a crash loop
