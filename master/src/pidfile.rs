@@ -781,6 +781,85 @@ mod tests {
         assert_eq!(scratch.files(), [aside.to_string_lossy().into_owned()]);
     }
 
+    /// Masters started in the same instant: each a process of this test
+    /// binary (so each takes the others for masters of this program), all
+    /// claiming one path as soon as a barrier opens, and alive until every
+    /// one has tried. Exactly one may hold the file. With a rename that
+    /// replaces, two or more found it free (or stale) and each took it for
+    /// its own.
+    #[test]
+    fn of_masters_claiming_at_once_exactly_one_holds_the_file() {
+        use nix::sys::wait::waitpid;
+        use nix::unistd::{fork, pipe, ForkResult};
+        const MASTERS: usize = 6;
+        let scratch = Scratch::new("race");
+        let path = scratch.0.join("x.pid");
+        for round in 0..20 {
+            // No file, or a stale one, which each sets aside before its own.
+            let _ = std::fs::remove_file(&path);
+            if round % 2 == 1 {
+                std::fs::write(&path, "garbage\n").unwrap();
+            }
+            let (go_read, go_write) = pipe().expect("pipe");
+            let (done_read, done_write) = pipe().expect("pipe");
+            let (said_read, said_write) = pipe().expect("pipe");
+            let mut children = Vec::new();
+            for _ in 0..MASTERS {
+                // SAFETY: the child claims, writes one line and waits, then
+                // leaves with _exit; the log has no logger in unit tests, so
+                // it takes no lock another thread may hold.
+                match unsafe { fork() }.expect("fork") {
+                    ForkResult::Child => {
+                        drop(go_write);
+                        drop(done_write);
+                        let mut byte = [0u8; 1];
+                        // EOF once every copy of the write end is closed.
+                        let _ = nix::unistd::read(&go_read, &mut byte);
+                        let said = match PidFile::claim(&path) {
+                            Ok(file) => {
+                                std::mem::forget(file);
+                                "ok"
+                            }
+                            Err(err) if err.to_string().contains("held by running master") => "held",
+                            Err(_) => "error",
+                        };
+                        let line = format!("{} {said}\n", std::process::id());
+                        let _ = nix::unistd::write(&said_write, line.as_bytes());
+                        let _ = nix::unistd::read(&done_read, &mut byte);
+                        // SAFETY: ends the child without the parent's
+                        // destructors or atexit handlers.
+                        unsafe { libc::_exit(0) }
+                    }
+                    ForkResult::Parent { child } => children.push(child),
+                }
+            }
+            drop(said_write);
+            drop(go_write);
+            let mut said = String::new();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while said.lines().count() < MASTERS && std::time::Instant::now() < deadline {
+                let mut buf = [0u8; 512];
+                match nix::unistd::read(&said_read, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => said.push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+            drop(done_write);
+            for child in children {
+                let _ = waitpid(child, None);
+            }
+            let winners: Vec<&str> = said.lines().filter(|l| l.ends_with(" ok")).collect();
+            assert_eq!(winners.len(), 1, "round {round}: {said}");
+            assert_eq!(said.lines().count(), MASTERS, "round {round}: {said}");
+            let holder = winners[0].split(' ').next().unwrap_or_default();
+            assert_eq!(
+                std::fs::read_to_string(&path).unwrap_or_default(),
+                format!("{holder}\n"),
+                "round {round}"
+            );
+        }
+    }
+
     #[test]
     fn a_directory_that_cannot_be_written_is_refused_at_the_claim() {
         let err = PidFile::claim(Path::new("/nonexistent-respawn/x.pid")).unwrap_err();

@@ -312,6 +312,14 @@ fn an_upgrade_never_changes_a_file_a_symlink_at_the_socket_path_points_to() {
     }
     respawn.wait_for_workers(1);
     secret.assert_untouched(&respawn);
+    // The directory is nobody's: said once, by the master that bound the
+    // socket, not again by the new image, which binds nothing.
+    let shared = format!(
+        "{unix}: uid {NOBODY} can write in its directory {} (mode 0755, no sticky bit); \
+         respawn follows no link there, but that user can remove or replace the socket file",
+        dir.display()
+    );
+    assert_eq!(respawn.count_lines(&shared), 1, "{}", respawn.dump());
     // The upgraded workers serve (on the TCP listener: the Unix socket's
     // name is nobody's link now).
     let answer = respawn.get("/version").expect("GET /version");
