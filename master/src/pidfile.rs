@@ -127,7 +127,8 @@ impl PidFile {
         let pid_file = PidFile {
             path: path.to_owned(),
             pid: unistd::getpid(),
-            done: Cell::new(false),
+            // Until the file is ours, its drop has nothing to remove.
+            done: Cell::new(true),
         };
         let shown = path.display();
         let writing = |err| {
@@ -143,22 +144,21 @@ impl PidFile {
             warn_if_others_can_write(&dir, pid_file.dir(), &format!("pid file {shown}"), "the file");
         }
         match pid_file.make_ours(&dir, false) {
-            Ok(()) => Ok(pid_file),
-            Err(refusal) => {
-                // Nothing of ours is there to remove.
-                pid_file.done.set(true);
-                Err(match refusal {
-                    Refusal::Held(pid) => Error::io(
-                        format!("pid file {shown}"),
-                        io::Error::new(
-                            io::ErrorKind::AlreadyExists,
-                            format!("held by running master {pid}"),
-                        ),
-                    ),
-                    Refusal::Reading(err) => Error::io(format!("reading pid file {shown}"), err),
-                    Refusal::Writing(err) => writing(err),
-                })
+            Ok(()) => {
+                pid_file.done.set(false);
+                Ok(pid_file)
             }
+            Err(refusal) => Err(match refusal {
+                Refusal::Held(pid) => Error::io(
+                    format!("pid file {shown}"),
+                    io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!("held by running master {pid}"),
+                    ),
+                ),
+                Refusal::Reading(err) => Error::io(format!("reading pid file {shown}"), err),
+                Refusal::Writing(err) => writing(err),
+            }),
         }
     }
 

@@ -173,3 +173,34 @@ fn a_stale_pid_file_is_replaced() {
         wait_for_pid_file(&respawn, &scratch, respawn.pid);
     }
 }
+
+/// Written at the claim, the file must go with a master that fails after
+/// it (here: its control socket cannot be bound), or it names a dead pid
+/// that a script would signal.
+#[test]
+fn a_master_that_fails_after_its_claim_leaves_no_pid_file() {
+    let scratch = Scratch::new("pidfile-failed");
+    let pid_file = scratch.pid_file_arg();
+    let control = scratch.0.join("no-such-dir").join("control.sock");
+    let control = control.display().to_string();
+    let (status, output) = run_to_exit(&[
+        "--workers",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--pid-file",
+        &pid_file,
+        "--control",
+        &control,
+    ]);
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(
+        output
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with(&format!("respawn: binding --control {control}: "))),
+        "{output}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&scratch.0).unwrap().collect();
+    assert!(left.is_empty(), "files left behind: {left:?}\n{output}");
+}
