@@ -17,9 +17,9 @@
 //! say), and the master is often root, so nothing here acts on a path that
 //! may have changed since it was looked at: bind never follows a link (a
 //! name that exists, a link included, is EADDRINUSE); the file's mode is
-//! the umask's at bind ([`Listeners::bind_all_with_mode`]), not a chmod by path after
-//! it; [`Listeners::set_socket_mode`] acts through an fd, on the socket
-//! bound or not at all; a file kept across an upgrade, or passed by
+//! the umask's at bind ([`Listeners::bind_all_with_mode`]), not a chmod by
+//! path after it; [`Listeners::set_socket_mode`] acts through an fd, on the
+//! socket bound or not at all; a file kept across an upgrade, or passed by
 //! systemd, is never changed; and removal is an unlink (which never
 //! follows a link) of the file bound, told by device and inode. Such a
 //! directory without the sticky bit is one WARN line when a socket is
@@ -116,8 +116,9 @@ impl Listeners {
 
     /// Sets the permission bits of every socket file this process bound
     /// (0660: the owner and the group may connect). Prefer
-    /// [`Listeners::bind_all_with_mode`], which gives the file its mode as it is made:
-    /// until this is called, a new socket file has the mode the umask gives.
+    /// [`Listeners::bind_all_with_mode`], which gives the file its mode as
+    /// it is made: until this is called, a new socket file has the mode the
+    /// umask gives.
     ///
     /// Through an fd, never by path: the file at the path must still be the
     /// socket bound (device and inode); a symbolic link or another file put
@@ -505,7 +506,7 @@ pub(crate) fn socket_file(path: &Path) -> io::Result<SocketFile> {
 impl SocketFile {
     /// The permission bits of the file at the path, if it is still this one.
     fn mode(&self) -> io::Result<u32> {
-        Ok(self.open()?.permissions().mode() & 0o7777)
+        Ok(self.opened()?.1.permissions().mode() & 0o7777)
     }
 
     /// Gives this very file `mode`, through an fd: the path is opened
@@ -519,10 +520,6 @@ impl SocketFile {
             format!("/proc/self/fd/{}", fd.as_raw_fd()),
             std::fs::Permissions::from_mode(mode),
         )
-    }
-
-    fn open(&self) -> io::Result<std::fs::Metadata> {
-        Ok(self.opened()?.1)
     }
 
     /// The file at the path, opened as an fd that is only a reference to
