@@ -12,19 +12,33 @@
 //! this process made; an upgrade re-executes the master without returning
 //! from `run`, so the file stays for the new one. Files of sockets systemd
 //! passed are systemd's (`RemoveOnStop=`): respawn never removes them.
+//!
+//! The directory may be one another user can write in (the workers' user,
+//! say), and the master is often root, so nothing here acts on a path that
+//! may have changed since it was looked at: bind never follows a link (a
+//! name that exists, a link included, is EADDRINUSE); the file's mode is
+//! the umask's at bind ([`Listeners::bind_all_with_mode`]), not a chmod by
+//! path after it; [`Listeners::set_socket_mode`] acts through an fd, on the
+//! socket bound or not at all; a file kept across an upgrade, or passed by
+//! systemd, is never changed; and removal is an unlink (which never
+//! follows a link) of the file bound, told by device and inode. Such a
+//! directory without the sticky bit is one WARN line when a socket is
+//! bound in it.
 
 use crate::activation::{self, HandedBy, Inherited};
 use crate::Error;
 use log::{debug, warn};
 use nix::errno::Errno;
+use nix::fcntl::{self, OFlag};
 use nix::sys::socket::{
     self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, UnixAddr,
 };
+use nix::sys::stat::{self, Mode};
 use respawn_ipc::{Listener, MAX_LISTENERS};
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -72,9 +86,9 @@ pub enum Origin {
 }
 
 /// A socket file, and which file it is (device and inode), so that the one
-/// removed at the end is the one made, not another bound there since. A
-/// guard, not a proof: a file deleted and made again at once may get the
-/// same inode number back.
+/// removed at the end, or given a mode, is the one made, not another bound
+/// there since, nor a link put in its place. A guard, not a proof: a file
+/// deleted and made again at once may get the same inode number back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SocketFile {
     path: PathBuf,
@@ -100,13 +114,22 @@ impl Listeners {
         self.list.iter().map(|l| l.listener.as_raw_fd()).collect()
     }
 
-    /// Sets the permission bits of every socket file this process made
-    /// (0660: the owner and the group may connect). Files of sockets handed
-    /// over are left as they are (systemd's `SocketMode=` sets those).
-    /// Until this is called, a new socket file has the mode the umask gives.
+    /// Sets the permission bits of every socket file this process bound
+    /// (0660: the owner and the group may connect). Prefer
+    /// [`Listeners::bind_all_with_mode`], which gives the file its mode as
+    /// it is made: until this is called, a new socket file has the mode the
+    /// umask gives.
+    ///
+    /// Through an fd, never by path: the file at the path must still be the
+    /// socket bound (device and inode); a symbolic link or another file put
+    /// there since is left as it is, and is an error. Files this process did
+    /// not bind are never touched: those of sockets handed over by systemd
+    /// (its `SocketMode=` sets them) or kept across an upgrade (the first
+    /// master set them; the path may be another user's link by now).
     pub fn set_socket_mode(&self, mode: u32) -> Result<(), Error> {
-        for file in self.list.iter().filter_map(|l| l.socket_file.as_ref()) {
-            std::fs::set_permissions(&file.path, std::fs::Permissions::from_mode(mode)).map_err(|err| {
+        let bound = self.list.iter().filter(|l| l.origin == Origin::Bound);
+        for file in bound.filter_map(|l| l.socket_file.as_ref()) {
+            file.set_mode(mode).map_err(|err| {
                 Error::io(
                     format!("setting the mode of {} to {mode:04o}", file.path.display()),
                     err,
@@ -114,6 +137,26 @@ impl Listeners {
             })?;
         }
         Ok(())
+    }
+
+    /// [`bind_all`], each Unix socket file made with the permission bits
+    /// `mode` (0 to 0777; 0660 lets the owner and the group connect). The
+    /// mode is set by the umask while the socket is bound, so the file never
+    /// exists with another mode and is never changed by path afterwards (a
+    /// chmod by path would follow a link put there meanwhile). Listeners
+    /// handed over (systemd's, an upgrade's) are taken as they are, their
+    /// files untouched.
+    ///
+    /// The umask is the process's: call this before starting threads that
+    /// create files (the master refuses to run with other threads anyway).
+    pub fn bind_all_with_mode(addrs: &[&str], mode: u32) -> Result<Listeners, Error> {
+        if mode > 0o777 {
+            return Err(Error::io(
+                format!("binding with mode {mode:04o}"),
+                io::Error::new(io::ErrorKind::InvalidInput, "a socket's mode is 0 to 0777"),
+            ));
+        }
+        bind_addresses(addrs, Some(mode))
     }
 
     /// The socket files this process made.
@@ -236,6 +279,10 @@ pub fn bind(addr: &str) -> Result<TcpListener, Error> {
 ///
 /// On an error, the socket files made so far are removed again.
 pub fn bind_all(addrs: &[&str]) -> Result<Listeners, Error> {
+    bind_addresses(addrs, None)
+}
+
+fn bind_addresses(addrs: &[&str], mode: Option<u32>) -> Result<Listeners, Error> {
     let inherited = activation::inherited_listeners()?;
     if !inherited.is_empty() {
         return take_inherited(inherited, addrs);
@@ -252,7 +299,7 @@ pub fn bind_all(addrs: &[&str]) -> Result<Listeners, Error> {
     let mut listeners = Listeners::default();
     for addr in addrs {
         let bound = match addr.strip_prefix("unix:") {
-            Some(path) => bind_unix(addr, Path::new(path)),
+            Some(path) => bind_unix_with(addr, Path::new(path), mode),
             None => bind_tcp(addr).map(|tcp| (Listener::from(tcp), None)),
         };
         match bound {
@@ -319,8 +366,17 @@ fn bind_tcp(addr: &str) -> Result<TcpListener, Error> {
     Err(Error::io(format!("binding {addr}"), last))
 }
 
-/// Binds a Unix socket at `path`, after looking at what is there.
+/// Binds a Unix socket at `path`, after looking at what is there. Its
+/// file has the mode the umask gives.
 pub(crate) fn bind_unix(addr: &str, path: &Path) -> Result<(Listener, Option<SocketFile>), Error> {
+    bind_unix_with(addr, path, None)
+}
+
+fn bind_unix_with(
+    addr: &str,
+    path: &Path,
+    mode: Option<u32>,
+) -> Result<(Listener, Option<SocketFile>), Error> {
     let failed = |err: io::Error| Error::io(format!("binding {addr}"), err);
     let refuse = |kind, why: &str| failed(io::Error::new(kind, why));
     if path.as_os_str().is_empty() {
@@ -347,11 +403,41 @@ pub(crate) fn bind_unix(addr: &str, path: &Path) -> Result<(Listener, Option<Soc
             Err(err) => return Err(failed(err)),
         },
     }
-    let fd = unix_listen_on(path).map_err(failed)?;
+    warn_if_shared(addr, path);
+    let fd = unix_listen_on(path, mode).map_err(failed)?;
     // A bind that worked made the file; if it cannot be read back, it is
     // simply not removed at the end.
     let file = socket_file(path).ok();
+    if let (Some(file), Some(mode)) = (&file, mode) {
+        // A default ACL on the directory overrides the umask: then the
+        // mode is given through an fd, on the socket just bound.
+        if file.mode().ok() != Some(mode) {
+            debug!("{addr}: the umask did not give mode {mode:04o} (a default ACL?); setting it");
+            file.set_mode(mode).map_err(|err| {
+                Error::io(
+                    format!("setting the mode of {} to {mode:04o}", path.display()),
+                    err,
+                )
+            })?;
+        }
+    }
     Ok((Listener::from(fd), file))
+}
+
+/// One line if another user can write in the socket's directory.
+fn warn_if_shared(addr: &str, path: &Path) {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let opened: Result<OwnedFd, _> = fcntl::open(
+        dir,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    );
+    if let Ok(fd) = opened {
+        crate::pidfile::warn_if_others_can_write(&fd, dir, addr, "the socket file");
+    }
 }
 
 /// What a connect to an existing socket file says.
@@ -378,25 +464,85 @@ fn probe(path: &Path) -> io::Result<Answer> {
     }
 }
 
-fn unix_listen_on(path: &Path) -> io::Result<UnixListener> {
+/// Binds and listens at `path`. With a `mode`, under the umask that gives
+/// the file that mode as bind makes it (0777 less the umask), restored
+/// right after.
+fn unix_listen_on(path: &Path, mode: Option<u32>) -> io::Result<UnixListener> {
     let fd = socket::socket(
         AddressFamily::Unix,
         SockType::Stream,
         SockFlag::SOCK_CLOEXEC,
         None,
     )?;
-    socket::bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    let addr = UnixAddr::new(path)?;
+    let bound = match mode {
+        Some(mode) => {
+            let before = stat::umask(Mode::from_bits_truncate(!mode & 0o777));
+            let bound = socket::bind(fd.as_raw_fd(), &addr);
+            stat::umask(before);
+            bound
+        }
+        None => socket::bind(fd.as_raw_fd(), &addr),
+    };
+    bound?;
     socket::listen(&fd, Backlog::new(BACKLOG)?)?;
     Ok(UnixListener::from(fd))
 }
 
+/// The socket file at `path`, as it is now (a link is not followed, and is
+/// not a socket file).
 pub(crate) fn socket_file(path: &Path) -> io::Result<SocketFile> {
     let meta = std::fs::symlink_metadata(path)?;
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a socket file"));
+    }
     Ok(SocketFile {
         path: path.to_path_buf(),
         dev: meta.dev(),
         ino: meta.ino(),
     })
+}
+
+impl SocketFile {
+    /// The permission bits of the file at the path, if it is still this one.
+    fn mode(&self) -> io::Result<u32> {
+        Ok(self.opened()?.1.permissions().mode() & 0o7777)
+    }
+
+    /// Gives this very file `mode`, through an fd: the path is opened
+    /// without following a link (O_PATH|O_NOFOLLOW opens a link itself), the
+    /// file opened must be this socket (device and inode), and the chmod
+    /// goes through /proc/self/fd, which names the inode opened, whatever
+    /// the path names by then.
+    fn set_mode(&self, mode: u32) -> io::Result<()> {
+        let (fd, _) = self.opened()?;
+        std::fs::set_permissions(
+            format!("/proc/self/fd/{}", fd.as_raw_fd()),
+            std::fs::Permissions::from_mode(mode),
+        )
+    }
+
+    /// The file at the path, opened as an fd that is only a reference to
+    /// it (O_PATH), and its metadata; an error unless it is this socket.
+    fn opened(&self) -> io::Result<(std::fs::File, std::fs::Metadata)> {
+        let fd = fcntl::open(
+            &self.path,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let file = std::fs::File::from(fd);
+        let meta = file.metadata()?;
+        let why = if meta.file_type().is_symlink() {
+            "a symbolic link is there now, not the socket this process bound; left as it is"
+        } else if !meta.file_type().is_socket() {
+            "a file that is not a socket is there now; left as it is"
+        } else if (meta.dev(), meta.ino()) != (self.dev, self.ino) {
+            "another socket file is there now, not the one this process bound; left as it is"
+        } else {
+            return Ok((file, meta));
+        };
+        Err(io::Error::new(io::ErrorKind::InvalidData, why))
+    }
 }
 
 /// Removes each socket file that is still the one this process made.
@@ -604,5 +750,134 @@ mod tests {
             err.to_string(),
             "binding unix:/x.sock: bind makes TCP listeners only: bind_all binds Unix sockets"
         );
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    /// A root-owned-like secret beside the socket: a 0600 file a link may
+    /// point at.
+    fn secret(name: &str) -> PathBuf {
+        let path = temp_socket(name).with_extension("secret");
+        std::fs::write(&path, "secret\n").expect("writing the secret");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        path
+    }
+
+    #[test]
+    fn a_socket_file_has_its_mode_from_the_bind_and_the_umask_is_restored() {
+        // In a child: the umask is the process's, and other tests make files.
+        let outcome = crate::signals::tests::in_child(|| {
+            let path = temp_socket("umask");
+            let addr = format!("unix:{}", path.display());
+            let before = stat::umask(Mode::from_bits_truncate(0o022));
+            let listeners = Listeners::bind_all_with_mode(&[&addr], 0o640).map_err(|e| e.to_string())?;
+            let after = stat::umask(before);
+            let mode = mode_of(&path);
+            remove_socket_files(&listeners.socket_files());
+            match (mode, after.bits()) {
+                (0o640, 0o022) => Ok(()),
+                other => Err(format!("mode {:o}, umask after {:o}", other.0, other.1)),
+            }
+        });
+        assert_eq!(outcome, Ok(()));
+        let err = Listeners::bind_all_with_mode(&["unix:/x.sock"], 0o1777)
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "binding with mode 1777: a socket's mode is 0 to 0777"
+        );
+    }
+
+    #[test]
+    fn set_socket_mode_never_follows_a_link_put_in_the_socket_s_place() {
+        let path = temp_socket("link");
+        let secret = secret("link");
+        let addr = format!("unix:{}", path.display());
+        let listeners = bind_all(&[&addr]).expect("binding");
+        listeners
+            .set_socket_mode(0o600)
+            .expect("the socket bound takes it");
+        assert_eq!(mode_of(&path), 0o600);
+        std::fs::remove_file(&path).expect("removing the socket file");
+        std::os::unix::fs::symlink(&secret, &path).expect("planting a link");
+        let err = listeners.set_socket_mode(0o666).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "setting the mode of {} to 0666: a symbolic link is there now, not the socket \
+                 this process bound; left as it is",
+                path.display()
+            )
+        );
+        assert_eq!(mode_of(&secret), 0o600, "the link was followed");
+        // Nor removed through it, nor as if it were ours.
+        remove_socket_files(&listeners.socket_files());
+        assert!(
+            std::fs::symlink_metadata(&path).is_ok(),
+            "the link is not ours to remove"
+        );
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "secret\n");
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&secret).unwrap();
+    }
+
+    #[test]
+    fn another_socket_bound_at_the_path_keeps_its_mode() {
+        let path = temp_socket("other");
+        let addr = format!("unix:{}", path.display());
+        let listeners = bind_all(&[&addr]).expect("binding");
+        let moved = path.with_extension("moved");
+        std::fs::rename(&path, &moved).expect("moving ours away");
+        let theirs = UnixListener::bind(&path).expect("binding another");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = listeners.set_socket_mode(0o666).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("another socket file is there now, not the one this process bound; left as it is"),
+            "{err}"
+        );
+        assert_eq!(mode_of(&path), 0o600);
+        drop(theirs);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&moved).unwrap();
+    }
+
+    #[test]
+    fn a_socket_file_kept_across_an_upgrade_or_passed_by_systemd_is_never_touched() {
+        for (name, origin) in [
+            ("upgrade", Origin::Upgrade { fd: 3 }),
+            (
+                "systemd",
+                Origin::Systemd {
+                    fd: 3,
+                    name: String::new(),
+                },
+            ),
+        ] {
+            let path = temp_socket(name);
+            let secret = secret(name);
+            let theirs = UnixListener::bind(&path).expect("binding");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let file = socket_file(&path).ok();
+            let mut listeners = Listeners::default();
+            listeners.push(Listener::from(theirs), origin, file);
+            listeners.set_socket_mode(0o666).expect("nothing to do");
+            assert_eq!(mode_of(&path), 0o600, "{name}");
+            // The path, a link by now (planted before the new image looked).
+            std::fs::remove_file(&path).unwrap();
+            std::os::unix::fs::symlink(&secret, &path).unwrap();
+            assert!(socket_file(&path).is_err(), "a link is taken for a socket file");
+            listeners.set_socket_mode(0o666).expect("nothing to do");
+            assert_eq!(mode_of(&secret), 0o600, "{name}: the link was followed");
+            std::fs::remove_file(&path).unwrap();
+            std::fs::remove_file(&secret).unwrap();
+        }
     }
 }

@@ -100,6 +100,37 @@ fn a_value_that_does_not_parse_names_its_flag() {
     }
 }
 
+/// Given one path, the file made last would replace the other: the pid
+/// file was written over the control socket.
+#[test]
+fn one_path_for_the_control_socket_the_pid_file_or_a_unix_listener_is_a_bad_flag() {
+    let dir = TempDir::new("respawn-cli-one-path");
+    let path = dir.join("x").display().to_string();
+    let dotted = dir.join(".").join("x").display().to_string();
+    let unix = format!("unix:{path}");
+    for (args, expected) in [
+        (
+            vec!["--control", &path, "--pid-file", &path],
+            format!("respawn: --control {path:?} and --pid-file {path:?} name the same file"),
+        ),
+        (
+            vec!["--pid-file", &dotted, "--listen", &unix],
+            format!("respawn: --pid-file {dotted:?} and --listen {unix:?} name the same file"),
+        ),
+    ] {
+        let (status, output) = run_to_exit(&args);
+        assert_eq!(status.code(), Some(2), "{args:?}: {output}");
+        assert_eq!(
+            first_line(&output),
+            format!("{expected}: give each a path of its own"),
+            "{args:?}"
+        );
+        assert!(!output.contains("spawned"), "{args:?}: {output}");
+        let made: Vec<_> = std::fs::read_dir(&*dir).unwrap().collect();
+        assert!(made.is_empty(), "{args:?}: files made {made:?}");
+    }
+}
+
 #[test]
 fn a_malformed_listen_is_a_bad_flag() {
     for bad in ["nonsense", "1.2.3.4", "1.2.3.4:65536", "::1:80"] {

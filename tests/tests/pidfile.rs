@@ -1,5 +1,7 @@
-//! `--pid-file`: the master's pid, written once its workers are Ready,
-//! removed on a clean stop, never taken from another live master.
+//! `--pid-file`: the master's pid, written at start (before any worker is
+//! Ready), removed on a clean stop, never taken from another live master,
+//! even one whose workers are still starting. What root does with the file
+//! in a directory another user can write is in security.rs.
 
 use respawn_tests::*;
 use std::path::PathBuf;
@@ -39,7 +41,7 @@ fn wait_for_pid_file(respawn: &Respawn, scratch: &Scratch, pid: i32) {
 }
 
 #[test]
-fn pid_file_is_written_when_ready_and_removed_on_stop() {
+fn the_pid_file_is_written_at_start_and_removed_on_stop() {
     let scratch = Scratch::new("pidfile-written");
     let pid_file = scratch.pid_file_arg();
     let mut respawn = Respawn::with_workers(2, &["--pid-file", &pid_file]);
@@ -54,13 +56,15 @@ fn pid_file_is_written_when_ready_and_removed_on_stop() {
     assert!(left.is_empty(), "files left behind: {left:?}");
 }
 
+/// Workers that never say Ready (and are never killed for it): the pid file
+/// names the master all the same, and a second master started meanwhile is
+/// refused, as nginx, unicorn and gunicorn refuse it. Written only at Ready,
+/// the file was free, and the second master ran on without one.
 #[test]
-fn no_pid_file_until_the_workers_are_ready() {
-    // Workers that never say Ready (and are never killed for it): the pid
-    // file, which tells a supervisor "it serves", is not written.
+fn a_second_master_started_before_the_first_is_ready_is_refused() {
     let scratch = Scratch::new("pidfile-not-ready");
     let pid_file = scratch.pid_file_arg();
-    let respawn = Respawn::start(&[
+    let first = Respawn::start(&[
         "--workers",
         "1",
         "--demo-hang-start",
@@ -69,17 +73,40 @@ fn no_pid_file_until_the_workers_are_ready() {
         "--pid-file",
         &pid_file,
     ]);
-    respawn.wait_for_log("the worker's hang", |l| {
+    first.wait_for_log("the worker's hang", |l| {
         l.ends_with("hangs before Ready on purpose (--demo-hang-start)")
     });
-    // A signal handled after the first turn: by its line, the master has
-    // been through the end of manage_workers at least once.
-    respawn.signal(libc::SIGTTIN);
-    respawn.wait_for_line("received SIGTTIN, 2 workers wanted");
+    wait_for_pid_file(&first, &scratch, first.pid);
     assert!(
-        !scratch.pid_file().exists(),
-        "written before any worker was ready\n{}",
-        respawn.dump()
+        !first.log().iter().any(|l| worker_says(l, "ready").is_some()),
+        "a worker said Ready\n{}",
+        first.dump()
+    );
+
+    let (status, output) = run_to_exit(&[
+        "--workers",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--pid-file",
+        &pid_file,
+    ]);
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert_eq!(
+        output.lines().last(),
+        Some(
+            format!(
+                "respawn: pid file {pid_file}: held by running master {}",
+                first.pid
+            )
+            .as_str()
+        ),
+        "{output}"
+    );
+    assert!(!output.contains(" spawned"), "the second master forked\n{output}");
+    assert_eq!(
+        std::fs::read_to_string(scratch.pid_file()).ok(),
+        Some(format!("{}\n", first.pid))
     );
 }
 
@@ -136,7 +163,8 @@ fn a_stale_pid_file_is_replaced() {
         .unwrap();
     for (content, why) in [
         (format!("{dead}\n"), format!("pid {dead} is not running")),
-        ("garbage".to_owned(), r#"holds no pid ("garbage")"#.to_owned()),
+        // Its size, never its content: the log is no way to read a file.
+        ("garbage".to_owned(), "holds no pid (7 bytes)".to_owned()),
         (format!("{me}\n"), format!("pid {me} runs {my_name}, not respawn")),
     ] {
         std::fs::write(scratch.pid_file(), &content).unwrap();
@@ -144,4 +172,35 @@ fn a_stale_pid_file_is_replaced() {
         respawn.wait_for_line(&format!("pid file {pid_file}: {why}; replacing it"));
         wait_for_pid_file(&respawn, &scratch, respawn.pid);
     }
+}
+
+/// Written at the claim, the file must go with a master that fails after
+/// it (here: its control socket cannot be bound), or it names a dead pid
+/// that a script would signal.
+#[test]
+fn a_master_that_fails_after_its_claim_leaves_no_pid_file() {
+    let scratch = Scratch::new("pidfile-failed");
+    let pid_file = scratch.pid_file_arg();
+    let control = scratch.0.join("no-such-dir").join("control.sock");
+    let control = control.display().to_string();
+    let (status, output) = run_to_exit(&[
+        "--workers",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--pid-file",
+        &pid_file,
+        "--control",
+        &control,
+    ]);
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(
+        output
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with(&format!("respawn: binding --control {control}: "))),
+        "{output}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&scratch.0).unwrap().collect();
+    assert!(left.is_empty(), "files left behind: {left:?}\n{output}");
 }

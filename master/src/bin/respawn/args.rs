@@ -11,7 +11,7 @@ use crate::logfmt::Format;
 use lexopt::prelude::*;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 pub const USAGE: &str = "\
@@ -46,7 +46,7 @@ usage: respawn [flags] [-- CMD [ARGS...]]   SECS may have a fraction
       --min-uptime SECS        0 to 86400: dying sooner backs the slot off [1]
       --user NAME              workers run as NAME (and its group); needs root
       --group NAME             workers run with group NAME
-      --pid-file PATH          the master's pid, written once workers are ready
+      --pid-file PATH          the master's pid, written at start
       --control PATH           a control socket for `respawn ctl PATH ...`
       --log-format FORMAT      text, or json: one object per line [text]
       --demo-fail-start        every worker panics before Ready: a crash loop
@@ -250,7 +250,59 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
     if args.ready_on_exec && args.command.is_empty() {
         return Err("--ready-on-exec: only with a command to run (respawn [flags] -- CMD [ARGS...])".into());
     }
+    refuse_shared_paths(&args)?;
     Ok(Parsed::Run(args))
+}
+
+/// `--control`, `--pid-file` and each `--listen unix:` make a file of their
+/// own at their path: given one path twice, the one made last would replace
+/// the other (the pid file the control socket, say). Compared after a
+/// lexical normalisation (`./x`, `x`, `d//x`, `d/../x` are one path);
+/// links are not looked at, as the files may not exist yet.
+fn refuse_shared_paths(args: &Args) -> Result<(), lexopt::Error> {
+    let mut files: Vec<(String, &Path)> = Vec::new();
+    if let Some(path) = &args.control {
+        files.push((format!("--control {:?}", path.display().to_string()), path));
+    }
+    if let Some(path) = &args.pid_file {
+        files.push((format!("--pid-file {:?}", path.display().to_string()), path));
+    }
+    for listen in &args.listen {
+        if let Some(path) = listen.strip_prefix("unix:") {
+            files.push((format!("--listen {listen:?}"), Path::new(path)));
+        }
+    }
+    for (at, (first, path)) in files.iter().enumerate() {
+        let same = files[at + 1..]
+            .iter()
+            .find(|(_, other)| lexical(other) == lexical(path));
+        if let Some((second, _)) = same {
+            return Err(
+                format!("{first} and {second} name the same file: give each a path of its own").into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `path` made absolute against the current directory, without `.` or
+/// empty components, each `..` taking off the component before it.
+fn lexical(path: &Path) -> PathBuf {
+    let absolute = match std::env::current_dir() {
+        Ok(dir) if path.is_relative() => dir.join(path),
+        _ => path.to_path_buf(),
+    };
+    let mut normal = PathBuf::new();
+    for component in absolute.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                normal.pop();
+            }
+            other => normal.push(other),
+        }
+    }
+    normal
 }
 
 /// A flag's value as text; the error names the flag.
@@ -526,6 +578,43 @@ mod tests {
         );
         assert!(err(&["extra"]).contains("extra"));
         assert!(err(&["--demo-fail-start", "--demo-hang-start"]).contains("exclude each other"));
+    }
+
+    #[test]
+    fn one_path_for_two_files_is_refused() {
+        for (args, expected) in [
+            (
+                &["--control", "/run/x", "--pid-file", "/run/x"][..],
+                r#"--control "/run/x" and --pid-file "/run/x" name the same file"#,
+            ),
+            (
+                &["--pid-file", "/run//app/./x", "--control", "/run/app/x/"][..],
+                r#"--control "/run/app/x/" and --pid-file "/run//app/./x" name the same file"#,
+            ),
+            (
+                &["--listen", "unix:/run/x", "--pid-file", "/run/d/../x"][..],
+                r#"--pid-file "/run/d/../x" and --listen "unix:/run/x" name the same file"#,
+            ),
+            (
+                &["--control", "x.sock", "--listen", "unix:./x.sock"][..],
+                r#"--control "x.sock" and --listen "unix:./x.sock" name the same file"#,
+            ),
+        ] {
+            assert_eq!(
+                err(args),
+                format!("{expected}: give each a path of its own"),
+                "{args:?}"
+            );
+        }
+        let distinct = parse_strs(&[
+            "--control",
+            "/run/x.sock",
+            "--pid-file",
+            "/run/x.pid",
+            "--listen",
+            "unix:/run/y",
+        ]);
+        assert!(distinct.is_ok(), "{:?}", distinct.err());
     }
 
     #[test]

@@ -177,12 +177,14 @@ fn speak_a_newer_contract(handoff: &respawn_master::Handoff) {
     let _ = nix::unistd::write(handoff.channel.as_fd(), &frame);
 }
 
-/// Binds every `--listen`, or takes the listeners systemd (or an upgrade)
-/// passed instead, and gives the Unix socket files it made `--listen-mode`.
-/// A failure is said with what would fix it, and is the exit code.
+/// Binds every `--listen`, the Unix socket files made with `--listen-mode`
+/// (by the umask at bind: no chmod by path, which would follow a link put
+/// there), or takes the listeners systemd (or an upgrade) passed instead,
+/// their files untouched. A failure is said with what would fix it, and is
+/// the exit code.
 fn bind(listen: &[String], mode: u32) -> Result<Listeners, i32> {
     let addrs: Vec<&str> = listen.iter().map(String::as_str).collect();
-    let listeners = respawn_master::bind_all(&addrs).map_err(|err| {
+    Listeners::bind_all_with_mode(&addrs, mode).map_err(|err| {
         let advice = match &err {
             respawn_master::Error::Io { context, source } => {
                 // The address that failed is the one the context names.
@@ -193,12 +195,7 @@ fn bind(listen: &[String], mode: u32) -> Result<Listeners, i32> {
         };
         say(&format!("respawn: {err}{advice}\n"));
         EXIT_FAILED
-    })?;
-    if let Err(err) = listeners.set_socket_mode(mode) {
-        say(&format!("respawn: {err}\n"));
-        return Err(EXIT_FAILED);
-    }
-    Ok(listeners)
+    })
 }
 
 /// What to do about a failed bind, for the two failures a newcomer meets.

@@ -1,0 +1,328 @@
+//! Nothing root does follows a path another user controls.
+//!
+//! The master runs as root, the workers as nobody, and the directory of the
+//! pid file or of the Unix socket belongs to nobody: what a worker taken
+//! over could plant there. Each test plants a symbolic link to a secret, a
+//! root-owned 0600 file in a directory only root enters, and checks that
+//! the secret keeps its content and its mode, and never reaches the log.
+//! The attacker is a real nobody (`setpriv --reuid 65534`), so the links
+//! are theirs, made in a directory that is theirs.
+
+use respawn_tests::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The uid and gid of user nobody, who plants the links.
+const NOBODY: u32 = 65534;
+
+/// What the secret holds: distinctive, so that any piece of it in the log
+/// is found.
+const SECRET: &str = "root:$6$respawn-secret-7f3a9c$QUJDREVGR0hJSktMTU5PUFFSU1RVVldY:19000:0:99999:7:::\n";
+
+/// Root, a user nobody of uid and gid 65534, and setpriv to become it; or a
+/// loud line and false.
+fn root_and_nobody(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("\n*** SKIPPED {test}: it runs the master as root and the attacker as nobody ***\n");
+        return false;
+    }
+    // SAFETY: getpwnam returns a pointer to static storage, read at once.
+    let entry = unsafe { libc::getpwnam(c"nobody".as_ptr()) };
+    // SAFETY: non-null, it points to a valid passwd entry.
+    if entry.is_null() || unsafe { ((*entry).pw_uid, (*entry).pw_gid) } != (NOBODY, NOBODY) {
+        eprintln!("\n*** SKIPPED {test}: there is no user nobody with uid and gid 65534 ***\n");
+        return false;
+    }
+    let setpriv = Command::new("setpriv")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !setpriv.is_ok_and(|status| status.success()) {
+        eprintln!("\n*** SKIPPED {test}: setpriv (util-linux) is needed to act as nobody ***\n");
+        return false;
+    }
+    true
+}
+
+/// A root-owned 0600 file in a directory only root may enter: what the
+/// planted links point at.
+struct Secret {
+    _dir: TempDir,
+    path: PathBuf,
+}
+
+impl Secret {
+    fn new(test: &str) -> Secret {
+        let dir = TempDir::new(&format!("respawn-secret-{test}"));
+        std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o700)).expect("chmod 0700");
+        let path = dir.join("shadow");
+        std::fs::write(&path, SECRET).expect("writing the secret");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 0600");
+        Secret { _dir: dir, path }
+    }
+
+    /// Its content, mode and owner are what they were made.
+    fn assert_untouched(&self, respawn: &Respawn) {
+        let meta = std::fs::metadata(&self.path).expect("the secret");
+        assert_eq!(
+            meta.permissions().mode() & 0o7777,
+            0o600,
+            "the secret's mode was changed\n{}",
+            respawn.dump()
+        );
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "the secret's owner was changed");
+        assert_eq!(
+            std::fs::read_to_string(&self.path).expect("reading the secret"),
+            SECRET,
+            "the secret was written\n{}",
+            respawn.dump()
+        );
+    }
+}
+
+/// A directory of nobody's own, where root makes the pid file or socket.
+fn nobodys_dir(test: &str) -> TempDir {
+    let dir = TempDir::new(&format!("respawn-nobodys-{test}"));
+    std::os::unix::fs::chown(&*dir, Some(NOBODY), Some(NOBODY)).expect("chown to nobody");
+    dir
+}
+
+/// Runs `sh -c script` as nobody, with these variables; fails the test
+/// unless it succeeds.
+fn as_nobody(script: &str, vars: &[(&str, &Path)]) {
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .envs(vars.iter().map(|&(name, path)| (name, path)))
+        .stdin(Stdio::null())
+        .output()
+        .expect("running setpriv");
+    assert!(
+        output.status.success(),
+        "as nobody, {script:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Waits until the pid file is a regular file that says `pid`.
+fn wait_for_pid_file(respawn: &Respawn, path: &Path) {
+    let expected = format!("{}\n", respawn.pid);
+    let mut last = None;
+    let written = wait_until(PATIENCE, || {
+        let regular = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file());
+        last = std::fs::read_to_string(path).ok();
+        regular && last.as_deref() == Some(expected.as_str())
+    });
+    assert!(
+        written,
+        "the pid file holds {last:?}, not {expected:?}\n{}",
+        respawn.dump()
+    );
+}
+
+/// The log says nothing of the secret: not its first 12 characters, not
+/// its distinctive middle.
+fn assert_not_in_log(respawn: &Respawn) {
+    for piece in [&SECRET[..12], "respawn-secret", "QUJDREVG"] {
+        let shown: Vec<String> = respawn.log().into_iter().filter(|l| l.contains(piece)).collect();
+        assert!(shown.is_empty(), "the secret is in the log: {shown:?}");
+    }
+}
+
+/// The temporary file the pid file is written through was named after the
+/// master's pid, and created following links: nobody, knowing the pid a
+/// master will have (here: its shell's, which it execs), planted a link
+/// there, and root wrote the pid into whatever it pointed at. The name is
+/// random now, and created with O_EXCL|O_NOFOLLOW.
+#[test]
+fn a_symlink_planted_by_the_workers_user_at_the_temporary_name_is_never_followed_by_root() {
+    let test = "a_symlink_planted_by_the_workers_user_at_the_temporary_name_is_never_followed_by_root";
+    if !root_and_nobody(test) {
+        return;
+    }
+    let secret = Secret::new("tmp-name");
+    let dir = nobodys_dir("tmp-name");
+    let pid_file = dir.join("app.pid");
+    let shown = pid_file.display().to_string();
+    // $$ is the pid the master will have: the shell execs it.
+    let plant = "setpriv --reuid 65534 --regid 65534 --clear-groups \
+                 ln -s \"$SECRET\" \"$DIR/.app.pid.$$.tmp\" && exec \"$RESPAWN\" \"$@\"";
+    let args = [
+        "-c",
+        plant,
+        "sh",
+        "--workers",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--pid-file",
+        &shown,
+    ];
+    let respawn = Respawn::start_program(Path::new("/bin/sh"), &args, |command| {
+        command
+            .env("SECRET", &secret.path)
+            .env("DIR", &*dir)
+            .env("RESPAWN", binary());
+    });
+    let planted = dir.join(format!(".app.pid.{}.tmp", respawn.pid));
+    assert!(
+        std::fs::symlink_metadata(&planted).is_ok_and(|m| m.file_type().is_symlink()),
+        "the link was not planted"
+    );
+    respawn.wait_for_workers(1);
+    // Written (the old code wrote through the link, then renamed the link
+    // itself to the pid file's name: read through it, it says the pid too).
+    let expected = format!("{}\n", respawn.pid);
+    let said = wait_until(PATIENCE, || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|text| text == expected)
+    });
+    assert!(said, "the pid file was not written\n{}", respawn.dump());
+    secret.assert_untouched(&respawn);
+    wait_for_pid_file(&respawn, &pid_file);
+    let meta = std::fs::symlink_metadata(&pid_file).expect("the pid file");
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o7777),
+        (0, 0o644),
+        "{}",
+        respawn.dump()
+    );
+    // The directory is nobody's: said once, at start.
+    respawn.wait_for_line(&format!(
+        "pid file {shown}: uid {NOBODY} can write in its directory {} (mode 0755, no sticky bit); \
+         respawn follows no link there, but that user can remove or replace the file",
+        dir.display()
+    ));
+}
+
+/// The pid file itself made a link to the secret: it was read through the
+/// link, and its first 40 characters logged as what the file "holds".
+#[test]
+fn a_pid_file_replaced_by_a_symlink_is_never_read_through_nor_shown_in_the_log() {
+    let test = "a_pid_file_replaced_by_a_symlink_is_never_read_through_nor_shown_in_the_log";
+    if !root_and_nobody(test) {
+        return;
+    }
+    let secret = Secret::new("pid-link");
+    let dir = nobodys_dir("pid-link");
+    let pid_file = dir.join("app.pid");
+    let shown = pid_file.display().to_string();
+    as_nobody(
+        "ln -s \"$SECRET\" \"$DIR/app.pid\"",
+        &[("SECRET", &secret.path), ("DIR", &dir)],
+    );
+    let respawn = Respawn::start(&["--workers", "1", "--pid-file", &shown]);
+    respawn.wait_for_workers(1);
+    wait_for_pid_file(&respawn, &pid_file);
+    assert_not_in_log(&respawn);
+    secret.assert_untouched(&respawn);
+    respawn.wait_for_line(&format!(
+        "pid file {shown}: is a symbolic link, not a pid file; replacing it"
+    ));
+}
+
+/// `Listeners::set_socket_mode` after nobody replaced the socket file by a
+/// link: it chmodded by path, so the secret became 0666.
+#[test]
+fn set_socket_mode_on_a_socket_file_replaced_by_a_symlink_changes_nothing_and_says_so() {
+    let test = "set_socket_mode_on_a_socket_file_replaced_by_a_symlink_changes_nothing_and_says_so";
+    if !root_and_nobody(test) {
+        return;
+    }
+    let secret = Secret::new("set-mode");
+    let dir = nobodys_dir("set-mode");
+    let socket = dir.join("web.sock");
+    let addr = format!("unix:{}", socket.display());
+    let listeners = respawn_master::bind_all(&[&addr]).expect("binding");
+    as_nobody(
+        "rm -f \"$DIR/web.sock\" && ln -s \"$SECRET\" \"$DIR/web.sock\"",
+        &[("SECRET", &secret.path), ("DIR", &dir)],
+    );
+    let err = listeners.set_socket_mode(0o666).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "setting the mode of {} to 0666: a symbolic link is there now, not the socket this \
+             process bound; left as it is",
+            socket.display()
+        )
+    );
+    let meta = std::fs::metadata(&secret.path).expect("the secret");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600, "the link was followed");
+    assert_eq!(std::fs::read_to_string(&secret.path).unwrap(), SECRET);
+}
+
+/// Issue 16, item 1: the new image ran the program's main as root on USR2,
+/// socket set-up included, and chmodded whatever was at the socket's path
+/// by then: a link nobody put there made the secret 0666.
+#[test]
+fn an_upgrade_never_changes_a_file_a_symlink_at_the_socket_path_points_to() {
+    let test = "an_upgrade_never_changes_a_file_a_symlink_at_the_socket_path_points_to";
+    if !root_and_nobody(test) {
+        return;
+    }
+    let secret = Secret::new("upgrade");
+    let dir = nobodys_dir("upgrade");
+    let socket = dir.join("web.sock");
+    let unix = format!("unix:{}", socket.display());
+    let deploy = Deploy::new("symlink");
+    let respawn = deploy.start(&[
+        "--workers",
+        "1",
+        "--user",
+        "nobody",
+        "--listen",
+        "127.0.0.1:0",
+        "--listen",
+        &unix,
+        "--listen-mode",
+        "0666",
+    ]);
+    respawn.wait_for_workers(1);
+    let meta = std::fs::symlink_metadata(&socket).expect("the socket file");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o666, "--listen-mode");
+    as_nobody(
+        "rm -f \"$DIR/web.sock\" && ln -s \"$SECRET\" \"$DIR/web.sock\"",
+        &[("SECRET", &secret.path), ("DIR", &dir)],
+    );
+    deploy.replace_with_build("s");
+    respawn.signal(libc::SIGUSR2);
+    let mut outcome = None;
+    wait_until(PATIENCE, || {
+        let log = respawn.log();
+        outcome = log
+            .iter()
+            .find(|l| message(l).starts_with("master re-executed as ") || l.contains("backed out"))
+            .cloned();
+        outcome.is_some()
+    });
+    match outcome {
+        Some(line) if message(&line).starts_with("master re-executed as ") => {}
+        other => panic!("no re-execution, but {other:?}\n{}", respawn.dump()),
+    }
+    respawn.wait_for_workers(1);
+    secret.assert_untouched(&respawn);
+    // The directory is nobody's: said once, by the master that bound the
+    // socket, not again by the new image, which binds nothing.
+    let shared = format!(
+        "{unix}: uid {NOBODY} can write in its directory {} (mode 0755, no sticky bit); \
+         respawn follows no link there, but that user can remove or replace the socket file",
+        dir.display()
+    );
+    assert_eq!(respawn.count_lines(&shared), 1, "{}", respawn.dump());
+    // The upgraded workers serve (on the TCP listener: the Unix socket's
+    // name is nobody's link now).
+    let answer = respawn.get("/version").expect("GET /version");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(answer.body.trim().ends_with(" s"), "{answer:?}");
+}
