@@ -133,7 +133,8 @@ pub(crate) struct Master<W> {
     program: Program,
     /// Set by USR2 until the master re-executes, or the upgrade ends.
     upgrade: Option<Upgrade>,
-    /// Claimed at start; written again before READY=1.
+    /// Claimed (and written) at start; checked, and written again if it
+    /// was removed, before READY=1.
     pid_file: Option<PidFile>,
     /// systemd's notification socket (notify.rs).
     notify: Notifier,
