@@ -846,3 +846,59 @@ fn a_worker_reaped_during_the_exec_is_not_adopted_and_is_replaced() {
     respawn.signal(libc::SIGTERM);
     assert_eq!(respawn.wait_exit().code(), Some(0), "{}", respawn.dump());
 }
+
+/// A new binary with file capabilities (`setcap cap_net_bind_service=+ep`,
+/// which respawn advises for ports below 1024), under a master that is not
+/// root: executing it raises the workers' capabilities, which clears their
+/// parent-death signal. Every worker arms it again after its exec, so a
+/// master killed with SIGKILL takes its upgraded workers with it.
+#[test]
+fn upgraded_workers_die_with_the_master_even_from_a_binary_with_file_capabilities() {
+    const TEST: &str = "upgraded_workers_die_with_the_master_even_from_a_binary_with_file_capabilities";
+    if !require(TEST, Need::Root) || !require(TEST, Need::Nobody) {
+        return;
+    }
+    let setcap = ["/usr/sbin/setcap", "/sbin/setcap"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let Some(setcap) = setcap else {
+        skip(
+            TEST,
+            Skip::Environment,
+            "setcap is not installed (apt-get install libcap2-bin)",
+        );
+        return;
+    };
+    let deploy = Deploy::new("fcaps");
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&deploy.dir.0, std::fs::Permissions::from_mode(0o755));
+    let mut respawn = deploy.start_with(&["--workers", "2"], |command| {
+        use std::os::unix::process::CommandExt;
+        command.uid(65534).gid(65534);
+    });
+    respawn.wait_for_workers(2);
+    let new = deploy.dir.join("respawn.caps");
+    std::fs::copy(binary(), &new).expect("copying the binary");
+    let (status, out) = run_command_to_exit({
+        let mut command = std::process::Command::new(setcap);
+        command.arg("cap_net_bind_service=+ep").arg(&new);
+        command
+    });
+    if !status.success() {
+        skip(TEST, Skip::Environment, &format!("setcap refused here: {out}"));
+        return;
+    }
+    std::fs::rename(&new, &deploy.path).expect("renaming the new binary into place");
+    respawn.signal(libc::SIGUSR2);
+    wait_for_reexec(&respawn);
+    let workers = respawn.wait_for_workers(2);
+    respawn.signal(libc::SIGKILL);
+    respawn.wait_exit();
+    let orphans_gone = wait_until(PATIENCE, || workers.iter().all(|&pid| !alive(pid)));
+    assert!(
+        orphans_gone,
+        "upgraded workers outlived their master: {:?}\n{}",
+        workers.iter().filter(|&&pid| alive(pid)).collect::<Vec<_>>(),
+        respawn.dump()
+    );
+}

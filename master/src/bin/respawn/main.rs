@@ -80,7 +80,11 @@ fn ctl(argv: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
 
 fn serve(args: &Args) -> i32 {
     // Before binding and forking: an unknown name stops the master at once.
+    // A worker of an upgrade runs this main too, as the user it already
+    // became: the master resolved the names, and it looks nothing up (an
+    // NSS source that is down must not fail every upgraded worker).
     let run_as = match (&args.user, &args.group) {
+        _ if respawn_master::started_as_worker() => None,
         (None, None) => None,
         (user, group) => match respawn_master::RunAs::resolve(user.as_deref(), group.as_deref()) {
             Ok(run_as) => Some(run_as),
