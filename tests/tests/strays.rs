@@ -96,6 +96,26 @@ for _ in range(500):
 sys.exit(0)
 "#;
 
+/// A worker that ignores SIGTERM (so a stop kills it at the graceful
+/// timeout) and has a child that ignores it too: an ordinary child, the
+/// worker's, which the master cannot see until the worker's death orphans
+/// it. The child writes its pid down in `STRAY_DIR` as the grandchildren
+/// above do.
+const WORKER_WITH_A_CHILD: &str = r#"
+import os, signal, struct
+ch = int(os.environ["RESPAWN_CHANNEL_FD"])
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if os.fork() == 0:
+    os.close(ch)
+    signal.alarm(600)
+    open(os.path.join(os.environ["STRAY_DIR"], "grandchild.%d" % os.getpid()), "w").close()
+    while True:
+        signal.pause()
+os.write(ch, struct.pack("<BBH", 1, 1, 0))
+while True:
+    signal.pause()
+"#;
+
 /// A test's scripts, and the pids its grandchildren wrote down: whatever
 /// the test found, every one of them is killed when this is dropped, since
 /// neither the master nor the harness's kill of its process group reaches
@@ -387,4 +407,144 @@ fn a_worker_that_sends_suicide_repeatedly_is_one_line() {
         "the master read every frame, and said the others at DEBUG\n{}",
         respawn.dump()
     );
+}
+
+/// Three workers that each leave a grandchild within the same second: the
+/// lines are rate-limited, but none goes unsaid. Each grandchild is named,
+/// in a line of its own or in the one that sums up the others, while the
+/// master serves (not only at a stop, which may be days later).
+#[test]
+fn the_descendants_of_several_workers_are_each_said() {
+    const NAME: &str = "the_descendants_of_several_workers_are_each_said";
+    if !require(NAME, Need::Python) {
+        return;
+    }
+    let scripts = Scripts::new("several");
+    let worker = scripts.write("daemonizing.py", DAEMONIZING_WORKER);
+    let dir = scripts.dir().to_path_buf();
+    let mut respawn = Respawn::start_with(&["--workers", "3", "--", "python3", &worker], |command| {
+        command
+            .env("STRAY_WHEN", "before")
+            .env("STRAY_TERM", "obey")
+            .env("STRAY_DIR", &dir);
+    });
+    let mut grandchildren = Vec::new();
+    assert!(
+        wait_until(PATIENCE, || {
+            grandchildren = scripts.grandchildren();
+            grandchildren.len() == 3
+        }),
+        "three grandchildren, not {grandchildren:?}\n{}",
+        respawn.dump()
+    );
+    for &pid in &grandchildren {
+        respawn.wait_for_log(&format!("a WARN line naming {pid}"), |l| {
+            level(l) == "WARN" && names_a_stray(message(l), pid)
+        });
+    }
+    assert_eq!(
+        respawn.count_log("received SIG"),
+        0,
+        "said while serving, before any stop"
+    );
+
+    respawn.signal(libc::SIGTERM);
+    assert_eq!(respawn.wait_exit().code(), Some(0), "{}", respawn.dump());
+    for &pid in &grandchildren {
+        assert_gone_with_the_master(&respawn, pid);
+    }
+}
+
+/// A stop's graceful timeout bounds the whole stop: a process that a
+/// worker killed at that timeout leaves behind is killed at once, not
+/// given a graceful timeout of its own (which would double the stop, past
+/// the `TimeoutStopSec` that deploy.md sets 10 s above the graceful
+/// timeout).
+#[test]
+fn a_child_orphaned_at_the_graceful_timeout_is_killed_at_once() {
+    const NAME: &str = "a_child_orphaned_at_the_graceful_timeout_is_killed_at_once";
+    if !require(NAME, Need::Python) {
+        return;
+    }
+    const GRACEFUL: u64 = 3;
+    let scripts = Scripts::new("orphaned-at-timeout");
+    let worker = scripts.write("with-a-child.py", WORKER_WITH_A_CHILD);
+    let dir = scripts.dir().to_path_buf();
+    let graceful = GRACEFUL.to_string();
+    let mut respawn = Respawn::start_with(
+        &[
+            "--workers",
+            "1",
+            "--graceful-timeout",
+            &graceful,
+            "--",
+            "python3",
+            &worker,
+        ],
+        |command| {
+            command.env("STRAY_DIR", &dir);
+        },
+    );
+    let mut children = Vec::new();
+    assert!(
+        wait_until(PATIENCE, || {
+            children = scripts.grandchildren();
+            children.len() == 1
+        }),
+        "the worker's child, not {children:?}\n{}",
+        respawn.dump()
+    );
+    let child = children[0];
+    respawn.wait_for_log("the worker's Ready", |l| worker_says(l, "ready").is_some());
+
+    respawn.signal(libc::SIGTERM);
+    assert_eq!(respawn.wait_exit().code(), Some(0), "{}", respawn.dump());
+    assert_gone_with_the_master(&respawn, child);
+    assert_said_and_reaped(&respawn, child, "signal 9", false);
+    // Measured from the log's own clock: the child is reaped well within
+    // a graceful timeout of its worker's kill, where the kill of a child
+    // given a timeout of its own could not come before it.
+    let log = respawn.log();
+    let killed = log
+        .iter()
+        .find(|l| message(l).ends_with(&format!("did not stop within {GRACEFUL} s; killing it")))
+        .unwrap_or_else(|| panic!("the worker is killed at the timeout\n{}", respawn.dump()));
+    let reaped = log
+        .iter()
+        .find(|l| {
+            says(
+                l,
+                &format!("process {child}, left by a worker, exited (signal 9)"),
+            )
+        })
+        .expect("checked above");
+    let waited = millis(reaped) - millis(killed);
+    assert!(
+        waited < GRACEFUL as i64 * 1000,
+        "the orphan was killed {waited} ms after its worker, a graceful timeout later\n{}",
+        respawn.dump()
+    );
+}
+
+/// Does `said` name `pid` as a stray, in a line of its own or in the line
+/// that sums up several?
+fn names_a_stray(said: &str, pid: i32) -> bool {
+    said.starts_with(&format!("process {pid} (python3) outlived the worker"))
+        || (said.contains(" more process")
+            && said.contains(" found: ")
+            && said.contains(&format!(" {pid} (python3)")))
+}
+
+/// The time of day of a log line, in ms: `[2026-11-25T18:39:57.419Z ...`.
+fn millis(line: &str) -> i64 {
+    let time = line
+        .split_once('T')
+        .and_then(|(_, rest)| rest.split_once('Z'))
+        .map(|(time, _)| time)
+        .unwrap_or_else(|| panic!("no time in {line:?}"));
+    let parts: Vec<f64> = time.split(':').filter_map(|p| p.parse().ok()).collect();
+    let [h, m, s] = parts[..] else {
+        panic!("no time in {line:?}");
+    };
+    ((h * 3600.0 + m * 60.0 + s) * 1000.0).round() as i64
 }
