@@ -11,12 +11,19 @@
 //! (PR_SET_CHILD_SUBREAPER): an orphan is reparented to it, not to init.
 //! It looks for such children after every reap and every Ready (the moments
 //! a worker's descendants are orphaned or started), says each one it finds
-//! in a line, reaps them when they exit, and ends them with the workers: a
-//! stop sends them SIGTERM, and SIGKILL after the graceful timeout, and the
-//! master exits only once they are gone too.
+//! (a line each, at most one a second: the others are named together when
+//! that second is over), reaps them when they exit, and ends them with the
+//! workers: a stop sends them SIGTERM, and SIGKILL at the stop's graceful
+//! timeout, and the master exits only once they are gone too. One found
+//! during a stop has what is left of that timeout, not a timeout of its
+//! own: orphaned by a worker killed at the timeout, it is killed at once,
+//! so the graceful timeout still bounds the stop.
 //!
 //! What it cannot see: a descendant whose parent is still alive is not the
-//! master's child; it is found once its parent exits.
+//! master's child; it is found once its parent exits. Nor is one orphaned
+//! while its worker lives (a daemon forked after Ready): nothing tells the
+//! master it has a new child, and it is found at the next reap or Ready,
+//! at the latest when its worker exits in a stop.
 
 use super::send;
 use crate::reap;
@@ -46,12 +53,27 @@ pub(crate) struct Strays {
     known: Vec<Stray>,
     /// Something happened (a reap, a Ready) after which one may be found.
     look: bool,
-    /// Set by a stop: strays found from then on are stopped at once
-    /// (Some(graceful)), or killed (None).
-    stopping: Option<Option<Duration>>,
-    /// Lines said about strays found in the last second, for the rate limit.
-    said: Option<(Instant, usize)>,
+    /// Set by a stop: when every stray is killed, the stop's graceful
+    /// timeout (Some), or now (None, SIGINT). One found from then on is
+    /// asked to stop by then, or killed if that has passed.
+    stopping: Option<Option<Instant>>,
+    /// The lines about strays found: at most one a second.
+    said: Said,
 }
+
+/// The rate limit of the lines that say strays were found.
+#[derive(Default)]
+struct Said {
+    /// When the last line was said.
+    at: Option<Instant>,
+    /// How many were found since and are not said yet.
+    held: usize,
+    /// The first few of those, with their names, for the line that says them.
+    named: Vec<String>,
+}
+
+/// How many held-back strays the line that sums them up names.
+const NAMED: usize = 10;
 
 struct Stray {
     pid: Pid,
@@ -101,55 +123,103 @@ impl Strays {
                 kill_at: None,
                 killed: false,
             };
-            if let Some(graceful) = self.stopping {
-                stray.stop(graceful, now);
+            if let Some(kill_at) = self.stopping {
+                stray.stop(kill_at, now);
             }
             self.known.push(stray);
         }
     }
 
+    /// A line for `pid`, or, within a second of the last line, a place
+    /// among those said together when that second is over.
     fn say_found(&mut self, pid: Pid, now: Instant) {
-        let (since, count) = self.said.get_or_insert((now, 0));
-        if now.saturating_duration_since(*since) >= Duration::from_secs(1) {
-            if *count > 1 {
-                warn!("{} more processes left by workers were found", *count - 1);
+        self.say_held(now);
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let comm = comm.trim_end();
+        let said = &mut self.said;
+        if said.at.is_some_and(|at| now < at + Duration::from_secs(1)) {
+            said.held += 1;
+            if said.named.len() < NAMED {
+                said.named.push(format!("{pid} ({comm})"));
             }
-            *since = now;
-            *count = 0;
+            return;
         }
-        *count += 1;
-        if *count == 1 {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            warn!(
-                "process {pid} ({}) outlived the worker that started it and is now the master's \
-                 child: it is no worker, it may hold the listening socket, and it is stopped \
-                 with the workers",
-                comm.trim_end()
-            );
+        said.at = Some(now);
+        warn!(
+            "process {pid} ({comm}) outlived the worker that started it and is now the master's \
+             child: it is no worker, it may hold the listening socket, and it is stopped \
+             with the workers"
+        );
+    }
+
+    /// The line for the strays held back, once their second is over, or
+    /// at once during a stop (the master may exit before that second).
+    fn say_held(&mut self, now: Instant) {
+        let Some(due) = self.held_until() else {
+            return;
+        };
+        if now < due {
+            return;
         }
+        let said = &mut self.said;
+        let more = if said.held > said.named.len() { ", ..." } else { "" };
+        let (what, each) = match said.held {
+            1 => ("process left by a worker was", "it"),
+            _ => ("processes left by workers were", "each"),
+        };
+        warn!(
+            "{} more {what} found: {}{more}; {each} is the master's child now, may hold the \
+             listening socket, and is stopped with the workers",
+            said.held,
+            said.named.join(", ")
+        );
+        said.at = Some(now);
+        said.held = 0;
+        said.named.clear();
+    }
+
+    /// When the strays held back are said, if any are.
+    fn held_until(&self) -> Option<Instant> {
+        let at = self.said.at.filter(|_| self.said.held > 0)?;
+        Some(match self.stopping {
+            Some(_) => at,
+            None => at + Duration::from_secs(1),
+        })
     }
 
     /// A stop: SIGTERM to every stray, and SIGKILL after `graceful`; with
-    /// no graceful timeout (SIGINT), SIGKILL now.
+    /// no graceful timeout (SIGINT), SIGKILL now. A second stop never gives
+    /// more time.
     pub(crate) fn stop(&mut self, graceful: Option<Duration>) {
         let now = Instant::now();
-        self.stopping = Some(graceful);
+        let kill_at = match (self.stopping, graceful) {
+            (Some(None), _) | (_, None) => None,
+            (Some(Some(earlier)), Some(graceful)) => Some(earlier.min(now + graceful)),
+            (None, Some(graceful)) => Some(now + graceful),
+        };
+        self.stopping = Some(kill_at);
         for stray in &mut self.known {
-            stray.stop(graceful, now);
+            stray.stop(kill_at, now);
         }
     }
 
-    /// SIGKILL to every stray whose graceful timeout has passed.
+    /// SIGKILL to every stray whose graceful timeout has passed; the line
+    /// for those held back, if it is due.
     pub(crate) fn enforce(&mut self, now: Instant) {
         for stray in self.known.iter_mut().filter(|s| !s.killed) {
             if stray.kill_at.is_some_and(|at| at <= now) {
                 stray.kill();
             }
         }
+        self.say_held(now);
     }
 
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.known.iter().filter_map(|s| s.kill_at).min()
+        self.known
+            .iter()
+            .filter_map(|s| s.kill_at)
+            .chain(self.held_until())
+            .min()
     }
 
     /// After an error: nothing the master started may outlive it.
@@ -163,14 +233,16 @@ impl Strays {
 }
 
 impl Stray {
-    fn stop(&mut self, graceful: Option<Duration>, now: Instant) {
-        match graceful {
-            Some(graceful) if !self.killed => {
+    /// SIGTERM, and SIGKILL at `kill_at`; SIGKILL now if that is now or
+    /// past (None: SIGINT).
+    fn stop(&mut self, kill_at: Option<Instant>, now: Instant) {
+        match kill_at {
+            _ if self.killed => {}
+            Some(at) if at > now => {
                 send(self.pid, Signal::SIGTERM);
-                self.kill_at.get_or_insert(now + graceful);
+                self.kill_at = Some(self.kill_at.map_or(at, |earlier| earlier.min(at)));
             }
-            Some(_) => {}
-            None => self.kill(),
+            _ => self.kill(),
         }
     }
 
@@ -258,5 +330,73 @@ mod tests {
         strays.reaped(pid, &WaitStatus::Exited(pid, 0));
         strays.reaped(other, &WaitStatus::Exited(other, 0));
         assert!(strays.is_empty());
+    }
+
+    #[test]
+    fn a_stray_found_after_the_stop_s_deadline_is_killed_at_once() {
+        let mut strays = Strays::default();
+        strays.stop(Some(Duration::from_secs(3)));
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let early = Pid::from_raw(i32::MAX - 1);
+        strays.found([early], Instant::now());
+        let kill_at = strays.known[0].kill_at.expect("asked to stop, with a deadline");
+        assert!(kill_at <= deadline, "the stop's deadline, not one of its own");
+        let late = Pid::from_raw(i32::MAX - 2);
+        strays.found([late], deadline + Duration::from_secs(1));
+        assert!(strays.known[1].killed, "past the stop's deadline: killed");
+        assert_eq!(strays.known[1].kill_at, None);
+    }
+
+    #[test]
+    fn a_second_stop_never_gives_more_time() {
+        let mut strays = Strays::default();
+        strays.found([Pid::from_raw(i32::MAX - 1)], Instant::now());
+        strays.stop(Some(Duration::from_secs(3)));
+        let first = strays.next_deadline().expect("a kill deadline");
+        strays.stop(Some(Duration::from_secs(60)));
+        assert_eq!(strays.next_deadline(), Some(first));
+        strays.stop(None);
+        assert!(strays.known[0].killed);
+        strays.stop(Some(Duration::from_secs(60)));
+        assert_eq!(strays.stopping, Some(None), "INT then TERM: still killing");
+    }
+
+    #[test]
+    fn strays_found_within_a_second_are_held_and_said_when_it_is_over() {
+        let mut strays = Strays::default();
+        let t0 = Instant::now();
+        strays.found([Pid::from_raw(i32::MAX - 1)], t0);
+        assert_eq!(strays.said.held, 0, "the first is said at once");
+        assert_eq!(strays.next_deadline(), None);
+        let half = t0 + Duration::from_millis(500);
+        let more: Vec<Pid> = (2..15).map(|n| Pid::from_raw(i32::MAX - n)).collect();
+        strays.found(more, half);
+        assert_eq!(strays.said.held, 13);
+        assert_eq!(strays.said.named.len(), NAMED, "a bounded list of names");
+        let due = t0 + Duration::from_secs(1);
+        assert_eq!(strays.next_deadline(), Some(due), "the master wakes to say them");
+        strays.enforce(half);
+        assert_eq!(strays.said.held, 13, "not before their second is over");
+        strays.enforce(due);
+        assert_eq!(strays.said.held, 0);
+        assert!(strays.said.named.is_empty());
+        assert_eq!(strays.next_deadline(), None);
+    }
+
+    #[test]
+    fn during_a_stop_held_strays_are_said_at_once() {
+        let mut strays = Strays::default();
+        let t0 = Instant::now();
+        strays.found([Pid::from_raw(i32::MAX - 1)], t0);
+        strays.found([Pid::from_raw(i32::MAX - 2)], t0);
+        assert_eq!(strays.said.held, 1);
+        strays.stop(Some(Duration::from_secs(30)));
+        assert_eq!(
+            strays.next_deadline(),
+            Some(t0),
+            "due now: the master may exit soon"
+        );
+        strays.enforce(t0);
+        assert_eq!(strays.said.held, 0);
     }
 }
