@@ -482,17 +482,19 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     }
 
     /// Takes the master's children that are not workers as strays
-    /// (strays.rs), after a reap or a Ready: the moments a worker's
-    /// descendants are orphaned or started.
+    /// (strays.rs), after a reap or a Ready (the moments a worker's
+    /// descendants are orphaned or started), and on any turn a second
+    /// after the last look.
     fn look_for_strays(&mut self) {
-        if !self.strays.wants_a_look() {
+        let now = Instant::now();
+        if !self.strays.wants_a_look(now) {
             return;
         }
         let children: Vec<Pid> = strays::children()
             .into_iter()
             .filter(|&pid| !self.workers.contains(pid))
             .collect();
-        self.strays.found(children, Instant::now());
+        self.strays.found(children, now);
     }
 
     /// 'message': everything a worker's pipe holds now. A worker that speaks

@@ -10,7 +10,8 @@
 //! So the master makes itself the reaper of its descendants
 //! (PR_SET_CHILD_SUBREAPER): an orphan is reparented to it, not to init.
 //! It looks for such children after every reap and every Ready (the moments
-//! a worker's descendants are orphaned or started), says each one it finds
+//! a worker's descendants are orphaned or started), and on any turn of the
+//! loop at least a second after it last looked, says each one it finds
 //! (a line each, at most one a second: the others are named together when
 //! that second is over), reaps them when they exit, and ends them with the
 //! workers: a stop sends them SIGTERM, and SIGKILL at the stop's graceful
@@ -20,10 +21,12 @@
 //! so the graceful timeout still bounds the stop.
 //!
 //! What it cannot see: a descendant whose parent is still alive is not the
-//! master's child; it is found once its parent exits. Nor is one orphaned
-//! while its worker lives (a daemon forked after Ready): nothing tells the
-//! master it has a new child, and it is found at the next reap or Ready,
-//! at the latest when its worker exits in a stop.
+//! master's child; it is found once its parent exits. One orphaned while
+//! its worker lives (a daemon forked after Ready) is the master's child at
+//! once, but nothing tells the master: it is found on the next turn a
+//! second after the last look, whatever wakes the master (a request's
+//! marks, a control request, a signal, a deadline), and at the latest when
+//! its worker exits in a stop. An idle master is not woken to look.
 
 use super::send;
 use crate::reap;
@@ -53,6 +56,11 @@ pub(crate) struct Strays {
     known: Vec<Stray>,
     /// Something happened (a reap, a Ready) after which one may be found.
     look: bool,
+    /// When the master last looked: it also looks on any turn at least a
+    /// second after, so that a descendant a worker daemonized while it
+    /// serves is found at the next event of any kind (an idle master
+    /// still never wakes for it).
+    looked: Option<Instant>,
     /// Set by a stop: when every stray is killed, the stop's graceful
     /// timeout (Some), or now (None, SIGINT). One found from then on is
     /// asked to stop by then, or killed if that has passed.
@@ -71,6 +79,10 @@ struct Said {
     /// The first few of those, with their names, for the line that says them.
     named: Vec<String>,
 }
+
+/// How often the master looks for strays on a turn where nothing else
+/// made it look.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
 
 /// How many held-back strays the line that sums them up names.
 const NAMED: usize = 10;
@@ -91,8 +103,11 @@ impl Strays {
         self.look = true;
     }
 
-    pub(crate) fn wants_a_look(&self) -> bool {
+    pub(crate) fn wants_a_look(&self, now: Instant) -> bool {
         self.look
+            || self
+                .looked
+                .is_none_or(|at| now.saturating_duration_since(at) >= LOOK_EVERY)
     }
 
     /// A child that is not a worker exited.
@@ -113,6 +128,7 @@ impl Strays {
     /// strays; says the new ones, at most one line a second.
     pub(crate) fn found(&mut self, children: impl IntoIterator<Item = Pid>, now: Instant) {
         self.look = false;
+        self.looked = Some(now);
         for pid in children {
             if self.known.iter().any(|stray| stray.pid == pid) {
                 continue;
