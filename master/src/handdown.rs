@@ -136,6 +136,16 @@ fn nanos(duration: Duration) -> u64 {
 }
 
 impl MasterState {
+    /// Every fd the state names.
+    pub(crate) fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.scoreboard
+            .map(|(fd, _)| fd)
+            .into_iter()
+            .chain(self.control)
+            .chain(self.conns.iter().map(|(fd, _)| *fd))
+            .chain(self.workers.iter().filter_map(|w| w.pipe))
+    }
+
     /// Writes the state into a new sealed memory file; its fd is
     /// close-on-exec until the caller hands it down.
     pub(crate) fn to_memfd(&self) -> io::Result<OwnedFd> {

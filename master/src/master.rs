@@ -171,7 +171,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         let mut signals =
             Signals::block().map_err(|err| Error::io("blocking signals for the signalfd", err))?;
         let poll = Poll::new().map_err(|err| Error::io("creating the epoll instance", err))?;
-        let mut adopted = deploy::read_handed_down(handed_down);
+        let mut adopted = deploy::read_handed_down(handed_down, &listeners.fds());
         if let Some(state) = &adopted {
             signals.set_saved_mask(state.signal_mask);
         }

@@ -902,3 +902,57 @@ fn upgraded_workers_die_with_the_master_even_from_a_binary_with_file_capabilitie
         respawn.dump()
     );
 }
+
+/// A `RESPAWN_MASTER_STATE` that a master did not write (garbage, an fd
+/// that is not open, an fd that is not a sealed memory file) is refused
+/// whole: one ERROR line saying why, and a fresh start that serves; never a
+/// panic, never an fd of the program's taken as the state's.
+#[test]
+fn a_forged_master_state_is_one_line_and_a_fresh_start() {
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    for (value, why) in [
+        ("abc", "RESPAWN_MASTER_STATE=\"abc\" is not an fd"),
+        ("987", "RESPAWN_MASTER_STATE=987: no such fd is open"),
+        ("0", "RESPAWN_MASTER_STATE=\"0\" is not an fd"),
+    ] {
+        let dir = TempDir::new("respawn-forged-state");
+        let socket = dir.join("web.sock");
+        let log = dir.join("log");
+        let mut command = std::process::Command::new(binary());
+        command
+            .args([
+                "--workers",
+                "1",
+                "--listen",
+                &format!("unix:{}", socket.display()),
+            ])
+            .env("RESPAWN_MASTER_STATE", value)
+            .env("RUST_LOG_STYLE", "never")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("the log file"));
+        let _master = Killed(spawn_tied(command).expect("starting respawn"));
+        let said = |needle: &str| std::fs::read_to_string(&log).unwrap_or_default().contains(needle);
+        assert!(
+            wait_until(PATIENCE, || said(" ready")),
+            "no worker ready with {value:?}: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let line = text
+            .lines()
+            .find(|l| l.contains("adopting the workers of the previous master"))
+            .unwrap_or_else(|| panic!("no line for {value:?}: {text}"));
+        assert!(line.contains("ERROR") && line.contains(why), "{line}");
+        assert!(line.contains("starting afresh"), "{line}");
+        assert!(!text.contains("panicked"), "{text}");
+        let answer = unix_get(&socket, "/").expect("GET / on the fresh start");
+        assert_eq!(answer.status, 200);
+    }
+}

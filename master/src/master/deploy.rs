@@ -323,10 +323,24 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
 }
 
 /// The state the previous image handed down, if this is a re-executed
-/// master. An unreadable one is refused whole: one line, every child of
-/// this process killed (nothing could supervise them) and reaped, and a
+/// master. An unreadable one, or one that names a listener's fd as one of
+/// its own (two owners of one fd), is refused whole: one line, every child
+/// of this process killed (nothing could supervise them) and reaped, and a
 /// fresh start.
-pub(super) fn read_handed_down(handed: Result<Option<MasterState>, String>) -> Option<MasterState> {
+pub(super) fn read_handed_down(
+    handed: Result<Option<MasterState>, String>,
+    listeners: &[RawFd],
+) -> Option<MasterState> {
+    let handed = handed.and_then(|state| match state {
+        Some(state) => {
+            let shared = state.fds().find(|fd| listeners.contains(fd));
+            match shared {
+                Some(fd) => Err(format!("it names fd {fd}, which is a listener")),
+                None => Ok(Some(state)),
+            }
+        }
+        None => Ok(None),
+    });
     match handed {
         Ok(state) => state,
         Err(why) => {
