@@ -69,6 +69,10 @@ pub struct Listening {
     origin: Origin,
     /// The Unix socket file this process made, to remove at the end.
     socket_file: Option<SocketFile>,
+    /// The permission bits that file had, to make it again with them if
+    /// someone removes it (`restore_socket_files`). A Cell: the public
+    /// `set_socket_mode` takes `&self`.
+    file_mode: std::cell::Cell<Option<u32>>,
 }
 
 /// Where a listening socket came from, for the `listening on` line.
@@ -128,13 +132,17 @@ impl Listeners {
     /// master set them; the path may be another user's link by now).
     pub fn set_socket_mode(&self, mode: u32) -> Result<(), Error> {
         let bound = self.list.iter().filter(|l| l.origin == Origin::Bound);
-        for file in bound.filter_map(|l| l.socket_file.as_ref()) {
+        for listening in bound {
+            let Some(file) = &listening.socket_file else {
+                continue;
+            };
             file.set_mode(mode).map_err(|err| {
                 Error::io(
                     format!("setting the mode of {} to {mode:04o}", file.path.display()),
                     err,
                 )
             })?;
+            listening.file_mode.set(Some(mode));
         }
         Ok(())
     }
@@ -176,11 +184,70 @@ impl Listeners {
     }
 
     fn push(&mut self, listener: Listener, origin: Origin, socket_file: Option<SocketFile>) {
+        let file_mode = socket_file.as_ref().and_then(|file| file.mode().ok());
         self.list.push(Listening {
             listener,
             origin,
             socket_file,
+            file_mode: std::cell::Cell::new(file_mode),
         });
+    }
+
+    /// At a HUP: each Unix socket file this master made that is gone from
+    /// its path (someone removed it; a cleaner swept /run) is made again,
+    /// as unicorn does: a new socket is bound at the path, with the mode the
+    /// old file had, and put at the listener's fd number (dup3), so the
+    /// master and the workers forked from now on accept on it, and clients
+    /// find it again. Workers forked before keep the old socket, which no
+    /// client can reach any more, until the rollout replaces them. A path
+    /// that holds something else now is left alone. Returns what to say:
+    /// each file made again, or why it could not be.
+    pub(crate) fn restore_socket_files(&mut self) -> Vec<Result<String, String>> {
+        let several = self.list.len() > 1;
+        let mut said = Vec::new();
+        for listening in &mut self.list {
+            let Some(file) = &listening.socket_file else {
+                continue;
+            };
+            match std::fs::symlink_metadata(&file.path) {
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                _ => continue,
+            }
+            let path = file.path.clone();
+            let addr = format!("unix:{}", path.display());
+            let restored =
+                bind_unix_with(&addr, &path, listening.file_mode.get()).and_then(|(new, new_file)| {
+                    prepare_one(&new, several)?;
+                    // SAFETY: dup3 makes the listener's fd number refer to the
+                    // new socket; both fds are ours, and `new`'s own is closed
+                    // when it drops. The old socket lives on in the workers
+                    // that hold it.
+                    let rc = unsafe {
+                        libc::dup3(new.as_raw_fd(), listening.listener.as_raw_fd(), libc::O_CLOEXEC)
+                    };
+                    if rc < 0 {
+                        let err = io::Error::last_os_error();
+                        let _ = std::fs::remove_file(&path);
+                        return Err(Error::io(format!("putting the new socket {addr} in place"), err));
+                    }
+                    Ok(new_file)
+                });
+            match restored {
+                Ok(new_file) => {
+                    listening.socket_file = new_file;
+                    let mode = listening
+                        .file_mode
+                        .get()
+                        .map_or(String::new(), |mode| format!(", mode {mode:04o}"));
+                    said.push(Ok(format!(
+                        "the socket file {} was gone; bound again{mode}: the workers started from now on accept there",
+                        path.display()
+                    )));
+                }
+                Err(err) => said.push(Err(format!("the socket file {} was gone: {err}", path.display()))),
+            }
+        }
+        said
     }
 }
 

@@ -176,6 +176,57 @@ fn the_socket_file_is_removed_on_a_clean_stop() {
     );
 }
 
+/// Someone removes the socket file (a cleaner sweeping /run, an operator's
+/// rm): the workers still accept on the socket, but no client can reach it.
+/// A HUP makes the file again, with the mode it had, as unicorn does
+/// (test_socket_unlinked_restore): clients connect again, to the new
+/// workers.
+#[test]
+fn hup_makes_a_removed_socket_file_again() {
+    let path = socket_path("unlinked");
+    let unix = unix_arg(&path);
+    let respawn = Respawn::with_workers(
+        2,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            &unix,
+            "--listen-mode",
+            "0640",
+        ],
+    );
+    let old = respawn.workers();
+    from_a_worker(unix_get(&path, "/"), &old, "before");
+    std::fs::remove_file(&path).expect("removing the socket file");
+    assert!(
+        unix_get(&path, "/").is_err(),
+        "no client reaches a removed socket file"
+    );
+    respawn.signal(libc::SIGHUP);
+    respawn.wait_for_log("the file made again", |l| {
+        message(l).contains(&format!(
+            "the socket file {} was gone; bound again, mode 0640",
+            path.display()
+        ))
+    });
+    let meta = std::fs::symlink_metadata(&path).expect("the socket file, made again");
+    assert!(meta.file_type().is_socket(), "{meta:?}");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o640, "the mode it had");
+    respawn.wait_for_line("rolling restart done: every worker is new");
+    let new = respawn.wait_for_workers(2);
+    assert!(new.is_disjoint(&old), "{new:?} {old:?}");
+    for round in 0..3 {
+        from_a_worker(
+            unix_get(&path, "/"),
+            &new,
+            &format!("after the HUP, round {round}"),
+        );
+    }
+    // The TCP listener was never touched.
+    from_a_worker(respawn.get("/"), &new, "TCP");
+}
+
 #[test]
 fn listen_mode_sets_the_socket_files_permissions() {
     for (flags, mode) in [(&[][..], 0o660), (&["--listen-mode", "0600"][..], 0o600)] {

@@ -34,6 +34,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             info!("{by} during an upgrade, which replaces every worker already; ignored");
             return Err("an upgrade is under way, which replaces every worker already".to_owned());
         }
+        for said in self.listeners.restore_socket_files() {
+            match said {
+                Ok(line) => info!("{by}: {line}"),
+                Err(why) => warn!("{by}: {why}"),
+            }
+        }
         self.notify.reloading();
         self.owed.reloading = true;
         if self.workers.counted() == 0 {
