@@ -152,7 +152,26 @@ fn usr2_upgrades_every_worker_and_then_the_master_without_a_failed_request() {
         .strip_prefix(&expected)
         .and_then(|rest| rest.strip_suffix(" workers adopted"))
         .and_then(|n| n.parse::<usize>().ok());
-    assert!(adopted.is_some_and(|n| (2..=4).contains(&n)), "{line}");
+    // Exactly the workers alive at the exec: every one spawned and not yet
+    // said to have exited when the old image said it re-executes (one that
+    // exits during the exec is still its child, adopted and then reaped).
+    let log = respawn.log();
+    let exec_at =
+        position(&log, |l| message(l).starts_with("upgrade: every worker runs ")).expect("the exec line");
+    let mut alive_at_exec = std::collections::BTreeSet::new();
+    for line in &log[..exec_at] {
+        if let Some(pid) = worker_says(line, "spawned") {
+            alive_at_exec.insert(pid);
+        } else if let Some(pid) = worker_pid(message(line)).filter(|_| message(line).contains(" exited (")) {
+            alive_at_exec.remove(&pid);
+        }
+    }
+    assert_eq!(
+        adopted,
+        Some(alive_at_exec.len()),
+        "{line}: alive at the exec {alive_at_exec:?}\n{}",
+        respawn.dump()
+    );
     let new = respawn.wait_for_workers(2);
     let upgraded_at = Instant::now();
     versions.let_answer(50);
@@ -955,4 +974,96 @@ fn a_forged_master_state_is_one_line_and_a_fresh_start() {
         let answer = unix_get(&socket, "/").expect("GET / on the fresh start");
         assert_eq!(answer.status, 200);
     }
+}
+
+/// Repeated upgrades with a control socket and a pid file together: a
+/// client polling `status` on fresh connections all along gets every
+/// answer (a connection still sending its request at an exec is handed
+/// down and read by the new image), the pid file names the same master
+/// throughout, and a worker forked by the re-executed master serves the
+/// new build.
+#[test]
+fn status_and_the_pid_file_hold_across_repeated_upgrades() {
+    use std::io::{Read, Write};
+    let deploy = Deploy::new("repeated");
+    let socket = deploy.dir.join("control.sock");
+    let pid_file = deploy.dir.join("respawn.pid");
+    let respawn = deploy.start(&[
+        "--workers",
+        "2",
+        "--control",
+        &socket.display().to_string(),
+        "--pid-file",
+        &pid_file.display().to_string(),
+    ]);
+    respawn.wait_for_workers(2);
+    let done = Arc::new(AtomicBool::new(false));
+    let (asked, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())));
+    let poller = {
+        let (socket, done, asked, failed) = (socket.clone(), done.clone(), asked.clone(), failed.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                let answer = std::os::unix::net::UnixStream::connect(&socket).and_then(|mut conn| {
+                    conn.set_read_timeout(Some(PATIENCE))?;
+                    conn.write_all(b"status\n")?;
+                    let mut answer = String::new();
+                    conn.read_to_string(&mut answer)?;
+                    Ok(answer)
+                });
+                match answer {
+                    Ok(answer) if answer.starts_with("respawn-control 1\nok\n{") => {}
+                    // Asked while the old image wrote its last answers:
+                    // told to ask again, which is an answer.
+                    Ok(answer) if answer.contains("ask again") => {}
+                    other => failed.lock().unwrap().push(format!("{other:?}")),
+                }
+                asked.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    for (round, tag) in ["a", "b", "c"].into_iter().enumerate() {
+        deploy.replace_with_build(tag);
+        let (code, out, err) = ctl(&socket, &["upgrade"]);
+        assert_eq!(code, Some(0), "round {round}: {out}{err}\n{}", respawn.dump());
+        let pid = std::fs::read_to_string(&pid_file).expect("the pid file");
+        assert_eq!(pid.trim(), respawn.pid.to_string(), "round {round}");
+    }
+    let goal = asked.load(Ordering::SeqCst) + 20;
+    assert!(wait_until(PATIENCE, || asked.load(Ordering::SeqCst) >= goal));
+    done.store(true, Ordering::SeqCst);
+    poller.join().expect("the poller");
+    let failed = failed.lock().unwrap().clone();
+    assert_eq!(
+        failed,
+        Vec::<String>::new(),
+        "{} asked\n{}",
+        asked.load(Ordering::SeqCst),
+        respawn.dump()
+    );
+
+    // A worker forked by the re-executed master serves the new build.
+    let adopted = respawn.wait_for_workers(2);
+    let victim = *adopted.iter().next().expect("a worker");
+    send(victim, libc::SIGKILL);
+    let forked = wait_until(PATIENCE, || {
+        let now = respawn.workers();
+        now.len() == 2 && !now.contains(&victim)
+    });
+    assert!(forked, "{}", respawn.dump());
+    let fresh: Vec<i32> = respawn.workers().difference(&adopted).copied().collect();
+    let served = wait_until(PATIENCE, || {
+        respawn.get("/").is_ok_and(|a| a.pid() == fresh.first().copied())
+    });
+    // It is a fork of the new image: the environment it was born with is
+    // the one the wrapper gave the re-executed master.
+    let environ = std::fs::read(format!("/proc/{}/environ", fresh[0])).unwrap_or_default();
+    assert!(
+        environ.split(|&b| b == 0).any(|var| var == b"RESPAWN_DEMO_TAG=c"),
+        "the worker {fresh:?} is not a fork of the last image"
+    );
+    assert!(
+        served,
+        "the worker {fresh:?} the new image forked did not serve the new build\n{}",
+        respawn.dump()
+    );
 }

@@ -172,6 +172,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             upgrade.started.elapsed().as_secs_f64(),
             std::process::id()
         );
+        // Answers decided this turn go out first: their requests are read,
+        // and a connection handed down is one still to send its request.
+        self.send_replies();
         let conns = match self.control.as_mut() {
             Some(control) => {
                 control.finish_for_exec(CONTROL_PATIENCE_BEFORE_EXEC, self.poll.registry());

@@ -226,7 +226,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     }
 
     /// Every control answer leaves from here.
-    fn send_replies(&mut self) {
+    pub(super) fn send_replies(&mut self) {
         if self.owed.replies.is_empty() {
             return;
         }
