@@ -551,6 +551,14 @@ mod tests {
     }
 
     #[test]
+    fn every_fd_the_state_names_is_listed() {
+        let clock = Clock::now();
+        let mut fds: Vec<RawFd> = state(clock).fds().collect();
+        fds.sort_unstable();
+        assert_eq!(fds, [6, 9, 11, 20, 21, 22], "scoreboard, control, a pipe, three connections");
+    }
+
+    #[test]
     fn the_state_round_trips_with_its_times() {
         let clock = Clock::now();
         let state = state(clock);
@@ -668,6 +676,6 @@ mod tests {
             "the boot, or as far back as an Instant goes"
         );
         let far = clock.instant(u64::MAX);
-        assert_eq!(far, clock.now + MAX_AHEAD);
+        assert_eq!(far, clock.now + Duration::from_secs(7 * 24 * 3600), "a week ahead at most");
     }
 }
