@@ -555,7 +555,11 @@ mod tests {
         let clock = Clock::now();
         let mut fds: Vec<RawFd> = state(clock).fds().collect();
         fds.sort_unstable();
-        assert_eq!(fds, [6, 9, 11, 20, 21, 22], "scoreboard, control, a pipe, three connections");
+        assert_eq!(
+            fds,
+            [6, 9, 11, 20, 21, 22],
+            "scoreboard, control, a pipe, three connections"
+        );
     }
 
     #[test]
@@ -676,6 +680,10 @@ mod tests {
             "the boot, or as far back as an Instant goes"
         );
         let far = clock.instant(u64::MAX);
-        assert_eq!(far, clock.now + Duration::from_secs(7 * 24 * 3600), "a week ahead at most");
+        assert_eq!(
+            far,
+            clock.now + Duration::from_secs(7 * 24 * 3600),
+            "a week ahead at most"
+        );
     }
 }

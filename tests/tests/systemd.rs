@@ -557,6 +557,33 @@ fn notify_ready_after_a_backed_out_upgrade() {
     respawn.wait_for_log("the back-out", |l| l.contains("backed out"));
 }
 
+/// A new binary whose workers start but which the master cannot execute
+/// (it removed its own execute bit): the reload systemd waits for ends, with
+/// READY=1 and a STATUS= that says why, and the same master serves on.
+#[test]
+fn notify_ready_with_the_reason_after_a_failed_reexec() {
+    let mut systemd = Systemd::new("failed-exec");
+    let deploy = Deploy::new("notify-noexec");
+    let path = systemd.path();
+    let respawn = deploy.start_with(&["--workers", "1"], |command| {
+        command.env("NOTIFY_SOCKET", &path);
+    });
+    systemd.wait_for(&respawn, "READY=1", |m| m.starts_with("READY=1"));
+    respawn.wait_for_workers(1);
+    deploy.replace_with(&format!("chmod a-x \"$0\"\nexec '{}' \"$@\"", binary().display()));
+    respawn.signal(libc::SIGUSR2);
+    systemd.wait_for(&respawn, "RELOADING=1", |m| m.starts_with("RELOADING=1"));
+    let ready = systemd.wait_for(&respawn, "READY=1", |m| m.starts_with("READY=1\n"));
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=upgrade failed: re-executing the master as ")
+            && ready.contains("permission denied"),
+        "{ready:?}\n{}",
+        respawn.dump()
+    );
+    assert!(alive(respawn.pid));
+    respawn.wait_for_line("rolling restart done: every worker is new");
+}
+
 /// A watchdog that systemd keeps for another process (WATCHDOG_PID names
 /// it) stays that process's across an upgrade: the re-executed master,
 /// though it is the same pid, neither pings it nor says it is its own.
