@@ -18,6 +18,10 @@
 //              worker stops accepting, so that the replacement is forked and
 //              listening while this one finishes what it holds.
 //
+// A master that stops reading (stalled, stopped) never holds the worker up:
+// the pipe is non-blocking, marks it has no room for are dropped and
+// counted, and Ready and Suicide wait for room (openChannel says how).
+//
 // It is the pattern of the Node.js article respawn comes from, done right:
 // on an uncaught exception the worker says Suicide first, stops accepting,
 // answers the request that threw with a 500, lets every other request in
@@ -44,6 +48,12 @@ const IDLE = 4;
 // A frame is at most 4 + 240 = 244 bytes, under PIPE_BUF (4096): one
 // write(2) of it is atomic, so frames never interleave nor arrive cut.
 const MAX_PAYLOAD = 240;
+// How long a worker that is done waits at most for room in the pipe for a
+// Ready or Suicide it still owes the master (a stopped master's), before it
+// exits without it: the master learns of the exit anyway.
+const OWED_AT_EXIT_MS = 5000;
+// Lines about dropped marks: at most one a second, the rest counted.
+const DROPPED_LINE_EVERY_MS = 1000;
 
 const STOPPED = 0;
 const SETUP_FAILED = 3;
@@ -103,19 +113,9 @@ function serve(server) {
     process.exit(SETUP_FAILED);
   }
 
-  let channelBroken = false;
+  const channel = handed.channel === null ? null : openChannel(handed.channel);
   const send = (kind, text) => {
-    if (handed.channel === null || channelBroken) return;
-    try {
-      // writeSync: one write(2), done before the next line runs, so a
-      // Suicide is out before the listeners close.
-      fs.writeSync(handed.channel, frame(kind, text));
-    } catch (err) {
-      // The master is gone (EPIPE) or the fd is not a pipe: say it once;
-      // serving on is the best this worker can still do.
-      channelBroken = true;
-      console.error(`worker ${pid}: writing to the master: ${err.message}`);
-    }
+    if (channel !== null) channel.send(kind, text);
   };
 
   // What is in flight, each with what to do with it if the code serving it
@@ -239,9 +239,14 @@ function serve(server) {
   }
 
   // The last answer was handed to the kernel ('finish'); exit once the
-  // handlers of this turn have run.
+  // handlers of this turn have run, and the master has been told what it
+  // is owed (a Suicide waiting for room in the pipe).
+  let leaving = false;
   function leave() {
-    setImmediate(() => process.exit(exitCode));
+    if (leaving) return;
+    leaving = true;
+    const exit = () => process.exit(exitCode);
+    setImmediate(() => (channel === null ? exit() : channel.close(exit)));
   }
 
   process.on('uncaughtException', (err) => {
@@ -287,6 +292,157 @@ function serve(server) {
     });
   });
   return server;
+}
+
+// The pipe to the master, written so that the master can never hold this
+// worker up. A master that stalls (a re-exec pauses it up to 1.5 s, a
+// SIGSTOP for as long as it lasts) reads nothing; once the pipe's 64 KiB
+// are full (about 1,500 requests' marks), a blocking write would stop the
+// whole event loop, every request in flight with it, until the master read
+// again. So the fd is non-blocking, and a frame the full pipe refuses
+// (EAGAIN) waits here instead, while the worker serves on:
+//
+// - Ready and Suicide are never lost: they wait in order, and go first.
+// - Of Busy and Idle, only the newest waits (one slot): each one it replaces
+//   is dropped and counted. Once the pipe has room, the newest tells the
+//   master where the worker is now, and one line says how many it missed.
+//
+// Every frame is written with one write(2). A frame is at most 244 bytes,
+// under PIPE_BUF (4096), so a non-blocking write of it to a pipe puts it in
+// whole or fails with EAGAIN, never in part: a cut frame would be garbage
+// to the master, and this code relies on the kernel for that.
+function openChannel(fd) {
+  const owed = []; // Ready and Suicide frames not written yet, in order
+  let newest = null; // the newest Busy or Idle not written yet
+  let inLibuv = null; // the frame libuv holds until the pipe has room
+  let broken = false;
+  let dropped = 0; // marks replaced before they were written, not said yet
+  let saidAt = -Infinity;
+  let whenDelivered = []; // callbacks of close(), once nothing is owed
+
+  // Node has no fcntl: libuv's pipe handle sets O_NONBLOCK on the fd as it
+  // opens it, and writes a frame it is given once the pipe has room, which
+  // is the only wait this channel needs. (Reopening /proc/self/fd/N with
+  // O_NONBLOCK would leave the fd as it is, but a worker running as
+  // --user may not open the master's pipe by its path.) Frames that fit go
+  // out at once with fs.writeSync, before the next line runs: a Suicide is
+  // in the pipe before the listeners close.
+  let pipe = null;
+  try {
+    pipe = new net.Socket({ fd, readable: false, writable: true });
+    pipe.on('error', (err) => fail(err));
+  } catch (_) {
+    // Not a pipe nor a socket (a file, /dev/null): writes to it never wait,
+    // and a write that fails says why below.
+  }
+
+  const owes = () => owed.length > 0 || (inLibuv !== null && !isMark(inLibuv));
+
+  // The master is gone (EPIPE) or the fd is not a pipe: say it once;
+  // serving on is the best this worker can still do.
+  function fail(err) {
+    if (broken) return;
+    broken = true;
+    console.error(`worker ${pid}: writing to the master: ${err.message}`);
+    delivered();
+  }
+
+  // One write(2): true if the frame is in the pipe (or never will be),
+  // false if the pipe is full.
+  function tryWrite(bytes) {
+    try {
+      fs.writeSync(fd, bytes);
+      return true;
+    } catch (err) {
+      if (err.code === 'EAGAIN') return false;
+      fail(err);
+      return true;
+    }
+  }
+
+  // Writes what waits, in order, as far as the pipe takes it. The first
+  // frame it refuses goes to libuv, which writes it when the pipe has room
+  // and comes back here; meanwhile nothing else is written, so no frame
+  // overtakes another.
+  function flush() {
+    while (!broken && inLibuv === null && (owed.length > 0 || newest !== null)) {
+      const fromOwed = owed.length > 0;
+      const bytes = fromOwed ? owed[0] : newest;
+      const written = tryWrite(bytes);
+      // Without a pipe handle the fd is blocking and never refuses; if it
+      // did, the frame would wait for the next send.
+      if (!written && pipe === null) return;
+      if (fromOwed) owed.shift();
+      else newest = null;
+      if (written) continue;
+      inLibuv = bytes;
+      pipe.write(bytes, (err) => {
+        inLibuv = null;
+        if (err) return fail(err);
+        flush();
+      });
+      return;
+    }
+    if (inLibuv === null && newest === null) sayDropped(false);
+    if (!owes()) delivered();
+  }
+
+  // `worker 4321: 1520 Busy/Idle marks dropped: ...`, at most once a
+  // second (the next line counts the rest), and at exit.
+  function sayDropped(atExit) {
+    if (dropped === 0) return;
+    const now = performance.now();
+    if (!atExit && now - saidAt < DROPPED_LINE_EVERY_MS) return;
+    const marks = dropped === 1 ? 'mark' : 'marks';
+    console.error(`worker ${pid}: ${dropped} Busy/Idle ${marks} dropped: the master was not reading its pipe`);
+    dropped = 0;
+    saidAt = now;
+  }
+
+  function delivered() {
+    const waiting = whenDelivered;
+    whenDelivered = [];
+    for (const then of waiting) then();
+  }
+
+  return {
+    send(kind, text) {
+      if (broken) return;
+      const bytes = frame(kind, text);
+      if (isMark(bytes)) {
+        if (newest !== null) dropped += 1;
+        newest = bytes;
+      } else {
+        owed.push(bytes);
+      }
+      flush();
+    },
+    // Calls `then` once no Ready or Suicide waits (at once, as a rule), or
+    // after OWED_AT_EXIT_MS, saying what the master was not told.
+    close(then) {
+      const last = () => {
+        if (newest !== null || (inLibuv !== null && isMark(inLibuv))) dropped += 1;
+        sayDropped(true);
+        then();
+      };
+      if (broken || !owes()) return last();
+      const timer = setTimeout(() => {
+        const kinds = [inLibuv, ...owed].filter((b) => b !== null && !isMark(b))
+          .map((b) => (b[1] === READY ? 'Ready' : 'Suicide')).join(' and ');
+        console.error(`worker ${pid}: the master read nothing for ${OWED_AT_EXIT_MS / 1000} s; ` +
+          `exiting without sending it ${kinds}`);
+        last();
+      }, OWED_AT_EXIT_MS);
+      whenDelivered.push(() => {
+        clearTimeout(timer);
+        last();
+      });
+    },
+  };
+}
+
+function isMark(bytes) {
+  return bytes[1] === BUSY || bytes[1] === IDLE;
 }
 
 // ` from ADDR:PORT`, or nothing for a Unix socket's nameless peer.

@@ -22,6 +22,10 @@ docs/protocol.md on the pipe:
               stops accepting, so that the replacement is forked and
               listening while this one finishes its answer.
 
+A master that stops reading (stalled, stopped) never holds the worker up:
+the pipe is non-blocking, marks it has no room for are dropped and counted,
+and Ready and Suicide wait for room (_Channel says how).
+
 One request at a time, then the connection is closed, as the Rust worker
 does. A worker is one process with one request in flight; respawn's N
 workers are the concurrency. That is honest about Python: threads share one
@@ -44,10 +48,12 @@ set up.
 """
 
 import os
+import select
 import selectors
 import signal
 import socket
 import sys
+import time
 import traceback
 
 VERSION = 1
@@ -62,6 +68,13 @@ STOPPED, SETUP_FAILED, CRASHED = 0, 3, 70
 # while its answer goes out): one request at a time, a client that sends
 # nothing must not hold the worker for long.
 HEAD_TIMEOUT = 5.0
+
+# Seconds a worker that is done waits at most for room in the pipe for a
+# Ready or Suicide it still owes the master (a stopped master's), before it
+# exits without it: the master learns of the exit anyway.
+OWED_AT_EXIT = 5.0
+# Lines about dropped marks: at most one a second, the rest counted.
+DROPPED_LINE_EVERY = 1.0
 
 
 def frame(kind, text=""):
@@ -136,7 +149,7 @@ class _Worker:
     def __init__(self, pid, listeners, channel_fd, share, handler_class):
         self.pid = pid
         self.slot = os.environ.get("RESPAWN_SLOT", "")
-        self.channel_fd = channel_fd
+        self.channel = _Channel(pid, channel_fd)
         self.share = share
         self.started = 0
         self.stopping = False
@@ -151,19 +164,9 @@ class _Worker:
             listener.setblocking(False)
             # Not for the programs a handler may start.
             listener.set_inheritable(False)
-        if channel_fd is not None:
-            os.set_inheritable(channel_fd, False)
 
     def send(self, kind, text=""):
-        if self.channel_fd is None:
-            return
-        try:
-            os.write(self.channel_fd, frame(kind, text))
-        except OSError as err:
-            # The master is gone, or the fd is not a pipe: say it once, and
-            # serve on, the best this worker can still do.
-            _log(f"worker {self.pid}: writing to the master: {err}")
-            self.channel_fd = None
+        self.channel.send(kind, text)
 
     def suicide(self, reason):
         if not self.suicide_sent:
@@ -200,10 +203,29 @@ class _Worker:
             selector.register(listener, selectors.EVENT_READ)
         selector.register(wake_r, selectors.EVENT_READ)
         self.send(READY)
+        try:
+            return self.accept_until_stopped(selector, wake_r)
+        finally:
+            self.channel.close()
+
+    def accept_until_stopped(self, selector, wake_r):
+        # Frames the full pipe refused are written between requests, when
+        # select says it has room again.
+        watching = None
         while not self.stopping:
+            wanted = self.channel.fd if self.channel.waiting() else None
+            if wanted != watching:
+                if watching is not None:
+                    selector.unregister(watching)
+                if wanted is not None:
+                    selector.register(wanted, selectors.EVENT_WRITE)
+                watching = wanted
             for key, _ in selector.select():
                 if key.fileobj is wake_r:
                     os.read(wake_r, 512)
+                    continue
+                if key.fileobj is watching:
+                    self.channel.flush()
                     continue
                 # The stop may have come with this select's wake-up: once
                 # asked, not one more accept (the master already counts this
@@ -250,6 +272,126 @@ class _Worker:
             # request is served.
             self.suicide(f"served its {self.share} requests")
             self.stop(STOPPED)
+
+
+class _Channel:
+    """The pipe to the master, written so that the master can never hold
+    this worker up. A master that stalls (a re-exec pauses it up to 1.5 s,
+    a SIGSTOP for as long as it lasts) reads nothing; once the pipe's 64 KiB
+    are full (about 1,500 requests' marks), a blocking write would stop the
+    worker in the middle of a request until the master read again. So the
+    fd is non-blocking, and a frame the full pipe refuses (EAGAIN) waits
+    here instead, while the worker serves on:
+
+    - Ready and Suicide are never lost: they wait in order, and go first.
+    - Of Busy and Idle, only the newest waits (one slot): each one it
+      replaces is dropped and counted. Once the pipe has room (the accept
+      loop watches for it between requests), the newest tells the master
+      where the worker is now, and one line says how many it missed.
+
+    Every frame is written with one write(2). A frame is at most 244 bytes,
+    under PIPE_BUF (4096), so a non-blocking write of it to a pipe puts it
+    in whole or fails with EAGAIN, never in part: a cut frame would be
+    garbage to the master, and this code relies on the kernel for that."""
+
+    def __init__(self, pid, fd):
+        self.pid = pid
+        self.fd = fd
+        self.owed = []  # Ready and Suicide frames not written yet, in order
+        self.newest = None  # the newest Busy or Idle not written yet
+        self.dropped = 0  # marks replaced before they were written, not said yet
+        self.said_at = None
+        if fd is not None:
+            try:
+                # Not for the programs a handler may start.
+                os.set_inheritable(fd, False)
+                os.set_blocking(fd, False)
+            except OSError as err:
+                self.fail(err)
+
+    def waiting(self):
+        return self.fd is not None and (bool(self.owed) or self.newest is not None)
+
+    def send(self, kind, text=""):
+        if self.fd is None:
+            return
+        data = frame(kind, text)
+        if not self.owed and self.newest is None:
+            # Nothing waits: straight to the pipe, as a rule (twice a
+            # request; the queue's bookkeeping would cost as much again).
+            try:
+                os.write(self.fd, data)
+            except BlockingIOError:
+                pass  # full: it waits below
+            except OSError as err:
+                self.fail(err)
+                return
+            else:
+                if self.dropped:
+                    self.say_dropped()
+                return
+        if kind in (BUSY, IDLE):
+            if self.newest is not None:
+                self.dropped += 1
+            self.newest = data
+        else:
+            self.owed.append(data)
+        self.flush()
+
+    def flush(self):
+        """Writes what waits, in order, as far as the pipe takes it."""
+        while self.waiting():
+            data = self.owed[0] if self.owed else self.newest
+            try:
+                os.write(self.fd, data)
+            except BlockingIOError:
+                return  # full: the accept loop calls again when it has room
+            except OSError as err:
+                self.fail(err)
+                return
+            if self.owed:
+                self.owed.pop(0)
+            else:
+                self.newest = None
+        self.say_dropped()
+
+    def fail(self, err):
+        """The master is gone, or the fd is not a pipe: say it once, and
+        serve on, the best this worker can still do."""
+        _log(f"worker {self.pid}: writing to the master: {err}")
+        self.fd = None
+
+    def say_dropped(self, at_exit=False):
+        """`worker 4321: 1520 Busy/Idle marks dropped: ...`, at most once a
+        second (the next line counts the rest), and at exit."""
+        if not self.dropped:
+            return
+        now = time.monotonic()
+        if not at_exit and self.said_at is not None and now - self.said_at < DROPPED_LINE_EVERY:
+            return
+        marks = "mark" if self.dropped == 1 else "marks"
+        _log(f"worker {self.pid}: {self.dropped} Busy/Idle {marks} dropped: the master was not reading its pipe")
+        self.dropped = 0
+        self.said_at = now
+
+    def close(self):
+        """At exit: waits up to OWED_AT_EXIT for room for a Ready or Suicide
+        still owed, or says what the master was not told."""
+        deadline = time.monotonic() + OWED_AT_EXIT
+        while self.fd is not None and self.owed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                kinds = " and ".join("Ready" if data[1] == READY else "Suicide" for data in self.owed)
+                _log(
+                    f"worker {self.pid}: the master read nothing for {OWED_AT_EXIT:g} s; "
+                    f"exiting without sending it {kinds}"
+                )
+                break
+            select.select([], [self.fd], [], left)
+            self.flush()
+        if self.newest is not None:
+            self.dropped += 1
+        self.say_dropped(at_exit=True)
 
 
 def _guarded(handler_class):
