@@ -473,3 +473,39 @@ fn a_cmd_worker_runs_as_the_workers_user_from_its_first_line() {
         );
     }
 }
+
+/// A worker taken over must not reach the control socket through an fd it
+/// inherited: the master closes the control socket's listener (and its
+/// connections) in each worker with its other fds (spawn.rs, step 1).
+#[test]
+fn no_worker_holds_the_control_socket() {
+    let dir = TempDir::new("respawn-control-fds");
+    let control = dir.join("control.sock");
+    let shown = control.display().to_string();
+    let respawn = Respawn::start(&["--workers", "2", "--control", &shown]);
+    let workers = respawn.wait_for_workers(2);
+    // The listener's inode, from the kernel's table of Unix sockets.
+    let table = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
+    let inode = table
+        .lines()
+        .find(|l| l.split_whitespace().nth(7) == Some(shown.as_str()))
+        .and_then(|l| l.split_whitespace().nth(6))
+        .unwrap_or_else(|| panic!("{shown} is not in /proc/net/unix"))
+        .to_owned();
+    let target = format!("socket:[{inode}]");
+    let holds = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| {
+                fds.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .any(|t| t.to_string_lossy() == target)
+            })
+            .unwrap_or(false)
+    };
+    assert!(holds(respawn.pid), "the master holds {target}");
+    for worker in workers {
+        assert!(
+            !holds(worker),
+            "worker {worker} holds the control socket {target}"
+        );
+    }
+}
