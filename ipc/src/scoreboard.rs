@@ -23,9 +23,13 @@
 //! without entering the kernel: no syscall at all. The master pays only when
 //! it looks.
 //!
-//! The mapping is `MAP_SHARED | MAP_ANONYMOUS`, made by the master before its
-//! first fork, so every worker inherits the same pages. Atomics work across
-//! processes on shared memory as they do across threads.
+//! The mapping is `MAP_SHARED` of a memory file (`memfd_create`, no path on
+//! any file system), made by the master before its first fork, so every
+//! worker inherits the same pages. The file, not an anonymous mapping, so
+//! that a program the master executes (the new binary of an upgrade, as a
+//! worker or as the master itself) can map the same rows through its fd.
+//! Atomics work across processes on shared memory as they do across
+//! threads.
 //!
 //! # A row
 //!

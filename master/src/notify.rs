@@ -11,9 +11,12 @@
 //! - `STATUS=` again whenever the number of Ready workers or the generation
 //!   changes, and during a stop the number of workers left (`systemctl
 //!   status` shows it);
-//! - `RELOADING=1` with `MONOTONIC_USEC=` when a HUP rollout begins, and
-//!   `READY=1` when it is done, which is what `Type=notify-reload` waits for
-//!   (systemd checks that the timestamp is not older than its own signal);
+//! - `RELOADING=1` with `MONOTONIC_USEC=` when a HUP rollout or a USR2
+//!   upgrade begins, and `READY=1` when it is over (settle.rs decides: a
+//!   rollout done; an upgrade done, said by the re-executed master, or
+//!   backed out or failed, said with `STATUS=upgrade failed: <why>`), which
+//!   is what `Type=notify-reload` waits for (systemd checks that the
+//!   timestamp is not older than its own signal);
 //! - `STOPPING=1` once, when a stop begins;
 //! - `WATCHDOG=1` from the loop, every half of `$WATCHDOG_USEC` (systemd's
 //!   advice), so that systemd restarts a master that stopped turning.

@@ -33,8 +33,9 @@
 //! - the file is written to a temporary file beside it whose name nobody can
 //!   predict (`.NAME.<random>.tmp`), created with O_CREAT|O_EXCL|O_NOFOLLOW
 //!   (a link or a file planted there makes the create fail, never followed),
-//!   then renamed over the path: a rename replaces a symbolic link, it never
-//!   writes through one;
+//!   then given the path's name without replacing anything (see below); a
+//!   stale file or link there is first renamed aside, and a rename moves a
+//!   symbolic link, it never writes through one;
 //! - it is read with O_NOFOLLOW and only if fstat says it is a regular file,
 //!   and at most [`MAX_PID_FILE`] bytes of it: what a file that holds no pid
 //!   holds is never logged, only its size;

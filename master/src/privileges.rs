@@ -3,7 +3,8 @@
 //! A server started as root can bind port 80, but the code that parses what
 //! strangers send should not run as root. So the master binds, then each
 //! worker, just after its fork and before any code of the program runs
-//! (before it says Ready), gives up root for good:
+//! (before it says Ready; a worker of an upgrade, before it executes the
+//! new binary: spawn.rs, step 2), gives up root for good:
 //!
 //! 1. `setgroups([gid])`: the supplementary groups root had (root's own:
 //!    `disk`, `adm`...) are not carried over. Only the one group is kept;
@@ -24,14 +25,20 @@
 //! `--user` alone takes the user's primary group; `--group` alone changes
 //! only the group (the worker stays root then, so nothing is "for good").
 //!
-//! # Names are resolved once, when the master starts
+//! # Names are resolved once, by the master, never in a worker
 //!
-//! [`RunAs::resolve`] looks the names up (getpwnam_r, getgrnam_r) before the
-//! first fork, never in a worker: a lookup may go through NSS (nscd, sssd,
-//! LDAP), which opens sockets and files, may take seconds and may fail; in a
-//! forked child that is neither async-signal-safe nor a cost to pay at every
-//! respawn. And a name that does not exist is then a line at start, not a
-//! crash loop of workers.
+//! [`RunAs::resolve`] looks the names up (getpwnam_r, getgrnam_r) in the
+//! master, before the first fork; every worker takes the numbers, never a
+//! name: a lookup may go through NSS (nscd, sssd, LDAP), which opens sockets
+//! and files, may take seconds and may fail; in a forked child that is
+//! neither async-signal-safe nor a cost to pay at every respawn. And a name
+//! that does not exist is then a line at start, not a crash loop of
+//! workers. A worker of an upgrade drops to those numbers before it
+//! executes the new binary, so that binary's `main`, which runs in it up to
+//! `run`, has nothing to look up (the demo's skips its `--user` lookup
+//! there: [`crate::started_as_worker`]). The re-executed master runs the
+//! program's `main` again, as the master, and resolves the names there
+//! again, as at its first start.
 //!
 //! # What the master keeps, and why
 //!
@@ -39,8 +46,9 @@
 //! and reaps workers of another uid (`kill` needs a matching uid or
 //! CAP_KILL), keeps the listening sockets it bound (a port below 1024, a
 //! Unix socket in a root-owned directory) for the workers it forks next, and
-//! can re-exec the binary for an upgrade and bind again. It runs none of the
-//! program's request handling: all of that happens in workers.
+//! can re-exec the binary for an upgrade (the new image takes the listeners
+//! it holds, and binds nothing). It runs none of the program's request
+//! handling: all of that happens in workers.
 //!
 //! A master that is not root cannot change a worker's user or group, so
 //! [`RunAs::resolve`] refuses, at start, a user or group other than the
@@ -49,9 +57,10 @@
 //! A side effect to know: changing the effective uid clears the worker's
 //! parent-death signal and makes it non-dumpable (the kernel's
 //! `commit_creds`). So the drop comes before `PR_SET_PDEATHSIG` in
-//! spawn.rs, and a worker leaves no core dump and cannot be ptraced by
-//! other processes of its new user, which protects the memory it copied
-//! from the root master.
+//! spawn.rs (and so does an upgrade's exec, which clears it too for a file
+//! with capabilities), and a worker leaves no core dump and cannot be
+//! ptraced by other processes of its new user, which protects the memory
+//! it copied from the root master.
 
 use crate::error::describe;
 use crate::logbuf;

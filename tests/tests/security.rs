@@ -20,19 +20,10 @@ const NOBODY: u32 = 65534;
 /// is found.
 const SECRET: &str = "root:$6$respawn-secret-7f3a9c$QUJDREVGR0hJSktMTU5PUFFSU1RVVldY:19000:0:99999:7:::\n";
 
-/// Root, a user nobody of uid and gid 65534, and setpriv to become it; or a
-/// loud line and false.
+/// Root, a user nobody of uid and gid 65534, and setpriv to become it; or
+/// a skip the harness records (docs/testing.md, skips) and false.
 fn root_and_nobody(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("\n*** SKIPPED {test}: it runs the master as root and the attacker as nobody ***\n");
-        return false;
-    }
-    // SAFETY: getpwnam returns a pointer to static storage, read at once.
-    let entry = unsafe { libc::getpwnam(c"nobody".as_ptr()) };
-    // SAFETY: non-null, it points to a valid passwd entry.
-    if entry.is_null() || unsafe { ((*entry).pw_uid, (*entry).pw_gid) } != (NOBODY, NOBODY) {
-        eprintln!("\n*** SKIPPED {test}: there is no user nobody with uid and gid 65534 ***\n");
+    if !require(test, Need::Root) || !require(test, Need::Nobody) {
         return false;
     }
     let setpriv = Command::new("setpriv")
@@ -41,7 +32,11 @@ fn root_and_nobody(test: &str) -> bool {
         .stderr(Stdio::null())
         .status();
     if !setpriv.is_ok_and(|status| status.success()) {
-        eprintln!("\n*** SKIPPED {test}: setpriv (util-linux) is needed to act as nobody ***\n");
+        skip(
+            test,
+            Skip::Environment,
+            "setpriv (util-linux) is needed to act as nobody",
+        );
         return false;
     }
     true
@@ -325,4 +320,192 @@ fn an_upgrade_never_changes_a_file_a_symlink_at_the_socket_path_points_to() {
     let answer = respawn.get("/version").expect("GET /version");
     assert_eq!(answer.status, 200, "{answer:?}");
     assert!(answer.body.trim().ends_with(" s"), "{answer:?}");
+}
+
+/// Issue 16: an upgraded worker was executed as root and ran the new
+/// program's `main` (socket set-up included) before it dropped to `--user`.
+/// Now it drops before its exec (spawn.rs, step 2): the new program, here a
+/// wrapper that writes down who runs it before anything else, runs as root
+/// only in the master's re-execution, and in each worker as nobody from
+/// its first line, with no group but nobody's.
+#[test]
+fn the_new_binary_runs_as_root_only_in_the_master_and_as_the_workers_user_from_its_first_line() {
+    const TEST: &str =
+        "the_new_binary_runs_as_root_only_in_the_master_and_as_the_workers_user_from_its_first_line";
+    if !root_and_nobody(TEST) {
+        return;
+    }
+    let deploy = Deploy::new("first-line");
+    std::fs::set_permissions(&*deploy.dir, std::fs::Permissions::from_mode(0o755)).expect("chmod 0755");
+    let who = deploy.dir.join("who");
+    std::fs::write(&who, "").expect("the record");
+    std::fs::set_permissions(&who, std::fs::Permissions::from_mode(0o666)).expect("chmod 0666");
+    let respawn = deploy.start(&["--workers", "2", "--user", "nobody"]);
+    respawn.wait_for_workers(2);
+    deploy.replace_with(&format!(
+        "if [ -n \"$RESPAWN_WORKER\" ]; then role=worker; else role=master; fi\n\
+         echo \"$role uid $(id -u) gid $(id -g) groups $(id -G)\" >> '{}'\n\
+         RESPAWN_DEMO_TAG=f exec '{}' \"$@\"",
+        who.display(),
+        binary().display()
+    ));
+    respawn.signal(libc::SIGUSR2);
+    respawn.wait_for_log("the re-execution", |l| {
+        message(l).starts_with("master re-executed as ") || l.contains("backed out")
+    });
+    respawn.wait_for_workers(2);
+    let record = std::fs::read_to_string(&who).expect("reading the record");
+    let lines: Vec<&str> = record.lines().collect();
+    let workers: Vec<&&str> = lines.iter().filter(|l| l.starts_with("worker ")).collect();
+    let masters: Vec<&&str> = lines.iter().filter(|l| l.starts_with("master ")).collect();
+    assert!(
+        workers.len() >= 2,
+        "the new workers ran the wrapper: {record:?}\n{}",
+        respawn.dump()
+    );
+    for line in &workers {
+        assert_eq!(
+            **line,
+            format!("worker uid {NOBODY} gid {NOBODY} groups {NOBODY}"),
+            "{record:?}"
+        );
+    }
+    assert_eq!(masters.len(), 1, "{record:?}\n{}", respawn.dump());
+    assert!(masters[0].starts_with("master uid 0 "), "{record:?}");
+    let answer = respawn.get("/version").expect("GET /version");
+    assert!(answer.body.trim().ends_with(" f"), "{answer:?}");
+}
+
+/// The control socket is made by root, so its path gets the care the pid
+/// file's does: a link planted there is refused at start, never followed
+/// (nor replaced: it is not a stale socket), and a directory another user
+/// can write in is said, once. The file is root's, mode 0600 from its bind.
+#[test]
+fn a_link_at_the_control_socket_path_is_refused_and_its_directory_is_said() {
+    const TEST: &str = "a_link_at_the_control_socket_path_is_refused_and_its_directory_is_said";
+    if !root_and_nobody(TEST) {
+        return;
+    }
+    let secret = Secret::new("control");
+    let dir = nobodys_dir("control");
+    let control = dir.join("control.sock");
+    let shown = control.display().to_string();
+    as_nobody(
+        "ln -s \"$SECRET\" \"$DIR/control.sock\"",
+        &[("SECRET", &secret.path), ("DIR", &dir)],
+    );
+    let (status, out) = run_to_exit(&["--workers", "1", "--listen", "127.0.0.1:0", "--control", &shown]);
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.lines().any(|l| l
+            == format!(
+                "respawn: binding --control {shown}: a file that is not a socket is there; \
+                 not replacing it"
+            )),
+        "{out}"
+    );
+    let link = std::fs::symlink_metadata(&control).expect("the link");
+    assert!(link.file_type().is_symlink(), "the link was replaced");
+    let meta = std::fs::metadata(&secret.path).expect("the secret");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600, "the link was followed");
+    assert_eq!(std::fs::read_to_string(&secret.path).expect("the secret"), SECRET);
+
+    as_nobody("rm \"$DIR/control.sock\"", &[("DIR", &dir)]);
+    let respawn = Respawn::start(&["--workers", "1", "--control", &shown]);
+    respawn.wait_for_workers(1);
+    let meta = std::fs::symlink_metadata(&control).expect("the control socket");
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o7777),
+        (0, 0o600),
+        "{}",
+        respawn.dump()
+    );
+    let said = format!(
+        "--control {shown}: uid {NOBODY} can write in its directory {} (mode 0755, no sticky \
+         bit); respawn follows no link there, but that user can remove or replace the socket file",
+        dir.display()
+    );
+    assert_eq!(respawn.count_lines(&said), 1, "{}", respawn.dump());
+    secret.assert_untouched(&respawn);
+}
+
+/// `-- CMD` is executed by each worker after it dropped to `--user`: the
+/// program at that path (which whoever deploys it can write) never runs as
+/// root, from its first line.
+#[test]
+fn a_cmd_worker_runs_as_the_workers_user_from_its_first_line() {
+    const TEST: &str = "a_cmd_worker_runs_as_the_workers_user_from_its_first_line";
+    if !root_and_nobody(TEST) {
+        return;
+    }
+    let dir = TempDir::new("respawn-cmd-user");
+    std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o755)).expect("chmod 0755");
+    let who = dir.join("who");
+    std::fs::write(&who, "").expect("the record");
+    std::fs::set_permissions(&who, std::fs::Permissions::from_mode(0o666)).expect("chmod 0666");
+    let script = format!(
+        "echo \"uid $(id -u) gid $(id -g) groups $(id -G)\" >> '{}'; exec sleep 600",
+        who.display()
+    );
+    let respawn = Respawn::start(&[
+        "--workers",
+        "2",
+        "--user",
+        "nobody",
+        "--ready-on-exec",
+        "--",
+        "/bin/sh",
+        "-c",
+        &script,
+    ]);
+    respawn.wait_for_workers(2);
+    let mut record = String::new();
+    let written = wait_until(PATIENCE, || {
+        record = std::fs::read_to_string(&who).unwrap_or_default();
+        record.lines().count() >= 2
+    });
+    assert!(written, "{record:?}\n{}", respawn.dump());
+    for line in record.lines() {
+        assert_eq!(
+            line,
+            format!("uid {NOBODY} gid {NOBODY} groups {NOBODY}"),
+            "{record:?}"
+        );
+    }
+}
+
+/// A worker taken over must not reach the control socket through an fd it
+/// inherited: the master closes the control socket's listener (and its
+/// connections) in each worker with its other fds (spawn.rs, step 1).
+#[test]
+fn no_worker_holds_the_control_socket() {
+    let dir = TempDir::new("respawn-control-fds");
+    let control = dir.join("control.sock");
+    let shown = control.display().to_string();
+    let respawn = Respawn::start(&["--workers", "2", "--control", &shown]);
+    let workers = respawn.wait_for_workers(2);
+    // The listener's inode, from the kernel's table of Unix sockets.
+    let table = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
+    let inode = table
+        .lines()
+        .find(|l| l.split_whitespace().nth(7) == Some(shown.as_str()))
+        .and_then(|l| l.split_whitespace().nth(6))
+        .unwrap_or_else(|| panic!("{shown} is not in /proc/net/unix"))
+        .to_owned();
+    let target = format!("socket:[{inode}]");
+    let holds = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| {
+                fds.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .any(|t| t.to_string_lossy() == target)
+            })
+            .unwrap_or(false)
+    };
+    assert!(holds(respawn.pid), "the master holds {target}");
+    for worker in workers {
+        assert!(
+            !holds(worker),
+            "worker {worker} holds the control socket {target}"
+        );
+    }
 }
