@@ -226,10 +226,11 @@ impl MasterState {
         }
         let c = &self.counters;
         out.push_str(&format!(
-            "started {}\ncounters {} {} {} {} {} {}\nreloading {}\nannounced {}\n",
+            "started {}\ncounters {} {} {} {} {} {} {}\nreloading {}\nannounced {}\n",
             clock.ns(self.started),
             c.failed_start,
             c.died,
+            c.in_first_request,
             c.panicked,
             c.retired,
             c.hung,
@@ -333,11 +334,12 @@ impl MasterState {
                 ("started", [ns]) => {
                     state.started = clock.instant(number_of(ns).ok_or_else(|| fault("not a time"))?)
                 }
-                ("counters", [a, b, c, d, e, f]) => {
+                ("counters", [a, b, first, c, d, e, f]) => {
                     let n = |text: &str| number_of::<u64>(text).ok_or_else(|| fault("not a count"));
                     state.counters = Counters {
                         failed_start: n(a)?,
                         died: n(b)?,
+                        in_first_request: n(first)?,
                         panicked: n(c)?,
                         retired: n(d)?,
                         hung: n(e)?,
@@ -506,6 +508,7 @@ mod tests {
             counters: Counters {
                 failed_start: 1,
                 died: 2,
+                in_first_request: 7,
                 panicked: 3,
                 retired: 4,
                 hung: 5,

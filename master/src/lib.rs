@@ -28,8 +28,10 @@
 //!
 //! SIGUSR2 starts the program at the path this process was started from
 //! ([`original_exe`]) as new workers, one at a time, each old worker
-//! stopping once a new one is Ready; then the master executes it in place,
-//! keeping its pid, and adopts its workers. If the new workers fail, the
+//! stopping once a new one is Ready (with no worker running, one is started
+//! from it first); then, once a new worker proved the binary and no old one
+//! accepts, the master executes it in place, keeping its pid, and adopts its
+//! workers. If the new workers fail, or the master cannot execute it, the
 //! upgrade backs out by itself. Nothing is needed from an embedder but this:
 //! bind with [`bind`] (or take [`inherited_listeners`]) and call [`run`]
 //! early in `main`, before anything a worker should not do twice: the new
@@ -110,7 +112,7 @@
 //! - With [`Config::control`], it serves a control socket (docs/control.md)
 //!   from its loop; [`ask_control`] is its client.
 //! - On SIGUSR2 it executes a program (see above), passing `RESPAWN_WORKER`,
-//!   `RESPAWN_MASTER_STATE`, `RESPAWN_MASTER_PATH` and `RESPAWN_LISTEN_FDS`
+//!   `RESPAWN_MASTER_STATE`, `RESPAWN_MASTER_PATH`, `RESPAWN_RUN_AS` and `RESPAWN_LISTEN_FDS`
 //!   in the environment; each is read and unset by the program it is for.
 //! - It makes a single listener blocking (the workers' accept sleeps), and
 //!   several non-blocking (the workers wait on all of them at once), and
@@ -122,7 +124,10 @@
 //!   highest fd open when `run` starts; each worker closes them with one
 //!   `close_range` and inherits the program's other fds as they are.
 //! - It reaps every child of the process (`waitpid(-1)`): do not run other
-//!   children of your own beside it.
+//!   children of your own beside it. It makes itself the reaper of its
+//!   descendants (PR_SET_CHILD_SUBREAPER): a process a worker started and
+//!   left behind becomes its child, is said in a line, and is stopped with
+//!   the workers.
 //! - It refuses to start if the process already runs other threads: `fork`
 //!   copies only the calling thread, and a lock held by another thread at
 //!   that moment would stay locked forever in the child.

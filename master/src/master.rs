@@ -147,6 +147,10 @@ pub(crate) struct Master<W> {
     strays: strays::Strays,
     /// Exits by cause and requests served, for `metrics`.
     counters: Counters,
+    /// Workers that died in their first request, one after another.
+    first_request_deaths: FirstRequestDeaths,
+    /// Pipes with frames left after their turn's budget (read_messages).
+    unfinished_pipes: Vec<Token>,
     started: Instant,
 }
 
@@ -223,6 +227,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             control: None,
             strays: strays::Strays::default(),
             counters: Counters::default(),
+            first_request_deaths: FirstRequestDeaths::default(),
+            unfinished_pipes: Vec::new(),
             started: Instant::now(),
         };
         let handed_control = adopted.as_mut().and_then(|state| {
@@ -271,6 +277,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                     token => self.read_worker_messages(token),
                 }
             }
+            self.read_unfinished_pipes();
             self.enforce_deadlines();
             self.manage_workers();
             self.look_for_strays();
@@ -304,6 +311,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.control.as_ref().and_then(Control::next_deadline),
             self.owed.next_deadline(),
             self.strays.next_deadline(),
+            // Frames left to read: look at the other sources, without waiting.
+            (!self.unfinished_pipes.is_empty()).then_some(now),
         ]
         .into_iter()
         .flatten()
@@ -388,11 +397,14 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         // Its last words: a Suicide written just before it exited may still
         // be in the pipe, and tells why it went. It is reaped: whatever the
         // pipe holds, nothing may signal its pid now (it may be reused).
-        if let Some(err) = read_messages(
+        // A pipe of a process that is gone holds what it wrote, at most a
+        // pipe's capacity: read to its end.
+        if let Drained::Garbage(err) = read_messages(
             self.poll.registry(),
             &self.scoreboard,
             &mut worker,
             self.config.graceful_timeout,
+            usize::MAX,
         ) {
             debug!("worker {pid} left malformed ipc behind ({err})");
         }
@@ -402,11 +414,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             None => reap::describe(status),
         };
         let lived = worker.spawned_at.elapsed();
-        if worker.was_ready && lived >= self.config.min_uptime {
+        let death = self.judge_death(&worker, lived);
+        if death == Death::Proved {
             // However it left, it proved its slot can hold a worker.
             self.backoff.lived(worker.slot);
         }
-        self.count_exit(&worker, lived);
+        self.count_exit(&worker, death);
         if !worker.state.counts() || self.stopping {
             // A retiring worker's replacement comes before its exit, even
             // when its Suicide and its SIGCHLD are read in the same turn.
@@ -415,13 +428,30 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         } else if self.new_binary_failed(&worker) {
             self.back_out_of_upgrade(&worker, &how);
         } else {
-            self.plan_replacement(&worker, &how);
+            self.plan_replacement(&worker, &how, death, lived);
+        }
+    }
+
+    /// What a death says of the worker's slot, from what it served (its
+    /// scoreboard row, which its Busy and Idle marks write for a worker in
+    /// another language): a worker that completed a request, or that was
+    /// Ready past the minimum uptime, proved itself; one that died in its
+    /// first request was killed by that request; any other is a failed
+    /// start.
+    fn judge_death(&self, worker: &Worker, lived: Duration) -> Death {
+        let row = self.scoreboard.read(worker.slot).unwrap_or_default();
+        if worker.was_ready && (row.requests > 0 || lived >= self.config.min_uptime) {
+            Death::Proved
+        } else if worker.was_ready && row.busy_since.is_some() {
+            Death::InFirstRequest
+        } else {
+            Death::FailedStart
         }
     }
 
     /// For `metrics`: why it left, and what it served (read from its row
     /// before a new worker takes the slot).
-    fn count_exit(&mut self, worker: &Worker, lived: Duration) {
+    fn count_exit(&mut self, worker: &Worker, death: Death) {
         let requests = self.scoreboard.read(worker.slot).map_or(0, |row| row.requests);
         let c = &mut self.counters;
         c.requests_of_the_gone += requests;
@@ -435,29 +465,52 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             &mut c.panicked
         } else if !worker.state.counts() {
             &mut c.retired
-        } else if !worker.was_ready || lived < self.config.min_uptime {
-            &mut c.failed_start
         } else {
-            &mut c.died
+            match death {
+                Death::Proved => &mut c.died,
+                Death::InFirstRequest => &mut c.in_first_request,
+                Death::FailedStart => &mut c.failed_start,
+            }
         };
         *counter += 1;
     }
 
-    /// A worker died without warning, or failed to start. A mature worker
-    /// (Ready, and older than the minimum uptime) is replaced at once and
-    /// counts for nothing: whatever killed it (the OOM killer, a segfault in
-    /// one request), the slot has shown it can serve, and giving up would
-    /// turn a partial failure into a total outage. Each slot is refilled at
-    /// most once per minimum uptime that way, which bounds the fork rate.
-    /// A young death is a failed start: the slot backs off, and the restart
-    /// limit counts it.
-    fn plan_replacement(&mut self, worker: &Worker, how: &str) {
+    /// A worker died without warning, or failed to start:
+    ///
+    /// - It proved itself (it completed a request, or was Ready past the
+    ///   minimum uptime): it is replaced at once and counts for nothing.
+    ///   Whatever killed it (`process.exit` in a route, the OOM killer, a
+    ///   segfault in one request), the slot has shown it can serve, and
+    ///   giving up would turn a partial failure into a total outage. Each
+    ///   slot is refilled at most once per request served (or per minimum
+    ///   uptime), which bounds the fork rate.
+    /// - It died in its first request: that request killed it, not its
+    ///   start. The slot backs off (the fork rate stays bounded), but it
+    ///   does not count toward giving up: a program that dies on every
+    ///   request is said, loudly and at most every 10 s, not given up on.
+    /// - Otherwise it failed to start: the slot backs off, and the restart
+    ///   limit counts it.
+    fn plan_replacement(&mut self, worker: &Worker, how: &str, death: Death, lived: Duration) {
         let now = Instant::now();
         let (pid, slot) = (worker.pid, worker.slot);
-        let lived = now.saturating_duration_since(worker.spawned_at);
-        if worker.was_ready && lived >= self.config.min_uptime {
-            warn!("worker {pid} exited ({how}), replacing");
-            return;
+        if death != Death::InFirstRequest {
+            self.first_request_deaths.broken();
+        }
+        match death {
+            Death::Proved => {
+                warn!("worker {pid} exited ({how}), replacing");
+                return;
+            }
+            Death::InFirstRequest => {
+                let delay = self.backoff.died_young(slot, now);
+                warn!(
+                    "worker {pid} exited ({how}) during its first request; slot {slot} respawns in {:.1} s",
+                    delay.as_secs_f64()
+                );
+                self.first_request_deaths.one_more(pid, how, now);
+                return;
+            }
+            Death::FailedStart => {}
         }
         if let Err(Exceeded { count, span }) = self.restarts.record(now) {
             let reason = format!(
@@ -497,8 +550,15 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         self.strays.found(children, now);
     }
 
-    /// 'message': everything a worker's pipe holds now. A worker that speaks
-    /// garbage is stopped; its exit is judged like any death (plan_replacement).
+    /// The pipes whose turn's budget ran out: read on, after what this turn
+    /// brought.
+    fn read_unfinished_pipes(&mut self) {
+        for token in std::mem::take(&mut self.unfinished_pipes) {
+            self.read_worker_messages(token);
+        }
+    }
+
+    /// 'message': what a worker's pipe holds now, up to a turn's budget.
     fn read_worker_messages(&mut self, token: Token) {
         let graceful = self.config.graceful_timeout;
         // A stale token: the worker was reaped earlier in this turn.
@@ -506,18 +566,37 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             return;
         };
         let was_ready = worker.was_ready;
-        let garbage = read_messages(self.poll.registry(), &self.scoreboard, worker, graceful);
+        let drained = read_messages(
+            self.poll.registry(),
+            &self.scoreboard,
+            worker,
+            graceful,
+            MESSAGES_PER_TURN,
+        );
         if worker.was_ready != was_ready {
             self.strays.look_soon();
         }
-        if let Some(err) = garbage {
-            match worker.state {
-                State::Retiring => debug!("worker {} sent malformed ipc ({err}) while retiring", worker.pid),
-                _ => warn!("worker {} sent malformed ipc ({err}); replacing it", worker.pid),
-            }
-            worker.state = worker.state.next(Event::Malformed);
-            terminate(worker, graceful);
+        match drained {
+            Drained::Empty => {}
+            // Edge-triggered: no event will come for what is left.
+            Drained::Budget => self.unfinished_pipes.push(token),
+            Drained::Garbage(err) => self.stop_for_garbage(token, err),
         }
+    }
+
+    /// A worker that spoke garbage is stopped; its exit is judged like any
+    /// death (plan_replacement).
+    fn stop_for_garbage(&mut self, token: Token, err: DecodeError) {
+        let graceful = self.config.graceful_timeout;
+        let Some(worker) = self.workers.by_token(token) else {
+            return;
+        };
+        match worker.state {
+            State::Retiring => debug!("worker {} sent malformed ipc ({err}) while retiring", worker.pid),
+            _ => warn!("worker {} sent malformed ipc ({err}); replacing it", worker.pid),
+        }
+        worker.state = worker.state.next(Event::Malformed);
+        terminate(worker, graceful);
     }
 
     /// TERM, QUIT (or giving up, with no signal): every worker finishes what
@@ -875,6 +954,60 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     }
 }
 
+/// How a worker that was not handing over died (`judge_death`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Death {
+    /// It completed a request, or was Ready past the minimum uptime.
+    Proved,
+    /// It was Ready, and died in the first request it took.
+    InFirstRequest,
+    /// It died before it was Ready, or young and before any request.
+    FailedStart,
+}
+
+/// Workers that died in their first request, one after another: a program
+/// that fails on every request it gets (Fastify served before `ready()`).
+/// Not given up on, but said at once and then at most every 10 s.
+#[derive(Default)]
+pub(crate) struct FirstRequestDeaths {
+    /// How many in a row, with no other kind of death between.
+    in_a_row: u64,
+    said: Option<Instant>,
+}
+
+impl FirstRequestDeaths {
+    const EVERY: Duration = Duration::from_secs(10);
+    /// Fewer in a row is a bad request or two, not a broken program.
+    const SAY_FROM: u64 = 3;
+
+    fn one_more(&mut self, pid: Pid, how: &str, now: Instant) {
+        self.in_a_row += 1;
+        let due = self
+            .said
+            .is_none_or(|at| now.saturating_duration_since(at) >= Self::EVERY);
+        if self.in_a_row >= Self::SAY_FROM && due {
+            self.said = Some(now);
+            error!(
+                "the last {} workers each died during their first request (the last: worker {pid} \
+                 exited ({how})): the program fails on the requests it gets; each slot is refilled \
+                 on its backoff, and this is not counted toward giving up",
+                self.in_a_row
+            );
+        }
+    }
+
+    /// A worker died another way: the run is over.
+    fn broken(&mut self) {
+        self.in_a_row = 0;
+        self.said = None;
+    }
+
+    /// For `status`: how many in a row now.
+    pub(crate) fn in_a_row(&self) -> u64 {
+        self.in_a_row
+    }
+}
+
 /// Reads and acts on every message in a worker's pipe, until it would block.
 /// Garbage closes the pipe and is returned: the caller decides whether the
 /// worker is still there to be signalled.
@@ -883,27 +1016,44 @@ fn read_messages(
     board: &Scoreboard,
     worker: &mut Worker,
     graceful: Duration,
-) -> Option<DecodeError> {
-    loop {
+    budget: usize,
+) -> Drained {
+    for _ in 0..budget {
         match worker.receive() {
             Received::Message(message) => on_message(worker, message, graceful, board),
-            Received::Nothing => return None,
+            Received::Nothing => return Drained::Empty,
             Received::Closed => {
                 close_pipe(registry, worker);
-                return None;
+                return Drained::Empty;
             }
             Received::Malformed(err) => {
                 close_pipe(registry, worker);
-                return Some(err);
+                return Drained::Garbage(err);
             }
             Received::Failed(err) => {
                 error!("reading the pipe of worker {}: {err}", worker.pid);
                 close_pipe(registry, worker);
-                return None;
+                return Drained::Empty;
             }
         }
     }
+    Drained::Budget
 }
+
+/// What reading a worker's pipe came to.
+enum Drained {
+    /// Nothing more to read now (or the pipe is closed).
+    Empty,
+    /// Bytes that are not a message: the pipe is closed.
+    Garbage(DecodeError),
+    /// The turn's budget was spent with frames still to read.
+    Budget,
+}
+
+/// How many messages of one worker a turn reads, so that a worker writing
+/// frames as fast as it can (its pipe never empties) cannot hold the loop:
+/// the rest are read next turn, after the signals and the other pipes.
+const MESSAGES_PER_TURN: usize = 512;
 
 fn on_message(worker: &mut Worker, message: Message, graceful: Duration, board: &Scoreboard) {
     let pid = worker.pid;
@@ -1030,6 +1180,32 @@ fn refuse_threads() -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pipe_that_never_empties_is_read_a_budget_at_a_time() {
+        let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).expect("a pipe");
+        let idle = respawn_ipc::Message::Idle.encode();
+        let frames = 3 * MESSAGES_PER_TURN / 2;
+        let mut written = 0;
+        while written < frames {
+            match nix::unistd::write(&write_end, &idle[..]) {
+                Ok(_) => written += 1,
+                Err(err) => panic!("writing frame {written}: {err}"),
+            }
+        }
+        let poll = Poll::new().expect("a poll");
+        let board = Scoreboard::new(1).expect("a scoreboard");
+        let mut worker = Worker::new(Pid::from_raw(1), 0, Token(7), Some(read_end));
+        let graceful = Duration::from_secs(1);
+        let first = read_messages(poll.registry(), &board, &mut worker, graceful, MESSAGES_PER_TURN);
+        assert!(
+            matches!(first, Drained::Budget),
+            "one turn's budget, and more left"
+        );
+        let second = read_messages(poll.registry(), &board, &mut worker, graceful, MESSAGES_PER_TURN);
+        assert!(matches!(second, Drained::Empty), "the rest, the next turn");
+        assert!(worker.pipe.is_some(), "still open: the worker writes on");
+    }
 
     #[test]
     fn ttin_is_bounded_by_open_files_or_by_what_respawn_supports() {

@@ -94,11 +94,23 @@ pub struct RunAsError {
     reason: String,
 }
 
+/// Set by a master for the image it re-executes as: the ids it resolved
+/// (`65534:65534`, or `-:100` for a group alone). The new image takes them
+/// instead of looking the names up again: an NSS source that is down at
+/// that moment must not end a service whose workers already run.
+pub(crate) const HANDED_DOWN_VAR: &str = "RESPAWN_RUN_AS";
+
 impl RunAs {
     /// Looks up `user` and `group` (either may be None; `user` alone takes
     /// its primary group), and checks that this process may switch to them:
     /// it must be root, unless the user and group are its own.
+    ///
+    /// In a master re-executed by an upgrade, the ids its previous image
+    /// resolved are taken instead, and nothing is looked up.
     pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<RunAs, RunAsError> {
+        if let Some(run_as) = take_handed_down() {
+            return Ok(run_as);
+        }
         let (uid, user_gid) = match user {
             Some(name) => lookup_user(name).map(|(uid, gid)| (Some(uid), Some(gid)))?,
             None => (None, None),
@@ -131,6 +143,12 @@ impl RunAs {
                 now.euid, now.egid
             ),
         ))
+    }
+
+    /// What [`HANDED_DOWN_VAR`] carries.
+    pub(crate) fn to_handed_down(&self) -> String {
+        let uid = self.uid.map_or("-".to_owned(), |uid| uid.to_string());
+        format!("{uid}:{}", self.gid)
     }
 
     /// The user id the workers take; None: they keep the master's.
@@ -296,6 +314,27 @@ impl fmt::Display for RunAsError {
 
 impl std::error::Error for RunAsError {}
 
+/// The ids a previous image handed down, in a master re-executed by an
+/// upgrade; the variable is removed either way (workers must not see it).
+pub(crate) fn take_handed_down() -> Option<RunAs> {
+    let value = std::env::var(HANDED_DOWN_VAR).ok();
+    std::env::remove_var(HANDED_DOWN_VAR);
+    if !crate::started_by_upgrade() {
+        return None;
+    }
+    let (uid, gid) = value?
+        .split_once(':')
+        .map(|(u, g)| (u.to_owned(), g.to_owned()))?;
+    let uid = match uid.as_str() {
+        "-" => None,
+        uid => Some(Uid::from_raw(uid.parse().ok()?)),
+    };
+    Some(RunAs {
+        uid,
+        gid: Gid::from_raw(gid.parse().ok()?),
+    })
+}
+
 /// In a new worker, before the program's code: become `run_as`, for good.
 /// The error names the step that failed: `setuid(65534): operation not
 /// permitted`. Nothing here allocates but the error.
@@ -344,6 +383,40 @@ fn check_ids(now: &Ids, uid: u32, gid: u32) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_re_executed_master_takes_the_ids_handed_down_and_looks_nothing_up() {
+        let outcome = crate::signals::tests::in_child(|| {
+            // A name no source knows: looked up, it fails.
+            let unknown = "respawn-no-such-user-anywhere";
+            if RunAs::resolve(Some(unknown), None).is_ok() {
+                return Err("an unknown name was resolved".into());
+            }
+            std::env::set_var(HANDED_DOWN_VAR, "65534:65533");
+            if RunAs::resolve(Some(unknown), None).is_ok() {
+                return Err("ids taken from the environment of a first start".into());
+            }
+            if std::env::var_os(HANDED_DOWN_VAR).is_some() {
+                return Err("the variable was left for the workers".into());
+            }
+            std::env::set_var("RESPAWN_MASTER_STATE", "9");
+            std::env::set_var(HANDED_DOWN_VAR, "65534:65533");
+            let taken = RunAs::resolve(Some(unknown), None).map_err(|e| e.to_string())?;
+            if (taken.uid(), taken.gid()) != (Some(65534), 65533) {
+                return Err(format!("took {taken:?}"));
+            }
+            let round = RunAs {
+                uid: None,
+                gid: Gid::from_raw(100),
+            }
+            .to_handed_down();
+            if round != "-:100" {
+                return Err(round);
+            }
+            Ok(())
+        });
+        assert_eq!(outcome, Ok(()));
+    }
     use super::*;
 
     fn ids(uid: u32, gid: u32) -> Ids {

@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 pub(crate) struct Counters {
     pub failed_start: u64,
     pub died: u64,
+    /// Ready, and died in its first request (not counted toward giving up).
+    pub in_first_request: u64,
     pub panicked: u64,
     pub retired: u64,
     pub hung: u64,
@@ -38,6 +40,8 @@ pub(crate) struct Input<'a> {
     pub restart_limit: usize,
     pub restart_window: Duration,
     pub backoff_slots: Vec<usize>,
+    /// Workers that died in their first request, one after another.
+    pub died_in_first_request_in_a_row: u64,
     pub listeners: &'a Listeners,
     pub workers: &'a Table,
     pub scoreboard: &'a Scoreboard,
@@ -105,7 +109,8 @@ pub(crate) fn json(input: &Input) -> String {
         out,
         "{{\"protocol\":1,\"pid\":{},\"uptime_secs\":{:.3},\"target\":{},\"generation\":{},\
          \"stopping\":{},\"upgrading\":{},\"restarts_in_window\":{},\"restart_limit\":{},\
-         \"restart_window_secs\":{:.3},\"backoff_slots\":[{}],\"listeners\":[",
+         \"restart_window_secs\":{:.3},\"backoff_slots\":[{}],\"died_in_first_request_in_a_row\":{},\
+         \"listeners\":[",
         std::process::id(),
         now.saturating_duration_since(input.started).as_secs_f64(),
         input.target,
@@ -121,6 +126,7 @@ pub(crate) fn json(input: &Input) -> String {
             .map(usize::to_string)
             .collect::<Vec<_>>()
             .join(","),
+        input.died_in_first_request_in_a_row,
     );
     for (i, listening) in input.listeners.iter().enumerate() {
         let (queued, backlog) = queue(listening.listener()).unzip();
@@ -193,6 +199,7 @@ pub(crate) fn metrics(input: &Input) -> String {
     let exits: Vec<(String, String)> = [
         ("failed_start", c.failed_start),
         ("died", c.died),
+        ("in_first_request", c.in_first_request),
         ("panicked", c.panicked),
         ("retired", c.retired),
         ("hung", c.hung),

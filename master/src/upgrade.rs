@@ -6,24 +6,32 @@
 //! 1. **New workers from the new binary.** The master starts the program at
 //!    the path it was started from (argv[0], resolved against the directory
 //!    it started in, as nginx and unicorn do; not /proc/self/exe, which
-//!    still points at the old file). Each new worker is forked as usual and
-//!    then executes that program, which finds in its environment that it is
+//!    still points at the old file). Each new worker is forked and cleaned
+//!    as every worker is (spawn.rs: the master's fds closed, its privileges
+//!    dropped), and then executes that program, which finds in its environment that it is
 //!    a worker ([`take_worker_env`]: its slot, its pipe, the scoreboard) and
 //!    its listeners (activation.rs), and runs the worker function instead of
 //!    a master. This is a rolling restart: each old worker is asked to stop
 //!    only once a new one is Ready.
 //! 2. **Back out if the new binary is broken.** A new worker that exits, or
-//!    is not Ready by the start deadline, before it ever said Ready ends the
-//!    upgrade: one line says why, the workers of the new binary are
-//!    replaced by forks of the running one, and the old workers, which were
-//!    never asked to stop, serve on. Nothing counts toward giving up: a bad
-//!    deploy must never take the service down.
+//!    is not Ready by the start deadline, before it said Ready or younger
+//!    than `--min-uptime`, ends the upgrade: one line says why, what was
+//!    wanted before is wanted again (deploy.rs: the workers of the new
+//!    binary are replaced by forks of the running one), and the old
+//!    workers, which were never asked to stop before a new one was Ready,
+//!    serve on. Nothing counts toward giving up: a bad deploy must never
+//!    take the service down. With no worker running when USR2 comes, one is
+//!    started from the new binary first: the master never follows a binary
+//!    no worker ran.
 //! 3. **The master re-executes itself in place.** Once every worker runs the
-//!    new binary, the master executes it too, keeping its pid, its children
-//!    and their pipes, the listeners and the scoreboard, all at the fd
-//!    numbers they have (nothing is renumbered, so a failed exec leaves the
-//!    master as it was). The new image finds its state in its environment
-//!    ([`take_master_state`]) and adopts its workers.
+//!    new binary, one of them proved it (said Ready), and no old worker still
+//!    holds a listener (settle.rs), the master executes it too, keeping its
+//!    pid, its children and their pipes, the listeners, the scoreboard and
+//!    the control socket's connections, all at the fd numbers they have
+//!    (nothing is renumbered, so a failed exec leaves the master as it was,
+//!    and backs the upgrade out). The new image finds its state in a sealed
+//!    memory file ([`take_master_state`], handdown.rs) and adopts its
+//!    workers.
 //!
 //! Why keep the pid rather than start a new master beside the old one, as
 //! nginx and gunicorn do: a new pid breaks whoever watches the old one.
@@ -301,6 +309,8 @@ pub(crate) fn reexec_master(
 /// not see it), and the memory file closed once read. Err: it names an fd
 /// that is not a sealed state, or the state does not parse (handdown.rs).
 pub(crate) fn take_master_state() -> Result<Option<MasterState>, String> {
+    // Taken by RunAs::resolve if the program called it; not for workers.
+    let _ = crate::privileges::take_handed_down();
     let Some(text) = std::env::var_os(MASTER_VAR) else {
         return Ok(None);
     };
@@ -311,14 +321,22 @@ pub(crate) fn take_master_state() -> Result<Option<MasterState>, String> {
         .ok()
         .filter(|&fd| fd > 2)
         .ok_or_else(|| format!("{MASTER_VAR}={text:?} is not an fd"))?;
-    // Only an fd that is open may be owned: a forged number must not close
-    // one of the program's own fds later.
-    // SAFETY: F_GETFD only reads the fd's flags.
+    // Only a sealed memory file is taken, and closed once read: a forged
+    // number that names one of the program's own fds (its listener) must
+    // be refused without closing it.
+    // SAFETY: F_GETFD and F_GET_SEALS only read the fd's flags and seals.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Err(format!("{MASTER_VAR}={fd}: no such fd is open"));
     }
-    // SAFETY: the previous image left this fd open for us alone (the
-    // variable naming it is removed); we close it once read.
+    // SAFETY: as above.
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if seals < 0 || seals & libc::F_SEAL_WRITE == 0 {
+        return Err(format!(
+            "{MASTER_VAR}={fd}: not a sealed memory file (left open: it is not the state's)"
+        ));
+    }
+    // SAFETY: the previous image left this sealed file open for us alone
+    // (the variable naming it is removed); we close it once read.
     let file = unsafe { OwnedFd::from_raw_fd(fd) };
     MasterState::from_memfd(&file)
         .map(Some)

@@ -452,7 +452,7 @@ fn peers_that_hang_up_while_waiting_free_their_connections() {
         respawn.dump()
     );
     assert!(
-        wait_until(PATIENCE, || open_fds(respawn.pid) == with_them - 64),
+        wait_until(PATIENCE, || open_fds(respawn.pid) <= with_them - 64),
         "{} fds open, {with_them} with the 64 connections\n{}",
         open_fds(respawn.pid),
         respawn.dump()

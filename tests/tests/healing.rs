@@ -414,3 +414,103 @@ fn a_good_life_resets_the_slots_backoff() {
         respawn.dump()
     );
 }
+
+/// A worker that served a request and then exits hard (`process.exit` in a
+/// route, a segfault, the OOM killer: no Suicide) proved itself, however
+/// young: it is replaced at once and never counts toward giving up. Here
+/// the minimum uptime is a minute, so only what it served can prove it,
+/// and one restart is all the limit allows.
+#[test]
+fn a_worker_that_served_and_exits_hard_is_replaced_and_never_counted() {
+    let respawn = Respawn::with_workers(
+        1,
+        &[
+            "--min-uptime",
+            "60",
+            "--max-restarts",
+            "1",
+            "--restart-window",
+            "60",
+        ],
+    );
+    for round in 0..5 {
+        let worker = *respawn.wait_for_workers(1).iter().next().expect("a worker");
+        let served = respawn.get("/").expect("GET /");
+        assert_eq!(served.pid(), Some(worker), "round {round}");
+        let cut = respawn.get_raw("/exit");
+        assert!(cut_without_an_answer(&cut), "round {round}: {cut:?}");
+        respawn.wait_for_line(&format!("worker {worker} exited (code 1), replacing"));
+    }
+    let gave_up = respawn
+        .log()
+        .iter()
+        .filter(|l| message(l).starts_with("giving up"))
+        .count();
+    assert_eq!(gave_up, 0, "{}", respawn.dump());
+    assert_eq!(
+        respawn.count_log("respawns in"),
+        0,
+        "no backoff\n{}",
+        respawn.dump()
+    );
+    respawn.wait_for_workers(1);
+    assert_eq!(respawn.get("/").expect("GET /").status, 200);
+}
+
+/// A program that dies in the first request it gets, every time (Fastify
+/// served before its `ready()`): that is the request's doing, not a start
+/// that cannot succeed, so it is never given up on; but it is said, as an
+/// ERROR line and in `ctl status`, and each slot is refilled on its backoff
+/// so the fork rate stays bounded.
+#[test]
+fn workers_that_die_in_their_first_request_are_said_and_not_given_up_on() {
+    let dir = TempDir::new("respawn-first-request");
+    let socket = dir.join("control.sock");
+    let respawn = Respawn::with_workers(
+        1,
+        &[
+            "--min-uptime",
+            "60",
+            "--max-restarts",
+            "1",
+            "--restart-window",
+            "60",
+            "--control",
+            &socket.display().to_string(),
+        ],
+    );
+    for round in 0..4 {
+        let worker = *respawn.wait_for_workers(1).iter().next().expect("a worker");
+        respawn.wait_for_line(&format!("worker {worker} ready"));
+        let cut = respawn.get_raw("/exit");
+        assert!(cut_without_an_answer(&cut), "round {round}: {cut:?}");
+        respawn.wait_for_log("its death", |l| {
+            message(l).starts_with(&format!(
+                "worker {worker} exited (code 1) during its first request; slot 0 respawns in "
+            ))
+        });
+    }
+    let line = respawn.wait_for_log("the ERROR line", |l| {
+        message(l).starts_with("the last 3 workers each died during their first request")
+    });
+    assert!(line.contains("ERROR"), "{line}");
+    let gave_up = respawn
+        .log()
+        .iter()
+        .filter(|l| message(l).starts_with("giving up"))
+        .count();
+    assert_eq!(gave_up, 0, "{}", respawn.dump());
+    let status = std::process::Command::new(binary())
+        .args(["ctl", &socket.display().to_string(), "status"])
+        .output()
+        .expect("respawn ctl status");
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        table.contains("DYING: the last 4 workers each died during their first request"),
+        "{table}"
+    );
+    // A worker that serves ends the run.
+    respawn.wait_for_workers(1);
+    let ready = wait_until(PATIENCE, || respawn.get("/").is_ok_and(|a| a.status == 200));
+    assert!(ready, "{}", respawn.dump());
+}

@@ -10,6 +10,7 @@
 
 use respawn_tests::*;
 use serde_json::Value;
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -297,6 +298,29 @@ fn a_suicide_that_meets_a_full_pipe_reaches_a_master_that_reads_again_from_pytho
     );
 }
 
+/// Does `pid` hold the server side of the TCP connection from local port
+/// `port` (found by inode in /proc/net/tcp)? Only once the worker accepted
+/// it: before, the socket sits in the listener's queue, held by nobody.
+fn holds_connection_from(pid: i32, port: u16) -> bool {
+    // Every entry whose remote port is ours: a TIME_WAIT one of an earlier
+    // connection may share it (loopback reuses them), with inode 0.
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let sockets: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = u16::from_str_radix(fields.get(2)?.rsplit(':').next()?, 16).ok()?;
+            let inode = fields.get(9)?;
+            (remote_port == port && *inode != "0").then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .any(|target| target.to_str().is_some_and(|t| sockets.iter().any(|s| s == t)))
+    })
+}
+
 /// The newest mark is kept, not dropped: a request that starts while the
 /// pipe is full shows in `status` once the master reads again, while it is
 /// still in flight. Node only: its event loop writes the kept mark as soon
@@ -334,12 +358,18 @@ fn a_request_started_while_the_pipe_is_full_shows_in_status_once_the_master_read
     // A long request in flight, then a short one beside it: the short
     // one's Busy is the newest mark, refused by the full pipe (the long
     // one keeps the worker busy: no Idle follows).
-    let open_fds = || std::fs::read_dir(format!("/proc/{worker}/fd")).map_or(0, |d| d.count());
-    let before = open_fds();
-    let addr = respawn.addr;
-    let sleeper = std::thread::spawn(move || get(addr, "/sleep/15000"));
+    let mut conn = std::net::TcpStream::connect(respawn.addr).expect("connecting for GET /sleep/15000");
+    let local = conn.local_addr().expect("its address");
+    conn.write_all(b"GET /sleep/15000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("sending GET /sleep/15000");
+    let sleeper = std::thread::spawn(move || {
+        conn.set_read_timeout(Some(PATIENCE))?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text)?;
+        Ok::<_, std::io::Error>(text)
+    });
     assert!(
-        wait_until(PATIENCE, || open_fds() > before),
+        wait_until(PATIENCE, || holds_connection_from(worker, local.port())),
         "the worker did not accept GET /sleep/15000"
     );
     let version = respawn.get("/version").expect("GET /version");
@@ -358,7 +388,10 @@ fn a_request_started_while_the_pipe_is_full_shows_in_status_once_the_master_read
         respawn.dump()
     );
     let slept = sleeper.join().expect("the GET /sleep/15000 thread");
-    assert!(matches!(&slept, Ok(answer) if answer.status == 200), "{slept:?}");
+    assert!(
+        matches!(&slept, Ok(answer) if answer.starts_with("HTTP/1.1 200")),
+        "{slept:?}"
+    );
     assert!(
         wait_until(PATIENCE, || {
             last = row(&respawn, &socket, worker);

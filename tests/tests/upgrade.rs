@@ -1067,3 +1067,43 @@ fn status_and_the_pid_file_hold_across_repeated_upgrades() {
         respawn.dump()
     );
 }
+
+/// A forged RESPAWN_MASTER_STATE naming an fd the program holds (its
+/// listener, at fd 3 here) is refused without closing that fd: the master
+/// starts afresh and serves on it.
+#[test]
+fn a_forged_master_state_naming_the_listener_closes_nothing() {
+    let dir = TempDir::new("respawn-forged-listener");
+    let socket = dir.join("web.sock");
+    let log = dir.join("log");
+    let mut command = std::process::Command::new(binary());
+    command
+        .args([
+            "--workers",
+            "1",
+            "--listen",
+            &format!("unix:{}", socket.display()),
+        ])
+        .env("RESPAWN_MASTER_STATE", "3")
+        .env("RUST_LOG_STYLE", "never")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("the log file"));
+    let mut master = spawn_tied(command).expect("starting respawn");
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let ready = wait_until(PATIENCE, || text().contains(" ready"));
+    let answer = unix_get(&socket, "/");
+    let _ = master.kill();
+    let _ = master.wait();
+    assert!(ready, "{}", text());
+    assert!(
+        text().contains("RESPAWN_MASTER_STATE=3: not a sealed memory file"),
+        "{}",
+        text()
+    );
+    assert!(
+        answer.as_ref().is_ok_and(|a| a.status == 200),
+        "{answer:?}\n{}",
+        text()
+    );
+}

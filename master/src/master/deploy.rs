@@ -10,6 +10,7 @@
 
 use super::*;
 use crate::handdown::{AdoptedWorker, MasterState};
+use crate::privileges;
 use crate::status;
 use std::os::fd::{FromRawFd, OwnedFd};
 
@@ -192,8 +193,11 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             .chain(conns.iter().map(|(fd, _)| *fd))
             .collect();
         logbuf::flush_before_exit(LAST_LINES_BEFORE_EXEC);
-        let systemd = self.notify.for_successor();
-        let err = upgrade::reexec_master(&self.program, &state, &self.listeners.fds(), &kept, &systemd);
+        let mut more = self.notify.for_successor();
+        if let Some(run_as) = &self.config.run_as {
+            more.push((privileges::HANDED_DOWN_VAR, run_as.to_handed_down().into()));
+        }
+        let err = upgrade::reexec_master(&self.program, &state, &self.listeners.fds(), &kept, &more);
         let why = format!("re-executing the master as {path}: {}", describe(&err));
         error!(
             "upgrade: {why}; backed out: the running version serves on, \

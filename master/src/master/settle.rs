@@ -331,6 +331,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             restart_limit: self.config.max_restarts,
             restart_window: self.config.restart_window,
             backoff_slots: self.backoff.waiting(now).collect(),
+            died_in_first_request_in_a_row: self.first_request_deaths.in_a_row(),
             listeners: &self.listeners,
             workers: &self.workers,
             scoreboard: &self.scoreboard,

@@ -62,6 +62,7 @@ defaults in [brackets].  The demo's routes, without -- CMD:
 routes: GET /     which worker answered   GET /crash     the handler panics
         GET /hang spins: for --timeout    GET /sleep/MS  answers after MS ms
         GET /version which build answers (RESPAWN_DEMO_TAG is added)
+        GET /exit the worker exits at once, unanswered (a hard exit)
 signals: TERM, QUIT stop gracefully, INT at once, HUP replaces every worker,
          TTIN adds a worker, TTOU removes one, USR2 upgrades to the binary
          now on disk (backs out if it fails).  RUST_LOG=debug logs more.

@@ -456,6 +456,9 @@ pub struct Status {
     pub restart_limit: Option<u64>,
     pub restart_window_secs: Option<f64>,
     pub backoff_slots: Vec<Value>,
+    /// Workers that died in their first request, one after another (a
+    /// program that fails on every request it gets).
+    pub died_in_first_request_in_a_row: Option<u64>,
     pub listeners: Vec<Listener>,
     pub workers: Vec<Worker>,
 }
@@ -517,6 +520,7 @@ impl Status {
             restart_limit: uint(json, "restart_limit"),
             restart_window_secs: float(json, "restart_window_secs"),
             backoff_slots: array("backoff_slots"),
+            died_in_first_request_in_a_row: uint(json, "died_in_first_request_in_a_row"),
             listeners: array("listeners")
                 .iter()
                 .map(|l| Listener {
@@ -579,6 +583,13 @@ pub fn cpu_percent(worker: &Worker, previous: &Samples) -> Option<f64> {
 /// each line at most `width` columns.
 pub fn render(status: &Status, previous: &Samples, width: usize) -> String {
     let mut lines = vec![master_line(status), workers_line(status)];
+    if let Some(n) = status.died_in_first_request_in_a_row.filter(|&n| n > 0) {
+        // The one state the table must not hide: the program fails on the
+        // requests it gets, and the master refills on backoff, forever.
+        lines.push(format!(
+            "DYING: the last {n} workers each died during their first request"
+        ));
+    }
     let address_width = status
         .listeners
         .iter()

@@ -138,6 +138,14 @@ impl Demo {
             "/" => Response::text(200, format!("handle by child {}\n", self.pid)),
             "/version" => Response::text(200, version()),
             "/crash" => panic!("crash requested by GET /crash"),
+            // A hard exit in the middle of a request, as `process.exit` in a
+            // Node route, a segfault or the OOM killer end a worker: no
+            // Suicide, no answer. The master judges it by what the worker
+            // served before (master.rs, `judge_death`).
+            "/exit" => {
+                log::logger().flush();
+                std::process::exit(1)
+            }
             "/hang" => loop {
                 // A handler stuck for good, burning CPU: what --timeout is for.
                 std::hint::spin_loop();
