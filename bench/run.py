@@ -802,6 +802,21 @@ def write_report(path, info, results, runs, elapsed, missing_baseline, sections=
         f.write("\n".join(lines).rstrip() + "\n")
 
 
+def kept_section(path, title):
+    """The section of the file at `path` whose title begins with `title`,
+    as it is, or None: one make bench does not measure but must not drop."""
+    try:
+        with open(path) as f:
+            doc = f.read()
+    except OSError:
+        return None
+    start = doc.find("\n" + title)
+    if start < 0:
+        return None
+    end = doc.find("\n## ", start + 1)
+    return (doc[start + 1:] if end < 0 else doc[start + 1:end]).rstrip() + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -857,6 +872,10 @@ def main():
         import anylang
         progress("any language: Node and Python workers under respawn (bench/anylang.py)")
         sections.append(anylang.section(anylang.measure(args.runs, results), "`make bench`, beside the figures above"))
+    # bench/upgrade_scale.py's section (make bench-upgrade-scale) takes
+    # minutes of its own: kept as the last such run wrote it.
+    if kept := kept_section(args.out, "## Upgrade at scale"):
+        sections.append(kept)
     elapsed = time.monotonic() - started
     write_report(args.out, machine(), results, args.runs, elapsed, baseline is None and not args.no_baseline,
                  sections)
