@@ -20,6 +20,7 @@ pub struct Config {
     pub(crate) run_as: Option<RunAs>,
     pub(crate) pid_file: Option<PathBuf>,
     pub(crate) control: Option<PathBuf>,
+    pub(crate) start_advice: Option<String>,
 }
 
 impl Config {
@@ -41,6 +42,7 @@ impl Config {
             run_as: None,
             pid_file: None,
             control: None,
+            start_advice: None,
         }
     }
 
@@ -123,6 +125,17 @@ impl Config {
     /// root's are refused. Removed when `run` returns.
     pub fn control(mut self, path: impl Into<PathBuf>) -> Config {
         self.control = Some(path.into());
+        self
+    }
+}
+
+impl Config {
+    /// What a worker must do to be Ready, said once, the first time one
+    /// exits before it said Ready or is killed at the start deadline: a
+    /// program of another language that never speaks the channel otherwise
+    /// crash-loops with no word of why.
+    pub fn start_advice(mut self, advice: impl Into<String>) -> Config {
+        self.start_advice = Some(advice.into());
         self
     }
 }

@@ -532,6 +532,16 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             lived.as_secs_f64(),
             delay.as_secs_f64()
         );
+        if !worker.was_ready {
+            self.advise_on_start();
+        }
+    }
+
+    /// Once: what a worker must do to be Ready (`Config::start_advice`).
+    fn advise_on_start(&mut self) {
+        if let Some(advice) = self.config.start_advice.take() {
+            warn!("{advice}");
+        }
     }
 
     /// Takes the master's children that are not workers as strays
@@ -650,6 +660,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             control.expire(now, self.poll.registry());
         }
         let (graceful, start_timeout) = (self.config.graceful_timeout, self.config.start_timeout);
+        let mut advise = false;
         for worker in self.workers.iter_mut().filter(|w| !w.killed) {
             if worker.kill_at.is_some_and(|at| at <= now) {
                 warn!(
@@ -665,7 +676,11 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                     start_timeout.unwrap_or_default().as_secs_f64()
                 );
                 kill(worker);
+                advise = true;
             }
+        }
+        if advise {
+            self.advise_on_start();
         }
         self.strays.enforce(now);
         if self.next_hung_check.is_some_and(|at| at <= now) {

@@ -102,6 +102,13 @@ fn a_program_that_exits_at_once_backs_off_and_is_given_up_on() {
     let status = respawn.wait_exit();
     assert_eq!(status.code(), Some(3), "{}", respawn.dump());
     assert_eq!(respawn.count_log("giving up: "), 1, "{}", respawn.dump());
+    // Said once, not per failed start: what such a program must do.
+    assert_eq!(
+        respawn.count_log("a program run with -- must say Ready on its channel before it serves"),
+        1,
+        "{}",
+        respawn.dump()
+    );
 }
 
 #[test]

@@ -131,6 +131,38 @@ fn one_path_for_the_control_socket_the_pid_file_or_a_unix_listener_is_a_bad_flag
     }
 }
 
+/// Misuse is said, not silent: `respawn --` with no command served the demo
+/// on 8080; `--ready-on-exec` with `--timeout` or `--max-requests` ran, with
+/// both silently doing nothing.
+#[test]
+fn a_command_line_that_cannot_do_what_it_says_is_a_bad_flag() {
+    for (args, expected) in [
+        (
+            vec!["--"],
+            "respawn: --: no command after it (respawn [flags] -- CMD [ARGS...])",
+        ),
+        (
+            vec!["--ready-on-exec", "--timeout", "5", "--", "true"],
+            "respawn: --timeout cannot work with --ready-on-exec: the program sends no Busy marks, \
+             so no request is seen to hang (give --timeout 0, or make the program speak the channel: \
+             docs/protocol.md)",
+        ),
+        (
+            vec!["--ready-on-exec", "--max-requests", "100", "--", "true"],
+            "respawn: --max-requests cannot work with --ready-on-exec: the program sends no Suicide \
+             to hand over after its share (make it speak the channel: docs/protocol.md)",
+        ),
+    ] {
+        let (status, output) = run_to_exit(&args);
+        assert_eq!(status.code(), Some(2), "{args:?}: {output}");
+        assert_eq!(first_line(&output), expected, "{args:?}");
+        assert!(!output.contains("spawned"), "{args:?}: {output}");
+    }
+    // --timeout 0 says there is no timeout: nothing that cannot work.
+    let (status, output) = run_to_exit(&["--ready-on-exec", "--timeout", "0", "--", "no-such-program-here"]);
+    assert_eq!(status.code(), Some(1), "{output}");
+}
+
 #[test]
 fn a_malformed_listen_is_a_bad_flag() {
     for bad in ["nonsense", "1.2.3.4", "1.2.3.4:65536", "::1:80"] {

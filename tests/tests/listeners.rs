@@ -376,6 +376,10 @@ fn socket_activation_uses_the_inherited_listener() {
     respawn.wait_for_line(&format!(
         "listening on {addr} (fd 3, passed by systemd as \"web\")"
     ));
+    // The --listen given is not bound, and that is said.
+    respawn.wait_for_line(&format!(
+        "--listen {UNUSABLE} not bound: systemd passed the listeners (LISTEN_FDS), and those are served"
+    ));
     let workers: std::collections::BTreeSet<i32> = respawn.wait_for_workers(2).into_iter().collect();
     for round in 0..4 {
         from_a_worker(get(addr, "/"), &workers, &format!("round {round}"));

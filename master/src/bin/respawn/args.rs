@@ -159,6 +159,9 @@ pub struct Args {
     pub command: Vec<std::ffi::OsString>,
     /// `--ready-on-exec`: CMD does not speak the channel.
     pub ready_on_exec: bool,
+    /// `--listen` was given (not the default): said if systemd's
+    /// listeners are taken instead.
+    pub listen_given: bool,
     pub log_format: Format,
 }
 
@@ -174,7 +177,8 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
     // `-- CMD [ARGS...]`: everything after the first `--` is the command
     // each worker runs, its own flags included.
     let mut argv: Vec<OsString> = argv.into_iter().collect();
-    let command = match argv.iter().position(|arg| arg == "--") {
+    let dashes = argv.iter().position(|arg| arg == "--");
+    let command = match dashes {
         Some(at) => {
             let command = argv.split_off(at + 1);
             argv.pop();
@@ -182,6 +186,11 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         }
         None => Vec::new(),
     };
+    if dashes.is_some() && command.is_empty() {
+        // Without this, `respawn --` would serve the demo on 8080, silently.
+        return Err("--: no command after it (respawn [flags] -- CMD [ARGS...])".into());
+    }
+    let (mut timeout_given, mut max_requests_given) = (false, false);
     let mut args = Args {
         workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         listen: Vec::new(),
@@ -203,6 +212,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         control: None,
         command,
         ready_on_exec: false,
+        listen_given: false,
         log_format: Format::Text,
     };
     let mut parser = lexopt::Parser::from_args(argv);
@@ -215,9 +225,15 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
             Long("graceful-timeout") => args.graceful_timeout = GRACEFUL_TIMEOUT.parse(&mut parser)?,
             Long("max-restarts") => args.max_restarts = MAX_RESTARTS.parse(&mut parser)? as usize,
             Long("restart-window") => args.restart_window = RESTART_WINDOW.parse(&mut parser)?,
-            Short('t') | Long("timeout") => args.timeout = TIMEOUT.parse(&mut parser)?,
+            Short('t') | Long("timeout") => {
+                args.timeout = TIMEOUT.parse(&mut parser)?;
+                timeout_given = !args.timeout.is_zero();
+            }
             Long("start-timeout") => args.start_timeout = START_TIMEOUT.parse(&mut parser)?,
-            Long("max-requests") => args.max_requests = MAX_REQUESTS.parse(&mut parser)?,
+            Long("max-requests") => {
+                args.max_requests = MAX_REQUESTS.parse(&mut parser)?;
+                max_requests_given = args.max_requests > 0;
+            }
             Long("max-requests-jitter") => {
                 args.max_requests_jitter = MAX_REQUESTS_JITTER.parse(&mut parser)?
             }
@@ -236,6 +252,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
             _ => return Err(arg.unexpected()),
         }
     }
+    args.listen_given = !args.listen.is_empty();
     if args.listen.is_empty() {
         args.listen.push(DEFAULT_LISTEN.to_owned());
     }
@@ -250,6 +267,24 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
     }
     if args.ready_on_exec && args.command.is_empty() {
         return Err("--ready-on-exec: only with a command to run (respawn [flags] -- CMD [ARGS...])".into());
+    }
+    // A program that does not speak the channel sends no Busy or Idle
+    // marks and no Suicide: the master could neither see a request hang
+    // nor hand over after a share of requests.
+    if args.ready_on_exec && timeout_given {
+        return Err(
+            "--timeout cannot work with --ready-on-exec: the program sends no Busy marks, \
+                    so no request is seen to hang (give --timeout 0, or make the program speak \
+                    the channel: docs/protocol.md)"
+                .into(),
+        );
+    }
+    if args.ready_on_exec && max_requests_given {
+        return Err(
+            "--max-requests cannot work with --ready-on-exec: the program sends no Suicide \
+                    to hand over after its share (make it speak the channel: docs/protocol.md)"
+                .into(),
+        );
     }
     refuse_shared_paths(&args)?;
     Ok(Parsed::Run(args))

@@ -118,6 +118,15 @@ fn serve(args: &Args) -> i32 {
         Ok(listeners) => listeners,
         Err(code) => return code,
     };
+    let from_systemd = listeners
+        .iter()
+        .any(|l| matches!(l.origin(), respawn_master::Origin::Systemd { .. }));
+    if args.listen_given && from_systemd {
+        info!(
+            "--listen {} not bound: systemd passed the listeners (LISTEN_FDS), and those are served",
+            args.listen.join(" --listen ")
+        );
+    }
     // An upgrade (SIGUSR2) runs this main too, as a worker and then as
     // the master: the first master already said where it listens.
     if !respawn_master::started_by_upgrade() {
@@ -142,6 +151,16 @@ fn serve(args: &Args) -> i32 {
     let config = match &args.control {
         Some(path) => config.control(path),
         None => config,
+    };
+    let config = if exec.is_some() && !args.ready_on_exec {
+        config.start_advice(
+            "a program run with -- must say Ready on its channel before it serves: run a Node server \
+             through respawn.serve (clients/node/respawn.js), a Python one through respawn.serve or \
+             respawn.serve_wsgi (clients/python/respawn.py), or one that speaks neither with \
+             --ready-on-exec (docs/protocol.md)",
+        )
+    } else {
+        config
     };
     let worker = respawn_worker::Config::new().max_requests(args.max_requests, args.max_requests_jitter);
     let start = match (args.demo_fail_start, args.demo_hang_start) {
