@@ -21,6 +21,7 @@ pub struct Config {
     pub(crate) pid_file: Option<PathBuf>,
     pub(crate) control: Option<PathBuf>,
     pub(crate) start_advice: Option<String>,
+    pub(crate) ready_on_notify: bool,
 }
 
 impl Config {
@@ -43,6 +44,7 @@ impl Config {
             pid_file: None,
             control: None,
             start_advice: None,
+            ready_on_notify: false,
         }
     }
 
@@ -136,6 +138,18 @@ impl Config {
     /// crash-loops with no word of why.
     pub fn start_advice(mut self, advice: impl Into<String>) -> Config {
         self.start_advice = Some(advice.into());
+        self
+    }
+}
+
+impl Config {
+    /// Each worker gets a `NOTIFY_SOCKET` of its own (`sd_notify(3)`), and
+    /// counts as Ready when it sends `READY=1` there; `STATUS=` shows in
+    /// `status`, and with a timeout, `WATCHDOG=1` keeps it from being
+    /// killed as hung once it has sent one (notified.rs). For programs
+    /// that speak systemd's protocol rather than respawn's channel.
+    pub fn ready_on_notify(mut self, on: bool) -> Config {
+        self.ready_on_notify = on;
         self
     }
 }

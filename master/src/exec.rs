@@ -35,6 +35,7 @@ pub struct Exec {
     max_requests: u64,
     jitter: u64,
     ready_at_exec: bool,
+    ready_on_notify: bool,
 }
 
 impl Exec {
@@ -58,6 +59,7 @@ impl Exec {
             max_requests: 0,
             jitter: 0,
             ready_at_exec: false,
+            ready_on_notify: false,
         })
     }
 
@@ -74,6 +76,15 @@ impl Exec {
     /// warning, replaced at its exit).
     pub fn ready_at_exec(mut self, on: bool) -> Exec {
         self.ready_at_exec = on;
+        self
+    }
+
+    /// The program speaks systemd's readiness protocol, not the channel: it
+    /// is given no pipe, and counts as Ready when it sends READY=1 to the
+    /// NOTIFY_SOCKET the master made for it (with
+    /// `Config::ready_on_notify`, which the master needs too).
+    pub fn ready_on_notify(mut self, on: bool) -> Exec {
+        self.ready_on_notify = on;
         self
     }
 
@@ -95,8 +106,9 @@ impl Exec {
     fn exec(&self, handoff: &Handoff, pid: u32) -> io::Error {
         let listeners: Vec<RawFd> = handoff.listeners.iter().map(AsRawFd::as_raw_fd).collect();
         let channel = handoff.channel.as_fd().as_raw_fd();
+        let speaks_channel = !self.ready_at_exec && !self.ready_on_notify;
         let mut sources = listeners.clone();
-        if !self.ready_at_exec {
+        if speaks_channel {
             sources.push(channel);
         }
         if let Err(err) = place_from_3(&sources) {
@@ -122,7 +134,7 @@ impl Exec {
             ("LISTEN_FDNAMES".to_owned(), names),
             ("RESPAWN_SLOT".to_owned(), handoff.slot.to_string()),
         ];
-        if !self.ready_at_exec {
+        if speaks_channel {
             ours.push(("RESPAWN_CHANNEL_FD".to_owned(), (3 + n).to_string()));
         }
         if let Some(share) = share(self.max_requests, self.jitter) {

@@ -92,6 +92,8 @@ pub(crate) struct AdoptedWorker {
     pub kill_at: Option<Instant>,
     pub killed: bool,
     pub hung: bool,
+    /// Its own NOTIFY_SOCKET (`--ready-on-notify`), kept open.
+    pub notify: Option<RawFd>,
 }
 
 /// One moment read on both clocks, to turn an `Instant` into monotonic
@@ -143,7 +145,7 @@ impl MasterState {
             .into_iter()
             .chain(self.control)
             .chain(self.conns.iter().map(|(fd, _)| *fd))
-            .chain(self.workers.iter().filter_map(|w| w.pipe))
+            .chain(self.workers.iter().flat_map(|w| [w.pipe, w.notify]).flatten())
     }
 
     /// Writes the state into a new sealed memory file; its fd is
@@ -248,8 +250,9 @@ impl MasterState {
         for w in &self.workers {
             let pipe = w.pipe.map_or("-".to_owned(), |fd| fd.to_string());
             let kill = w.kill_at.map_or("-".to_owned(), |at| clock.ns(at).to_string());
+            let notify = w.notify.map_or("-".to_owned(), |fd| fd.to_string());
             out.push_str(&format!(
-                "worker {} {} {pipe} {} {} {} {} {} {kill} {} {}\n",
+                "worker {} {} {pipe} {} {} {} {} {} {kill} {} {} {notify}\n",
                 w.pid,
                 w.slot,
                 w.image,
@@ -364,9 +367,10 @@ impl MasterState {
                         .restarts
                         .push(clock.instant(number_of(ns).ok_or_else(|| fault("not a time"))?));
                 }
-                ("worker", [pid, slot, pipe, image, generation, st, ready, spawned, kill, killed, hung])
-                    if state.workers.len() < SCOREBOARD_ROWS =>
-                {
+                (
+                    "worker",
+                    [pid, slot, pipe, image, generation, st, ready, spawned, kill, killed, hung, notify],
+                ) if state.workers.len() < SCOREBOARD_ROWS => {
                     let pid: i32 = number_of(pid)
                         .filter(|&pid| pid > 1)
                         .ok_or_else(|| fault("not a pid"))?;
@@ -376,6 +380,8 @@ impl MasterState {
                     }
                     let pipe =
                         optional(pipe, |fd| fds.take(fd)).ok_or_else(|| fault("not an fd of its own"))?;
+                    let notify =
+                        optional(notify, |fd| fds.take(fd)).ok_or_else(|| fault("not an fd of its own"))?;
                     let time = |ns: &str| number_of(ns).map(|ns| clock.instant(ns));
                     state.workers.push(AdoptedWorker {
                         pid,
@@ -389,6 +395,7 @@ impl MasterState {
                         kill_at: optional(kill, time).ok_or_else(|| fault("not a time"))?,
                         killed: flag_of(killed).ok_or_else(|| fault("not 0 or 1"))?,
                         hung: flag_of(hung).ok_or_else(|| fault("not 0 or 1"))?,
+                        notify,
                     });
                 }
                 ("end", []) => ended = true,
@@ -535,6 +542,7 @@ mod tests {
                     kill_at: None,
                     killed: false,
                     hung: false,
+                    notify: Some(12),
                 },
                 AdoptedWorker {
                     pid: 1200,
@@ -548,6 +556,7 @@ mod tests {
                     kill_at: Some(now + Duration::from_secs(29)),
                     killed: false,
                     hung: true,
+                    notify: None,
                 },
             ],
         }
@@ -560,8 +569,8 @@ mod tests {
         fds.sort_unstable();
         assert_eq!(
             fds,
-            [6, 9, 11, 20, 21, 22],
-            "scoreboard, control, a pipe, three connections"
+            [6, 9, 11, 12, 20, 21, 22],
+            "scoreboard, control, a pipe, a notification socket, three connections"
         );
     }
 
@@ -620,6 +629,7 @@ mod tests {
                 kill_at: Some(clock.now + Duration::from_secs(30)),
                 killed: false,
                 hung: false,
+                notify: None,
             })
             .collect();
         let text = big.encode(clock);

@@ -149,6 +149,7 @@ mod limits;
 mod listen;
 mod logbuf;
 mod master;
+mod notified;
 mod notify;
 mod pidfile;
 mod policy;

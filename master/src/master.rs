@@ -38,7 +38,7 @@
 
 mod deploy;
 mod settle;
-mod strays;
+pub(crate) mod strays;
 
 use crate::control::{self, Control, Pending};
 use crate::error::describe;
@@ -52,7 +52,7 @@ use crate::spawn::{self, ChildSetup, FdFloor, SpawnError};
 use crate::status::Counters;
 use crate::table::{Event, Received, State, Table, Wanted, Worker};
 use crate::upgrade::{self, Program, Upgrade};
-use crate::{limits, logbuf, reap};
+use crate::{limits, logbuf, notified, reap};
 use crate::{Config, Error};
 use log::{debug, error, info, warn};
 use mio::unix::SourceFd;
@@ -274,6 +274,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                     SIGNALS => self.handle_signals()?,
                     LOG => {} // written at the top of every turn
                     token if control::owns(token) => self.serve_control(token),
+                    token if notified::owns(token) => self.read_notices(token),
                     token => self.read_worker_messages(token),
                 }
             }
@@ -304,7 +305,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     fn wait_for_events(&mut self, events: &mut Events) -> Result<(), Error> {
         let now = Instant::now();
         let timeout = [
-            self.workers.next_deadline(self.config.start_timeout),
+            self.workers
+                .next_deadline(self.config.start_timeout, self.watchdog()),
             self.backoff.next_deadline(now),
             self.next_hung_check,
             self.notify.next_watchdog(),
@@ -564,8 +566,51 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// brought.
     fn read_unfinished_pipes(&mut self) {
         for token in std::mem::take(&mut self.unfinished_pipes) {
-            self.read_worker_messages(token);
+            if notified::owns(token) {
+                self.read_notices(token);
+            } else {
+                self.read_worker_messages(token);
+            }
         }
+    }
+
+    /// What a worker said on its own NOTIFY_SOCKET (`--ready-on-notify`,
+    /// notified.rs): READY=1 is its Ready, STATUS= is kept for `status`,
+    /// WATCHDOG=1 puts off its hung deadline.
+    fn read_notices(&mut self, token: Token) {
+        let graceful = self.config.graceful_timeout;
+        let Some(worker) = self.workers.by_token(notified::pipe_token(token)) else {
+            return;
+        };
+        let Some(socket) = &worker.notify else {
+            return;
+        };
+        let uid = self
+            .config
+            .run_as
+            .as_ref()
+            .and_then(|run_as| run_as.uid())
+            .unwrap_or_else(|| nix::unistd::geteuid().as_raw());
+        let (notices, more) = notified::receive(socket, worker.pid.as_raw(), uid);
+        let was_ready = worker.was_ready;
+        for notice in notices {
+            match notice {
+                notified::Notice::Ready => on_message(worker, Message::Ready, graceful, &self.scoreboard),
+                notified::Notice::Status(text) => worker.notify_status = Some(text),
+                notified::Notice::Watchdog => worker.watchdog_at = Some(Instant::now()),
+            }
+        }
+        if worker.was_ready != was_ready {
+            self.strays.look_soon();
+        }
+        if more {
+            self.unfinished_pipes.push(token);
+        }
+    }
+
+    /// The watchdog's timeout: `--timeout`, for workers that notify.
+    fn watchdog(&self) -> Option<Duration> {
+        self.config.timeout.filter(|_| self.config.ready_on_notify)
     }
 
     /// 'message': what a worker's pipe holds now, up to a turn's budget.
@@ -660,6 +705,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             control.expire(now, self.poll.registry());
         }
         let (graceful, start_timeout) = (self.config.graceful_timeout, self.config.start_timeout);
+        let watchdog = self.watchdog();
         let mut advise = false;
         for worker in self.workers.iter_mut().filter(|w| !w.killed) {
             if worker.kill_at.is_some_and(|at| at <= now) {
@@ -668,6 +714,15 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                     worker.pid,
                     graceful.as_secs_f64()
                 );
+                kill(worker);
+            } else if worker.watchdog_deadline(watchdog).is_some_and(|at| at <= now) {
+                warn!(
+                    "worker {} sent no WATCHDOG=1 for {} s; killing it as hung",
+                    worker.pid,
+                    watchdog.unwrap_or_default().as_secs_f64()
+                );
+                worker.state = worker.state.next(Event::Stop);
+                worker.hung = true;
                 kill(worker);
             } else if worker.start_deadline(start_timeout).is_some_and(|at| at <= now) {
                 warn!(
@@ -853,9 +908,23 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// (spawn.rs: the same steps either way). If the host refuses, that is
     /// logged, and the slot is retried on its backoff.
     fn spawn_worker(&mut self, slot: usize) {
+        let notify = match self.open_notify_socket() {
+            Ok(notify) => notify,
+            Err(err) => {
+                self.fork_failed(
+                    slot,
+                    SpawnError {
+                        doing: "its notification socket",
+                        err,
+                    },
+                );
+                return;
+            }
+        };
         let master_fds = self.master_fds();
         self.scoreboard.reset(slot);
         let new_binary = self.wanted.image != self.image;
+        let watchdog = self.watchdog().map(|timeout| timeout.as_micros());
         let setup = ChildSetup {
             slot,
             listeners: &self.listeners,
@@ -871,6 +940,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                     .map(|fd| (fd.as_raw_fd(), self.scoreboard.rows()));
                 (&self.program, file)
             }),
+            notify: notify.as_ref().map(|n| (n.name.as_str(), watchdog)),
         };
         let spawned = match spawn::spawn_worker(&setup, &mut self.work) {
             Ok(spawned) => spawned,
@@ -886,6 +956,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         let mut worker = Worker::new(spawned.pid, slot, token, Some(spawned.pipe));
         worker.image = self.wanted.image;
         worker.generation = self.generation;
+        worker.notify = notify.map(|n| n.socket);
+        self.watch_notify_socket(&mut worker);
         info!("worker {} spawned", spawned.pid);
         if let Err(err) = self
             .poll
@@ -901,6 +973,42 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             kill(&mut worker);
         }
         self.workers.insert(worker);
+    }
+
+    /// With `--ready-on-notify`, the worker's own NOTIFY_SOCKET, made
+    /// before its fork and lifted above the fd floor (the child closes it
+    /// with the pipes).
+    fn open_notify_socket(&mut self) -> io::Result<Option<notified::WorkerSocket>> {
+        if !self.config.ready_on_notify {
+            return Ok(None);
+        }
+        let notified::WorkerSocket { socket, name } = notified::open(self.next_token)?;
+        let socket = self.floor.lift_or_keep(socket.into());
+        Ok(Some(notified::WorkerSocket {
+            socket: socket.into(),
+            name,
+        }))
+    }
+
+    /// Watches a worker's NOTIFY_SOCKET, if it has one; without it the
+    /// worker could never say Ready: a failed start.
+    fn watch_notify_socket(&mut self, worker: &mut Worker) {
+        let Some(socket) = &worker.notify else {
+            return;
+        };
+        let token = notified::token_of(worker.token);
+        if let Err(err) =
+            self.poll
+                .registry()
+                .register(&mut SourceFd(&socket.as_raw_fd()), token, Interest::READABLE)
+        {
+            error!(
+                "watching the notification socket of worker {}: {}; killing it",
+                worker.pid,
+                describe(&err)
+            );
+            kill(worker);
+        }
     }
 
     /// A fork or a pipe failed: the host is out of something. The workers
@@ -943,7 +1051,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         let low_pipes = self
             .workers
             .iter()
-            .filter_map(|w| w.pipe.as_ref().map(|p| p.as_raw_fd()))
+            .flat_map(|w| {
+                let pipe = w.pipe.as_ref().map(|p| p.as_raw_fd());
+                let notify = w.notify.as_ref().map(|n| n.as_raw_fd());
+                [pipe, notify]
+            })
+            .flatten()
             .filter(|&fd| fd < floor);
         let scoreboard = self.scoreboard.file().map(|fd| fd.as_raw_fd());
         let control = self.control.as_ref().map_or(Vec::new(), Control::fds);

@@ -125,6 +125,10 @@ pub(crate) struct ChildSetup<'a> {
     /// During an upgrade: the new binary, which the child executes as a
     /// worker (step 5), handed the scoreboard's file (fd and rows).
     pub exec: Option<(&'a Program, Option<(RawFd, usize)>)>,
+    /// `--ready-on-notify`: the worker's own NOTIFY_SOCKET, and the
+    /// watchdog's timeout in microseconds if there is one: set in its
+    /// environment (notified.rs).
+    pub notify: Option<(&'a str, Option<u128>)>,
 }
 
 /// Forks a worker. Returns in the master only; the child runs `work` and
@@ -191,6 +195,14 @@ where
         return exit_code::SETUP_FAILED;
     }
     ignore_master_controls();
+    if let Some((name, watchdog)) = setup.notify {
+        // One thread in this child: nothing reads the environment meanwhile.
+        std::env::set_var("NOTIFY_SOCKET", name);
+        if let Some(usec) = watchdog {
+            std::env::set_var("WATCHDOG_USEC", usec.to_string());
+            std::env::set_var("WATCHDOG_PID", pid.to_string());
+        }
+    }
     if let Some((program, scoreboard)) = setup.exec {
         let env = WorkerEnv {
             slot: setup.slot,

@@ -61,6 +61,8 @@ struct WorkerView {
     peer: Option<String>,
     cpu_secs: Option<f64>,
     rss_bytes: Option<u64>,
+    /// The last STATUS= it sent (`--ready-on-notify`).
+    notify_status: Option<String>,
 }
 
 fn workers(input: &Input, now: Instant) -> Vec<WorkerView> {
@@ -86,6 +88,7 @@ fn workers(input: &Input, now: Instant) -> Vec<WorkerView> {
                 peer: busy.and_then(|_| text(&row.peer)),
                 cpu_secs: cpu_secs(w.pid.as_raw()),
                 rss_bytes: rss_bytes(w.pid.as_raw()),
+                notify_status: w.notify_status.clone(),
             }
         })
         .collect();
@@ -144,7 +147,8 @@ pub(crate) fn json(input: &Input) -> String {
         let _ = write!(
             out,
             "{}{{\"pid\":{},\"slot\":{},\"generation\":{},\"state\":\"{}\",\"age_secs\":{:.3},\
-             \"requests\":{},\"busy_secs\":{},\"request\":{},\"peer\":{},\"cpu_secs\":{},\"rss_bytes\":{}}}",
+             \"requests\":{},\"busy_secs\":{},\"request\":{},\"peer\":{},\"cpu_secs\":{},\"rss_bytes\":{},\
+             \"notify_status\":{}}}",
             if i > 0 { "," } else { "" },
             w.pid,
             w.slot,
@@ -157,6 +161,7 @@ pub(crate) fn json(input: &Input) -> String {
             w.peer.as_deref().map_or("null".to_owned(), string),
             w.cpu_secs.map_or("null".to_owned(), |c| format!("{c:.2}")),
             number(w.rss_bytes),
+            w.notify_status.as_deref().map_or("null".to_owned(), string),
         );
     }
     out.push_str("]}\n");

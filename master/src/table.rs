@@ -109,6 +109,12 @@ pub(crate) struct Worker {
     pub hung: bool,
     /// It said Ready once: from then on its death is not a failed start.
     pub was_ready: bool,
+    /// Its own NOTIFY_SOCKET (`--ready-on-notify`, notified.rs).
+    pub notify: Option<std::os::unix::net::UnixDatagram>,
+    /// The last STATUS= it sent there.
+    pub notify_status: Option<String>,
+    /// When it last sent WATCHDOG=1, if it ever did.
+    pub watchdog_at: Option<Instant>,
 }
 
 impl Worker {
@@ -129,6 +135,17 @@ impl Worker {
             cpu_sample: None,
             hung: false,
             was_ready: false,
+            notify: None,
+            notify_status: None,
+            watchdog_at: None,
+        }
+    }
+
+    /// When it is hung for want of a WATCHDOG=1, if it ever sent one.
+    pub(crate) fn watchdog_deadline(&self, timeout: Option<Duration>) -> Option<Instant> {
+        match (self.watchdog_at, timeout) {
+            (Some(at), Some(timeout)) if !self.killed && self.state.counts() => Some(at + timeout),
+            _ => None,
         }
     }
 
@@ -286,11 +303,21 @@ impl Table {
 
     /// The nearest moment a worker must be killed: a stopping one after the
     /// graceful timeout, a starting one after `start_timeout`.
-    pub(crate) fn next_deadline(&self, start_timeout: Option<Duration>) -> Option<Instant> {
+    pub(crate) fn next_deadline(
+        &self,
+        start_timeout: Option<Duration>,
+        watchdog: Option<Duration>,
+    ) -> Option<Instant> {
         self.workers
             .iter()
             .filter(|w| !w.killed)
-            .flat_map(|w| [w.kill_at, w.start_deadline(start_timeout)])
+            .flat_map(|w| {
+                [
+                    w.kill_at,
+                    w.start_deadline(start_timeout),
+                    w.watchdog_deadline(watchdog),
+                ]
+            })
             .flatten()
             .min()
     }
@@ -452,15 +479,15 @@ mod tests {
         for worker in table.iter_mut() {
             worker.state = State::Ready;
         }
-        assert_eq!(table.next_deadline(None), None);
+        assert_eq!(table.next_deadline(None, None), None);
         let now = Instant::now();
         let later = now + Duration::from_secs(5);
         table.iter_mut().next().unwrap().kill_at = Some(later);
         table.iter_mut().last().unwrap().kill_at = Some(now);
-        assert_eq!(table.next_deadline(None), Some(now));
+        assert_eq!(table.next_deadline(None, None), Some(now));
         table.iter_mut().last().unwrap().killed = true;
         assert_eq!(
-            table.next_deadline(None),
+            table.next_deadline(None, None),
             Some(later),
             "a killed worker is only awaited"
         );
@@ -471,13 +498,17 @@ mod tests {
         let mut table = table_of(2);
         let timeout = Duration::from_secs(7);
         let first = table.iter().map(|w| w.spawned_at).min().unwrap();
-        assert_eq!(table.next_deadline(Some(timeout)), Some(first + timeout));
-        assert_eq!(table.next_deadline(None), None, "no start timeout, no deadline");
+        assert_eq!(table.next_deadline(Some(timeout), None), Some(first + timeout));
+        assert_eq!(
+            table.next_deadline(None, None),
+            None,
+            "no start timeout, no deadline"
+        );
         for worker in table.iter_mut() {
             worker.state = worker.state.next(Event::Ready);
         }
         assert_eq!(
-            table.next_deadline(Some(timeout)),
+            table.next_deadline(Some(timeout), None),
             None,
             "ready: no start deadline"
         );

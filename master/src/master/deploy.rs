@@ -10,6 +10,7 @@
 
 use super::*;
 use crate::handdown::{AdoptedWorker, MasterState};
+use crate::notified;
 use crate::privileges;
 use crate::status;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -187,7 +188,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         let kept: Vec<RawFd> = state
             .workers
             .iter()
-            .filter_map(|w| w.pipe)
+            .flat_map(|w| [w.pipe, w.notify])
+            .flatten()
             .chain(state.scoreboard.map(|(fd, _)| fd))
             .chain(state.control)
             .chain(conns.iter().map(|(fd, _)| *fd))
@@ -243,6 +245,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                     kill_at: w.kill_at,
                     killed: w.killed,
                     hung: w.hung,
+                    notify: w.notify.as_ref().map(AsRawFd::as_raw_fd),
                 })
                 .collect(),
         }
@@ -280,6 +283,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             // SAFETY: the previous image left this fd open for us alone
             // (the state naming it is removed, and names each fd once).
             let pipe = handed.pipe.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+            // SAFETY: as for the pipe.
+            let notify = handed.notify.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
             let pid = Pid::from_raw(handed.pid);
             if !children.contains(&pid) {
                 gone.push(pid.to_string());
@@ -288,7 +293,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             // Above the floor again, close-on-exec: closed in each fork
             // with one close_range, not one by one.
             let pipe = pipe.map(|pipe| self.floor.lift_or_keep(pipe));
-            self.adopt_worker(handed, pipe);
+            let notify = notify.map(|fd| notified::adopt(self.floor.lift_or_keep(fd)));
+            self.adopt_worker(handed, pipe, notify);
             adopted += 1;
         }
         info!(
@@ -305,7 +311,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
     }
 
-    fn adopt_worker(&mut self, handed: AdoptedWorker, pipe: Option<OwnedFd>) {
+    fn adopt_worker(
+        &mut self,
+        handed: AdoptedWorker,
+        pipe: Option<OwnedFd>,
+        notify: Option<std::os::unix::net::UnixDatagram>,
+    ) {
         let token = Token(self.next_token);
         self.next_token += 1;
         let mut worker = Worker::new(Pid::from_raw(handed.pid), handed.slot, token, pipe);
@@ -317,6 +328,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         worker.kill_at = handed.kill_at;
         worker.killed = handed.killed;
         worker.hung = handed.hung;
+        worker.notify = notify;
+        self.watch_notify_socket(&mut worker);
         if let Some(pipe) = &worker.pipe {
             if let Err(err) =
                 self.poll

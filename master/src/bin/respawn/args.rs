@@ -20,7 +20,7 @@ usage: respawn [-w N] [-l HOST:PORT|unix:PATH]... [--listen-mode OCTAL]
        [--start-timeout SECS] [--max-requests N] [--max-requests-jitter J]
        [--max-restarts R] [--restart-window SECS] [--min-uptime SECS]
        [--user NAME] [--group NAME] [--pid-file PATH] [--control PATH]
-       [--log-format text|json] [--ready-on-exec]
+       [--log-format text|json] [--ready-on-exec | --ready-on-notify]
        [--demo-fail-start | --demo-hang-start | --demo-bad-ipc]
        [-h|--help] [-V|--version] [-- CMD [ARGS...]]
    or: respawn ctl PATH COMMAND  (respawn ctl --help)";
@@ -54,6 +54,7 @@ usage: respawn [flags] [-- CMD [ARGS...]]   SECS may have a fraction
       --demo-bad-ipc           every worker speaks a newer ipc version: backoff
       --ready-on-exec          CMD does not speak docs/protocol.md: Ready
                                once executed, no handover
+      --ready-on-notify        CMD says READY=1 to its own $NOTIFY_SOCKET
   -h, --help, -V, --version    this help, the version
   -- CMD [ARGS...]             workers run CMD (node app.js...) instead of
                                the demo, listeners at fd 3 (LISTEN_FDS)
@@ -61,8 +62,7 @@ usage: respawn [flags] [-- CMD [ARGS...]]   SECS may have a fraction
 defaults in [brackets].  The demo's routes, without -- CMD:
 routes: GET /     which worker answered   GET /crash     the handler panics
         GET /hang spins: for --timeout    GET /sleep/MS  answers after MS ms
-        GET /version which build answers (RESPAWN_DEMO_TAG is added)
-        GET /exit the worker exits at once, unanswered (a hard exit)
+        GET /version which build answers  GET /exit      exits hard, unanswered
 signals: TERM, QUIT stop gracefully, INT at once, HUP replaces every worker,
          TTIN adds a worker, TTOU removes one, USR2 upgrades to the binary
          now on disk (backs out if it fails).  RUST_LOG=debug logs more.
@@ -159,6 +159,8 @@ pub struct Args {
     pub command: Vec<std::ffi::OsString>,
     /// `--ready-on-exec`: CMD does not speak the channel.
     pub ready_on_exec: bool,
+    /// `--ready-on-notify`: CMD speaks sd_notify instead of the channel.
+    pub ready_on_notify: bool,
     /// `--listen` was given (not the default): said if systemd's
     /// listeners are taken instead.
     pub listen_given: bool,
@@ -212,6 +214,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
         control: None,
         command,
         ready_on_exec: false,
+        ready_on_notify: false,
         listen_given: false,
         log_format: Format::Text,
     };
@@ -247,6 +250,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
             Long("pid-file") => args.pid_file = Some(parser.value()?.into()),
             Long("control") => args.control = Some(parser.value()?.into()),
             Long("ready-on-exec") => args.ready_on_exec = true,
+            Long("ready-on-notify") => args.ready_on_notify = true,
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             _ => return Err(arg.unexpected()),
@@ -263,6 +267,21 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt:
     if demos.into_iter().filter(|&on| on).count() > 1 {
         return Err(
             "--demo-fail-start, --demo-hang-start and --demo-bad-ipc exclude each other: pick one".into(),
+        );
+    }
+    if args.ready_on_notify && args.command.is_empty() {
+        return Err(
+            "--ready-on-notify: only with a command to run (respawn [flags] -- CMD [ARGS...])".into(),
+        );
+    }
+    if args.ready_on_notify && args.ready_on_exec {
+        return Err("--ready-on-exec and --ready-on-notify exclude each other: pick one".into());
+    }
+    if args.ready_on_notify && max_requests_given {
+        return Err(
+            "--max-requests cannot work with --ready-on-notify: the program sends no Suicide \
+                    to hand over after its share (make it speak the channel: docs/protocol.md)"
+                .into(),
         );
     }
     if args.ready_on_exec && args.command.is_empty() {

@@ -483,6 +483,8 @@ pub struct Worker {
     pub peer: Option<String>,
     pub cpu_secs: Option<f64>,
     pub rss_bytes: Option<u64>,
+    /// The last STATUS= the worker sent (`--ready-on-notify`).
+    pub notify_status: Option<String>,
 }
 
 /// A worker's CPU time and age at one refresh, by pid.
@@ -543,6 +545,7 @@ impl Status {
                     peer: text(w, "peer"),
                     cpu_secs: float(w, "cpu_secs"),
                     rss_bytes: uint(w, "rss_bytes"),
+                    notify_status: text(w, "notify_status"),
                 })
                 .collect(),
         })
@@ -751,7 +754,11 @@ fn worker_table(status: &Status, previous: &Samples, width: usize) -> Vec<String
 /// it and some of the request (the method and path come first).
 fn doing(worker: &Worker, room: usize) -> String {
     let Some(request) = &worker.request else {
-        return cut("-", room);
+        // Idle: what the program last said of itself (STATUS=), if it did.
+        return match &worker.notify_status {
+            Some(status) => cut(&format!("[{}]", printable(status, 4096)), room),
+            None => cut("-", room),
+        };
     };
     let request = printable(request, 4096);
     let suffix = match &worker.peer {

@@ -106,7 +106,8 @@ fn serve(args: &Args) -> i32 {
         Some((command, rest)) => match respawn_master::Exec::new(command, rest.iter().cloned()) {
             Ok(exec) => Some(
                 exec.max_requests(args.max_requests, args.max_requests_jitter)
-                    .ready_at_exec(args.ready_on_exec),
+                    .ready_at_exec(args.ready_on_exec)
+                    .ready_on_notify(args.ready_on_notify),
             ),
             Err(err) => {
                 say(&format!("respawn: -- {err}\n"));
@@ -152,7 +153,13 @@ fn serve(args: &Args) -> i32 {
         Some(path) => config.control(path),
         None => config,
     };
-    let config = if exec.is_some() && !args.ready_on_exec {
+    let config = config.ready_on_notify(args.ready_on_notify);
+    let config = if args.ready_on_notify {
+        config.start_advice(
+            "a program run with --ready-on-notify must send READY=1 to the socket its \
+             NOTIFY_SOCKET names (sd_notify(3), systemd-notify --ready) before it serves",
+        )
+    } else if exec.is_some() && !args.ready_on_exec {
         config.start_advice(
             "a program run with -- must say Ready on its channel before it serves: run a Node server \
              through respawn.serve (clients/node/respawn.js), a Python one through respawn.serve or \
