@@ -134,7 +134,11 @@ bench-any: linux-only
 MUTATE ?= ipc/src/message.rs ipc/src/scoreboard.rs ipc/src/channel.rs \
 	master/src/table.rs master/src/policy.rs master/src/hung.rs \
 	master/src/master.rs master/src/logbuf.rs master/src/signals.rs \
-	master/src/limits.rs worker/src/lib.rs worker/src/stop.rs worker/src/accept.rs
+	master/src/limits.rs worker/src/lib.rs worker/src/stop.rs worker/src/accept.rs \
+	master/src/master/settle.rs master/src/master/deploy.rs master/src/master/strays.rs \
+	master/src/handdown.rs master/src/upgrade.rs master/src/control.rs master/src/status.rs \
+	master/src/exec.rs master/src/listen.rs master/src/activation.rs master/src/notify.rs \
+	master/src/notified.rs master/src/pidfile.rs master/src/privileges.rs master/src/title.rs
 # cargo-mutants' own baseline runs only the mutated crate's tests: make test
 # first proves the whole suite passes on the unmutated tree.
 mutants: linux-only test
