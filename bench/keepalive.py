@@ -3,15 +3,18 @@
 client (clients/node/respawn.js): what fraction of their requests fail.
 
     python3 bench/keepalive.py [--app plain|express] [--seconds 10] [--runs 3]
+        [--crashes 10] [--only crashes|hups] [--client respawn.js] [--respawn BIN]
 
-Four keep-alive connections (wrk -t2 -c4) send GET / back to back to
-`respawn --workers 2 -- node APP` while, in the first scenario, another
-client requests /crash on a connection of its own ten times a second (an
+Four keep-alive connections (wrk -t2 -c4 --timeout 10s) send GET / back to
+back to `respawn --workers 2 -- node APP` while, in the first scenario,
+another client requests /crash on a connection of its own --crashes times a
+second, each on a thread of its own whatever the answers' latency (an
 uncaught exception each: the worker sends Suicide, stops, and leaves) and,
 in the second, the master is sent three HUPs (each a rolling restart of
-both workers). A failure is what wrk counts as one: a socket error (a
-connection reset or closed with the request unanswered, a timeout) or an
-answer other than 2xx. The /crash requests are not counted.
+both workers, waited for). A failure is what wrk counts as one: a socket
+error (a connection reset, or closed with the request unanswered; a wait
+over 10 s) or an answer other than 2xx. The /crash requests are not
+counted. --client runs another respawn.js (an older one, to compare).
 
 APP is written to a temporary directory: `plain` is a node:http server,
 `express` the same routes on Express (`npm install express` into that
@@ -99,7 +102,7 @@ def figures(load, seconds):
             "socket errors": socket.group(0) if socket else "none", "non-2xx": non2xx}
 
 
-def crashes(sys_, seconds, every=0.1):
+def crashes(sys_, seconds, every):
     """Keep-alive load beside a /crash every `every` seconds."""
     server = sys_.start(2)
     try:
@@ -111,7 +114,7 @@ def crashes(sys_, seconds, every=0.1):
 
         def crash():
             try:
-                answered.append(get(server.port, "/crash", timeout=5))
+                answered.append(get(server.port, "/crash", timeout=15))
             except OSError:
                 answered.append(None)
 
@@ -122,7 +125,7 @@ def crashes(sys_, seconds, every=0.1):
             time.sleep(every)
         result = figures(load, seconds)
         for thread in threads:
-            thread.join(timeout=10)
+            thread.join(timeout=20)
         result["crashes"] = f"{len(threads)} sent, {answered.count(500)} answered 500"
         return result
     finally:
@@ -152,6 +155,8 @@ def main():
     parser.add_argument("--app", choices=["plain", "express"], default="plain")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--crashes", type=float, default=10.0, help="crashes a second (10)")
+    parser.add_argument("--only", choices=["crashes", "hups"], help="one scenario")
     parser.add_argument("--respawn", default=run.RESPAWN, help="the binary (default: the release build)")
     parser.add_argument("--client", default=CLIENT, help="respawn.js to try (default: clients/node's)")
     args = parser.parse_args()
@@ -160,7 +165,9 @@ def main():
             sys.exit(f"keepalive: {tool} is missing")
     with tempfile.TemporaryDirectory(prefix="respawn-keepalive-") as directory:
         sys_ = system(write_app(directory, args.app, os.path.abspath(args.client)), args.respawn)
-        for name, scenario in [("crashes 10/s", crashes), ("3 HUPs", hups)]:
+        storm = lambda sys_, seconds: crashes(sys_, seconds, 1.0 / args.crashes)  # noqa: E731
+        scenarios = [("crashes", f"crashes {args.crashes:g}/s", storm), ("hups", "3 HUPs", hups)]
+        for name, scenario in [(n, f) for key, n, f in scenarios if args.only in (None, key)]:
             rates = []
             for r in range(args.runs):
                 progress(f"{name}, run {r + 1} of {args.runs}")

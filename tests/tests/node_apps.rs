@@ -63,13 +63,19 @@ fn frameworks() -> &'static Result<PathBuf, String> {
             .map_err(|e| format!("running npm: {e}"))?;
         if !output.status.success() {
             let _ = std::fs::remove_dir_all(&scratch);
+            // npm's first error lines say what failed (`code ECONNREFUSED`,
+            // the request); the rest is in its own log.
             let said = String::from_utf8_lossy(&output.stderr);
-            let tail: Vec<&str> = said.lines().rev().take(6).collect();
+            let first: Vec<&str> = said
+                .lines()
+                .filter(|l| l.starts_with("npm error"))
+                .take(4)
+                .collect();
             return Err(format!(
                 "npm install {} failed ({}): {}",
                 PACKAGES.join(" "),
                 output.status,
-                tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+                first.join(" / ")
             ));
         }
         std::fs::rename(&scratch, &project)
@@ -78,10 +84,33 @@ fn frameworks() -> &'static Result<PathBuf, String> {
     })
 }
 
-/// The frameworks' node_modules, or `None` after skipping `test` (no node:
-/// `Need::Node`; no install: `Need::Registry`).
-fn installed(test: &str) -> Option<&'static Path> {
+/// Do node and npm run here? If not, [`skip`]s `test` (`Need::Node`: npm
+/// comes with node, and CI has both).
+fn node_and_npm(test: &str) -> bool {
     if !require(test, Need::Node) {
+        return false;
+    }
+    let npm = Command::new("npm")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !npm {
+        skip(
+            test,
+            Skip::Needs(Need::Node),
+            "`npm --version` does not run here (apt-get install npm)",
+        );
+    }
+    npm
+}
+
+/// The frameworks' node_modules, or `None` after skipping `test` (no node
+/// or npm: `Need::Node`; no install: `Need::Registry`).
+fn installed(test: &str) -> Option<&'static Path> {
+    if !node_and_npm(test) {
         return None;
     }
     match frameworks() {
@@ -547,7 +576,7 @@ fn a_stopping_worker_answers_a_request_on_a_kept_alive_connection_then_closes_it
 #[test]
 fn the_node_client_installs_with_npm_and_serves_under_respawn() {
     const TEST: &str = "the_node_client_installs_with_npm_and_serves_under_respawn";
-    if !require(TEST, Need::Node) {
+    if !node_and_npm(TEST) {
         return;
     }
     let project = TempDir::new("respawn-node-package");
