@@ -39,7 +39,8 @@
 // exits 3, the code of a worker that could not set up: a worker that bound
 // a port of its own would look healthy and never hand over. Exit codes: 0
 // stopped (SIGTERM, SIGQUIT, or its share of RESPAWN_MAX_REQUESTS served),
-// 70 after an uncaught exception, 3 could not set up.
+// 70 after an uncaught exception (or an app whose close() failed), 3 could
+// not set up (a listener refused, an app whose ready() failed).
 
 'use strict';
 const fs = require('node:fs');
@@ -291,8 +292,8 @@ function serve(target, options = {}) {
   // the connection ends with that answer; a connection between requests is
   // closed only after a grace (200 ms) in which no request came on it.
   // A client idle that long is not in the middle of sending: a request it
-  // sends later finds the connection closed before it is written, which
-  // clients of keep-alive retry (the same as Node's own keepAliveTimeout).
+  // sends later meets the race every keep-alive server has (Node's own
+  // keepAliveTimeout too), which browsers answer by retrying.
   function stop(code) {
     exitCode = Math.max(exitCode, code);
     if (stopping) return;
