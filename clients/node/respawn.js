@@ -1,8 +1,12 @@
 // respawn.js: make a Node.js server a worker of respawn. No dependencies;
-// Node 18 or newer.
+// Node 18 or newer. `npm install /path/to/respawn/clients/node` installs it
+// as the package respawn-worker.
 //
-//   const respawn = require('./respawn');
-//   respawn.serve(http.createServer(handler));
+//   const respawn = require('respawn-worker');
+//   respawn.serve(http.createServer(handler));      // node:http
+//   respawn.serve(http.createServer(expressApp));   // Express
+//   respawn.serve(http.createServer(koaApp.callback()));  // Koa
+//   respawn.serve(fastify);                         // Fastify: the instance
 //
 // respawn (the master) forks and executes this program once per worker, its
 // listening sockets already bound, at fd 3, 4, ... (LISTEN_FDS, as systemd
@@ -27,16 +31,21 @@
 // answers the request that threw with a 500, lets every other request in
 // flight finish, and only then exits (70). The article's worker exited at
 // once, dropping whatever it was serving beside the request that threw.
+// A stopping worker loses no request a kept-alive connection brought it:
+// each is answered with `Connection: close`, and a connection between
+// requests is closed only after a short grace (stop() says why).
 //
 // Not started by respawn (no LISTEN_FDS for this pid), serve() says so and
 // exits 3, the code of a worker that could not set up: a worker that bound
 // a port of its own would look healthy and never hand over. Exit codes: 0
 // stopped (SIGTERM, SIGQUIT, or its share of RESPAWN_MAX_REQUESTS served),
-// 70 after an uncaught exception, 3 could not set up.
+// 70 after an uncaught exception (or an app whose close() failed), 3 could
+// not set up (a listener refused, an app whose ready() failed).
 
 'use strict';
 const fs = require('node:fs');
 const http = require('node:http');
+const https = require('node:https');
 const net = require('node:net');
 const { AsyncLocalStorage } = require('node:async_hooks');
 
@@ -54,12 +63,19 @@ const MAX_PAYLOAD = 240;
 const OWED_AT_EXIT_MS = 5000;
 // Lines about dropped marks: at most one a second, the rest counted.
 const DROPPED_LINE_EVERY_MS = 1000;
+// How long a stopping worker keeps a kept-alive connection between
+// requests, for a request that may be on its way on it (see stop()). A
+// client that sends back to back has its next request in the worker's
+// socket well within it, a loaded machine included; one idle that long is
+// not sending.
+const KEEP_ALIVE_GRACE_MS = 200;
 
 const STOPPED = 0;
 const SETUP_FAILED = 3;
 const CRASHED = 70;
 
 const pid = process.pid;
+let serving = false;
 
 // One frame of the channel: version, kind, payload length (u16 LE), payload.
 // The text is cut to 240 bytes at the start of a character, never inside one,
@@ -100,11 +116,33 @@ function inherited() {
   };
 }
 
-// Serves `server` (an http.Server, https.Server or net.Server) on every
-// listener respawn handed over, for the rest of the process's life. Call it
-// once, instead of server.listen(). An http server's marks are per request;
-// a net.Server's, which knows no requests, per connection.
-function serve(server) {
+// Serves `target` on every listener respawn handed over, for the rest of
+// the process's life. Call it once, instead of listen(). `target` is one of:
+//
+//   an http.Server or https.Server   marks per request (Express:
+//                                    http.createServer(app); Koa:
+//                                    http.createServer(app.callback()))
+//   a net.Server                     it knows no requests: marks per connection
+//   a Fastify instance               (or any app with a `server`, `ready()`
+//                                    and `close()`): made ready before it
+//                                    serves, closed after its last request,
+//                                    so that its onClose hooks run
+//
+// Anything else (an Express or Koa app itself, a request handler, a server
+// already listening) is a TypeError, thrown at once, that says what to pass.
+//
+// options.keepAliveGraceMs: how long a stopping worker keeps a kept-alive
+// connection that is between requests (KEEP_ALIVE_GRACE_MS; see stop()).
+function serve(target, options = {}) {
+  const app = asApp(target);
+  const server = app === null ? target : app.server;
+  const wrong = misuse(target, app);
+  if (wrong !== null) throw new TypeError(wrong);
+  if (serving) throw new Error('respawn.serve was called already: call it once, with the one server');
+  serving = true;
+  const grace = Number.isFinite(options.keepAliveGraceMs) && options.keepAliveGraceMs >= 0
+    ? options.keepAliveGraceMs : KEEP_ALIVE_GRACE_MS;
+
   const handed = inherited();
   if (handed === null) {
     const script = process.argv[1] || 'your-server.js';
@@ -150,37 +188,60 @@ function serve(server) {
   };
   const end = (job) => {
     if (!inFlight.delete(job)) return;
+    if (job.connection !== undefined) {
+      job.connection.open -= 1;
+      if (stopping) linger(job.connection);
+    }
     if (inFlight.size === 0) {
       send(IDLE);
       if (stopping) leaveWhenDone();
     }
   };
 
-  // Every open connection, and how many requests it has carried. A worker
-  // that stops must not cut a connection it accepted whose request it has
-  // not read yet: that client did nothing wrong, and would see a reset.
-  // (http.Server.close() in Node 19+ closes such "idle" connections too, so
-  // the listening handle is closed with net.Server's close instead.)
+  // Every open connection of an http server: how many requests it has
+  // carried, how many of them are in flight, and, once the worker stops,
+  // the timer that closes it at the end of its grace (see stop()).
   const connections = new Map();
   const leaveWhenDone = () => {
     if (inFlight.size === 0 && connections.size === 0) leave();
   };
+  // A connection between requests, of a worker that stops: closed if no
+  // request comes on it within the grace. One that has carried none yet
+  // is kept: its first request is on its way, or the client is slow (Node's
+  // headersTimeout, then the master's --graceful-timeout, bound it).
+  function linger(connection) {
+    if (connection.open > 0 || connection.carried === 0 || connection.timer !== null) return;
+    connection.timer = setTimeout(() => {
+      connection.timer = null;
+      if (connection.open === 0) connection.socket.destroy();
+    }, grace);
+  }
 
-  const isHttp = server instanceof http.Server || server instanceof require('node:https').Server;
+  const isHttp = server instanceof http.Server || server instanceof https.Server;
   if (isHttp) {
     // prependListener: marked before the program's own handler runs, so a
     // handler that throws at once is already in flight.
     server.prependListener('connection', (socket) => {
-      connections.set(socket, 0);
+      const connection = { socket, carried: 0, open: 0, timer: null };
+      connections.set(socket, connection);
       socket.once('close', () => {
+        clearTimeout(connection.timer);
         connections.delete(socket);
         if (stopping) leaveWhenDone();
       });
     });
     server.prependListener('request', (req, res) => {
-      if (connections.has(req.socket)) connections.set(req.socket, connections.get(req.socket) + 1);
+      const connection = connections.get(req.socket);
+      if (connection !== undefined) {
+        connection.carried += 1;
+        connection.open += 1;
+        clearTimeout(connection.timer);
+        connection.timer = null;
+      }
       const job = {
-        socket: req.socket,
+        connection,
+        // The last answer on this connection: the client opens another,
+        // which a worker that is not stopping accepts.
         lastOne: () => { if (!res.headersSent) res.setHeader('Connection', 'close'); },
         // The request threw: answer it if it still can be, else cut it, so
         // that the client is not left waiting and it leaves the count.
@@ -221,32 +282,52 @@ function serve(server) {
 
   // Stop accepting, finish what is in flight, then exit with `code` (a crash
   // stays a crash: 70 wins over a later stop's 0).
+  //
+  // A kept-alive connection is not cut the moment the worker stops: its
+  // client may have sent a request the worker has not read yet (a client
+  // sending back to back sends the next one as soon as it has an answer),
+  // and a connection closed with a request unread is reset, the request
+  // lost. So every request in flight, and every request that arrives on an
+  // open connection from now on, is answered with `Connection: close`, and
+  // the connection ends with that answer; a connection between requests is
+  // closed only after a grace (200 ms) in which no request came on it.
+  // A client idle that long is not in the middle of sending: a request it
+  // sends later meets the race every keep-alive server has (Node's own
+  // keepAliveTimeout too), which browsers answer by retrying.
   function stop(code) {
     exitCode = Math.max(exitCode, code);
-    if (!stopping) {
-      stopping = true;
-      // net.Server's close: stop listening, and keep every connection.
-      for (const s of servers) net.Server.prototype.close.call(s);
-      for (const job of inFlight) job.lastOne();
+    if (stopping) return;
+    stopping = true;
+    // net.Server's close: stop listening, and keep every connection.
+    // (http.Server.close() in Node 19+ also cuts the idle ones at once.)
+    for (const s of servers) {
+      if (s.listening) net.Server.prototype.close.call(s);
     }
-    // A kept-alive connection between requests holds nothing to finish; one
-    // that has carried no request yet holds one about to be read.
-    const busy = new Set([...inFlight].map((job) => job.socket));
-    for (const [socket, carried] of connections) {
-      if (carried > 0 && !busy.has(socket)) socket.destroy();
-    }
+    for (const job of inFlight) job.lastOne();
+    for (const connection of connections.values()) linger(connection);
     leaveWhenDone();
   }
 
-  // The last answer was handed to the kernel ('finish'); exit once the
-  // handlers of this turn have run, and the master has been told what it
-  // is owed (a Suicide waiting for room in the pipe).
+  // The last answer was handed to the kernel ('finish') and the last
+  // connection is closed: exit once the handlers of this turn have run, the
+  // app is closed (its onClose hooks), and the master has been told what
+  // it is owed (a Suicide waiting for room in the pipe).
   let leaving = false;
   function leave() {
     if (leaving) return;
     leaving = true;
     const exit = () => process.exit(exitCode);
-    setImmediate(() => (channel === null ? exit() : channel.close(exit)));
+    const told = () => (channel === null ? exit() : channel.close(exit));
+    setImmediate(() => {
+      if (app === null) return told();
+      // The listener is closed already: Fastify's own server.close() finds
+      // nothing to do, and its onClose hooks run.
+      Promise.resolve().then(() => app.close()).then(told, (err) => {
+        console.error(`worker ${pid}: closing the app: ${describe(err)}`);
+        exitCode = Math.max(exitCode, CRASHED);
+        told();
+      });
+    });
   }
 
   process.on('uncaughtException', (err) => {
@@ -276,22 +357,82 @@ function serve(server) {
   // worker when sent to its process group. Caught and dropped, they do not.
   for (const signal of ['SIGHUP', 'SIGTTIN', 'SIGTTOU', 'SIGUSR2']) process.on(signal, () => {});
 
-  let listening = 0;
-  servers.forEach((s, i) => {
-    const failed = (err) => {
-      console.error(`worker ${pid}: listening on fd ${handed.fds[i]}: ${err.message}`);
-      process.exit(SETUP_FAILED);
-    };
-    s.once('error', failed);
-    s.listen({ fd: handed.fds[i] }, () => {
-      // A later error (accept failing, say) is not a failed start: left
-      // unhandled, it is an uncaught exception, and the worker is replaced.
-      s.removeListener('error', failed);
-      listening += 1;
-      if (listening === servers.length) send(READY);
+  const listen = () => {
+    if (stopping) return;
+    let listening = 0;
+    servers.forEach((s, i) => {
+      const failed = (err) => {
+        console.error(`worker ${pid}: listening on fd ${handed.fds[i]}: ${err.message}`);
+        process.exit(SETUP_FAILED);
+      };
+      s.once('error', failed);
+      s.listen({ fd: handed.fds[i] }, () => {
+        // A later error (accept failing, say) is not a failed start: left
+        // unhandled, it is an uncaught exception, and the worker is replaced.
+        s.removeListener('error', failed);
+        listening += 1;
+        if (listening === servers.length) send(READY);
+      });
     });
-  });
-  return server;
+  };
+  if (app === null) {
+    listen();
+  } else {
+    // Fastify registers its routes and plugins in ready(): a request served
+    // before it would find none, and kill the worker.
+    Promise.resolve().then(() => app.ready()).then(listen, (err) => {
+      console.error(`worker ${pid}: the app did not get ready: ${describe(err)}${where(err)}`);
+      process.exit(SETUP_FAILED);
+    });
+  }
+  return target;
+}
+
+// `target` as an app that owns its server (Fastify's shape: `server`,
+// `ready()`, `close()`), or null.
+function asApp(target) {
+  const app = target !== null && typeof target === 'object' && target.server instanceof net.Server &&
+    typeof target.ready === 'function' && typeof target.close === 'function';
+  return app ? target : null;
+}
+
+// Why respawn.serve cannot use `target`, saying what to pass, or null.
+function misuse(target, app) {
+  const kinds = 'an http.Server, https.Server or net.Server that is not listening, or a Fastify instance';
+  if (app !== null) {
+    return app.server.listening
+      ? 'respawn.serve(fastify): its server is listening already (fastify.listen() was called): ' +
+        'respawn hands the worker its listening sockets: call respawn.serve(fastify) instead of listen()'
+      : null;
+  }
+  if (typeof target === 'function') {
+    const express = typeof target.handle === 'function' && typeof target.set === 'function';
+    return express
+      ? 'respawn.serve(app): this is an Express app, a request handler, not a server: ' +
+        'pass respawn.serve(http.createServer(app))'
+      : `respawn.serve(${target.name || 'handler'}): a function is a request handler, not a server: ` +
+        `pass respawn.serve(http.createServer(${target.name || 'handler'}))`;
+  }
+  if (target !== null && typeof target === 'object' && !(target instanceof net.Server) &&
+      typeof target.callback === 'function' && typeof target.use === 'function') {
+    return 'respawn.serve(app): this is a Koa app, not a server: ' +
+      'pass respawn.serve(http.createServer(app.callback()))';
+  }
+  if (!(target instanceof net.Server)) return `respawn.serve takes ${kinds}; it was given ${shown(target)}`;
+  if (target.listening) {
+    return 'respawn.serve(server): the server is listening already (server.listen() was called): ' +
+      'respawn hands the worker its listening sockets: call respawn.serve(server) instead of listen()';
+  }
+  return null;
+}
+
+// What a value is, for a message: `undefined`, `a string`, `an object (Foo)`.
+function shown(value) {
+  if (value === null || value === undefined) return String(value);
+  const kind = typeof value;
+  const article = /^[aeiou]/.test(kind) ? 'an' : 'a';
+  const name = kind === 'object' && value.constructor && value.constructor.name;
+  return name ? `${article} ${kind} (${name})` : `${article} ${kind}`;
 }
 
 // The pipe to the master, written so that the master can never hold this

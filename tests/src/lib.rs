@@ -717,6 +717,8 @@ pub enum Need {
     Python,
     /// nginx, on the PATH or at /usr/sbin/nginx.
     Nginx,
+    /// The package registries (npm, PyPI) are reachable.
+    Registry,
 }
 
 impl std::fmt::Display for Skip {
@@ -727,6 +729,7 @@ impl std::fmt::Display for Skip {
             Skip::Needs(Need::Node) => "needs node",
             Skip::Needs(Need::Python) => "needs python3",
             Skip::Needs(Need::Nginx) => "needs nginx",
+            Skip::Needs(Need::Registry) => "needs the package registries",
             Skip::Environment => "environment",
         })
     }
