@@ -237,9 +237,9 @@ def _server_reads(handler_class):
     way (getattr, a local alias) is not seen here; _Worker.__getattr__ says
     the same at the request that makes it."""
     import dis
-    import socketserver
 
-    known = {BaseHTTPRequestHandler, socketserver.StreamRequestHandler, socketserver.BaseRequestHandler, object}
+    # http.server's own classes read nothing from self.server.
+    known = set(BaseHTTPRequestHandler.__mro__)
 
     def reads(code):
         previous = None
@@ -699,7 +699,16 @@ def _guarded(handler_class):
 # Headers about the connection, not the answer: the worker's to say (PEP
 # 3333 forbids them to an application). Every answer closes its connection.
 _HOP_BY_HOP = frozenset(
-    ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers", "transfer-encoding", "upgrade")
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    )
 )
 
 
@@ -712,7 +721,7 @@ class _Guard:
     # cannot tell (a program's handler writes to wfile itself), and then a
     # ConnectionError is taken for the client's leaving; serve_wsgi's
     # handler knows, so one the application raised is an exception.
-    _client_gone = None
+    _respawn_client_gone = None
 
     def parse_request(self):
         parsed = super().parse_request()
@@ -724,16 +733,16 @@ class _Guard:
     def handle_expect_100(self):
         # An interim answer, not this request's: no Connection header, and
         # a crash after it still gets its 500.
-        self._client(self.wfile.write, f"{self.protocol_version} 100 Continue\r\n\r\n".encode("latin-1"))
+        self._respawn_io(self.wfile.write, f"{self.protocol_version} 100 Continue\r\n\r\n".encode("latin-1"))
         return True
 
-    def _client(self, io, *args):
+    def _respawn_io(self, io, *args):
         """A read or write of the client's connection: its failure is the
         client's, and said so for handle_one_request."""
         try:
             return io(*args)
         except OSError:
-            self._client_gone = True
+            self._respawn_client_gone = True
             raise
 
     def send_header(self, keyword, value):
@@ -757,7 +766,7 @@ class _Guard:
         try:
             super().handle_one_request()
         except Exception as exc:  # what the handler did not catch
-            if isinstance(exc, ConnectionError) and self._client_gone is not False:
+            if isinstance(exc, ConnectionError) and self._respawn_client_gone is not False:
                 return  # the client left: not the program's fault
             message = worker.crash(exc)
             self._answer_crash(message)
@@ -804,7 +813,7 @@ class _WsgiHandler(BaseHTTPRequestHandler):
     body_unread = False
 
     def handle_one_request(self):
-        self._client_gone = False
+        self._respawn_client_gone = False
         try:
             self.raw_requestline = self.rfile.readline(65537)
             if len(self.raw_requestline) > 65536:
@@ -816,7 +825,7 @@ class _WsgiHandler(BaseHTTPRequestHandler):
         except OSError:
             # A head that never came whole (the client left, or sat silent
             # past the timeout) is the client's doing.
-            self._client_gone = True
+            self._respawn_client_gone = True
             return
         length = self.headers.get("Content-Length")
         if length is not None and not length.strip().isdigit():
@@ -825,7 +834,7 @@ class _WsgiHandler(BaseHTTPRequestHandler):
         try:
             self._respond(self._environ())
         except OSError:
-            if not self._client_gone:
+            if not self._respawn_client_gone:
                 raise
 
     def _environ(self):
@@ -907,7 +916,8 @@ class _WsgiHandler(BaseHTTPRequestHandler):
         if not (isinstance(status, str) and code.isdigit() and status[3:4] == " "):
             raise ValueError(f"a WSGI status is like '200 OK', not {status!r}")
         for name, value in headers:
-            if not (isinstance(name, str) and isinstance(value, str)) or "\n" in name + value or "\r" in name + value:
+            text = name + value if isinstance(name, str) and isinstance(value, str) else "\n"
+            if "\n" in text or "\r" in text:
                 raise ValueError(f"a WSGI header is two strings on one line, not {(name, value)!r}")
         self._status, self._headers = status, headers
         if int(code) in (204, 304) or code.startswith("1"):
@@ -923,7 +933,7 @@ class _WsgiHandler(BaseHTTPRequestHandler):
             # The head and the first piece of the body in one write.
             self._send_head(data, length)
         elif self._body_allowed and data:
-            self._client(self.wfile.write, data)
+            self._respawn_io(self.wfile.write, data)
 
     def _send_head(self, first, length):
         code, _, reason = self._status.partition(" ")
@@ -949,7 +959,7 @@ class _WsgiHandler(BaseHTTPRequestHandler):
             # second small write would wait for the client's ACK (Nagle).
             self._headers_buffer.append(self._first)
             self._first = b""
-            self._client(self.wfile.write, b"".join(self._headers_buffer))
+            self._respawn_io(self.wfile.write, b"".join(self._headers_buffer))
             self._headers_buffer = []
 
     def log_request(self, code="-", size="-"):
@@ -978,7 +988,7 @@ class _Body:
 
     def read(self, size=-1):
         size = self._take(size)
-        data = self.handler._client(self.handler.rfile.read, size) if size else b""
+        data = self.handler._respawn_io(self.handler.rfile.read, size) if size else b""
         self.left -= len(data)
         if size and not data:
             self.left = 0  # the client closed early: no more is coming
@@ -986,7 +996,7 @@ class _Body:
 
     def readline(self, size=-1):
         size = self._take(size)
-        data = self.handler._client(self.handler.rfile.readline, size) if size else b""
+        data = self.handler._respawn_io(self.handler.rfile.readline, size) if size else b""
         self.left -= len(data)
         if size and not data:
             self.left = 0
@@ -1028,17 +1038,17 @@ class _ChunkedBody(_Body):
         return super()._take(size)
 
     def _next_chunk(self):
-        line = self.handler._client(self.handler.rfile.readline, 1026)
+        line = self.handler._respawn_io(self.handler.rfile.readline, 1026)
         try:
             size = int(line.split(b";", 1)[0].strip(), 16) if line.endswith(b"\n") else -1
         except ValueError:
             size = -1
         if size < 0:
-            self.handler._client_gone = True
+            self.handler._respawn_client_gone = True
             raise ConnectionError(f"malformed chunk size line {line[:40]!r} in a chunked request body")
         if size == 0:
             # The trailer section, up to its empty line, is not kept.
-            while self.handler._client(self.handler.rfile.readline, 65537) not in (b"\r\n", b"\n", b""):
+            while self.handler._respawn_io(self.handler.rfile.readline, 65537) not in (b"\r\n", b"\n", b""):
                 pass
             self.ended = True
         self.left = size
@@ -1076,6 +1086,6 @@ class _ChunkedBody(_Body):
     def _end_of_chunk(self):
         if self.left == 0 and self.pending_crlf:
             self.pending_crlf = False
-            if self.handler._client(self.handler.rfile.readline, 3) not in (b"\r\n", b"\n"):
-                self.handler._client_gone = True
+            if self.handler._respawn_io(self.handler.rfile.readline, 3) not in (b"\r\n", b"\n"):
+                self.handler._respawn_client_gone = True
                 raise ConnectionError("a chunk of the request body does not end with CRLF")
