@@ -1,5 +1,15 @@
-"""respawn.py: make a Python HTTP handler a worker of respawn. Standard
-library only; Python 3.8 or newer.
+"""respawn.py: make a Python HTTP server a worker of respawn. Standard
+library only; Python 3.8 or newer. Installed with `pip install
+clients/python` (the package respawn-worker), or copied beside a program.
+
+A WSGI application (Flask, Django, Bottle, Falcon, any PEP 3333 callable):
+
+    import respawn, sys
+    from myapp import app
+
+    sys.exit(respawn.serve_wsgi(app))
+
+A handler of the standard library's http.server:
 
     import respawn, sys
     from http.server import BaseHTTPRequestHandler
@@ -12,8 +22,8 @@ library only; Python 3.8 or newer.
 respawn (the master) forks and executes this program once per worker, its
 listening sockets already bound, at fd 3, 4, ... (LISTEN_FDS, as systemd
 passes them), and the write end of a pipe to the master at fd
-RESPAWN_CHANNEL_FD. serve() accepts on those fds and keeps the contract of
-docs/protocol.md on the pipe:
+RESPAWN_CHANNEL_FD. serve() and serve_wsgi() accept on those fds and keep
+the contract of docs/protocol.md on the pipe:
 
   Ready       before the first accept: the master stops counting the start.
   Busy, Idle  at each request's start and end: the master's --timeout finds
@@ -26,25 +36,41 @@ A master that stops reading (stalled, stopped) never holds the worker up:
 the pipe is non-blocking, marks it has no room for are dropped and counted,
 and Ready and Suicide wait for room (_Channel says how).
 
-One request at a time, then the connection is closed, as the Rust worker
-does. A worker is one process with one request in flight; respawn's N
-workers are the concurrency. That is honest about Python: threads share one
-interpreter lock, so they buy waiting, not computing; and it keeps --timeout
-meaningful: a handler stuck in a loop stops the worker from starting
-anything else, which is what the master watches for, where a threaded
-server would go on accepting beside a thread spinning forever. The price: a
-slow client holds a worker, so the head must arrive within HEAD_TIMEOUT
-(unless the handler class sets its own `timeout`), and a proxy in front
-should buffer requests, as for any prefork server.
+One request at a time, then the connection is closed (every answer says
+`Connection: close`), as the Rust worker does and as gunicorn's sync
+workers do. A worker is one process with one request in flight; respawn's
+N workers are the concurrency. That is honest about Python: threads share
+one interpreter lock, so they buy waiting, not computing; and it keeps
+--timeout meaningful: a handler stuck in a loop stops the worker from
+starting anything else, which is what the master watches for, where a
+threaded server would go on accepting beside a thread spinning forever.
+Keeping connections alive would cost more than it saves here: a worker
+holding a client's idle connection is the only one that can serve its next
+request, which then waits behind whatever that worker is doing while the
+others idle; a new connection goes to the shared queue, which any free
+worker takes from. The price: a slow client holds a worker, so the head
+must arrive within HEAD_TIMEOUT (unless the handler class sets its own
+`timeout`), and a proxy in front should buffer requests, as for any
+prefork server.
 
-On an exception a handler does not catch, the worker says Suicide first,
-answers the request with a 500 (if no header went out yet; else it cuts
-the connection), and exits 70. Not started by respawn (no LISTEN_FDS for
-this pid), serve() says so and returns 3, the code of a worker that could
-not set up: a worker that bound a port of its own would look healthy and
-never hand over. Exit codes: 0 stopped (SIGTERM, SIGQUIT, or its share of
-RESPAWN_MAX_REQUESTS served), 70 after an uncaught exception, 3 could not
-set up.
+No request the worker received is lost to its closing: a client told
+`Connection: close` sends nothing more on that connection, and what it sent
+anyway (a body the handler did not read, a pipelined request) is read and
+dropped for up to LINGER seconds, in the accept loop, before the close.
+close(2) with input unread would send a reset, which can destroy the answer
+still on its way to the client. A worker that stops (SIGTERM, a crash, its
+share served) stops accepting, answers the request in flight, and gives
+such connections LINGER_AT_EXIT more before it exits.
+
+On an exception that nothing caught (a handler's, or one that escapes the
+WSGI application: a framework such as Flask answers its own 500s, and those
+stay its own), the worker says Suicide first, answers the request with a
+500 (if no header went out yet; else it cuts the connection), and exits 70.
+Not started by respawn (no LISTEN_FDS for this pid), serve() says so and
+returns 3, the code of a worker that could not set up: a worker that bound
+a port of its own would look healthy and never hand over. Exit codes: 0
+stopped (SIGTERM, SIGQUIT, or its share of RESPAWN_MAX_REQUESTS served), 70
+after an uncaught exception, 3 could not set up.
 """
 
 import os
@@ -55,6 +81,8 @@ import socket
 import sys
 import time
 import traceback
+import urllib.parse
+from http.server import BaseHTTPRequestHandler
 
 VERSION = 1
 READY, SUICIDE, BUSY, IDLE = 1, 2, 3, 4
@@ -76,6 +104,18 @@ OWED_AT_EXIT = 5.0
 # Lines about dropped marks: at most one a second, the rest counted.
 DROPPED_LINE_EVERY = 1.0
 
+# Seconds a closed connection whose client sent more than was read is
+# drained before it is closed (see the module's docs), and how many such
+# connections are held at most (the oldest is closed first). The worker
+# serves on meanwhile: the accept loop drains them.
+LINGER = 2.0
+MAX_LINGERING = 64
+# Seconds a worker that stops gives those connections at most, after its
+# last answer: enough for a client on the same network to read the answer
+# and close; a worker that stops is replaced already, so this delays only
+# its exit.
+LINGER_AT_EXIT = 0.25
+
 
 def frame(kind, text=""):
     """One frame of the channel: version, kind, payload length (u16 LE),
@@ -94,7 +134,42 @@ def frame(kind, text=""):
 def serve(handler_class):
     """Serves `handler_class` (a BaseHTTPRequestHandler subclass) on every
     listener respawn handed over, until told to stop; returns the exit code.
-    Call it from the main thread: it installs signal handlers."""
+    Call it from the main thread: it installs signal handlers. A class that
+    cannot work here (one that reads attributes of a socketserver server
+    from self.server, such as wsgiref's WSGIRequestHandler) raises
+    TypeError at once, before anything is served."""
+    why = _unservable(handler_class)
+    if why:
+        raise TypeError(why)
+    return _serve(handler_class)
+
+
+def serve_wsgi(app):
+    """Serves the WSGI application `app` (PEP 3333: Flask's app, Django's
+    get_wsgi_application(), any callable app(environ, start_response)) on
+    every listener respawn handed over, one request at a time, until told
+    to stop; returns the exit code. An exception that escapes `app` (or its
+    iterable) is uncaught: Suicide, a 500, exit 70. A framework that turns
+    its routes' exceptions into 500s (Flask, Django) keeps them: the worker
+    serves on."""
+    if isinstance(app, type) and issubclass(app, BaseHTTPRequestHandler):
+        raise TypeError(
+            f"respawn.serve_wsgi({app.__name__}): that is an http.server handler class, "
+            f"not a WSGI application: serve it with respawn.serve({app.__name__})"
+        )
+    if not callable(app):
+        raise TypeError(
+            f"respawn.serve_wsgi takes a WSGI application, a callable "
+            f"app(environ, start_response), not {type(app).__name__}"
+        )
+
+    class Wsgi(_WsgiHandler):
+        application = staticmethod(app)
+
+    return _serve(Wsgi)
+
+
+def _serve(handler_class):
     pid = os.getpid()
     handed = _inherited(pid)
     if handed is None:
@@ -112,6 +187,84 @@ def serve(handler_class):
             _log(f"worker {pid}: listening on fd {fd}: {err}")
             return SETUP_FAILED
     return _Worker(pid, listeners, channel_fd, share, handler_class).run()
+
+
+# What a handler finds as self.server, besides pid and slot: a _Worker, not
+# a socketserver server.
+_NOT_A_SERVER = (
+    "a handler's self.server is the respawn worker (pid, slot), not a "
+    "socketserver server; a WSGI application is served with respawn.serve_wsgi(app)"
+)
+
+
+def _unservable(handler_class):
+    """Why serve() cannot serve `handler_class`, or None. A handler that
+    reads from self.server what a worker does not have would fail every
+    request (`'_Worker' object has no attribute 'base_environ'`) and take
+    its worker with it, forever: better refused before the first fork
+    serves, with what to call instead."""
+    if not (isinstance(handler_class, type) and issubclass(handler_class, BaseHTTPRequestHandler)):
+        shown = getattr(handler_class, "__name__", type(handler_class).__name__)
+        if callable(handler_class) and not isinstance(handler_class, type):
+            return (
+                f"respawn.serve({shown}): serve takes a BaseHTTPRequestHandler subclass; "
+                f"a WSGI application (Flask, Django, any app(environ, start_response)) "
+                f"is served with respawn.serve_wsgi(app)"
+            )
+        return f"respawn.serve({shown}): serve takes a BaseHTTPRequestHandler subclass"
+    name = handler_class.__name__
+    # Only a program that imported wsgiref can pass its handler: no import here.
+    wsgiref = sys.modules.get("wsgiref.simple_server")
+    if wsgiref is not None and issubclass(handler_class, wsgiref.WSGIRequestHandler):
+        return (
+            f"respawn.serve({name}): wsgiref's WSGIRequestHandler needs a wsgiref server "
+            f"(base_environ, get_app), which a respawn worker is not: serve the "
+            f"application itself with respawn.serve_wsgi(app)"
+        )
+    for method, attribute in _server_reads(handler_class):
+        if not hasattr(_Worker, attribute):
+            return (
+                f"respawn.serve({name}): {method} reads self.server.{attribute}, which a "
+                f"respawn worker does not have: {_NOT_A_SERVER}"
+            )
+    return None
+
+
+def _server_reads(handler_class):
+    """(method, attribute) for each `self.server.<attribute>` that the
+    methods of `handler_class` and its bases above http.server's read, found
+    in their bytecode (nested functions included). A read written another
+    way (getattr, a local alias) is not seen here; _Worker.__getattr__ says
+    the same at the request that makes it."""
+    import dis
+
+    # http.server's own classes read nothing from self.server.
+    known = set(BaseHTTPRequestHandler.__mro__)
+
+    def reads(code):
+        previous = None
+        for instruction in dis.get_instructions(code):
+            if (
+                previous is not None
+                and previous.opname == "LOAD_ATTR"
+                and previous.argval == "server"
+                and instruction.opname in ("LOAD_ATTR", "LOAD_METHOD")
+            ):
+                yield instruction.argval
+            previous = instruction
+        for const in code.co_consts:
+            if hasattr(const, "co_code"):
+                yield from reads(const)
+
+    for klass in handler_class.__mro__:
+        if klass in known:
+            continue
+        for name, member in vars(klass).items():
+            function = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+            code = getattr(function, "__code__", None)
+            if code is not None:
+                for attribute in reads(code):
+                    yield f"{klass.__name__}.{name}", attribute
 
 
 def _inherited(pid):
@@ -143,8 +296,26 @@ def _log(line):
 
 
 class _Worker:
-    """The accept loop, the channel and the stop flag. Handlers see it as
-    `self.server` (with `pid` and `slot` for their logs)."""
+    """The accept loop, the channel, the stop flag and the connections that
+    linger. Handlers see it as `self.server` (with `pid` and `slot` for
+    their logs)."""
+
+    # Every attribute a worker has: serve() refuses a handler class that
+    # reads another from self.server (see _unservable).
+    __slots__ = (
+        "pid",
+        "slot",
+        "channel",
+        "share",
+        "started",
+        "stopping",
+        "exit_code",
+        "suicide_sent",
+        "handler_class",
+        "listeners",
+        "selector",
+        "lingering",
+    )
 
     def __init__(self, pid, listeners, channel_fd, share, handler_class):
         self.pid = pid
@@ -156,6 +327,9 @@ class _Worker:
         self.exit_code = STOPPED
         self.suicide_sent = False
         self.handler_class = _guarded(handler_class)
+        self.selector = None
+        # Closed connections still drained: {socket: when it is closed at the latest}.
+        self.lingering = {}
         self.listeners = listeners
         for listener in self.listeners:
             # Non-blocking: another worker may take the connection between
@@ -164,6 +338,11 @@ class _Worker:
             listener.setblocking(False)
             # Not for the programs a handler may start.
             listener.set_inheritable(False)
+
+    def __getattr__(self, name):
+        # Called only for what a worker does not have: a handler that reads
+        # a socketserver server's attribute in a way _unservable missed.
+        raise AttributeError(f"'_Worker' object has no attribute {name!r}: {_NOT_A_SERVER}")
 
     def send(self, kind, text=""):
         self.channel.send(kind, text)
@@ -177,6 +356,21 @@ class _Worker:
         # A crash stays a crash: 70 wins over a later stop's 0.
         self.exit_code = max(self.exit_code, code)
         self.stopping = True
+
+    def crash(self, exc):
+        """The handover for an exception nothing caught, first, so that the
+        master forks the replacement while this worker answers; returns the
+        message for say_crash."""
+        message = str(exc) or type(exc).__name__
+        self.suicide(f"uncaught {type(exc).__name__}: {message}")
+        self.stop(CRASHED)
+        return message
+
+    def say_crash(self, exc, message):
+        # Last: a slow log must hold up neither the handover nor the answer.
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+        _log(f"worker {self.pid} raised {type(exc).__name__}: {message}{where}; it exits")
 
     def run(self):
         wake_r, wake_w = os.pipe()
@@ -198,17 +392,26 @@ class _Worker:
         for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2):
             signal.signal(signum, signal.SIG_IGN)
 
-        selector = selectors.DefaultSelector()
+        self.selector = selectors.DefaultSelector()
         for listener in self.listeners:
-            selector.register(listener, selectors.EVENT_READ)
-        selector.register(wake_r, selectors.EVENT_READ)
+            self.selector.register(listener, selectors.EVENT_READ)
+        self.selector.register(wake_r, selectors.EVENT_READ)
         self.send(READY)
         try:
-            return self.accept_until_stopped(selector, wake_r)
+            code = self.accept_until_stopped(wake_r)
+        except Exception as exc:
+            # The server itself failed (a handler's setup, say, outside the
+            # request the guard watches): the same handover, but no answer,
+            # since what went out already is unknown.
+            self.say_crash(exc, self.crash(exc))
+            code = self.exit_code
+        try:
+            self.linger_at_exit()
         finally:
             self.channel.close()
+        return code
 
-    def accept_until_stopped(self, selector, wake_r):
+    def accept_until_stopped(self, wake_r):
         # Frames the full pipe refused are written between requests, when
         # select says it has room again.
         watching = None
@@ -216,11 +419,14 @@ class _Worker:
             wanted = self.channel.fd if self.channel.waiting() else None
             if wanted != watching:
                 if watching is not None:
-                    selector.unregister(watching)
+                    self.selector.unregister(watching)
                 if wanted is not None:
-                    selector.register(wanted, selectors.EVENT_WRITE)
+                    self.selector.register(wanted, selectors.EVENT_WRITE)
                 watching = wanted
-            for key, _ in selector.select():
+            for key, _ in self.selector.select(self.linger_timeout()):
+                if key.data is _LINGERING:
+                    self.drain_lingering(key.fileobj)
+                    continue
                 if key.fileobj is wake_r:
                     os.read(wake_r, 512)
                     continue
@@ -242,6 +448,7 @@ class _Worker:
                 self.serve_one(conn, address)
                 # Stop requested or share served: nothing more is accepted.
                 break
+            self.close_expired()
         return self.exit_code
 
     def serve_one(self, conn, address):
@@ -249,16 +456,73 @@ class _Worker:
         # A Unix socket's peer has no address; http.server wants a pair.
         if not isinstance(address, tuple):
             address = ("unix", 0)
+        handler = None
         try:
-            self.handler_class(conn, address, self)
+            handler = self.handler_class(conn, address, self)
         except ConnectionError:
             pass  # the client left: not the program's fault
-        finally:
-            try:
-                conn.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+        except Exception:
+            conn.close()  # cut: what went out of it is unknown
+            raise
+        # serve_wsgi's handler knows a body it did not read is on its way.
+        self.close_gently(conn, getattr(handler, "body_unread", False))
+
+    def close_gently(self, conn, more_coming):
+        """Closes a connection whose answer is out, without a reset: if the
+        client sent more than was read (or more is on its way), it lingers
+        (module docs, LINGER)."""
+        try:
+            # The answer ends here, whatever the client sends after it.
+            conn.shutdown(socket.SHUT_WR)
+            conn.setblocking(False)
+            ended, got = _drain(conn)
+        except OSError:
+            ended, got = True, False
+        if ended or not (got or more_coming):
             conn.close()
+            return
+        if len(self.lingering) >= MAX_LINGERING:
+            self.forget(next(iter(self.lingering)))
+        self.lingering[conn] = time.monotonic() + LINGER
+        self.selector.register(conn, selectors.EVENT_READ, _LINGERING)
+
+    def drain_lingering(self, conn):
+        ended, _ = _drain(conn)
+        if ended:
+            self.forget(conn)
+
+    def forget(self, conn):
+        del self.lingering[conn]
+        self.selector.unregister(conn)
+        conn.close()
+
+    def linger_timeout(self):
+        """How long select may wait: until the first lingering connection
+        is due, or for ever."""
+        if not self.lingering:
+            return None
+        return max(0.0, min(self.lingering.values()) - time.monotonic())
+
+    def close_expired(self):
+        now = time.monotonic()
+        for conn in [conn for conn, due in self.lingering.items() if due <= now]:
+            self.forget(conn)
+
+    def linger_at_exit(self):
+        """A worker that stops gives its lingering connections at most
+        LINGER_AT_EXIT more; nothing else is watched meanwhile."""
+        if self.selector is None:
+            return
+        for key in list(self.selector.get_map().values()):
+            if key.data is not _LINGERING:
+                self.selector.unregister(key.fileobj)
+        end = time.monotonic() + LINGER_AT_EXIT
+        for conn in self.lingering:
+            self.lingering[conn] = min(self.lingering[conn], end)
+        while self.lingering:
+            for key, _ in self.selector.select(self.linger_timeout()):
+                self.drain_lingering(key.fileobj)
+            self.close_expired()
 
     def begin(self, handler):
         """A request starts: marked, and counted against the share."""
@@ -272,6 +536,29 @@ class _Worker:
             # request is served.
             self.suicide(f"served its {self.share} requests")
             self.stop(STOPPED)
+
+
+# The selector's mark on a lingering connection.
+_LINGERING = "lingering"
+
+
+def _drain(conn):
+    """Reads and drops what the client of a closed, non-blocking
+    connection sent: (ended, got), whether it has closed its end (or failed)
+    and whether anything came. At most 1 MiB a call, so that a client that
+    streams cannot hold the loop."""
+    got = False
+    for _ in range(16):
+        try:
+            data = conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return False, got
+        except OSError:
+            return True, got
+        if not data:
+            return True, got
+        got = True
+    return False, got
 
 
 class _Channel:
@@ -409,12 +696,32 @@ def _guarded(handler_class):
     return Guarded
 
 
+# Headers about the connection, not the answer: the worker's to say (PEP
+# 3333 forbids them to an application). Every answer closes its connection.
+_HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    )
+)
+
+
 class _Guard:
     """Mixed in before the program's BaseHTTPRequestHandler subclass."""
 
     _busy = False
     _headers_out = False
-    _connection_said = False
+    # Whether the connection to the client failed: None where the handler
+    # cannot tell (a program's handler writes to wfile itself), and then a
+    # ConnectionError is taken for the client's leaving; serve_wsgi's
+    # handler knows, so one the application raised is an exception.
+    _respawn_client_gone = None
 
     def parse_request(self):
         parsed = super().parse_request()
@@ -423,15 +730,31 @@ class _Guard:
             self.server.begin(self)
         return parsed
 
+    def handle_expect_100(self):
+        # An interim answer, not this request's: no Connection header, and
+        # a crash after it still gets its 500.
+        self._respawn_io(self.wfile.write, f"{self.protocol_version} 100 Continue\r\n\r\n".encode("latin-1"))
+        return True
+
+    def _respawn_io(self, io, *args):
+        """A read or write of the client's connection: its failure is the
+        client's, and said so for handle_one_request."""
+        try:
+            return io(*args)
+        except OSError:
+            self._respawn_client_gone = True
+            raise
+
     def send_header(self, keyword, value):
-        if keyword.lower() == "connection":
-            self._connection_said = True
+        # The connection closes after this answer, whatever the handler
+        # said: a client told keep-alive would send its next request into
+        # a closed connection.
+        if keyword.lower() in ("connection", "keep-alive"):
+            return
         super().send_header(keyword, value)
 
     def end_headers(self):
-        # The connection closes after this answer: the client is told.
-        if not self._connection_said:
-            self.send_header("Connection", "close")
+        super().send_header("Connection", "close")
         super().end_headers()
 
     def flush_headers(self):
@@ -442,20 +765,12 @@ class _Guard:
         worker = self.server
         try:
             super().handle_one_request()
-        except ConnectionError:
-            pass  # the client left: not the program's fault
         except Exception as exc:  # what the handler did not catch
-            message = str(exc) or type(exc).__name__
-            # First, so that the master forks the replacement while this
-            # one answers.
-            worker.suicide(f"uncaught {type(exc).__name__}: {message}")
-            worker.stop(CRASHED)
+            if isinstance(exc, ConnectionError) and self._respawn_client_gone is not False:
+                return  # the client left: not the program's fault
+            message = worker.crash(exc)
             self._answer_crash(message)
-            # Last: a slow log must hold up neither the handover nor the
-            # answer.
-            frames = traceback.extract_tb(exc.__traceback__)
-            where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-            _log(f"worker {worker.pid} raised {type(exc).__name__}: {message}{where}; it exits")
+            worker.say_crash(exc, message)
         finally:
             # One request per connection: a kept-alive client would hold
             # the worker between its requests.
@@ -480,3 +795,297 @@ class _Guard:
                 self.wfile.write(body)
         except OSError:
             pass  # the client left
+
+
+class _WsgiHandler(BaseHTTPRequestHandler):
+    """One request handed to a WSGI application (PEP 3333), on http.server's
+    parsing of the head; `application` is set by serve_wsgi. What escapes
+    the application escapes this handler too: the guard's crash. What goes
+    wrong with the client (gone, silent past the timeout, a malformed
+    chunked body) ends the request quietly, as the client's doing."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "respawn.py"
+    application = None
+    _first = b""
+    # Whether some of the request's body was not read: close_gently lets
+    # the connection linger for it.
+    body_unread = False
+
+    def handle_one_request(self):
+        self._respawn_client_gone = False
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(414)
+                return
+            if not self.raw_requestline or not self.parse_request():
+                return
+        except OSError:
+            # A head that never came whole (the client left, or sat silent
+            # past the timeout) is the client's doing.
+            self._respawn_client_gone = True
+            return
+        length = self.headers.get("Content-Length")
+        if length is not None and not length.strip().isdigit():
+            self.send_error(400, "Bad Content-Length")
+            return
+        try:
+            self._respond(self._environ())
+        except OSError:
+            if not self._respawn_client_gone:
+                raise
+
+    def _environ(self):
+        path, _, query = self.path.partition("?")
+        if not path.startswith("/"):
+            # The absolute form, `GET http://host/path`, as a proxy sends it.
+            path = urllib.parse.urlsplit(path).path or "/"
+        local = self.connection.getsockname()
+        tcp = isinstance(local, tuple)
+        environ = {
+            "REQUEST_METHOD": self.command,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": urllib.parse.unquote_to_bytes(path).decode("latin-1"),
+            "QUERY_STRING": query,
+            "SERVER_NAME": local[0] if tcp else "localhost",
+            "SERVER_PORT": str(local[1]) if tcp else "80",
+            "SERVER_PROTOCOL": self.request_version,
+            "REMOTE_ADDR": self.client_address[0] if tcp else "",
+            "REMOTE_PORT": str(self.client_address[1]) if tcp else "",
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": False,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+        }
+        for name, value in self.headers.items():
+            key = name.upper().replace("-", "_")
+            if "_" in name:
+                # X_Real_IP would pass for X-Real-IP: dropped, as nginx and
+                # gunicorn do.
+                continue
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                key = "HTTP_" + key
+            environ[key] = f"{environ[key]},{value.strip()}" if key in environ else value.strip()
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        if chunked:
+            environ.pop("CONTENT_LENGTH", None)
+            environ["wsgi.input_terminated"] = True
+            environ["wsgi.input"] = _ChunkedBody(self)
+        else:
+            length = environ.get("CONTENT_LENGTH", "")
+            environ["wsgi.input"] = _Body(self, int(length) if length else 0)
+        return environ
+
+    def _respond(self, environ):
+        self._status = self._headers = None
+        self._body_allowed = self.command != "HEAD"
+        body = environ["wsgi.input"]
+        try:
+            result = self.application(environ, self._start_response)
+            try:
+                length = None
+                if isinstance(result, (list, tuple)) and len(result) == 1 and isinstance(result[0], bytes):
+                    length = len(result[0])
+                if self._body_allowed:
+                    for chunk in result:
+                        if chunk:
+                            self._write(chunk, length)
+                if not self._headers_out:
+                    self._send_head(b"", 0 if length is None and self._body_allowed else length)
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+        finally:
+            self.body_unread = not body.done()
+
+    def _start_response(self, status, headers, exc_info=None):
+        if exc_info is not None:
+            try:
+                if self._headers_out:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self._status is not None:
+            raise RuntimeError("start_response called a second time without exc_info")
+        code = status[:3]
+        if not (isinstance(status, str) and code.isdigit() and status[3:4] == " "):
+            raise ValueError(f"a WSGI status is like '200 OK', not {status!r}")
+        for name, value in headers:
+            text = name + value if isinstance(name, str) and isinstance(value, str) else "\n"
+            if "\n" in text or "\r" in text:
+                raise ValueError(f"a WSGI header is two strings on one line, not {(name, value)!r}")
+        self._status, self._headers = status, headers
+        if int(code) in (204, 304) or code.startswith("1"):
+            self._body_allowed = False
+        return self._write
+
+    def _write(self, data, length=None):
+        if self._status is None:
+            raise RuntimeError("the WSGI application wrote its body before it called start_response")
+        if not isinstance(data, bytes):
+            raise TypeError(f"a WSGI body is bytes, not {type(data).__name__}")
+        if not self._headers_out:
+            # The head and the first piece of the body in one write.
+            self._send_head(data, length)
+        elif self._body_allowed and data:
+            self._respawn_io(self.wfile.write, data)
+
+    def _send_head(self, first, length):
+        code, _, reason = self._status.partition(" ")
+        self.send_response_only(int(code), reason or None)
+        said = set()
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower not in _HOP_BY_HOP:
+                said.add(lower)
+                self.send_header(name, value)
+        if "date" not in said:
+            self.send_header("Date", self.date_time_string())
+        if "server" not in said:
+            self.send_header("Server", self.version_string())
+        if "content-length" not in said and length is not None:
+            self.send_header("Content-Length", str(length))
+        self._first = first if self._body_allowed else b""
+        self.end_headers()
+
+    def flush_headers(self):
+        if hasattr(self, "_headers_buffer"):
+            # The head and the first piece of the body in one write: a
+            # second small write would wait for the client's ACK (Nagle).
+            self._headers_buffer.append(self._first)
+            self._first = b""
+            self._respawn_io(self.wfile.write, b"".join(self._headers_buffer))
+            self._headers_buffer = []
+
+    def log_request(self, code="-", size="-"):
+        pass  # no line per request, as the Rust worker and gunicorn
+
+    def log_message(self, format, *args):
+        _log(f"worker {self.server.pid}: {format % args}")
+
+
+class _Body:
+    """wsgi.input for a body of Content-Length bytes: reads stop there, so
+    that an application that reads to the end does not wait for bytes that
+    will never come."""
+
+    def __init__(self, handler, length):
+        self.handler = handler
+        self.left = length
+
+    def done(self):
+        return self.left == 0
+
+    def _take(self, size):
+        if size is None or size < 0 or size > self.left:
+            size = self.left
+        return size
+
+    def read(self, size=-1):
+        size = self._take(size)
+        data = self.handler._respawn_io(self.handler.rfile.read, size) if size else b""
+        self.left -= len(data)
+        if size and not data:
+            self.left = 0  # the client closed early: no more is coming
+        return data
+
+    def readline(self, size=-1):
+        size = self._take(size)
+        data = self.handler._respawn_io(self.handler.rfile.readline, size) if size else b""
+        self.left -= len(data)
+        if size and not data:
+            self.left = 0
+        return data
+
+    def readlines(self, hint=-1):
+        lines, total = [], 0
+        for line in self:
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self):
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+
+class _ChunkedBody(_Body):
+    """wsgi.input for a body sent with `Transfer-Encoding: chunked`, decoded;
+    `wsgi.input_terminated` tells the application to read it to the end.
+    A malformed chunk is the client's doing, like a connection it reset."""
+
+    def __init__(self, handler):
+        super().__init__(handler, 0)
+        self.ended = False
+        self.pending_crlf = False
+
+    def done(self):
+        return self.ended
+
+    def _take(self, size):
+        if self.left == 0 and not self.ended:
+            self._next_chunk()
+        return super()._take(size)
+
+    def _next_chunk(self):
+        line = self.handler._respawn_io(self.handler.rfile.readline, 1026)
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16) if line.endswith(b"\n") else -1
+        except ValueError:
+            size = -1
+        if size < 0:
+            self.handler._respawn_client_gone = True
+            raise ConnectionError(f"malformed chunk size line {line[:40]!r} in a chunked request body")
+        if size == 0:
+            # The trailer section, up to its empty line, is not kept.
+            while self.handler._respawn_io(self.handler.rfile.readline, 65537) not in (b"\r\n", b"\n", b""):
+                pass
+            self.ended = True
+        self.left = size
+        self.pending_crlf = size > 0
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            parts = []
+            while True:
+                part = self._read_some(-1)
+                if not part:
+                    return b"".join(parts)
+                parts.append(part)
+        return self._read_some(size)
+
+    def _read_some(self, size):
+        data = super().read(size)
+        self._end_of_chunk()
+        return data
+
+    def readline(self, size=-1):
+        parts, wanted = [], size if size is not None and size >= 0 else -1
+        while wanted != 0:
+            part = super().readline(wanted)
+            self._end_of_chunk()
+            if not part:
+                break
+            parts.append(part)
+            if part.endswith(b"\n"):
+                break
+            if wanted > 0:
+                wanted -= len(part)
+        return b"".join(parts)
+
+    def _end_of_chunk(self):
+        if self.left == 0 and self.pending_crlf:
+            self.pending_crlf = False
+            if self.handler._respawn_io(self.handler.rfile.readline, 3) not in (b"\r\n", b"\n"):
+                self.handler._respawn_client_gone = True
+                raise ConnectionError("a chunk of the request body does not end with CRLF")

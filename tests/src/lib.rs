@@ -717,7 +717,10 @@ pub enum Need {
     Python,
     /// nginx, on the PATH or at /usr/sbin/nginx.
     Nginx,
-    /// The package registries (npm, PyPI) are reachable.
+    /// The package registries (PyPI, npm), reached by pip and npm: a test
+    /// that installs a framework (Flask, say) into a temporary environment
+    /// skips with this when the install fails. No cheap check foretells an
+    /// install, so [`require`] takes it as met: the install is the check.
     Registry,
 }
 
