@@ -717,6 +717,11 @@ pub enum Need {
     Python,
     /// nginx, on the PATH or at /usr/sbin/nginx.
     Nginx,
+    /// The package registries (PyPI, npm), reached by pip and npm: a test
+    /// that installs a framework (Flask, say) into a temporary environment
+    /// skips with this when the install fails. No cheap check foretells an
+    /// install, so [`require`] takes it as met: the install is the check.
+    Registry,
 }
 
 impl std::fmt::Display for Skip {
@@ -727,6 +732,7 @@ impl std::fmt::Display for Skip {
             Skip::Needs(Need::Node) => "needs node",
             Skip::Needs(Need::Python) => "needs python3",
             Skip::Needs(Need::Nginx) => "needs nginx",
+            Skip::Needs(Need::Registry) => "needs the package registries",
             Skip::Environment => "environment",
         })
     }
