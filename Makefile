@@ -91,7 +91,10 @@ doc:
 # when others use its cores; never part of make test. Its last parts run
 # alone and rewrite only their own section: bench-upgrade, the upgrade under
 # load (USR2) beside a plain restart (under a minute); bench-any, the example
-# Node and Python servers under respawn beside Node's cluster (about 6 minutes).
+# Node and Python servers under respawn beside Node's cluster (about 6 minutes),
+# then respawn beside PM2 and gunicorn, installed from npm and PyPI into a
+# temporary directory for the run (about 6 minutes more; make bench carries
+# that section over).
 # bench-upgrade-scale runs alone only (make bench carries its section over):
 # an upgrade (USR2) of 4,096 workers under load, and the state the master
 # hands down (4 to 5 minutes; `python3 bench/upgrade_scale.py --workers 512

@@ -2,12 +2,15 @@
 """Workers in any language: the example Node server under respawn, beside
 the same server under Node's cluster module and the Rust demo.
 
-    python3 bench/anylang.py [--runs 3] [--out FILE | --print]
+    python3 bench/anylang.py [--runs 3] [--only languages|rivals] [--out FILE | --print]
 
 Writes its section of docs/benchmarks.md ("Workers in any language") in
 place, leaving the rest of the file as make bench wrote it; make bench
 (bench/run.py) writes the same section, from the same `section` function,
-reusing the figures it took for the Rust demo and Node's cluster.
+reusing the figures it took for the Rust demo and Node's cluster. Then
+bench/rivals.py's comparison with PM2 and gunicorn, installed from their
+registries for the run, writes its own section ("Beside PM2 and
+gunicorn"), which make bench carries over. `--only` runs one of the two.
 
 The scenarios are make bench's own functions (respawn gap, crash storm,
 idle cost), run for more systems: `respawn -- node clients/node/example.js`
@@ -240,20 +243,32 @@ def main():
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"),
                         help="the file whose section is replaced")
     parser.add_argument("--print", action="store_true", help="print the section; write nothing")
+    parser.add_argument("--only", choices=["languages", "rivals"],
+                        help="measure only the languages' table or only the comparison with PM2 and gunicorn")
     args = parser.parse_args()
     if not os.path.exists(RESPAWN):
         sys.exit(f"anylang: {RESPAWN} is missing: run 'make bench-any', which builds it")
     if not shutil.which("wrk"):
         sys.exit("anylang: wrk is missing: run 'make bench', which installs it")
-    results = measure(args.runs)
-    text = section(results)
-    if args.print:
-        sys.stdout.write(text)
-    else:
-        import upgrade
-        upgrade.write_section(args.out, text, TITLE)
-        progress(f"any language: wrote its section of {args.out}")
-    return 1 if failed_targets(results) else 0
+    import rivals
+    import upgrade
+
+    failed = False
+    parts = []
+    if args.only != "rivals":
+        results = measure(args.runs)
+        failed = bool(failed_targets(results))
+        parts.append((section(results), TITLE))
+    if args.only != "languages":
+        progress("rivals: respawn beside PM2 and gunicorn (bench/rivals.py)")
+        parts.append((rivals.section(rivals.measure()), rivals.TITLE))
+    for text, title in parts:
+        if args.print:
+            sys.stdout.write(text)
+        else:
+            upgrade.write_section(args.out, text, title)
+            progress(f"any language: wrote the section {title[3:]!r} of {args.out}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
