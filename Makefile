@@ -105,10 +105,15 @@ doc:
 # Load and fault benchmarks, respawn beside a Node.js cluster server; writes
 # docs/benchmarks.md and docs/benchmarks.svg. Installs wrk from Debian's
 # packages if it is missing. Takes about 16 minutes on an idle machine, more
-# when others use its cores; never part of make test. Its last parts run
-# alone and rewrite only their own section: bench-upgrade, the upgrade under
-# load (USR2) beside a plain restart (under a minute); bench-any, the example
-# Node and Python servers under respawn beside Node's cluster (about 6 minutes).
+# when others use its cores; never part of make test. Two of its parts run
+# alone: bench-upgrade, the upgrade under load (USR2) beside a plain restart
+# (under a minute); bench-any, the example Node and Python servers under
+# respawn beside Node's cluster (about 6 minutes). Each writes its section
+# to target/bench/upgrade.md or target/bench/anylang.md, leaving the tree
+# as it was; UPDATE_DOCS=1 writes it into docs/benchmarks.md instead, in
+# place of the section there. PORTS=LOW-HIGH makes their masters listen on
+# free ports of that range (make bench-upgrade PORTS=20000-20099); by
+# default, on any free port.
 # bench-upgrade-scale runs alone only (make bench carries its section over):
 # an upgrade (USR2) of 4,096 workers under load, and the state the master
 # hands down (4 to 5 minutes; `python3 bench/upgrade_scale.py --workers 512
@@ -121,9 +126,12 @@ bench: linux-only
 	$(CARGO) build --release -p respawn-master --features demo --bin respawn
 	python3 bench/run.py
 
+UPDATE_DOCS ?=
+PORTS ?=
+BENCH_PART_FLAGS = $(if $(UPDATE_DOCS),--update-docs) $(if $(PORTS),--ports $(PORTS))
 bench-upgrade: linux-only
 	$(CARGO) build --release -p respawn-master --features demo --bin respawn
-	python3 bench/upgrade.py
+	python3 bench/upgrade.py $(BENCH_PART_FLAGS)
 
 bench-upgrade-scale: linux-only
 	$(CARGO) build --release -p respawn-master --features demo --bin respawn
@@ -134,7 +142,7 @@ bench-any: linux-only
 		$(SUDO) apt-get install -y wrk || { $(SUDO) apt-get update && $(SUDO) apt-get install -y wrk; }; }
 	@command -v node >/dev/null || echo "bench-any: node not found: its columns will say so"
 	$(CARGO) build --release -p respawn-master --features demo --bin respawn
-	python3 bench/anylang.py
+	python3 bench/anylang.py $(BENCH_PART_FLAGS)
 
 # Mutation testing of the files where the logic lives: each mutant is built
 # and judged by every test, in a scratch copy; results in
