@@ -717,3 +717,32 @@ fn a_stop_through_the_control_socket_is_logged_naming_it_not_a_signal() {
         );
     }
 }
+
+/// An upgrade asked on the control socket is logged as one, from its first
+/// line (`... upgrading to <path>`) to the master's re-execution: no line
+/// names a signal that was never sent.
+#[test]
+fn an_upgrade_through_the_control_socket_is_logged_naming_it_not_a_signal() {
+    let deploy = Deploy::new("ctl-logged");
+    let socket = deploy.dir.join("control.sock");
+    let respawn = deploy.start(&["--workers", "1", "--control", &socket.display().to_string()]);
+    respawn.wait_for_workers(1);
+    deploy.replace_with_build("n");
+    let said = ctl(&socket, &["upgrade"]);
+    assert_eq!(said.code, Some(0), "{said:?}\n{}", respawn.dump());
+    let first = format!(
+        "control socket: upgrade, upgrading to {}: each old worker stops once a new one is ready",
+        deploy.shown()
+    );
+    respawn.wait_for_line(&first);
+    assert_eq!(respawn.count_lines(&first), 1, "{}", respawn.dump());
+    respawn.wait_for_log("the re-execution", |l| {
+        message(l).starts_with("master re-executed as ")
+    });
+    assert_eq!(
+        respawn.count_log("received SIG"),
+        0,
+        "a signal named\n{}",
+        respawn.dump()
+    );
+}
