@@ -108,12 +108,14 @@ doc:
 # when others use its cores; never part of make test. Two of its parts run
 # alone: bench-upgrade, the upgrade under load (USR2) beside a plain restart
 # (under a minute); bench-any, the example Node and Python servers under
-# respawn beside Node's cluster (about 6 minutes). Each writes its section
-# to target/bench/upgrade.md or target/bench/anylang.md, leaving the tree
-# as it was; UPDATE_DOCS=1 writes it into docs/benchmarks.md instead, in
-# place of the section there. PORTS=LOW-HIGH makes their masters listen on
-# free ports of that range (make bench-upgrade PORTS=20000-20099); by
-# default, on any free port.
+# respawn beside Node's cluster (about 6 minutes), then respawn beside PM2
+# and gunicorn, installed from npm and PyPI into a temporary directory for
+# the run (about 6 minutes more; make bench carries that section over).
+# Each writes its sections to target/bench/upgrade.md or
+# target/bench/anylang.md, leaving the tree as it was; UPDATE_DOCS=1 writes
+# them into docs/benchmarks.md instead, in place of the sections there.
+# PORTS=LOW-HIGH makes their masters listen on free ports of that range
+# (make bench-upgrade PORTS=20000-20099); by default, on any free port.
 # bench-upgrade-scale runs alone only (make bench carries its section over):
 # an upgrade (USR2) of 4,096 workers under load, and the state the master
 # hands down (4 to 5 minutes; `python3 bench/upgrade_scale.py --workers 512

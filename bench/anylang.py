@@ -2,14 +2,18 @@
 """Workers in any language: the example Node server under respawn, beside
 the same server under Node's cluster module and the Rust demo.
 
-    python3 bench/anylang.py [--runs 3] [--ports LOW-HIGH] [--out FILE | --update-docs | --print]
+    python3 bench/anylang.py [--runs 3] [--only languages|rivals] [--ports LOW-HIGH]
+                             [--out FILE | --update-docs | --print]
 
-Writes its section ("Workers in any language") to target/bench/anylang.md,
-or with --update-docs into docs/benchmarks.md, in place, leaving the rest
-of the file as make bench wrote it (bench/upgrade.py's main says more, and
-what --ports does); make bench
-(bench/run.py) writes the same section, from the same `section` function,
-reusing the figures it took for the Rust demo and Node's cluster.
+Writes its sections ("Workers in any language", then "Beside PM2 and
+gunicorn") to target/bench/anylang.md, or with --update-docs into
+docs/benchmarks.md, in place, leaving the rest of the file as make bench
+wrote it (bench/upgrade.py's main says more, and what --ports does); make
+bench (bench/run.py) writes the same section, from the same `section` function,
+reusing the figures it took for the Rust demo and Node's cluster. Then
+bench/rivals.py's comparison with PM2 and gunicorn, installed from their
+registries for the run, writes its own section ("Beside PM2 and
+gunicorn"), which make bench carries over. `--only` runs one of the two.
 
 The scenarios are make bench's own functions (respawn gap, crash storm,
 idle cost), run for more systems: `respawn -- node clients/node/example.js`
@@ -239,17 +243,20 @@ def section(results, command=ALONE):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of each scenario and system")
-    # Where the section goes and which ports are used: as bench/upgrade.py.
+    parser.add_argument("--only", choices=["languages", "rivals"],
+                        help="measure only the languages' table or only the comparison with PM2 and gunicorn")
+    # Where the sections go and which ports are used: as bench/upgrade.py.
     import upgrade
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", default=os.path.join(ROOT, "target", "bench", "anylang.md"),
-                       help="the file to write the section to, in place of its own if it has one "
+                       help="the file to write the sections to, in place of its own if it has them "
                             "(default: target/bench/anylang.md)")
     where.add_argument("--update-docs", action="store_true",
-                       help="write the section into docs/benchmarks.md, in place")
-    where.add_argument("--print", action="store_true", help="print the section; write nothing")
+                       help="write the sections into docs/benchmarks.md, in place")
+    where.add_argument("--print", action="store_true", help="print the sections; write nothing")
     parser.add_argument("--ports", type=upgrade.port_range, metavar="LOW-HIGH",
-                        help="listen on free ports of this range (default: any free port)")
+                        help="the languages' masters listen on free ports of this range (default: any "
+                             "free port)")
     args = parser.parse_args()
     if args.update_docs:
         args.out = upgrade.DOCS
@@ -260,14 +267,24 @@ def main():
         sys.exit(f"anylang: {RESPAWN} is missing: run 'make bench-any', which builds it")
     if not shutil.which("wrk"):
         sys.exit("anylang: wrk is missing: run 'make bench', which installs it")
-    results = measure(args.runs)
-    text = section(results)
-    if args.print:
-        sys.stdout.write(text)
-    else:
-        upgrade.write_section(args.out, text, TITLE)
-        progress(f"any language: wrote its section of {args.out}")
-    return 1 if failed_targets(results) else 0
+    import rivals
+
+    failed = False
+    parts = []
+    if args.only != "rivals":
+        results = measure(args.runs)
+        failed = bool(failed_targets(results))
+        parts.append((section(results), TITLE))
+    if args.only != "languages":
+        progress("rivals: respawn beside PM2 and gunicorn (bench/rivals.py)")
+        parts.append((rivals.section(rivals.measure()), rivals.TITLE))
+    for text, title in parts:
+        if args.print:
+            sys.stdout.write(text)
+        else:
+            upgrade.write_section(args.out, text, title)
+            progress(f"any language: wrote the section {title[3:]!r} of {args.out}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -876,6 +876,10 @@ def main():
     # minutes of its own: kept as the last such run wrote it.
     if kept := kept_section(args.out, "## Upgrade at scale"):
         sections.append(kept)
+    # bench/rivals.py's section (make bench-any: PM2 and gunicorn, installed
+    # from their registries for the run), likewise.
+    if kept := kept_section(args.out, "## Beside PM2 and gunicorn"):
+        sections.append(kept)
     elapsed = time.monotonic() - started
     write_report(args.out, machine(), results, args.runs, elapsed, baseline is None and not args.no_baseline,
                  sections)

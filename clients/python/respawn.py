@@ -292,7 +292,14 @@ def _number(text, otherwise=0):
 
 
 def _log(line):
-    print(line, file=sys.stderr, flush=True)
+    # One write for the line and its newline: print() makes two, and the
+    # master's lines on the same stderr can land between them.
+    data = (line + "\n").encode("utf-8", "replace")
+    try:
+        sys.stderr.flush()
+        os.write(2, data)
+    except OSError:
+        pass
 
 
 class _Worker:

@@ -377,7 +377,7 @@ for n, line in enumerate(open(sys.argv[1], encoding="utf-8"), 1):
         print(f"bad\t{n}\tkeys {keys}: {line!r}")
     elif not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", obj["time"]):
         print(f"bad\t{n}\ttime {obj['time']!r}")
-    elif obj["fields"] != {} or not isinstance(obj["pid"], int):
+    elif not isinstance(obj["fields"], dict) or not isinstance(obj["pid"], int):
         print(f"bad\t{n}\tfields or pid: {line!r}")
     else:
         print("ok\t{}\t{}\t{}\t{}".format(obj["pid"], obj["role"], obj["level"], obj["event"]))

@@ -15,11 +15,15 @@
 //!   time in the text would only be noise in `journalctl`'s output.
 //! - A log shipper (`--log-format json`): one JSON object per line,
 //!   `{"time":"2026-11-26T03:01:02.123Z","level":"INFO","pid":123,
-//!   "role":"master","event":"worker 4321 spawned","fields":{}}`. `event`
-//!   is the sentence a person would read; `fields` is always an empty
-//!   object for now: the `log` crate's key-values are behind a feature and
-//!   no record of respawn carries any, but a shipper's schema can count on
-//!   the key. Under journald the JSON lines carry the priority prefix too.
+//!   "role":"master","event":"worker 4321 spawned","fields":{"kind":"spawned",
+//!   "worker":4321}}`. `event` is the sentence a person would read; `fields`
+//!   holds its facts, read from that sentence by [`facts`] (the library's
+//!   lines are sentences, not key-values, and keep that one source): what
+//!   kind of line it is, the worker or process it is about, its slot and
+//!   generation, an exit's code or signal and reason, how long it lived or
+//!   waits, a peer, a signal's name, an address. A fact the sentence does
+//!   not hold is absent, never guessed. Under journald the JSON lines carry
+//!   the priority prefix too.
 //!
 //! The strings are escaped by hand (quote, backslash, control characters,
 //! and U+2028/U+2029, which some JavaScript parsers take for line ends):
@@ -172,8 +176,204 @@ fn json_line(time: &str, level: Level, pid: u32, role: &str, event: &str) -> Str
     push_json_string(&mut line, role);
     line.push_str(",\"event\":");
     push_json_string(&mut line, event);
-    line.push_str(",\"fields\":{}}");
+    line.push_str(",\"fields\":{");
+    for (i, (key, fact)) in facts(event).iter().enumerate() {
+        if i > 0 {
+            line.push(',');
+        }
+        push_json_string(&mut line, key);
+        line.push(':');
+        match fact {
+            Fact::Number(n) => line.push_str(n),
+            Fact::Text(text) => push_json_string(&mut line, text),
+        }
+    }
+    line.push_str("}}");
     line
+}
+
+/// A fact of a log line: a number (written as it is in the sentence) or a
+/// text.
+#[derive(Debug, PartialEq)]
+enum Fact<'a> {
+    Number(&'a str),
+    Text(&'a str),
+}
+
+/// The facts of one of respawn's sentences, in a fixed order. Each is read
+/// where the sentence says it (`worker 4321 exited (code 70: why)`), so a
+/// line that does not say it has no such field.
+fn facts(event: &str) -> Vec<(&'static str, Fact<'_>)> {
+    let mut facts = Vec::new();
+    if let Some(kind) = kind(event) {
+        facts.push(("kind", Fact::Text(kind)));
+    }
+    for (key, word) in [
+        ("worker", "worker "),
+        ("process", "process "),
+        ("slot", "slot "),
+        ("generation", "generation "),
+    ] {
+        if let Some(n) = number_after(event, word) {
+            facts.push((key, Fact::Number(n)));
+        }
+    }
+    if let Some(rest) = after(event, " exited (code ") {
+        if let Some(code) = leading_number(rest) {
+            facts.push(("exit_code", Fact::Number(code)));
+        }
+    }
+    if let Some(rest) = after(event, " exited (signal ") {
+        if let Some(signal) = leading_number(rest) {
+            facts.push(("signal", Fact::Number(signal)));
+        }
+    }
+    if let Some(reason) = exit_reason(event) {
+        facts.push(("reason", Fact::Text(reason)));
+    }
+    for (key, before, after_number) in [
+        ("lived_secs", ") ", " s after it was forked"),
+        ("backoff_secs", "respawns in ", " s"),
+        ("busy_secs", " hung ", " s"),
+    ] {
+        if let Some(n) = number_between(event, before, after_number) {
+            facts.push((key, Fact::Number(n)));
+        }
+    }
+    if let Some(rest) = after(event, " from ") {
+        let peer = rest.split([' ', ')', ';']).next().unwrap_or_default();
+        if !peer.is_empty() {
+            facts.push(("peer", Fact::Text(peer)));
+        }
+    }
+    if let Some(rest) = event.strip_prefix("received ") {
+        let name = rest.split([' ', ',', ';']).next().unwrap_or_default();
+        facts.push(("signal_name", Fact::Text(name)));
+    }
+    if let Some(rest) = event.strip_prefix("listening on ") {
+        facts.push(("address", Fact::Text(rest.split(' ').next().unwrap_or_default())));
+    }
+    facts
+}
+
+/// What kind of line it is, for a shipper to filter on without reading the
+/// sentence.
+fn kind(event: &str) -> Option<&'static str> {
+    let about_a_worker = event
+        .strip_prefix("worker ")
+        .map(|rest| rest.trim_start_matches(|c: char| c.is_ascii_digit()).trim_start());
+    if let Some(what) = about_a_worker {
+        let kind = [
+            ("spawned", "spawned"),
+            ("ready", "ready"),
+            ("exited", "exited"),
+            ("sent suicide", "suicide"),
+            ("hung", "hung"),
+            ("sent malformed", "malformed"),
+            ("did not stop", "killed"),
+            ("did not say ready", "killed"),
+            ("sent no WATCHDOG", "killed"),
+            ("stopping", "stopping"),
+        ]
+        .into_iter()
+        .find(|(start, _)| what.starts_with(start));
+        return kind.map(|(_, kind)| kind);
+    }
+    [
+        ("received ", "signal"),
+        ("listening on ", "listening"),
+        ("rolling restart done", "rollout_done"),
+        ("rolling restart: stopping", "retiring"),
+        ("giving up", "gave_up"),
+        ("master re-executed", "reexecuted"),
+        ("upgrade: every worker runs", "reexecuting"),
+        ("upgrade: re-executing", "reexec_failed"),
+        ("control socket: ", "control"),
+        ("all workers stopped", "stopped"),
+        ("stopping gracefully", "stopping"),
+        ("process ", "stray"),
+        ("the last ", "dying"),
+    ]
+    .into_iter()
+    .find(|(start, _)| event.starts_with(start))
+    .map(|(_, kind)| kind)
+    .or_else(|| event.contains(" backed out: ").then_some("backed_out"))
+}
+
+fn after<'a>(text: &'a str, word: &str) -> Option<&'a str> {
+    text.find(word).map(|at| &text[at + word.len()..])
+}
+
+/// The digits (and a decimal point) at the start of `text`, if any.
+fn leading_number(text: &str) -> Option<&str> {
+    let end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let number = text[..end].trim_end_matches('.');
+    (!number.is_empty() && number.bytes().next().is_some_and(|b| b.is_ascii_digit())).then_some(number)
+}
+
+/// The number right after the first `word` that is followed by one.
+fn number_after<'a>(text: &'a str, word: &str) -> Option<&'a str> {
+    let mut rest = text;
+    while let Some(at) = rest.find(word) {
+        let after = &rest[at + word.len()..];
+        if let Some(n) = leading_number(after) {
+            // A word, not the tail of one (`subprocess 4`): the start, or
+            // after a space or an opening parenthesis.
+            let start = text.len() - rest.len() + at;
+            if start == 0 || text[..start].ends_with([' ', '(']) {
+                return Some(n);
+            }
+        }
+        rest = after;
+    }
+    None
+}
+
+/// The number between `before` and `after_number`: `0.43` in `... (code
+/// 1) 0.43 s after it was forked`.
+fn number_between<'a>(text: &'a str, before: &str, after_number: &str) -> Option<&'a str> {
+    let mut from = 0;
+    while let Some(found) = text[from..].find(after_number) {
+        let end = from + found;
+        let head = &text[..end];
+        let start = head
+            .rfind(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .map_or(0, |at| at + 1);
+        let number = &head[start..];
+        if leading_number(number).is_some_and(|n| n.len() == number.len()) && head[..start].ends_with(before)
+        {
+            return Some(number);
+        }
+        from = end + after_number.len();
+    }
+    None
+}
+
+/// The reason of an exit or a Suicide: `why` in `exited (code 70: why)`,
+/// `sent suicide (why)`.
+fn exit_reason(text: &str) -> Option<&str> {
+    let inner = if let Some(rest) = after(text, " exited (") {
+        rest.split_once(": ").map(|(_, why)| why)?
+    } else {
+        after(text, " sent suicide (")?
+    };
+    // To the parenthesis that closes the one opened before it.
+    let mut depth = 1;
+    for (i, c) in inner.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&inner[..i]);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// `text` as a JSON string, quotes included (RFC 8259, section 7).
@@ -239,8 +439,64 @@ mod tests {
                 "worker",
                 "worker 4321 \"x\""
             ),
-            r#"{"time":"2026-11-26T03:01:02.123Z","level":"WARN","pid":123,"role":"worker","event":"worker 4321 \"x\"","fields":{}}"#
+            r#"{"time":"2026-11-26T03:01:02.123Z","level":"WARN","pid":123,"role":"worker","event":"worker 4321 \"x\"","fields":{"worker":4321}}"#
         );
+    }
+
+    #[test]
+    fn the_facts_of_a_line_are_read_from_its_sentence() {
+        use Fact::{Number as N, Text as T};
+        assert_eq!(
+            facts("worker 4321 spawned"),
+            [("kind", T("spawned")), ("worker", N("4321"))]
+        );
+        assert_eq!(
+            facts("worker 15805 exited (code 70: panicked: crash requested by GET /crash (x))"),
+            [
+                ("kind", T("exited")),
+                ("worker", N("15805")),
+                ("exit_code", N("70")),
+                ("reason", T("panicked: crash requested by GET /crash (x)")),
+            ]
+        );
+        assert_eq!(
+            facts("worker 7 exited (signal 9) 0.43 s after it was forked; slot 2 respawns in 0.8 s"),
+            [
+                ("kind", T("exited")),
+                ("worker", N("7")),
+                ("slot", N("2")),
+                ("signal", N("9")),
+                ("lived_secs", N("0.43")),
+                ("backoff_secs", N("0.8")),
+            ]
+        );
+        assert_eq!(
+            facts("worker 9 sent suicide (panicked: boom); replacing it"),
+            [
+                ("kind", T("suicide")),
+                ("worker", N("9")),
+                ("reason", T("panicked: boom"))
+            ]
+        );
+        assert_eq!(
+            facts("worker 12 hung 61.2 s on GET /hang from 127.0.0.1:50312 (running, 100% CPU); killing it"),
+            [
+                ("kind", T("hung")),
+                ("worker", N("12")),
+                ("busy_secs", N("61.2")),
+                ("peer", T("127.0.0.1:50312")),
+            ]
+        );
+        assert_eq!(
+            facts("received SIGHUP, replacing every worker, one at a time"),
+            [("kind", T("signal")), ("signal_name", T("SIGHUP"))]
+        );
+        assert_eq!(
+            facts("listening on 127.0.0.1:8080"),
+            [("kind", T("listening")), ("address", T("127.0.0.1:8080"))]
+        );
+        assert_eq!(facts("nothing to say here"), []);
+        assert_eq!(facts("a subprocess 4 is not a process"), []);
     }
 
     #[test]
