@@ -2,7 +2,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run test skips lint doc bench bench-upgrade bench-upgrade-scale bench-any build-demo mutants linux-only release install install-files uninstall static
+.PHONY: run test skips lint doc man bench bench-upgrade bench-upgrade-scale bench-any build-demo mutants linux-only release install install-files uninstall static
 
 # Build in release mode and start the demo on 127.0.0.1:8080 (make run ARGS='--workers 2').
 run: linux-only
@@ -56,17 +56,22 @@ build-demo:
 	$(CARGO) build -p respawn-master --features demo --bin respawn
 
 # Installing: `make install PREFIX=/usr/local DESTDIR=` builds the demo in
-# release mode, then copies it to $(DESTDIR)$(PREFIX)/bin/respawn (mode 0755)
-# and the documents to $(DESTDIR)$(PREFIX)/share/doc/respawn. DESTDIR stages
-# the tree for a package. install-files does the copying alone, of BIN:
+# release mode, then copies it to $(DESTDIR)$(PREFIX)/bin/respawn (mode 0755),
+# the manual pages respawn(1) and respawn-ctl(1) to share/man/man1, and the
+# documents to $(DESTDIR)$(PREFIX)/share/doc/respawn, laid out as in the
+# source (README.md, docs/, deploy/) so that their links to each other
+# work there. DESTDIR stages the tree for a package. install-files does the
+# copying alone, of BIN:
 # `make install-files BIN=target/x86_64-unknown-linux-gnu/release/respawn`
 # installs the binary `make static` built.
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
 DOCDIR ?= $(PREFIX)/share/doc/respawn
+MANDIR ?= $(PREFIX)/share/man
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BIN ?= $(TARGET_DIR)/release/respawn
-DOCS := README.md $(wildcard docs/*.md)
+DOCS := README.md $(wildcard docs/*.md) docs/benchmarks.svg $(wildcard deploy/*)
+MANPAGES := docs/man/respawn.1 docs/man/respawn-ctl.1
 
 release: linux-only
 	$(CARGO) build --release -p respawn-master --features demo --bin respawn
@@ -76,11 +81,23 @@ install: release
 
 install-files:
 	install -D -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/respawn
-	for doc in $(DOCS); do install -D -m 0644 "$$doc" "$(DESTDIR)$(DOCDIR)/$${doc##*/}" || exit 1; done
+	for page in $(MANPAGES); do install -D -m 0644 "$$page" "$(DESTDIR)$(MANDIR)/man1/$${page##*/}" || exit 1; done
+	for doc in $(DOCS); do install -D -m 0644 "$$doc" "$(DESTDIR)$(DOCDIR)/$$doc" || exit 1; done
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/respawn
+	rm -f $(addprefix $(DESTDIR)$(MANDIR)/man1/,$(notdir $(MANPAGES)))
 	rm -rf $(DESTDIR)$(DOCDIR)
+
+# The manual pages, made by the binary from its table of flags
+# (master/src/bin/respawn/args.rs): run after changing a flag. A test
+# (tests/tests/flags.rs) fails while the pages in the tree differ from what
+# the binary prints.
+man: build-demo
+	$(TARGET_DIR)/debug/respawn --man > docs/man/respawn.1.new
+	$(TARGET_DIR)/debug/respawn ctl --man > docs/man/respawn-ctl.1.new
+	mv docs/man/respawn.1.new docs/man/respawn.1
+	mv docs/man/respawn-ctl.1.new docs/man/respawn-ctl.1
 
 # A statically linked binary, for a host or container without the glibc it
 # was built against (FROM scratch, say). The installed gnu target with
@@ -110,13 +127,17 @@ doc:
 # Load and fault benchmarks, respawn beside a Node.js cluster server; writes
 # docs/benchmarks.md and docs/benchmarks.svg. Installs wrk from Debian's
 # packages if it is missing. Takes about 16 minutes on an idle machine, more
-# when others use its cores; never part of make test. Its last parts run
-# alone and rewrite only their own section: bench-upgrade, the upgrade under
-# load (USR2) beside a plain restart (under a minute); bench-any, the example
-# Node and Python servers under respawn beside Node's cluster (about 6 minutes),
-# then respawn beside PM2 and gunicorn, installed from npm and PyPI into a
-# temporary directory for the run (about 6 minutes more; make bench carries
-# that section over).
+# when others use its cores; never part of make test. Two of its parts run
+# alone: bench-upgrade, the upgrade under load (USR2) beside a plain restart
+# (under a minute); bench-any, the example Node and Python servers under
+# respawn beside Node's cluster (about 6 minutes), then respawn beside PM2
+# and gunicorn, installed from npm and PyPI into a temporary directory for
+# the run (about 6 minutes more; make bench carries that section over).
+# Each writes its sections to target/bench/upgrade.md or
+# target/bench/anylang.md, leaving the tree as it was; UPDATE_DOCS=1 writes
+# them into docs/benchmarks.md instead, in place of the sections there.
+# PORTS=LOW-HIGH makes their masters listen on free ports of that range
+# (make bench-upgrade PORTS=20000-20099); by default, on any free port.
 # bench-upgrade-scale runs alone only (make bench carries its section over):
 # an upgrade (USR2) of 4,096 workers under load, and the state the master
 # hands down (4 to 5 minutes; `python3 bench/upgrade_scale.py --workers 512
@@ -129,9 +150,12 @@ bench: linux-only
 	$(CARGO) build --release -p respawn-master --features demo --bin respawn
 	python3 bench/run.py
 
+UPDATE_DOCS ?=
+PORTS ?=
+BENCH_PART_FLAGS = $(if $(UPDATE_DOCS),--update-docs) $(if $(PORTS),--ports $(PORTS))
 bench-upgrade: linux-only
 	$(CARGO) build --release -p respawn-master --features demo --bin respawn
-	python3 bench/upgrade.py
+	python3 bench/upgrade.py $(BENCH_PART_FLAGS)
 
 bench-upgrade-scale: linux-only
 	$(CARGO) build --release -p respawn-master --features demo --bin respawn
@@ -142,7 +166,7 @@ bench-any: linux-only
 		$(SUDO) apt-get install -y wrk || { $(SUDO) apt-get update && $(SUDO) apt-get install -y wrk; }; }
 	@command -v node >/dev/null || echo "bench-any: node not found: its columns will say so"
 	$(CARGO) build --release -p respawn-master --features demo --bin respawn
-	python3 bench/anylang.py
+	python3 bench/anylang.py $(BENCH_PART_FLAGS)
 
 # Mutation testing of the files where the logic lives: each mutant is built
 # and judged by every test, in a scratch copy; results in

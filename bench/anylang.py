@@ -2,11 +2,14 @@
 """Workers in any language: the example Node server under respawn, beside
 the same server under Node's cluster module and the Rust demo.
 
-    python3 bench/anylang.py [--runs 3] [--only languages|rivals] [--out FILE | --print]
+    python3 bench/anylang.py [--runs 3] [--only languages|rivals] [--ports LOW-HIGH]
+                             [--out FILE | --update-docs | --print]
 
-Writes its section of docs/benchmarks.md ("Workers in any language") in
-place, leaving the rest of the file as make bench wrote it; make bench
-(bench/run.py) writes the same section, from the same `section` function,
+Writes its sections ("Workers in any language", then "Beside PM2 and
+gunicorn") to target/bench/anylang.md, or with --update-docs into
+docs/benchmarks.md, in place, leaving the rest of the file as make bench
+wrote it (bench/upgrade.py's main says more, and what --ports does); make
+bench (bench/run.py) writes the same section, from the same `section` function,
 reusing the figures it took for the Rust demo and Node's cluster. Then
 bench/rivals.py's comparison with PM2 and gunicorn, installed from their
 registries for the run, writes its own section ("Beside PM2 and
@@ -240,18 +243,31 @@ def section(results, command=ALONE):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of each scenario and system")
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"),
-                        help="the file whose section is replaced")
-    parser.add_argument("--print", action="store_true", help="print the section; write nothing")
     parser.add_argument("--only", choices=["languages", "rivals"],
                         help="measure only the languages' table or only the comparison with PM2 and gunicorn")
+    # Where the sections go and which ports are used: as bench/upgrade.py.
+    import upgrade
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=os.path.join(ROOT, "target", "bench", "anylang.md"),
+                       help="the file to write the sections to, in place of its own if it has them "
+                            "(default: target/bench/anylang.md)")
+    where.add_argument("--update-docs", action="store_true",
+                       help="write the sections into docs/benchmarks.md, in place")
+    where.add_argument("--print", action="store_true", help="print the sections; write nothing")
+    parser.add_argument("--ports", type=upgrade.port_range, metavar="LOW-HIGH",
+                        help="the languages' masters listen on free ports of this range (default: any "
+                             "free port)")
     args = parser.parse_args()
+    if args.update_docs:
+        args.out = upgrade.DOCS
+    if args.ports:
+        upgrade.PORTS = args.ports
+        run.free_port = upgrade.pick_port  # what run.System.start listens on
     if not os.path.exists(RESPAWN):
         sys.exit(f"anylang: {RESPAWN} is missing: run 'make bench-any', which builds it")
     if not shutil.which("wrk"):
         sys.exit("anylang: wrk is missing: run 'make bench', which installs it")
     import rivals
-    import upgrade
 
     failed = False
     parts = []

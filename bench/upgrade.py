@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 """The upgrade under load (USR2), and beside it a plain stop-and-start.
 
-    python3 bench/upgrade.py [--runs 5] [--clients 8] [--threads 1] [--out FILE | --print]
+    python3 bench/upgrade.py [--runs 5] [--clients 8] [--threads 1] [--ports LOW-HIGH]
+                             [--out FILE | --update-docs | --print]
 
-Writes its section of docs/benchmarks.md ("Upgrade under load (USR2) and a
-plain restart") in place, leaving the rest of the file as make bench wrote
-it; make bench (bench/run.py) writes the same section, from the same
-`section` function, beside the other figures of its run. `--print` prints
-the section instead.
+Writes its section ("Upgrade under load (USR2) and a plain restart") to
+target/bench/upgrade.md, so that a run leaves the tree as it was;
+`--update-docs` writes it into docs/benchmarks.md instead, in place,
+leaving the rest of the file as make bench wrote it (make bench-upgrade
+UPDATE_DOCS=1); `--out FILE` into FILE (in place of the section, if FILE
+has one); `--print` prints it. make bench (bench/run.py) writes the same
+section, from the same `section` function, beside the other figures of
+its run. The masters listen on free ports the kernel picks, or on the
+free ones of `--ports LOW-HIGH` (make bench-upgrade PORTS=20000-20099).
 
 Each run deploys the release binary at a path of its own (a hard link, as
 tests/tests/upgrade.rs does), starts `respawn --workers 4` from it, and
@@ -53,6 +58,11 @@ import time
 # log read as it comes, stopped on exit) and its helpers, not copies.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import PATIENCE, RESPAWN, ROOT, STARTED, Running, free_port, progress, wait_until  # noqa: E402
+
+# Where the section goes unless --update-docs or --out says otherwise:
+# beside the binary measured, so that a run leaves the tree as it was.
+RESULTS = os.path.join(ROOT, "target", "bench", "upgrade.md")
+DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
 
 TITLE = "## Upgrade under load (USR2) and a plain restart"
 WORKERS = 4
@@ -270,12 +280,50 @@ def common(records, load, signalled, done):
     }
 
 
+# ---------------------------------------------------------------- ports
+
+# The ports the masters listen on: any free one the kernel picks, unless
+# --ports gives a range (a firewall that opens a few, or other servers to
+# keep clear of). bench/anylang.py takes it too.
+PORTS = None
+_next_port = 0
+
+
+def port_range(text):
+    """--ports LOW-HIGH, as a range of ports."""
+    try:
+        low, high = (int(part) for part in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LOW-HIGH (20000-20099)") from None
+    if not 1 <= low <= high <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: ports are 1 to 65535, the lower first")
+    return range(low, high + 1)
+
+
+def pick_port():
+    """A port nothing is bound to: the next free one of PORTS in turn, or
+    any free one if PORTS is None."""
+    global _next_port
+    if PORTS is None:
+        return free_port()
+    for _ in range(len(PORTS)):
+        port = PORTS[_next_port % len(PORTS)]
+        _next_port += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken, or in TIME_WAIT: the next one
+            return port
+    raise RuntimeError(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
+
+
 def upgrade_run(old, new, clients, threads):
     """USR2 under load: the clients must see no failure."""
     deploy = Deploy()
     server = load = None
     try:
-        server = deploy.start(free_port())
+        server = deploy.start(pick_port())
         server.ready(WORKERS)
         load = Load(server.port, old, new, clients, threads)
         time.sleep(WARM_UP)  # load before the signal, to compare latencies with
@@ -301,7 +349,7 @@ def restart_run(old, new, clients, threads):
     deploy = Deploy()
     server = load = None
     try:
-        port = free_port()
+        port = pick_port()
         server = deploy.start(port)
         server.ready(WORKERS)
         load = Load(port, old, new, clients, threads)
@@ -373,7 +421,7 @@ def spread(values):
     return f"{ms(min(values))} / {ms(statistics.median(values))} / {ms(max(values))}"
 
 
-ALONE = "`make bench-upgrade` (`python3 bench/upgrade.py`), which rewrites this section alone"
+ALONE = "`make bench-upgrade UPDATE_DOCS=1` (`python3 bench/upgrade.py --update-docs`), which rewrites this section alone"
 
 
 def section(results, command=ALONE):
@@ -496,7 +544,13 @@ def write_section(path, text, title=TITLE):
     """Puts `text` in place of the section titled `title` in the file at
     `path`, or, if there is none yet, before the notes on method (## How
     each figure is taken), where make bench puts it; the rest is kept.
-    bench/anylang.py writes its section with it too."""
+    bench/anylang.py writes its section with it too. A file that is not
+    there yet is made, holding the section alone."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+        return
     with open(path) as f:
         doc = f.read()
     if title + "\n" in doc:
@@ -514,17 +568,27 @@ def write_section(path, text, title=TITLE):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="runs of each scenario")
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"),
-                        help="the file whose section is replaced")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=RESULTS,
+                       help="the file to write the section to, in place of its own if it has one "
+                            "(default: target/bench/upgrade.md)")
+    where.add_argument("--update-docs", action="store_true",
+                       help="write the section into docs/benchmarks.md, in place")
+    where.add_argument("--print", action="store_true", help="print the section; write nothing")
     parser.add_argument("--clients", type=int, default=CLIENTS, help="client processes")
     parser.add_argument("--threads", type=int, default=THREADS, help="threads in each client process")
-    parser.add_argument("--print", action="store_true", help="print the section; write nothing")
+    parser.add_argument("--ports", type=port_range, metavar="LOW-HIGH",
+                        help="listen on free ports of this range (default: any free port)")
     parser.add_argument("--client", nargs=4, metavar=("PORT", "THREADS", "OLD", "NEW"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         port, threads, old, new = args.client
         client(int(port), int(threads), old, new)
         return 0
+    global PORTS
+    PORTS = args.ports
+    if args.update_docs:
+        args.out = DOCS
     try:
         results = measure(args.runs, args.clients, args.threads)
     except RuntimeError as err:

@@ -341,8 +341,10 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         {
             match signal {
                 libc::SIGCHLD => self.reap_children(),
-                libc::SIGTERM | libc::SIGQUIT => self.stop_gracefully(Some(signal)),
-                libc::SIGINT => self.stop_now(),
+                libc::SIGTERM | libc::SIGQUIT => {
+                    self.stop_gracefully(Some(&format!("received {}", signals::name(signal))))
+                }
+                libc::SIGINT => self.stop_now("received SIGINT"),
                 libc::SIGHUP => {
                     let _ = self.restart_every_worker("received SIGHUP");
                 }
@@ -654,25 +656,21 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         terminate(worker, graceful);
     }
 
-    /// TERM, QUIT (or giving up, with no signal): every worker finishes what
-    /// it holds and exits; any still alive after the graceful timeout is
-    /// killed. The workers' orphaned descendants are asked to stop too.
-    fn stop_gracefully(&mut self, signal: Option<Signo>) {
+    /// TERM, QUIT, a `stop` on the control socket (or giving up: `by` is
+    /// None, the reason was said): every worker finishes what it holds and
+    /// exits; any still alive after the graceful timeout is killed. The
+    /// workers' orphaned descendants are asked to stop too. `by` says who
+    /// asked, as for `restart_every_worker`.
+    fn stop_gracefully(&mut self, by: Option<&str>) {
         if self.stopping {
-            if let Some(signal) = signal {
-                info!(
-                    "received {} while stopping; already stopping",
-                    signals::name(signal)
-                );
+            if let Some(by) = by {
+                info!("{by} while stopping; already stopping");
             }
             return;
         }
         let timeout = self.config.graceful_timeout.as_secs_f64();
-        match signal {
-            Some(signal) => info!(
-                "received {}, stopping gracefully (graceful timeout {timeout} s)",
-                signals::name(signal)
-            ),
+        match by {
+            Some(by) => info!("{by}, stopping gracefully (graceful timeout {timeout} s)"),
             None => info!("stopping gracefully (graceful timeout {timeout} s)"),
         }
         self.stopping = true;
@@ -683,10 +681,11 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         self.strays.stop(Some(self.config.graceful_timeout));
     }
 
-    /// INT (Ctrl-C): every worker is killed now; a graceful stop under way
-    /// becomes immediate.
-    fn stop_now(&mut self) {
-        info!("received SIGINT, stopping now");
+    /// INT (Ctrl-C), or `stop now` on the control socket (`by` says which):
+    /// every worker is killed now; a graceful stop under way becomes
+    /// immediate.
+    fn stop_now(&mut self, by: &str) {
+        info!("{by}, stopping now");
         self.stopping = true;
         self.notify.stopping();
         for worker in self.workers.iter_mut() {

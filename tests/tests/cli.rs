@@ -8,10 +8,13 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 
 /// The first line of the output, which for a bad flag is the one that says
-/// what is wrong (the usage follows).
+/// what is wrong (where the flags are listed follows).
 fn first_line(output: &str) -> &str {
     output.lines().next().unwrap_or_default()
 }
+
+/// The line after a bad flag's.
+const WHERE_THE_FLAGS_ARE: &str = "'respawn --help' lists the common flags, 'respawn --help-all' every one";
 
 #[test]
 fn every_flag_out_of_range_exits_2_naming_the_flag_and_its_range() {
@@ -63,9 +66,13 @@ fn every_flag_out_of_range_exits_2_naming_the_flag_and_its_range() {
     ] {
         let (status, output) = run_to_exit(args);
         assert_eq!(status.code(), Some(2), "{args:?}: {output}");
-        assert_eq!(first_line(&output), format!("respawn: {line}"), "{args:?}");
-        assert!(output.contains("\nusage: respawn "), "{args:?}: {output}");
-        assert!(!output.contains("spawned"), "{args:?}: {output}");
+        // The line that says what is wrong, and one that says where the
+        // flags are: not a usage that buries it.
+        assert_eq!(
+            output,
+            format!("respawn: {line}\n{WHERE_THE_FLAGS_ARE}\n"),
+            "{args:?}"
+        );
     }
 }
 
@@ -84,10 +91,10 @@ fn a_value_that_does_not_parse_names_its_flag() {
         r#"respawn: --timeout: "soon" is not a number of seconds from 0 to 86400"#
     );
     for (args, expected) in [
-        (&["--bogus"][..], "respawn: invalid option '--bogus'"),
+        (&["--bogus"][..], "respawn: --bogus: no such flag"),
         (
             &["--workers"][..],
-            "respawn: missing argument for option '--workers'",
+            "respawn: --workers needs a value: -w, --workers N, 1 to 4096",
         ),
         (
             &["--demo-fail-start", "--demo-hang-start"][..],
@@ -161,6 +168,66 @@ fn a_command_line_that_cannot_do_what_it_says_is_a_bad_flag() {
     // --timeout 0 says there is no timeout: nothing that cannot work.
     let (status, output) = run_to_exit(&["--ready-on-exec", "--timeout", "0", "--", "no-such-program-here"]);
     assert_eq!(status.code(), Some(1), "{output}");
+}
+
+/// A bare name is looked up in PATH, as a shell does: when it is not
+/// there, the line says where it was looked for, and how to name a program
+/// elsewhere (it said only "no such file or directory").
+#[test]
+fn a_program_not_found_in_path_says_where_it_was_looked_for() {
+    let mut command = Command::new(binary());
+    command
+        .args(["--", "no-such-program-here"])
+        .env("PATH", "/usr/bin:/bin");
+    let (status, output) = run_command_to_exit(command);
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert_eq!(
+        output,
+        "respawn: -- no-such-program-here: no such file or directory in any directory of \
+         PATH (/usr/bin:/bin); give a path for a program elsewhere (./no-such-program-here)\n"
+    );
+    // A path is not looked up: the file alone is named.
+    let (status, output) = run_to_exit(&["--", "./no-such-program-here"]);
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert_eq!(
+        output,
+        "respawn: -- ./no-such-program-here: no such file or directory\n"
+    );
+}
+
+/// A start refused for a pid file held by a live master says so, and
+/// nothing else: it first said `listening on 127.0.0.1:<port>` (the demo
+/// binds, and logs the line, before the library claims the pid file).
+/// Ignored until the `listening on` lines are said after the claim, in
+/// `Master::new` (master.rs, the lead's).
+#[test]
+#[ignore = "needs the listening lines logged after the pid-file claim (master.rs)"]
+fn a_held_pid_file_is_refused_before_any_listening_line() {
+    let dir = TempDir::new("respawn-cli-held-pid-file");
+    let pid_file = dir.join("respawn.pid").display().to_string();
+    let first = Respawn::with_workers(1, &["--pid-file", &pid_file]);
+    assert!(
+        wait_until(PATIENCE, || std::fs::read_to_string(&pid_file)
+            .is_ok_and(|text| text.trim() == first.pid.to_string())),
+        "{}",
+        first.dump()
+    );
+    let (status, output) = run_to_exit(&[
+        "--workers",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--pid-file",
+        &pid_file,
+    ]);
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert_eq!(
+        output,
+        format!(
+            "respawn: pid file {pid_file}: held by running master {}\n",
+            first.pid
+        )
+    );
 }
 
 #[test]
@@ -324,13 +391,18 @@ fn help_and_version_exit_zero() {
     assert!(output.starts_with("respawn "), "{output}");
 }
 
+/// unicorn's own test holds its help to 24 lines of 80 columns: the common
+/// flags, with their ranges, and where the rest are. `--help-all` has
+/// every flag, each with its range.
 #[test]
-fn help_fits_80_columns_and_40_lines_with_every_range() {
+fn help_fits_80_columns_and_24_lines_with_every_range() {
     let (status, help) = run_to_exit(&["--help"]);
     assert_eq!(status.code(), Some(0), "{help}");
+    let (status, all) = run_to_exit(&["--help-all"]);
+    assert_eq!(status.code(), Some(0), "{all}");
     let lines: Vec<&str> = help.lines().collect();
-    assert!(lines.len() <= 40, "{} lines:\n{help}", lines.len());
-    for line in &lines {
+    assert!(lines.len() <= 24, "{} lines:\n{help}", lines.len());
+    for line in help.lines().chain(all.lines()) {
         assert!(
             line.chars().count() <= 80,
             "{} columns: {line:?}",
@@ -343,38 +415,63 @@ fn help_fits_80_columns_and_40_lines_with_every_range() {
     }
     // Each flag's line: the descriptions start in one column, and every flag
     // that takes a value states its range there.
-    let flags: Vec<&str> = lines
-        .iter()
-        .copied()
-        .filter(|l| l.trim_start().starts_with('-'))
-        .collect();
-    let columns: std::collections::BTreeSet<_> = flags.iter().map(|l| description_column(l)).collect();
-    assert_eq!(
-        columns.len(),
-        1,
-        "descriptions not aligned:\n{}",
-        flags.join("\n")
-    );
+    // Indented by 2 (`-w, --workers`) or 6 (`--graceful-timeout`): the
+    // lines a description wraps onto start further right.
+    let flag_lines = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.len() - l.trim_start().len() <= 6 && l.trim_start().starts_with('-'))
+            .map(str::to_owned)
+            .collect()
+    };
+    let (common, every) = (flag_lines(&help), flag_lines(&all));
+    for flags in [&common, &every] {
+        let columns: std::collections::BTreeSet<_> = flags.iter().map(|l| description_column(l)).collect();
+        assert_eq!(
+            columns.len(),
+            1,
+            "descriptions not aligned:\n{}",
+            flags.join("\n")
+        );
+    }
+    let find = |flags: &[String], flag: &str| {
+        flags
+            .iter()
+            .find(|l| l.contains(&format!(" {flag} ")))
+            .cloned()
+            .unwrap_or_else(|| panic!("{flag} is not in:\n{}", flags.join("\n")))
+    };
     for flag in [
         "--workers N",
-        "--listen HOST:PORT",
+        "--listen ADDR",
         "--graceful-timeout SECS",
         "--timeout SECS",
-        "--start-timeout SECS",
         "--max-requests N",
+    ] {
+        assert!(find(&common, flag).contains(" to "), "{flag} states no range");
+        assert!(find(&every, flag).contains(" to "), "{flag} states no range");
+    }
+    for flag in [
+        "--start-timeout SECS",
         "--max-requests-jitter J",
         "--max-restarts R",
         "--restart-window SECS",
         "--min-uptime SECS",
+        "--listen-mode OCTAL",
     ] {
-        let line = flags
-            .iter()
-            .find(|l| l.contains(&format!(" {flag} ")))
-            .unwrap_or_else(|| panic!("{flag} is not in the help:\n{help}"));
-        assert!(line.contains(" to "), "{flag} states no range: {line:?}");
+        assert!(find(&every, flag).contains(" to "), "{flag} states no range");
     }
-    for switch in ["--demo-fail-start", "--demo-hang-start", "--help", "--version"] {
+    for switch in ["--help", "--help-all", "--version"] {
         assert!(help.contains(switch), "{switch} is not in the help:\n{help}");
+    }
+    for switch in [
+        "--demo-fail-start",
+        "--demo-hang-start",
+        "--demo-bad-ipc",
+        "--ready-on-exec",
+        "--ready-on-notify",
+        "--man",
+    ] {
+        assert!(all.contains(switch), "{switch} is not in --help-all:\n{all}");
     }
 }
 

@@ -183,7 +183,22 @@ fn ctl_bad_usage_exits_2_and_never_starts_a_master() {
             "respawn ctl: scale: \"lots\" is not a whole number",
         ),
         // A master's flag after ctl is not the master's.
-        (&["--workers", "2"][..], "respawn ctl: invalid option '--workers'"),
+        (&["--workers", "2"][..], "respawn ctl: --workers: no such flag\n"),
+        (
+            &["/tmp/x.sock", "status", "--jsn"][..],
+            "respawn ctl: --jsn: no such flag; did you mean --json?\n",
+        ),
+        // The request line is `stop now`; the client's word is a flag.
+        (
+            &["/tmp/x.sock", "stop", "now"][..],
+            "respawn ctl: stop: \"now\" is one word too many: an immediate stop is stop --now\n",
+        ),
+        // lexopt took -1 for a flag: "invalid option '-1'".
+        (
+            &["/tmp/x.sock", "scale", "-1"][..],
+            "respawn ctl: scale: \"-1\" is not a number of workers: N is how many to keep \
+             (0 or more), not a change (respawn ctl /tmp/x.sock status says how many are kept now)\n",
+        ),
     ] {
         let said = ctl_words(args);
         assert_eq!(said.code, Some(2), "{args:?}: {said:?}");
@@ -666,4 +681,68 @@ fn stop_answers_once_every_worker_has_exited() {
         respawn.dump()
     );
     assert_eq!(respawn.wait_exit().code(), Some(0), "{}", respawn.dump());
+}
+
+/// A stop asked on the control socket is logged as one: `stop --now` was
+/// logged as `received SIGINT, stopping now`, though no signal was sent.
+#[test]
+fn a_stop_through_the_control_socket_is_logged_naming_it_not_a_signal() {
+    for (args, line) in [
+        (
+            &["stop"][..],
+            "control socket: stop, stopping gracefully (graceful timeout 30 s)",
+        ),
+        (&["stop", "--now"][..], "control socket: stop now, stopping now"),
+    ] {
+        let dir = Dir::new();
+        let mut respawn = master_with_control(1, &dir);
+        let said = ctl(&dir.socket(), args);
+        assert_eq!(
+            (said.code, said.stdout.as_str()),
+            (Some(0), "stopped\n"),
+            "{args:?}: {said:?}"
+        );
+        assert_eq!(respawn.wait_exit().code(), Some(0), "{}", respawn.dump());
+        assert_eq!(
+            respawn.count_lines(line),
+            1,
+            "{args:?}: no {line:?}\n{}",
+            respawn.dump()
+        );
+        assert_eq!(
+            respawn.count_log("received SIG"),
+            0,
+            "{args:?}: a signal named\n{}",
+            respawn.dump()
+        );
+    }
+}
+
+/// An upgrade asked on the control socket is logged as one, from its first
+/// line (`... upgrading to <path>`) to the master's re-execution: no line
+/// names a signal that was never sent.
+#[test]
+fn an_upgrade_through_the_control_socket_is_logged_naming_it_not_a_signal() {
+    let deploy = Deploy::new("ctl-logged");
+    let socket = deploy.dir.join("control.sock");
+    let respawn = deploy.start(&["--workers", "1", "--control", &socket.display().to_string()]);
+    respawn.wait_for_workers(1);
+    deploy.replace_with_build("n");
+    let said = ctl(&socket, &["upgrade"]);
+    assert_eq!(said.code, Some(0), "{said:?}\n{}", respawn.dump());
+    let first = format!(
+        "control socket: upgrade, upgrading to {}: each old worker stops once a new one is ready",
+        deploy.shown()
+    );
+    respawn.wait_for_line(&first);
+    assert_eq!(respawn.count_lines(&first), 1, "{}", respawn.dump());
+    respawn.wait_for_log("the re-execution", |l| {
+        message(l).starts_with("master re-executed as ")
+    });
+    assert_eq!(
+        respawn.count_log("received SIG"),
+        0,
+        "a signal named\n{}",
+        respawn.dump()
+    );
 }

@@ -1,7 +1,7 @@
 //! The deployment files say only what systemd and respawn accept: the units
 //! in deploy/ pass `systemd-analyze verify` with nothing to say about them,
 //! every `--flag` that docs/deploy.md and the units name is one that
-//! `respawn --help` lists, and every system call respawn makes is one the
+//! `respawn --help-all` lists, and every system call respawn makes is one the
 //! service's `SystemCallFilter=` admits (a call it does not admit kills the
 //! process with SIGSYS, under systemd only: no other test would see it).
 //!
@@ -20,7 +20,7 @@ use std::process::Command;
 /// Flags that docs/deploy.md and the units name, added by branches of issue
 /// 10 that are not merged into this one yet. The lead empties this list at
 /// merge: the test fails, by name, for a flag listed here that `respawn
-/// --help` already shows.
+/// --help-all` already shows.
 const PENDING: &[&str] = &[];
 
 /// Flags of other programs, quoted in the commands of docs/deploy.md. Every
@@ -198,7 +198,7 @@ fn lists(help: &str, flag: &str) -> bool {
 
 #[test]
 fn deploy_docs_name_only_flags_respawn_accepts() {
-    let (status, help) = run_to_exit(&["--help"]);
+    let (status, help) = run_to_exit(&["--help-all"]);
     assert_eq!(status.code(), Some(0), "{help}");
     let files = [
         "docs/deploy.md",
@@ -250,7 +250,7 @@ fn deploy_docs_name_only_flags_respawn_accepts() {
         .collect();
     assert!(
         unknown.is_empty() && merged.is_empty() && unused.is_empty(),
-        "flags named but not in `respawn --help`: {unknown:?}\n\
+        "flags named but not in `respawn --help-all`: {unknown:?}\n\
          in PENDING but listed by --help now (remove them from PENDING): {merged:?}\n\
          in OTHER_PROGRAMS but no longer named (remove them): {unused:?}\n\
          the help:\n{help}"

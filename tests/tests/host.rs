@@ -442,8 +442,10 @@ fn json_log_lines_are_one_object_each() {
 }
 
 /// `make install-files`, the copying half of `make install`, puts the
-/// binary at DESTDIR/PREFIX/bin/respawn, mode 0755, and the documents
-/// beside it. The other half, a release build, takes minutes on a busy
+/// binary at DESTDIR/PREFIX/bin/respawn, mode 0755, the manual pages in
+/// share/man/man1, and the documents in share/doc/respawn, laid out as in
+/// the source, so that every link between them leads somewhere (they were
+/// all put in one directory, where docs/'s links broke). The other half, a release build, takes minutes on a busy
 /// 2-core machine, longer than a test should: this installs the debug
 /// binary the other tests run, through the same recipe.
 #[test]
@@ -486,7 +488,56 @@ fn make_install_puts_an_executable_in_destdir() {
     let (status, version) = run_command_to_exit(command);
     assert_eq!(status.code(), Some(0), "{version}");
     assert!(version.starts_with("respawn "), "{version}");
-    let readme = destdir.join("usr/local/share/doc/respawn/README.md");
-    assert!(readme.is_file(), "{} missing\n{said}", readme.display());
+    for page in ["respawn.1", "respawn-ctl.1"] {
+        let installed = destdir.join("usr/local/share/man/man1").join(page);
+        let source = workspace().join("docs/man").join(page);
+        assert_eq!(
+            std::fs::read(&installed).ok(),
+            std::fs::read(&source).ok(),
+            "{} is not {}\n{said}",
+            installed.display(),
+            source.display()
+        );
+    }
+    let docdir = destdir.join("usr/local/share/doc/respawn");
+    let mut documents = vec![docdir.join("README.md")];
+    for entry in std::fs::read_dir(docdir.join("docs")).expect("docs/ installed") {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            documents.push(path);
+        }
+    }
+    assert!(documents.len() > 5, "{documents:?}\n{said}");
+    for document in &documents {
+        let text = std::fs::read_to_string(document).unwrap();
+        for target in relative_links(&text) {
+            // The source code is not installed: a link to a .rs file leads
+            // to the repository (README.md says so).
+            if target.ends_with(".rs") {
+                continue;
+            }
+            let path = document.parent().unwrap().join(&target);
+            assert!(
+                path.exists(),
+                "{}: the link to {target} leads nowhere once installed",
+                document.display()
+            );
+        }
+    }
+    assert!(docdir.join("deploy/respawn.service").is_file(), "{said}");
     let _ = std::fs::remove_dir_all(&destdir);
+}
+
+/// The targets of the relative links of a markdown text, `[text](target)`,
+/// without their `#anchor`.
+fn relative_links(text: &str) -> Vec<String> {
+    text.match_indices("](")
+        .filter_map(|(at, _)| {
+            let rest = &text[at + 2..];
+            let target = &rest[..rest.find(')')?];
+            let target = target.split('#').next()?;
+            let absolute = target.contains("://") || target.starts_with("mailto:");
+            (!target.is_empty() && !absolute).then(|| target.to_owned())
+        })
+        .collect()
 }

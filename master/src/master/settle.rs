@@ -281,13 +281,11 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 .err()
                 .map(Err),
             Request::Stop { now: true } => {
-                info!("control socket: stop now");
-                self.stop_now();
+                self.stop_now("control socket: stop now");
                 None
             }
             Request::Stop { now: false } => {
-                info!("control socket: stop");
-                self.stop_gracefully(None);
+                self.stop_gracefully(Some("control socket: stop"));
                 None
             }
         };

@@ -49,31 +49,6 @@ const REFRESH: Duration = Duration::from_secs(1);
 /// Clears a terminal and puts the cursor top left, as `clear` does.
 const CLEAR_SCREEN: &str = "\x1b[H\x1b[2J";
 
-pub const USAGE: &str = "\
-usage: respawn ctl PATH status [--json] [--watch] | metrics | scale N
-                      | reload | upgrade | stop [--now]";
-
-pub const HELP: &str = "\
-respawn ctl: ask a running respawn (started with --control PATH)
-usage: respawn ctl PATH COMMAND
-
-  status [--json] [--watch]  every worker: its state, requests, CPU, memory,
-                             and the request it serves now; the listen queue.
-                             --json: the master's answer as is, one line;
-                             --watch: again every second, until Ctrl-C
-  metrics                    the Prometheus text format, for a scraper
-  scale N                    keep N workers; answers once N are ready
-  reload                     replace every worker; answers once all are new
-  upgrade                    upgrade to the binary on disk (as USR2); answers
-                             when the new workers run
-  stop [--now]               stop gracefully (--now: at once); answers once
-                             every worker has exited
-
-The protocol is in docs/control.md.
-exit: 0 done, 1 the master said no (the reason follows) or cannot be
-reached, 2 bad usage
-";
-
 /// What `respawn ctl` was asked to do.
 #[derive(Debug, PartialEq)]
 pub struct Ctl {

@@ -12,6 +12,7 @@
 
 mod args;
 mod ctl;
+mod help;
 mod http;
 mod logfmt;
 
@@ -27,6 +28,9 @@ const EXIT_FAILED: i32 = 1;
 /// Exit code for a bad flag: a service manager can be told not to restart
 /// on it (systemd's RestartPreventExitStatus=2), as no retry will fix it.
 const EXIT_BAD_FLAG: i32 = 2;
+/// The line after a bad flag's.
+const BAD_FLAG_HINT: &str = "'respawn --help' lists the common flags, 'respawn --help-all' every one";
+
 /// Exit code when workers kept failing and the master gave up (gunicorn's
 /// WORKER_BOOT_ERROR is 3 too).
 const EXIT_GAVE_UP: i32 = 3;
@@ -39,13 +43,14 @@ fn main() {
     }
     let args = match args::parse(argv) {
         Ok(Parsed::Run(args)) => args,
-        Ok(Parsed::Help) => exit(print(args::HELP)),
+        Ok(Parsed::Help) => exit(print(&help::help())),
+        Ok(Parsed::HelpAll) => exit(print(&help::help_all())),
+        Ok(Parsed::Man) => exit(print(&help::man())),
         Ok(Parsed::Version) => exit(print(&format!("respawn {}\n", env!("CARGO_PKG_VERSION")))),
         Err(err) => {
-            say(&format!(
-                "respawn: {err}\n{}\n'respawn --help' gives every flag's range and default\n",
-                args::USAGE
-            ));
+            // What is wrong, and where the flags are: the whole usage
+            // would bury the one line that matters.
+            say(&format!("respawn: {err}\n{BAD_FLAG_HINT}\n"));
             exit(EXIT_BAD_FLAG);
         }
     };
@@ -67,11 +72,12 @@ fn ctl(argv: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
                 EXIT_FAILED
             }
         },
-        Ok(args::CtlParsed::Help) => print(ctl::HELP),
+        Ok(args::CtlParsed::Help) => print(&help::ctl_help()),
+        Ok(args::CtlParsed::Man) => print(&help::ctl_man()),
         Err(err) => {
             say(&format!(
                 "respawn ctl: {err}\n{}\n'respawn ctl --help' says what each command does\n",
-                ctl::USAGE
+                help::ctl_usage()
             ));
             EXIT_BAD_FLAG
         }
@@ -110,7 +116,7 @@ fn serve(args: &Args) -> i32 {
                     .ready_on_notify(args.ready_on_notify),
             ),
             Err(err) => {
-                say(&format!("respawn: -- {err}\n"));
+                say(&format!("respawn: -- {err}{}\n", not_on_path(command, &err)));
                 return EXIT_FAILED;
             }
         },
@@ -194,6 +200,28 @@ fn serve(args: &Args) -> i32 {
             say(&format!("respawn: {err}\n"));
             EXIT_FAILED
         }
+    }
+}
+
+/// A bare name (no `/`) not found is looked up in PATH: say where it was
+/// looked for, and how to name a program elsewhere.
+fn not_on_path(command: &std::ffi::OsStr, err: &respawn_master::Error) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let not_found = matches!(err, respawn_master::Error::Io { source, .. }
+        if source.kind() == io::ErrorKind::NotFound);
+    if !not_found || command.as_bytes().contains(&b'/') {
+        return String::new();
+    }
+    match std::env::var_os("PATH") {
+        Some(path) => format!(
+            " in any directory of PATH ({}); give a path for a program elsewhere (./{})",
+            path.to_string_lossy(),
+            command.to_string_lossy()
+        ),
+        None => format!(
+            ": PATH is not set, so a bare name is found nowhere; give its path (./{})",
+            command.to_string_lossy()
+        ),
     }
 }
 
