@@ -35,9 +35,6 @@ fn main() {
         eprintln!("hello: {err}");
         std::process::exit(1);
     });
-    if let Ok(local) = listener.local_addr() {
-        log::info!("listening on {local}");
-    }
     let config = respawn_master::Config::new(2).graceful_timeout(Duration::from_secs(10));
     match respawn_master::run(listener, config, |handoff| respawn_worker::run(handoff, Hello)) {
         Ok(()) => {}

@@ -90,9 +90,6 @@ fn main() {
         eprintln!("seed: {err}");
         std::process::exit(1);
     });
-    if let Ok(local) = listener.local_addr() {
-        log::info!("listening on {local}");
-    }
     // for (let i = 0; i < cpus.length; i++) createWorker(), and every
     // 'exit' and 'message' of the article: the library's loop.
     let config = respawn_master::Config::default();

@@ -109,6 +109,9 @@
 //! - It sets its process title (`respawn: master, 4 workers, generation 3,
 //!   127.0.0.1:8080`, see [`set_title`]) and comm (`respawn master`), and
 //!   each worker's (`respawn: worker 2`); argv itself is left untouched.
+//! - It logs `listening on <address>` for each listener when it starts
+//!   (after the pid file is claimed: a master refused for it never says it
+//!   listens), not again after an upgrade's re-execution.
 //! - With [`Config::control`], it serves a control socket (docs/control.md)
 //!   from its loop; [`ask_control`] is its client.
 //! - On SIGUSR2 it executes a program (see above), passing `RESPAWN_WORKER`,

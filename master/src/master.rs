@@ -169,6 +169,14 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         listen::prepare(&listeners)?;
         let handed_down = upgrade::take_master_state();
         let pid_file = config.pid_file.as_deref().map(PidFile::claim).transpose()?;
+        // Said once the pid file is claimed, so that a master refused for it
+        // never said it listens; not by a re-executed image, whose first
+        // image said it already.
+        if !upgrade::started_by_upgrade() {
+            for listening in listeners.iter() {
+                info!("listening on {listening}");
+            }
+        }
         let floor =
             FdFloor::above_open_fds().map_err(|err| Error::io("listing open fds in /proc/self/fd", err))?;
         let program = Program::of_this_process();

@@ -201,7 +201,6 @@ fn a_program_not_found_in_path_says_where_it_was_looked_for() {
 /// Ignored until the `listening on` lines are said after the claim, in
 /// `Master::new` (master.rs, the lead's).
 #[test]
-#[ignore = "needs the listening lines logged after the pid-file claim (master.rs)"]
 fn a_held_pid_file_is_refused_before_any_listening_line() {
     let dir = TempDir::new("respawn-cli-held-pid-file");
     let pid_file = dir.join("respawn.pid").display().to_string();

@@ -134,13 +134,6 @@ fn serve(args: &Args) -> i32 {
             args.listen.join(" --listen ")
         );
     }
-    // An upgrade (SIGUSR2) runs this main too, as a worker and then as
-    // the master: the first master already said where it listens.
-    if !respawn_master::started_by_upgrade() {
-        for listening in listeners.iter() {
-            info!("listening on {listening}");
-        }
-    }
     let config = respawn_master::Config::new(args.workers)
         .graceful_timeout(args.graceful_timeout)
         .restart_limit(args.max_restarts, args.restart_window)
