@@ -686,6 +686,79 @@ mod tests {
     }
 
     #[test]
+    fn a_file_too_big_or_not_sealed_against_writes_is_refused() {
+        let sealed = |bytes: usize, seals: libc::c_int| {
+            let name = c"test-state";
+            // SAFETY: memfd_create reads the NUL-terminated name; the fd is ours.
+            let fd =
+                unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+            assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+            // SAFETY: just made, owned here alone.
+            let file = unsafe { OwnedFd::from_raw_fd(fd) };
+            nix::unistd::ftruncate(&file, bytes as libc::off_t).expect("ftruncate");
+            // SAFETY: F_ADD_SEALS changes the file's seals only.
+            assert_eq!(
+                unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) },
+                0
+            );
+            file
+        };
+        let err = MasterState::from_memfd(&sealed(MAX_BYTES + 1, libc::F_SEAL_WRITE)).unwrap_err();
+        assert!(err.contains("more than the"), "{err}");
+        let err = MasterState::from_memfd(&sealed(10, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)).unwrap_err();
+        assert_eq!(err, "its fd is not a sealed memory file");
+        let err = MasterState::from_memfd(&sealed(MAX_BYTES, libc::F_SEAL_WRITE)).unwrap_err();
+        assert!(
+            err.starts_with("it begins "),
+            "exactly the bound is read, and judged: {err}"
+        );
+    }
+
+    #[test]
+    fn every_list_has_a_bound() {
+        let clock = Clock::now();
+        let with_lines = |line: &dyn Fn(usize) -> String, count: usize| {
+            let mut text = format!("{HEADER}\n");
+            for i in 0..count {
+                text.push_str(&line(i));
+                text.push('\n');
+            }
+            text.push_str("end\n");
+            MasterState::decode(&text, clock)
+        };
+        let conn = |i: usize| format!("conn {} -", 3 + i);
+        assert!(with_lines(&conn, MAX_CONNS).is_ok());
+        assert!(with_lines(&conn, MAX_CONNS + 1)
+            .unwrap_err()
+            .contains("one too many"));
+        let backoff = |i: usize| format!("backoff {} 1000 -", i % SCOREBOARD_ROWS);
+        assert!(with_lines(&backoff, SCOREBOARD_ROWS).is_ok());
+        assert!(with_lines(&backoff, SCOREBOARD_ROWS + 1)
+            .unwrap_err()
+            .contains("one too many"));
+        let restart = |i: usize| format!("restart {i}");
+        assert!(with_lines(&restart, MAX_RESTARTS).is_ok());
+        assert!(with_lines(&restart, MAX_RESTARTS + 1)
+            .unwrap_err()
+            .contains("one too many"));
+        let worker = |i: usize| format!("worker {} {i} - 0 0 ready 1 0 - 0 0 -", 100 + i);
+        assert!(with_lines(&worker, SCOREBOARD_ROWS).is_ok());
+    }
+
+    #[test]
+    fn numbers_are_digits_only_and_slots_below_the_rows() {
+        assert_eq!(number_of::<u64>("+4"), None);
+        assert_eq!(number_of::<u64>(""), None);
+        assert_eq!(number_of::<u64>(" 4"), None);
+        assert_eq!(number_of::<u64>("4"), Some(4));
+        assert_eq!(
+            slot_of(&(SCOREBOARD_ROWS - 1).to_string()),
+            Some(SCOREBOARD_ROWS - 1)
+        );
+        assert_eq!(slot_of(&SCOREBOARD_ROWS.to_string()), None);
+    }
+
+    #[test]
     fn far_times_are_clamped_not_overflowed() {
         let clock = Clock::now();
         assert!(
