@@ -195,12 +195,46 @@ mod tests {
         );
         assert_eq!(parse(b"WATCHDOG=1"), [Notice::Watchdog]);
         assert_eq!(parse(b"READY=0\nMAINPID=4\nSTOPPING=1\nnonsense"), []);
-        let long = format!("STATUS={}", "é".repeat(300));
+        // A 3-byte character: byte 200 falls inside one, and is moved back.
+        let long = format!("STATUS={}", "€".repeat(300));
         let notices = parse(long.as_bytes());
         let [Notice::Status(text)] = notices.as_slice() else {
             panic!("one status: {notices:?}");
         };
-        assert!(text.len() <= MAX_STATUS && text.chars().all(|c| c == 'é'));
+        assert!(
+            text.len() <= MAX_STATUS && text.len() > MAX_STATUS - 3,
+            "{}",
+            text.len()
+        );
+        assert!(text.chars().all(|c| c == '€'));
+    }
+
+    #[test]
+    fn a_grandchild_descends_from_its_grandparent_and_no_one_else() {
+        let mut shell = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("a shell");
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(shell.stdout.take().expect("its stdout"))
+            .read_line(&mut line)
+            .expect("the sleep's pid");
+        let sleep: i32 = line.trim().parse().expect("a pid");
+        let me = std::process::id() as i32;
+        let shell_pid = shell.id() as i32;
+        assert!(descends_from(sleep, shell_pid), "its parent");
+        assert!(descends_from(sleep, me), "its grandparent");
+        assert!(!descends_from(me, sleep), "not the other way");
+        assert!(!descends_from(sleep, i32::MAX - 7), "not a stranger");
+        assert!(!descends_from(i32::MAX - 7, me), "nor a process that is not");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(sleep),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = shell.kill();
+        let _ = shell.wait();
     }
 
     #[test]
