@@ -151,12 +151,13 @@ pub(crate) struct Signals {
     fd: OwnedFd,
     /// The mask before `block`: restored in every worker, and on drop.
     saved_mask: Mask,
-    /// The dispositions before `block`, restored on drop.
+    /// The dispositions before `block` that were not the default (usually
+    /// SIGPIPE, which Rust ignores, and those a shell had its job ignore),
+    /// restored in every worker and on drop. The others were the default,
+    /// and `block` left them so: a forked worker, which has every taken
+    /// signal at its default, puts back only these, not 60-odd defaults
+    /// over defaults.
     saved_actions: Vec<(Signo, libc::sigaction)>,
-    /// Those of `saved_actions` that are not the default: a forked worker
-    /// has every taken signal at its default (`block` set them so), and
-    /// puts back only these, not 60-odd defaults over defaults.
-    changed_actions: Vec<(Signo, libc::sigaction)>,
 }
 
 impl Signals {
@@ -168,6 +169,7 @@ impl Signals {
         let mut saved_actions = Vec::new();
         for signal in taken.signals() {
             match set_action(signal, &default_action()) {
+                Ok(old) if is_default(&old) => {}
                 Ok(old) => saved_actions.push((signal, old)),
                 // 32 and 33 on some libcs: they refuse; the mask holds them.
                 Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {}
@@ -180,17 +182,11 @@ impl Signals {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let changed_actions = saved_actions
-            .iter()
-            .filter(|(_, action)| !is_default(action))
-            .copied()
-            .collect();
         Ok(Signals {
             // SAFETY: signalfd just returned this fd; nothing else owns it.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             saved_mask,
             saved_actions,
-            changed_actions,
         })
     }
 
@@ -239,7 +235,7 @@ impl Signals {
     /// default there (`block` set them so): only the dispositions that
     /// differ are set, usually a handful of system calls, not one per signal.
     pub(crate) fn restore_in_worker(&self, ignored: &[Signo]) -> io::Result<()> {
-        for (signal, action) in self.changed_actions.iter().filter(|(s, _)| !ignored.contains(s)) {
+        for (signal, action) in self.saved_actions.iter().filter(|(s, _)| !ignored.contains(s)) {
             set_action(*signal, action)?;
         }
         let mut ignore = default_action();
