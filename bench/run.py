@@ -138,10 +138,12 @@ def memory_parts(pid):
     binary (text, read-only data, data), and of that the part only this
     process maps (Private_Clean: pages no worker touched, such as the code
     only the master runs); its heap, its stack, the shared libraries (libc,
-    libgcc_s, ld.so, vdso), other anonymous memory, and the scoreboard."""
+    libgcc_s, ld.so, vdso), other anonymous memory, and the scoreboard; and
+    apart, its private dirty memory: what only it wrote, the part of its
+    private memory that no page cache holds (heap, stack, data)."""
     exe = os.path.realpath(f"/proc/{pid}/exe")
     parts = {"binary": 0, "binary, only the master's": 0, "heap": 0, "stack": 0,
-             "libraries": 0, "other anonymous": 0, "scoreboard": 0}
+             "libraries": 0, "other anonymous": 0, "scoreboard": 0, "private dirty": 0}
     where = None
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
@@ -164,6 +166,8 @@ def memory_parts(pid):
                 parts[where] += int(fields[1])
             elif fields[0] == "Private_Clean:" and where == "binary":
                 parts["binary, only the master's"] += int(fields[1])
+            elif fields[0] == "Private_Dirty:":
+                parts["private dirty"] += int(fields[1])
     return parts
 
 
@@ -536,7 +540,8 @@ def idle_cost(system, workers=8):
                   "master private MiB": private_kib(server.pid) / 1024,
                   "worker PSS MiB": max(pss_kib(w) for w in pids) / 1024,
                   "worker private MiB": max(private_kib(w) for w in pids) / 1024}
-        result.update({f"master PSS kB: {part}": kb for part, kb in memory_parts(server.pid).items()})
+        for part, kb in memory_parts(server.pid).items():
+            result[f"master kB: {part}" if part == "private dirty" else f"master PSS kB: {part}"] = kb
         return result
     finally:
         server.stop()
@@ -814,6 +819,16 @@ def medians(runs):
             for k in keys}
 
 
+def spread(runs):
+    """{figure: (lowest, highest)} over the runs, where every run has it."""
+    return {k: (min(r[k] for r in runs), max(r[k] for r in runs))
+            for k in runs[0] if all(isinstance(r.get(k), (int, float)) for r in runs)}
+
+
+# respawn's spread over the runs, by scenario: the table's column beside its medians.
+SPREADS = {}
+
+
 def fmt(value):
     if value is None:
         return "n/a"
@@ -904,14 +919,18 @@ def write_report(path, info, results, runs, elapsed, missing_baseline, sections=
         "",
         f"Machine: {info['cores']} cores ({info['cpu']}), Linux {info['kernel']}. "
         f"{info['rustc']}; {info['respawn']}; node {info['node']}; {info['wrk']}. "
-        f"The whole run took {elapsed / 60:.1f} minutes.",
+        f"The whole run took {elapsed / 60:.1f} minutes; the machine's load average (1 minute) was "
+        f"{info['load at start']:.1f} when it began and {os.getloadavg()[0]:.1f} when it ended (2 cores: "
+        "others' work adds to the times, much less to the ratios). The column *respawn, runs* gives the "
+        "lowest and the highest of respawn's runs.",
         "",
     ]
     if missing_baseline:
         lines += ["**node was not found**: the baseline column is empty.", ""]
     lines += [
-        "| scenario | figure | " + " | ".join(systems) + " | respawn / baseline | target | holds |",
-        "|---|---|" + "---|" * len(systems) + "---|---|---|",
+        "| scenario | figure | " + systems[0] + " | respawn, runs | " + " | ".join(systems[1:])
+        + " | respawn / baseline | target | holds |",
+        "|---|---|" + "---|" * (len(systems) + 1) + "---|---|---|",
     ]
     for scenario, _ in SCENARIOS:
         keys = []
@@ -927,8 +946,10 @@ def write_report(path, info, results, runs, elapsed, missing_baseline, sections=
             target, check = TARGETS.get((scenario, k), ("", None))
             verdict = check(r, b) if check and r is not None else None
             holds = {True: "yes", False: "**no**", None: ""}[verdict]
-            lines.append(f"| {scenario} | {k} | " + " | ".join(fmt(v) for v in values)
-                         + f" | {ratio} | {target} | {holds} |")
+            low_high = SPREADS.get((systems[0], scenario), {}).get(k)
+            runs_text = f"{fmt(low_high[0])} – {fmt(low_high[1])}" if low_high else ""
+            lines.append(f"| {scenario} | {k} | {fmt(values[0])} | {runs_text} | "
+                         + "".join(f"{fmt(v)} | " for v in values[1:]) + f"{ratio} | {target} | {holds} |")
     lines += ["", "![respawn gap and crash-storm errors](benchmarks.svg)", ""]
     lines += list(sections)  # the upgrade's (bench/upgrade.py), when measured
     lines += [open(os.path.join(ROOT, "bench", "notes.md")).read()] if os.path.exists(
@@ -971,6 +992,7 @@ def main():
     if not shutil.which("wrk"):
         sys.exit("bench: wrk is missing: run 'make bench', which installs it")
     started = time.monotonic()
+    load_at_start = os.getloadavg()[0]
     systems = [respawn_system()]
     baseline = None if args.no_baseline else baseline_system()
     if baseline:
@@ -993,6 +1015,7 @@ def main():
                     progress(f"{name}: {system.name} run {run + 1} failed: {err}")
             if runs:
                 results[system.name][name] = medians(runs)
+                SPREADS[(system.name, name)] = spread(runs)
     sections = []
     if not only or "upgrade" in only:
         # bench/upgrade.py imports this file as `run`: the same module, not
@@ -1024,8 +1047,8 @@ def main():
     if kept := kept_section(args.out, "## Upgrade at scale"):
         sections.append(kept)
     elapsed = time.monotonic() - started
-    write_report(args.out, machine(), results, args.runs, elapsed, baseline is None and not args.no_baseline,
-                 sections)
+    write_report(args.out, dict(machine(), **{"load at start": load_at_start}), results, args.runs, elapsed,
+                 baseline is None and not args.no_baseline, sections)
     write_svg(os.path.join(os.path.dirname(args.out), "benchmarks.svg"), results)
     progress(f"wrote {args.out} in {elapsed / 60:.1f} minutes")
 
