@@ -9,19 +9,26 @@
 //!
 //! 1. **The master's fds closed**, in a constant number of system calls
 //!    whatever the number of workers: the master keeps its pipes at or
-//!    above a floor (`FdFloor`), so one `close_range` takes them all, and
-//!    the few others (epoll, signalfd, the log's fd, the control socket) are
-//!    closed by name. Kept: the listeners, the worker's end of its pipe,
-//!    and for an exec the scoreboard's file.
+//!    above a floor (`FdFloor`), so `close_range` takes them all (one call
+//!    up to the worker's end of its pipe, one after), and the few others
+//!    (epoll, signalfd, the log's fd, the control socket) with them, or,
+//!    below the floor, one call per run of consecutive numbers. Kept: the
+//!    listeners, the worker's end of its pipe, and for an exec the
+//!    scoreboard's file. (The kernel still copies and then puts every pipe
+//!    at each fork: see docs/benchmarks.md, Start.)
 //! 2. **Privileges dropped** (`Config::run_workers_as`), with the ids the
 //!    master resolved before the fork: a worker never looks a name up. A
 //!    worker that will execute the new binary drops them before the exec,
 //!    so the new program's `main` never runs as root in a worker: the user
 //!    the workers run as must be allowed to execute it.
-//! 3. **Named**, so that `ps` shows `worker 3`.
+//! 3. **Named**, so that `ps` shows `worker 3`, and titled, so that
+//!    `ps -ef` shows `respawn: worker 3`, from the memory map the master
+//!    read once (`Prepared`): no /proc in the child.
 //! 4. **Signals restored**: the dispositions and the mask the program had
 //!    before the master took its signals, TERM and QUIT still blocked until
 //!    the worker arms its stop handler, HUP, TTIN, TTOU and USR2 ignored.
+//!    The child has every taken signal at its default, so only the
+//!    dispositions that differ are set.
 //! 5. **The last exec**, for a worker of the new binary ([`exec_worker`]
 //!    in upgrade.rs): its `main` reaches `run`, which goes straight to 6
 //!    ([`after_exec`]) and runs nothing else of the master's.
@@ -31,6 +38,8 @@
 //!    uid clears it) and after 5 (executing a file with capabilities or a
 //!    set-id bit clears it too).
 //!
+//! Nothing before the worker's function asks for the child's pid: the
+//! master's comes from `Prepared`, the child's only on the way to a line.
 //! Then the worker's function runs. The child never returns into the
 //! master's code: everything it runs is inside `catch_unwind`, and it
 //! leaves with `_exit`, which runs no atexit handler and flushes no stdio
