@@ -126,7 +126,11 @@ doc:
 
 # Load and fault benchmarks, respawn beside a Node.js cluster server; writes
 # docs/benchmarks.md and docs/benchmarks.svg. Installs wrk from Debian's
-# packages if it is missing. Takes about 16 minutes on an idle machine, more
+# packages if it is missing. The respawn gap and the start are measured
+# beside the C limit (bench/fork_limit.c, which it compiles with cc), and,
+# where perf can record the kernel's tracepoints, each step of a replacement
+# (bench/gap_trace.py, alone: python3 bench/gap_trace.py --show-child).
+# Takes about 16 minutes on an idle machine, more
 # when others use its cores; never part of make test. Two of its parts run
 # alone: bench-upgrade, the upgrade under load (USR2) beside a plain restart
 # (under a minute); bench-any, the example Node and Python servers under

@@ -197,7 +197,7 @@ def section(results, command=ALONE):
         "clients/python/example.py`, beside the Rust demo and the same Node server under Node's cluster "
         "module (`bench/baseline/server.js`), in make bench's own scenarios (see How each figure is "
         "taken): the respawn gap (1 worker, killed 50 times), the crash storm (2 workers, `GET /crash` "
-        "every 250 ms under wrk -c32 on `/`) and the idle cost (2 workers). As for the demo, the "
+        "every 250 ms under wrk -c32 on `/`) and the idle cost (8 workers). As for the demo, the "
         "foreign workers run with `--min-uptime 0` where workers are killed on purpose (the gap). "
         "*Gap steps* kills the only worker 20 times more, as the gap does, and times the arrival of the "
         "master's log lines too: the median time from the kill to the victim dead (its pidfd readable), "

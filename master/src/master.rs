@@ -19,8 +19,9 @@
 //!
 //! - `manage_workers`, the count invariant: fork while fewer workers count
 //!   than wanted, retire while more count. It runs at the end of every turn,
-//!   and also before a retiring worker's exit is logged, so that the log
-//!   shows its replacement first.
+//!   and also before the exit of a retiring worker, or of one replaced at
+//!   once, is logged, so that the log shows its replacement first (and the
+//!   replacement waits for no line).
 //! - `settle` (settle.rs), what is owed: whether a rollout or an upgrade is
 //!   over, whether READY=1 is due (and the pid file before it), and what
 //!   each waiting control client is answered. It runs once, at the end of
@@ -122,6 +123,8 @@ pub(crate) struct Master<W> {
     next_token: usize,
     /// The lowest fd number of the worker pipes (see spawn.rs).
     floor: FdFloor,
+    /// What every forked child needs, worked out once (spawn.rs).
+    prepared: spawn::Prepared,
     /// Forks or pipes that failed in a row: the first is logged, the others
     /// wait for the line that says forking works again.
     failed_forks: usize,
@@ -224,6 +227,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             gave_up: None,
             next_token: LOG.0 + 1,
             floor,
+            prepared: spawn::Prepared::now(),
             failed_forks: 0,
             waiting_for_room: false,
             noisy: signals::RateLimit::default(),
@@ -510,6 +514,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         match death {
             Death::Proved => {
+                // Replaced before its exit is said: the line costs the
+                // replacement nothing.
+                self.manage_workers();
                 warn!("worker {pid} exited ({how}), replacing");
                 return;
             }
@@ -565,9 +572,10 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         if !self.strays.wants_a_look(now) {
             return;
         }
+        let workers: std::collections::HashSet<Pid> = self.workers.iter().map(|w| w.pid).collect();
         let children: Vec<Pid> = strays::children()
             .into_iter()
-            .filter(|&pid| !self.workers.contains(pid))
+            .filter(|pid| !workers.contains(pid))
             .collect();
         self.strays.found(children, now);
     }
@@ -934,6 +942,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         let watchdog = self.watchdog().map(|timeout| timeout.as_micros());
         let setup = ChildSetup {
             slot,
+            prepared: &self.prepared,
             listeners: &self.listeners,
             master_fds: &master_fds,
             floor: self.floor,
@@ -1055,9 +1064,10 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// pipes are at or above the floor, closed in one call.
     fn master_fds(&self) -> Vec<RawFd> {
         let floor = self.floor.0;
-        let low_pipes = self
-            .workers
-            .iter()
+        let low_pipes = (!FdFloor::all_lifted())
+            .then(|| self.workers.iter())
+            .into_iter()
+            .flatten()
             .flat_map(|w| {
                 let pipe = w.pipe.as_ref().map(|p| p.as_raw_fd());
                 let notify = w.notify.as_ref().map(|n| n.as_raw_fd());

@@ -137,11 +137,26 @@ fn default_action() -> libc::sigaction {
     unsafe { std::mem::zeroed() }
 }
 
+/// SA_RESTORER of <asm/signal.h>, which the libc crate does not name.
+const SA_RESTORER: libc::c_int = 0x0400_0000;
+
+/// Is `action` what `default_action` installs? SA_RESTORER is glibc's own
+/// flag, which it adds to every action it installs; the mask of a default
+/// action is never used.
+fn is_default(action: &libc::sigaction) -> bool {
+    action.sa_sigaction == libc::SIG_DFL && action.sa_flags & !SA_RESTORER == 0
+}
+
 pub(crate) struct Signals {
     fd: OwnedFd,
     /// The mask before `block`: restored in every worker, and on drop.
     saved_mask: Mask,
-    /// The dispositions before `block`, restored in every worker and on drop.
+    /// The dispositions before `block` that were not the default (usually
+    /// SIGPIPE, which Rust ignores, and those a shell had its job ignore),
+    /// restored in every worker and on drop. The others were the default,
+    /// and `block` left them so: a forked worker, which has every taken
+    /// signal at its default, puts back only these, not 60-odd defaults
+    /// over defaults.
     saved_actions: Vec<(Signo, libc::sigaction)>,
 }
 
@@ -154,6 +169,7 @@ impl Signals {
         let mut saved_actions = Vec::new();
         for signal in taken.signals() {
             match set_action(signal, &default_action()) {
+                Ok(old) if is_default(&old) => {}
                 Ok(old) => saved_actions.push((signal, old)),
                 // 32 and 33 on some libcs: they refuse; the mask holds them.
                 Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {}
@@ -209,13 +225,23 @@ impl Signals {
     }
 
     /// In a freshly forked worker: the dispositions and the mask the program
-    /// had before the master took its signals, except that TERM and QUIT stay
-    /// blocked. A stop request that comes before the worker has armed its
-    /// handler then waits, pending, instead of killing it (TERM) or dumping
-    /// its core (QUIT); the worker unblocks them once it handles them.
-    pub(crate) fn restore_in_worker(&self) -> io::Result<()> {
-        for (signal, action) in &self.saved_actions {
+    /// had before the master took its signals, except that `ignored` are
+    /// ignored whatever they were, and TERM and QUIT stay blocked. A stop
+    /// request that comes before the worker has armed its handler then
+    /// waits, pending, instead of killing it (TERM) or dumping its core
+    /// (QUIT); the worker unblocks them once it handles them.
+    ///
+    /// The child is the master's copy, so every taken signal is at its
+    /// default there (`block` set them so): only the dispositions that
+    /// differ are set, usually a handful of system calls, not one per signal.
+    pub(crate) fn restore_in_worker(&self, ignored: &[Signo]) -> io::Result<()> {
+        for (signal, action) in self.saved_actions.iter().filter(|(s, _)| !ignored.contains(s)) {
             set_action(*signal, action)?;
+        }
+        let mut ignore = default_action();
+        ignore.sa_sigaction = libc::SIG_IGN;
+        for &signal in ignored {
+            set_action(signal, &ignore)?;
         }
         let stop: Mask = [libc::SIGTERM, libc::SIGQUIT].into_iter().collect();
         sigprocmask(libc::SIG_SETMASK, Mask(self.saved_mask.0 | stop.0))?;
@@ -524,7 +550,9 @@ pub(crate) mod tests {
                 check(&format!("{signal} read as {got:?}"), got == Some(signal))?;
             }
             check("all read", matches!(signals.next(), Ok(None)))?;
-            signals.restore_in_worker().map_err(|e| format!("restore: {e}"))?;
+            signals
+                .restore_in_worker(&[libc::SIGHUP])
+                .map_err(|e| format!("restore: {e}"))?;
             let stop: Mask = [libc::SIGTERM, libc::SIGQUIT].into_iter().collect();
             check(
                 "a worker's mask is the one before, and TERM and QUIT",
@@ -533,6 +561,14 @@ pub(crate) mod tests {
             check(
                 "a worker ignores USR1 again",
                 disposition(libc::SIGUSR1) == libc::SIG_IGN,
+            )?;
+            check(
+                "a worker ignores what it is told to",
+                disposition(libc::SIGHUP) == libc::SIG_IGN,
+            )?;
+            check(
+                "the others are at their default",
+                disposition(libc::SIGUSR2) == libc::SIG_DFL && disposition(libc::SIGWINCH) == libc::SIG_DFL,
             )?;
             Ok(())
         });

@@ -205,10 +205,6 @@ impl Table {
         Some(self.workers.swap_remove(index))
     }
 
-    pub(crate) fn contains(&self, pid: Pid) -> bool {
-        self.workers.iter().any(|w| w.pid == pid)
-    }
-
     pub(crate) fn by_token(&mut self, token: Token) -> Option<&mut Worker> {
         self.workers.iter_mut().find(|w| w.token == token)
     }

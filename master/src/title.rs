@@ -41,7 +41,10 @@
 //! and comm (`respawn master`) is all that changes.
 //!
 //! A worker is forked with a copy of the master's buffer, and so with its
-//! title until it sets its own (`respawn: worker 2`, [`set_worker_title`]).
+//! title until it sets its own (`respawn: worker 2`): a forked worker
+//! with the map the master read once before its first fork
+//! ([`WorkerTitle`]: no /proc in the child), a worker executed from a new
+//! binary with [`set_worker_title`].
 //!
 //! # The original command line
 //!
@@ -213,6 +216,87 @@ pub fn set_worker_title(slot: usize) {
     let _ = set_title(&format!("respawn: worker {slot}"));
 }
 
+/// A forked worker's title, made ready by the master once, before its
+/// first fork: the child's memory map is a copy of the master's, so what
+/// `set_title` reads from /proc in the process it runs in (the thread
+/// count, the map) the master reads once for all its workers. The child
+/// then writes its title into a buffer of its own and calls two system
+/// calls: brk(0), the heap's end (its own allocations may have moved it),
+/// and the prctl.
+pub(crate) struct WorkerTitle {
+    map: MmMap,
+    /// Where a child writes its title: on the heap, since the kernel reads
+    /// /proc/PID/cmdline only from anonymous memory (a static in the
+    /// binary's data segment reads as empty). Leaked by `prepare`: never
+    /// freed, never written in the master; each child writes its own copy.
+    buffer: *mut [u8; 64],
+}
+
+impl WorkerTitle {
+    /// The master's map, if titles can be shown here: the master runs one
+    /// thread, and the kernel accepts the map as it is now (restated
+    /// unchanged, as a probe). None where it refuses: then workers keep
+    /// their comm name only, and spend no system call trying.
+    pub(crate) fn prepare() -> Option<WorkerTitle> {
+        let threads = std::fs::read_dir("/proc/self/task").ok()?.count();
+        if threads != 1 {
+            return None;
+        }
+        let mut map = MmMap::now()?;
+        // SAFETY: brk(0) asks for a break below the heap's start, which the
+        // kernel refuses, returning the current break; nothing changes.
+        map.brk = unsafe { libc::syscall(libc::SYS_brk, 0) } as u64;
+        // SAFETY: every field is the value the kernel has now (read just
+        // above, nothing allocated since the break was asked), so the
+        // kernel records what it already had.
+        let rc = unsafe { prctl_mm_map(&map) };
+        (rc == 0).then(|| WorkerTitle {
+            map,
+            buffer: Box::into_raw(Box::new([0; 64])),
+        })
+    }
+
+    /// In a freshly forked worker: `respawn: worker SLOT` as its
+    /// /proc/PID/cmdline. No allocation, no /proc; a refusal changes
+    /// nothing (comm still says `worker SLOT`).
+    pub(crate) fn show(&self, slot: usize) {
+        // SAFETY: see `buffer`: alive for good, and this child's own copy,
+        // written once, by its one thread, before the kernel reads it.
+        let area = unsafe { &mut *self.buffer };
+        let room = area.len() - 1;
+        let mut cursor = &mut area[..room];
+        let _ = std::io::Write::write_fmt(&mut cursor, format_args!("respawn: worker {slot}"));
+        let len = room - cursor.len();
+        area[len] = 0;
+        let mut map = self.map;
+        map.arg_start = area.as_ptr() as u64;
+        map.arg_end = map.arg_start + len as u64 + 1;
+        // SAFETY: as in `prepare`; nothing is allocated between this and the prctl.
+        map.brk = unsafe { libc::syscall(libc::SYS_brk, 0) } as u64;
+        // SAFETY: arg_start..arg_end is `buffer`, alive for the process's
+        // life; every other field is the child's own map, the
+        // master's copied at the fork, the break asked just above.
+        let _ = unsafe { prctl_mm_map(&map) };
+    }
+}
+
+/// prctl(PR_SET_MM, PR_SET_MM_MAP, map): the kernel copies `map` (its
+/// exact size is passed) and records the addresses in it.
+///
+/// # Safety
+/// Every address in `map` must be this process's own: arg_start..arg_end
+/// memory that outlives the process's use of /proc/PID/cmdline, the rest
+/// the values the kernel has now.
+unsafe fn prctl_mm_map(map: &MmMap) -> libc::c_int {
+    libc::prctl(
+        libc::PR_SET_MM,
+        libc::PR_SET_MM_MAP as libc::c_ulong,
+        map as *const MmMap as libc::c_ulong,
+        std::mem::size_of::<MmMap>() as libc::c_ulong,
+        0 as libc::c_ulong,
+    )
+}
+
 /// The title as it will be stored: no NUL inside, at most CAPACITY - 1
 /// bytes, cut at a character boundary.
 fn fit(title: &str) -> String {
@@ -270,19 +354,10 @@ fn show(buffer: &mut [u8], half: usize, text: &str) -> Result<(), Refusal> {
     // SAFETY: brk(0) asks for a break below the heap's start, which the
     // kernel refuses, returning the current break; nothing changes.
     map.brk = unsafe { libc::syscall(libc::SYS_brk, 0) } as u64;
-    // SAFETY: the kernel copies `map` (its exact size is passed) and only
-    // records the addresses in it; arg_start..arg_end is our buffer, which
-    // is never freed once shown (set_title leaks it), and every other field
-    // is the value the kernel has now.
-    let rc = unsafe {
-        libc::prctl(
-            libc::PR_SET_MM,
-            libc::PR_SET_MM_MAP as libc::c_ulong,
-            &map as *const MmMap as libc::c_ulong,
-            std::mem::size_of::<MmMap>() as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
+    // SAFETY: arg_start..arg_end is our buffer, which is never freed once
+    // shown (set_title leaks it), and every other field is the value the
+    // kernel has now.
+    let rc = unsafe { prctl_mm_map(&map) };
     if rc == 0 {
         Ok(())
     } else {
@@ -292,7 +367,7 @@ fn show(buffer: &mut [u8], half: usize, text: &str) -> Result<(), Refusal> {
 
 /// `struct prctl_mm_map` of <linux/prctl.h>.
 #[repr(C)]
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct MmMap {
     start_code: u64,
     end_code: u64,
@@ -506,6 +581,36 @@ mod tests {
         });
         if let Err(Some(why)) = outcome.as_ref().map_err(|e| e.strip_prefix("SKIPPED: ")) {
             eprintln!("SKIPPED a_title_replaces_cmdline_but_not_the_arguments: {why}");
+            return;
+        }
+        assert_eq!(outcome, Ok(()));
+    }
+
+    /// What the master prepares once shows a worker's title without /proc,
+    /// and a process with threads prepares nothing.
+    #[test]
+    fn a_worker_title_is_shown_from_the_map_the_master_read() {
+        let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+        assert!(WorkerTitle::prepare().is_none(), "the test runner has threads");
+        let outcome = crate::signals::tests::in_child(|| {
+            let before: Vec<OsString> = std::env::args_os().collect();
+            let Some(title) = WorkerTitle::prepare() else {
+                return Err("SKIPPED: the kernel refuses PR_SET_MM_MAP".to_owned());
+            };
+            // The heap moves after the map was read: the break is asked anew.
+            let grown = vec![0u8; 1 << 20];
+            title.show(12);
+            drop(grown);
+            let cmdline = std::fs::read("/proc/self/cmdline").map_err(|e| e.to_string())?;
+            let after: Vec<OsString> = std::env::args_os().collect();
+            match () {
+                _ if cmdline != b"respawn: worker 12\0" => Err(format!("{cmdline:?}")),
+                _ if after != before => Err(format!("{before:?} {after:?}")),
+                _ => Ok(()),
+            }
+        });
+        if let Err(Some(why)) = outcome.as_ref().map_err(|e| e.strip_prefix("SKIPPED: ")) {
+            eprintln!("SKIPPED a_worker_title_is_shown_from_the_map_the_master_read: {why}");
             return;
         }
         assert_eq!(outcome, Ok(()));

@@ -130,7 +130,11 @@ impl Config {
 
     /// This worker's share of connections, if it has one.
     fn share(&self) -> Option<u64> {
-        share_of(self.max_requests, self.max_requests_jitter, random())
+        // random() asks for the pid: only when there is a share to spread.
+        match self.max_requests {
+            0 => None,
+            max => share_of(max, self.max_requests_jitter, random()),
+        }
     }
 }
 
@@ -169,7 +173,8 @@ pub fn run_with<S: Service>(handoff: Handoff, mut service: S, config: &Config) -
         scoreboard,
     } = handoff;
     let listeners = ManuallyDrop::new(listeners);
-    let pid = std::process::id();
+    // The pid is asked for (a system call) only on the way to a line that
+    // names it: nothing before the first accept needs it.
     if let Err(code) = set_up(&listeners, &channel, scoreboard, &mut service) {
         return code;
     }
@@ -180,11 +185,11 @@ pub fn run_with<S: Service>(handoff: Handoff, mut service: S, config: &Config) -
         let mut conn = match acceptor.accept() {
             Ok(Some(conn)) => conn,
             Ok(None) => {
-                debug!("worker {pid} stopping");
+                debug!("worker {} stopping", std::process::id());
                 return exit_code::STOPPED;
             }
             Err(err) => {
-                error!("worker {pid}: accepting: {err}");
+                error!("worker {}: accepting: {err}", std::process::id());
                 return exit_code::SETUP_FAILED;
             }
         };
@@ -230,30 +235,30 @@ fn set_up<S: Service>(
     scoreboard: Option<RowWriter>,
     service: &mut S,
 ) -> Result<(), i32> {
-    let pid = std::process::id();
+    let pid = std::process::id;
     if let Some(row) = scoreboard {
         let _ = ROW.set(row);
     }
     panic::install_hook();
     if listeners.is_empty() {
-        error!("worker {pid}: the master handed over no listener");
+        error!("worker {}: the master handed over no listener", pid());
         return Err(exit_code::SETUP_FAILED);
     }
     let fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
     if let Err(err) = stop::install(&fds) {
-        error!("worker {pid}: installing the stop handler: {err}");
+        error!("worker {}: installing the stop handler: {err}", pid());
         return Err(exit_code::SETUP_FAILED);
     }
     if let Err(panic) = panic::catch(|| service.start()) {
         let reason = format!("panicked while starting: {}", panic.message);
         if let Err(err) = channel.send(&Message::suicide(&reason)) {
-            error!("worker {pid}: sending suicide to the master: {err}");
+            error!("worker {}: sending suicide to the master: {err}", pid());
         }
         panic.log();
         return Err(exit_code::PANICKED);
     }
     if let Err(err) = channel.send(&Message::Ready) {
-        error!("worker {pid}: telling the master it is ready: {err}");
+        error!("worker {}: telling the master it is ready: {err}", pid());
         return Err(exit_code::SETUP_FAILED);
     }
     Ok(())

@@ -9,8 +9,10 @@
 //!
 //! So the master makes itself the reaper of its descendants
 //! (PR_SET_CHILD_SUBREAPER): an orphan is reparented to it, not to init.
-//! It looks for such children after every reap and every Ready (the moments
-//! a worker's descendants are orphaned or started), and on any turn of the
+//! It looks for such children shortly after every reap and every Ready (the
+//! moments a worker's descendants are orphaned or started: `SOON` after,
+//! so that a replacement forked in that turn runs first, and a burst of
+//! them costs one look), at once during a stop, and on any turn of the
 //! loop at least a second after it last looked, says each one it finds
 //! (a line each, at most one a second: the others are named together when
 //! that second is over), reaps them when they exit, and ends them with the
@@ -54,8 +56,9 @@ pub(crate) fn become_subreaper() {
 #[derive(Default)]
 pub(crate) struct Strays {
     known: Vec<Stray>,
-    /// Something happened (a reap, a Ready) after which one may be found.
-    look: bool,
+    /// Something happened (a reap, a Ready) after which one may be found:
+    /// when to look.
+    look_at: Option<Instant>,
     /// When the master last looked: it also looks on any turn at least a
     /// second after, so that a descendant a worker daemonized while it
     /// serves is found at the next event of any kind (an idle master
@@ -84,6 +87,14 @@ struct Said {
 /// made it look.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
 
+/// How long after a reap or a Ready the master looks. Not at the end of
+/// that turn: the look reads /proc (all the master's children, one file
+/// per thread) and would hold up a replacement forked in the same turn,
+/// which on a busy host waits for the master to sleep before it runs; and
+/// a start or a storm makes thousands of reaps and Readys, each of which
+/// would pay for a look over every child.
+const SOON: Duration = Duration::from_millis(5);
+
 /// How many held-back strays the line that sums them up names.
 const NAMED: usize = 10;
 
@@ -98,13 +109,20 @@ impl Strays {
         self.known.is_empty()
     }
 
-    /// Look for new strays at the end of this turn.
+    /// Look for new strays `SOON`, or at the end of this turn during a
+    /// stop (the master may exit once its workers are gone, and must first
+    /// find the strays they left).
     pub(crate) fn look_soon(&mut self) {
-        self.look = true;
+        let now = Instant::now();
+        let at = match self.stopping {
+            Some(_) => now,
+            None => now + SOON,
+        };
+        self.look_at = Some(self.look_at.map_or(at, |earlier| earlier.min(at)));
     }
 
     pub(crate) fn wants_a_look(&self, now: Instant) -> bool {
-        self.look
+        self.look_at.is_some_and(|at| at <= now)
             || self
                 .looked
                 .is_none_or(|at| now.saturating_duration_since(at) >= LOOK_EVERY)
@@ -127,7 +145,7 @@ impl Strays {
     /// Takes `children` (every child of the master that is not a worker) as
     /// strays; says the new ones, at most one line a second.
     pub(crate) fn found(&mut self, children: impl IntoIterator<Item = Pid>, now: Instant) {
-        self.look = false;
+        self.look_at = None;
         self.looked = Some(now);
         for pid in children {
             if self.known.iter().any(|stray| stray.pid == pid) {
@@ -208,6 +226,8 @@ impl Strays {
     /// more time.
     pub(crate) fn stop(&mut self, graceful: Option<Duration>) {
         let now = Instant::now();
+        // A look still to come is due now: see look_soon.
+        self.look_at = self.look_at.map(|_| now);
         let kill_at = match (self.stopping, graceful) {
             (Some(None), _) | (_, None) => None,
             (Some(Some(earlier)), Some(graceful)) => Some(earlier.min(now + graceful)),
@@ -235,6 +255,7 @@ impl Strays {
             .iter()
             .filter_map(|s| s.kill_at)
             .chain(self.held_until())
+            .chain(self.look_at)
             .min()
     }
 
@@ -269,22 +290,20 @@ impl Stray {
     }
 }
 
-/// Every child of this process, from /proc/self/task/*/children (one file
-/// per thread: a child belongs to the thread that forked it; the master
-/// has one), or by scanning /proc for our pid as parent where those files
-/// are missing (a kernel without CONFIG_PROC_CHILDREN).
+/// Every child of this process: from /proc/thread-self/children (3.17),
+/// one file, since a child belongs to the thread that forked it and the
+/// master runs one thread; else from /proc/self/task/*/children (one file
+/// per thread), else by scanning /proc for our pid as parent where those
+/// files are missing (a kernel without CONFIG_PROC_CHILDREN).
 pub(crate) fn children() -> Vec<Pid> {
-    let me = std::process::id();
+    if let Ok(text) = std::fs::read_to_string("/proc/thread-self/children") {
+        return pids(&text).collect();
+    }
     let mut found = None;
     if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
         for task in tasks.flatten() {
             if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
-                let list = found.get_or_insert_with(Vec::new);
-                list.extend(
-                    text.split_whitespace()
-                        .filter_map(|pid| pid.parse().ok())
-                        .map(Pid::from_raw),
-                );
+                found.get_or_insert_with(Vec::new).extend(pids(&text));
             }
         }
     }
@@ -294,10 +313,18 @@ pub(crate) fn children() -> Vec<Pid> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
+    let me = std::process::id() as i32;
     dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| parent_of(pid) == Some(me as i32))
+        .filter(|&pid| parent_of(pid) == Some(me))
         .map(Pid::from_raw)
         .collect()
+}
+
+/// The pids of a `children` file: numbers separated by spaces.
+fn pids(text: &str) -> impl Iterator<Item = Pid> + '_ {
+    text.split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .map(Pid::from_raw)
 }
 
 /// The parent pid of `pid`, from /proc/PID/stat (after the name, which is
@@ -324,6 +351,29 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         assert!(!children().contains(&pid));
+    }
+
+    #[test]
+    fn a_look_is_due_soon_after_a_reap_and_at_once_during_a_stop() {
+        let mut strays = Strays::default();
+        let now = Instant::now();
+        strays.found([], now);
+        assert!(!strays.wants_a_look(now), "just looked");
+        strays.look_soon();
+        let due = strays.next_deadline().expect("a look to come");
+        assert!(due > now && due <= Instant::now() + SOON, "{:?}", due - now);
+        assert!(
+            !strays.wants_a_look(now),
+            "not in this turn: a fork may wait on it"
+        );
+        assert!(strays.wants_a_look(due));
+        strays.look_soon();
+        assert_eq!(strays.next_deadline(), Some(due), "a burst is one look");
+        strays.stop(Some(Duration::from_secs(3)));
+        assert!(strays.wants_a_look(Instant::now()), "the master may exit next");
+        strays.found([], Instant::now());
+        strays.look_soon();
+        assert!(strays.wants_a_look(Instant::now()), "during a stop, at once");
     }
 
     #[test]
