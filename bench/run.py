@@ -474,6 +474,8 @@ def storm(system, kind, seconds=15, every=0.25, *flags):
                     # the kill, and that loss was counted as beyond held.
                     try:
                         os.kill(victim, signal.SIGSTOP)
+                        # kill(2) returns before the victim stops.
+                        wait_until(lambda: (stat(victim) or ("T",))[0] in "Tt", limit=1, step=0.0001)
                         held += held_connections(victim, listener)
                         os.kill(victim, signal.SIGKILL)
                     except ProcessLookupError:
