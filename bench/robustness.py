@@ -415,7 +415,8 @@ def scenario_retiring():
 
 # Signals respawn acts on, that cannot be caught, that keep job control's meaning
 # (TSTP, CONT), or that must stay fatal.
-NOT_STRAY = {9, 19, 18, 20, 4, 5, 6, 7, 8, 11, 31, 1, 2, 3, 15, 17, 21, 22}
+# USR2 (12) is the upgrade's signal since the upgrade landed: not a stray.
+NOT_STRAY = {9, 19, 18, 20, 4, 5, 6, 7, 8, 11, 31, 1, 2, 3, 12, 15, 17, 21, 22}
 
 
 def scenario_signals():
@@ -438,7 +439,7 @@ def scenario_signals():
     )
     how = (
         "`--workers 2`; every signal 1 to 64 but KILL, STOP, TSTP, CONT, the fault signals (ILL TRAP ABRT BUS FPE SEGV SYS) "
-        "and those respawn acts on (HUP INT QUIT TERM CHLD TTIN TTOU), one at a time, each awaited by its line"
+        "and those respawn acts on (HUP INT QUIT USR2 TERM CHLD TTIN TTOU), one at a time, each awaited by its line"
     )
     return "Stray signals (8.4)", figure, how
 
