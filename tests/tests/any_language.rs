@@ -449,3 +449,93 @@ fn hup_runs_what_the_path_names_now() {
         assert!(new.contains(&answer.pid().expect("a pid")), "{answer:?} {new:?}");
     }
 }
+
+/// A program that goes on accepting for a while after its SIGTERM, as a
+/// sloppy server does: an upgrade is answered only once no old worker holds
+/// the listener (settle's listener check), so no request after the answer
+/// reaches the previous build. With the demo, whose workers stop accepting
+/// in their signal handler, this window never opens.
+#[test]
+fn ctl_upgrade_is_answered_only_once_no_old_program_accepts() {
+    if !require(
+        "ctl_upgrade_is_answered_only_once_no_old_program_accepts",
+        Need::Python,
+    ) {
+        return;
+    }
+    let scripts = Scripts::new("slow-to-let-go");
+    scripts.write("tag", "old\n");
+    let server = scripts.write(
+        "server.py",
+        r#"
+import os, socket, struct, sys, signal, time
+ch = int(os.environ["RESPAWN_CHANNEL_FD"])
+tag = open("tag").read().strip().encode()
+listener = socket.socket(fileno=3)
+listener.settimeout(0.05)
+leave = []
+signal.signal(signal.SIGTERM, lambda *_: leave.append(time.monotonic() + 1.5))
+os.write(ch, struct.pack("<BBH", 1, 1, 0))
+while not leave or time.monotonic() < leave[0]:
+    try:
+        conn, _ = listener.accept()
+    except socket.timeout:
+        continue
+    conn.settimeout(5)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        more = conn.recv(4096)
+        if not more:
+            break
+        head += more
+    body = b"%s %d\n" % (tag, os.getpid())
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    conn.close()
+"#,
+    );
+    let socket = scripts.0.join("control.sock");
+    let dir = scripts.0.clone();
+    let respawn = Respawn::start_with(
+        &[
+            "--workers",
+            "2",
+            "--control",
+            &socket.display().to_string(),
+            "--",
+            "python3",
+            &server.display().to_string(),
+        ],
+        |command| {
+            command.current_dir(&dir);
+        },
+    );
+    respawn.wait_for_workers(2);
+    let answer = respawn.get("/").expect("GET /");
+    assert!(answer.body.starts_with("old "), "{answer:?}\n{}", respawn.dump());
+    scripts.write("tag", "new\n");
+    let output = std::process::Command::new(binary())
+        .arg("ctl")
+        .arg(&socket)
+        .arg("upgrade")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running respawn ctl");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        respawn.dump()
+    );
+    let old: Vec<String> = (0..40)
+        .filter_map(|_| respawn.get("/").ok())
+        .map(|a| a.body.trim().to_owned())
+        .filter(|body| !body.starts_with("new "))
+        .collect();
+    assert!(
+        old.is_empty(),
+        "answered by the previous program after the upgrade's answer: {old:?}\n{}",
+        respawn.dump()
+    );
+}

@@ -772,6 +772,10 @@ fn a_back_out_during_a_reload_lets_the_reload_finish() {
 /// Once `ctl upgrade` has answered, every request is answered by the new
 /// build: the old workers had stopped accepting before the master
 /// re-executed, and the answer comes from the new image.
+/// (The demo's workers stop accepting in their signal handler, so the
+/// window this guards never opens here; any_language.rs's
+/// `ctl_upgrade_is_answered_only_once_no_old_program_accepts` opens it
+/// with a program that goes on accepting after its TERM.)
 #[test]
 fn after_ctl_upgrade_answers_only_the_new_build_answers() {
     let deploy = Deploy::new("answered");
