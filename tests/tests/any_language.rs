@@ -457,13 +457,30 @@ fn hup_runs_what_the_path_names_now() {
 /// in their signal handler, this window never opens.
 #[test]
 fn ctl_upgrade_is_answered_only_once_no_old_program_accepts() {
-    if !require(
+    if require(
         "ctl_upgrade_is_answered_only_once_no_old_program_accepts",
         Need::Python,
     ) {
-        return;
+        no_old_answer_after("upgrade");
     }
-    let scripts = Scripts::new("slow-to-let-go");
+}
+
+/// The same for a rolling restart: `ctl reload` is answered only once no
+/// old worker accepts.
+#[test]
+fn ctl_reload_is_answered_only_once_no_old_program_accepts() {
+    if require(
+        "ctl_reload_is_answered_only_once_no_old_program_accepts",
+        Need::Python,
+    ) {
+        no_old_answer_after("reload");
+    }
+}
+
+/// `ctl VERB` to a master of two workers of a program that accepts 1.5 s
+/// more after its TERM; then no answer may come from the old program.
+fn no_old_answer_after(verb: &str) {
+    let scripts = Scripts::new(&format!("slow-to-let-go-{verb}"));
     scripts.write("tag", "old\n");
     let server = scripts.write(
         "server.py",
@@ -516,7 +533,7 @@ while not leave or time.monotonic() < leave[0]:
     let output = std::process::Command::new(binary())
         .arg("ctl")
         .arg(&socket)
-        .arg("upgrade")
+        .arg(verb)
         .stdin(std::process::Stdio::null())
         .output()
         .expect("running respawn ctl");
@@ -535,7 +552,7 @@ while not leave or time.monotonic() < leave[0]:
         .collect();
     assert!(
         old.is_empty(),
-        "answered by the previous program after the upgrade's answer: {old:?}\n{}",
+        "answered by the previous program after ctl {verb} was answered: {old:?}\n{}",
         respawn.dump()
     );
 }
