@@ -12,7 +12,7 @@
 //!    above a floor (`FdFloor`), so `close_range` takes them all (one call
 //!    up to the worker's end of its pipe, one after), and the few others
 //!    (epoll, signalfd, the log's fd, the control socket) with them, or,
-//!    below the floor, one call per run of consecutive numbers. Kept: the
+//!    below the floor, one call each. Kept: the
 //!    listeners, the worker's end of its pipe, and for an exec the
 //!    scoreboard's file. (The kernel still copies and then puts every pipe
 //!    at each fork: see docs/benchmarks.md, Start.)
