@@ -309,7 +309,7 @@ fn hard_exit_in_a_route(respawn: &Respawn, expected: HardExit) {
 /// HUP while 3 clients send GET / on new connections: every worker is
 /// replaced, and answers come from the new ones. A server that stops
 /// gracefully fails no request; one that does not may cut the connections
-/// it holds (no byte of an answer, or a reset), and nothing else: no
+/// it holds (no byte of an answer, part of one, or a reset), and nothing else: no
 /// refusal, no error answer.
 fn hup_under_load(respawn: &Respawn, name: &str, stop: Stop) {
     let old: BTreeSet<i32> = respawn
@@ -426,13 +426,30 @@ fn served_by(got: &std::io::Result<Vec<u8>>) -> Option<i32> {
         .ok()
 }
 
-/// Closed without a byte of an answer, or reset: what a client of a
-/// process that exits (or closes a connection it has not read) sees.
+/// Closed without a byte of an answer or before its end, or reset: what a
+/// client of a process that exits (or closes a connection it has not read)
+/// sees. An exit between the head and the body leaves the head alone.
 fn cut(got: &std::io::Result<Vec<u8>>) -> bool {
     match got {
-        Ok(bytes) => bytes.is_empty(),
+        Ok(bytes) => bytes.is_empty() || cut_short(bytes),
         Err(err) => err.kind() == std::io::ErrorKind::ConnectionReset,
     }
+}
+
+/// An answer that ends before its head does, or before the length it
+/// announces.
+fn cut_short(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return true;
+    };
+    head.lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .is_some_and(|length| body.len() < length)
 }
 
 /// Every live process under `root`: its children, theirs, and so on.
@@ -538,4 +555,20 @@ fn run(command: &mut Command) -> Result<(), String> {
     let lines: Vec<&str> = text.lines().collect();
     let last = lines[lines.len().saturating_sub(6)..].join(" | ");
     Err(format!("{shown} failed ({}): {last}", out.status))
+}
+
+/// What `hup_under_load` counts as cut: nothing, a head alone (the exit
+/// came between head and body), a body shorter than announced, a reset;
+/// not a whole answer.
+#[test]
+fn a_partial_answer_counts_as_cut_and_a_whole_one_does_not() {
+    let ok = |s: &str| Ok::<Vec<u8>, std::io::Error>(s.as_bytes().to_vec());
+    let head = "HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\n";
+    assert!(cut(&ok("")));
+    assert!(cut(&ok(head)));
+    assert!(cut(&ok(&format!("{head}served by"))));
+    assert!(cut(&ok("HTTP/1.1 200 OK\r\nContent-Le")));
+    assert!(cut(&Err(std::io::ErrorKind::ConnectionReset.into())));
+    assert!(!cut(&ok(&format!("{head}served by 4242\n"))));
+    assert!(!cut(&Err(std::io::ErrorKind::ConnectionRefused.into())));
 }
