@@ -323,7 +323,8 @@ pub(crate) fn after_exec(env: &WorkerEnv) -> Result<(), String> {
 /// worker's end of its pipe, and for an exec the scoreboard's file), and
 /// by name those the master names (epoll, signalfd, log, control) and
 /// `read_end` where they lie below it. Most lie above and go with the
-/// rest: usually two calls, up to the worker's end of its pipe and after.
+/// rest: two calls, up to the worker's end of its pipe and after, and a
+/// call for each below (the demo's child makes four in all).
 fn close_master_fds(setup: &ChildSetup, read_end: RawFd, keep: &[Option<RawFd>; 2]) {
     let floor = setup.floor.0;
     // A call each for the few below the floor: no allocation in the child.
