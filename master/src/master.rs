@@ -968,26 +968,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         self.fork_works_again();
         let token = Token(self.next_token);
         self.next_token += 1;
-        let fd = spawned.pipe.as_raw_fd();
         let mut worker = Worker::new(spawned.pid, slot, token, Some(spawned.pipe));
         worker.image = self.wanted.image;
         worker.generation = self.generation;
         worker.notify = notify.map(|n| n.socket);
-        self.watch_notify_socket(&mut worker);
         info!("worker {} spawned", spawned.pid);
-        if let Err(err) = self
-            .poll
-            .registry()
-            .register(&mut SourceFd(&fd), token, Interest::READABLE)
-        {
-            // Without its pipe it could never say Ready: a failed start.
-            error!(
-                "watching the pipe of worker {}: {}; killing it",
-                spawned.pid,
-                describe(&err)
-            );
-            kill(&mut worker);
-        }
+        self.watch_worker(&mut worker);
         self.workers.insert(worker);
     }
 
@@ -1006,24 +992,33 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }))
     }
 
-    /// Watches a worker's NOTIFY_SOCKET, if it has one; without it the
-    /// worker could never say Ready: a failed start.
-    fn watch_notify_socket(&mut self, worker: &mut Worker) {
-        let Some(socket) = &worker.notify else {
-            return;
-        };
-        let token = notified::token_of(worker.token);
-        if let Err(err) =
-            self.poll
+    /// Watches a worker's pipe and, with `--ready-on-notify`, its
+    /// NOTIFY_SOCKET. Without either it could never say Ready: a failed
+    /// start, so it is killed.
+    fn watch_worker(&mut self, worker: &mut Worker) {
+        let sources = [
+            ("pipe", worker.pipe.as_ref().map(|p| p.as_raw_fd()), worker.token),
+            (
+                "notification socket",
+                worker.notify.as_ref().map(|s| s.as_raw_fd()),
+                notified::token_of(worker.token),
+            ),
+        ];
+        for (what, fd, token) in sources {
+            let Some(fd) = fd else { continue };
+            let registered = self
+                .poll
                 .registry()
-                .register(&mut SourceFd(&socket.as_raw_fd()), token, Interest::READABLE)
-        {
-            error!(
-                "watching the notification socket of worker {}: {}; killing it",
-                worker.pid,
-                describe(&err)
-            );
-            kill(worker);
+                .register(&mut SourceFd(&fd), token, Interest::READABLE);
+            if let Err(err) = registered {
+                error!(
+                    "watching the {what} of worker {}: {}; killing it",
+                    worker.pid,
+                    describe(&err)
+                );
+                kill(worker);
+                return;
+            }
         }
     }
 

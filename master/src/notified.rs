@@ -257,27 +257,22 @@ mod tests {
         assert_eq!(notices, []);
         // From a child of this process, gone by the time it is read (as
         // systemd-notify is): its uid is the one the workers run as.
-        let name = socket.name.clone();
-        let status = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import socket,sys; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); \
-                 s.sendto(b'WATCHDOG=1', '\\0' + sys.argv[1][1:])",
-                &name,
-            ])
-            .status();
-        if status.is_ok_and(|s| s.success()) {
-            let (notices, _) = receive(&socket.socket, me, uid);
-            assert_eq!(notices, [Notice::Watchdog]);
-            let status = std::process::Command::new("python3")
+        let from_a_child = |message: &str| {
+            std::process::Command::new("python3")
                 .args([
                     "-c",
                     "import socket,sys; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); \
-                     s.sendto(b'READY=1', '\\0' + sys.argv[1][1:])",
-                    &name,
+                     s.sendto(sys.argv[2].encode(), '\\0' + sys.argv[1][1:])",
+                    &socket.name,
+                    message,
                 ])
-                .status();
-            assert!(status.is_ok_and(|s| s.success()));
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if from_a_child("WATCHDOG=1") {
+            let (notices, _) = receive(&socket.socket, me, uid);
+            assert_eq!(notices, [Notice::Watchdog]);
+            assert!(from_a_child("READY=1"));
             let (notices, _) = receive(&socket.socket, me, uid + 1);
             assert_eq!(notices, [], "gone, and of another uid than the workers'");
         }

@@ -938,6 +938,23 @@ impl Deploy {
     }
 }
 
+/// Runs `command` to its end (an install, a venv): Err has the command
+/// and its last lines.
+pub fn run_to_end(command: &mut Command) -> Result<(), String> {
+    let shown = format!("{command:?}");
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|err| format!("{shown}: {err}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let last = lines[lines.len().saturating_sub(6)..].join(" | ");
+    Err(format!("{shown} failed ({}): {last}", out.status))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -513,24 +513,28 @@ fn make_venv() -> Result<PathBuf, (Need, String)> {
     let dir = root.join(format!("{PREFIX}{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let started = Instant::now();
-    run(Command::new("python3")
-        .args(["-m", "venv", "--without-pip"])
-        .arg(&dir))
+    run_to_end(
+        Command::new("python3")
+            .args(["-m", "venv", "--without-pip"])
+            .arg(&dir),
+    )
     .map_err(|why| (Need::Python, format!("{why} (apt-get install python3-venv)")))?;
-    run(Command::new("python3")
-        .args(["-m", "pip", "--python"])
-        .arg(dir.join("bin/python"))
-        .env("PIP_CACHE_DIR", root.join("pip-cache"))
-        .args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-input",
-            "--no-deps",
-            "--only-binary",
-            ":all:",
-        ])
-        .args(PINS))
+    run_to_end(
+        Command::new("python3")
+            .args(["-m", "pip", "--python"])
+            .arg(dir.join("bin/python"))
+            .env("PIP_CACHE_DIR", root.join("pip-cache"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-input",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+            ])
+            .args(PINS),
+    )
     .map_err(|why| (Need::Registry, why))?;
     eprintln!(
         "other_servers: {} installed into {} in {:.1} s",
@@ -539,22 +543,6 @@ fn make_venv() -> Result<PathBuf, (Need, String)> {
         started.elapsed().as_secs_f64()
     );
     Ok(dir)
-}
-
-/// Runs `command` to its end; Err has the command and its last lines.
-fn run(command: &mut Command) -> Result<(), String> {
-    let shown = format!("{command:?}");
-    let out = command
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|err| format!("{shown}: {err}"))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text.lines().collect();
-    let last = lines[lines.len().saturating_sub(6)..].join(" | ");
-    Err(format!("{shown} failed ({}): {last}", out.status))
 }
 
 /// What `hup_under_load` counts as cut: nothing, a head alone (the exit

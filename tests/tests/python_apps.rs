@@ -161,21 +161,25 @@ fn make_venv() -> Result<PathBuf, String> {
     let dir = root.join(format!("{PREFIX}{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let started = Instant::now();
-    run(Command::new("python3")
-        .args(["-m", "venv", "--without-pip"])
-        .arg(&dir))?;
+    run_to_end(
+        Command::new("python3")
+            .args(["-m", "venv", "--without-pip"])
+            .arg(&dir),
+    )?;
     let client = workspace().join("clients/python");
-    run(Command::new("python3")
-        .args(["-m", "pip", "--python"])
-        .arg(dir.join("bin/python"))
-        .args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-input",
-            FLASK,
-        ])
-        .arg(&client))?;
+    run_to_end(
+        Command::new("python3")
+            .args(["-m", "pip", "--python"])
+            .arg(dir.join("bin/python"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-input",
+                FLASK,
+            ])
+            .arg(&client),
+    )?;
     eprintln!(
         "python_apps: {FLASK} and {} installed into {} in {:.1} s",
         client.display(),
@@ -183,22 +187,6 @@ fn make_venv() -> Result<PathBuf, String> {
         started.elapsed().as_secs_f64()
     );
     Ok(dir)
-}
-
-/// Runs `command` to its end; Err has the command and its last lines.
-fn run(command: &mut Command) -> Result<(), String> {
-    let shown = format!("{command:?}");
-    let out = command
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|err| format!("{shown}: {err}"))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text.lines().collect();
-    let last = lines[lines.len().saturating_sub(6)..].join(" | ");
-    Err(format!("{shown} failed ({}): {last}", out.status))
 }
 
 #[test]

@@ -329,21 +329,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         worker.killed = handed.killed;
         worker.hung = handed.hung;
         worker.notify = notify;
-        self.watch_notify_socket(&mut worker);
-        if let Some(pipe) = &worker.pipe {
-            if let Err(err) =
-                self.poll
-                    .registry()
-                    .register(&mut SourceFd(&pipe.as_raw_fd()), token, Interest::READABLE)
-            {
-                error!(
-                    "watching the pipe of worker {}: {}; killing it",
-                    worker.pid,
-                    describe(&err)
-                );
-                kill(&mut worker);
-            }
-        }
+        self.watch_worker(&mut worker);
         self.workers.insert(worker);
     }
 }

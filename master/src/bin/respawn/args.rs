@@ -576,28 +576,13 @@ pub const CTL_FLAGS: &[Flag] = &[
         section: Section::Master,
     },
     Flag {
-        id: Id::Help,
-        short: Some('h'),
-        long: "help",
-        value: "",
-        range: Range::Any,
-        default: "",
         meaning: "this help",
-        more: "",
-        common: true,
-        section: Section::Help,
+        ..HELP
     },
     Flag {
-        id: Id::Man,
-        short: None,
-        long: "man",
-        value: "",
-        range: Range::Any,
-        default: "",
         meaning: "the manual page, respawn-ctl(1), in roff",
-        more: "",
         common: true,
-        section: Section::Help,
+        ..MAN
     },
 ];
 
