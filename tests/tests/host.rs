@@ -541,3 +541,68 @@ fn relative_links(text: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// The binary's relative relocations are packed (DT_RELR, master/build.rs)
+/// wherever the C library loads such a binary (glibc 2.36 and later): the
+/// master then keeps no 67 kB relocation table that only ld.so read at its
+/// exec (docs/benchmarks.md, "Memory").
+#[test]
+fn the_binary_packs_its_relocations_where_glibc_loads_them() {
+    const TEST: &str = "the_binary_packs_its_relocations_where_glibc_loads_them";
+    if std::env::var_os("RESPAWN_RELR").is_some_and(|v| v == "0") {
+        skip(TEST, Skip::Environment, "RESPAWN_RELR=0 builds without DT_RELR");
+        return;
+    }
+    let version = glibc_version();
+    let binary = binary();
+    let image = std::fs::read(&binary).unwrap_or_else(|err| panic!("{}: {err}", binary.display()));
+    let tags = dynamic_tags(&image).unwrap_or_else(|| panic!("{}: no dynamic section", binary.display()));
+    const DT_RELR: u64 = 36;
+    let packed = tags.contains(&DT_RELR);
+    if version >= (2, 36) {
+        assert!(
+            packed,
+            "{} has no DT_RELR though glibc is {version:?}: master/build.rs's probe failed",
+            binary.display()
+        );
+    } else {
+        assert!(
+            !packed,
+            "{} has DT_RELR, which glibc {version:?} cannot load",
+            binary.display()
+        );
+    }
+}
+
+/// The running C library's version, (major, minor).
+fn glibc_version() -> (u32, u32) {
+    // SAFETY: gnu_get_libc_version returns a static NUL-terminated string.
+    let text = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+    let text = text.to_str().expect("glibc's version is ASCII");
+    let mut parts = text.split('.').map(|part| part.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// The tags of an ELF64 little-endian image's dynamic section, read from
+/// its PT_DYNAMIC program header.
+fn dynamic_tags(image: &[u8]) -> Option<Vec<u64>> {
+    let u16_at = |at: usize| Some(u16::from_le_bytes(image.get(at..at + 2)?.try_into().ok()?));
+    let u32_at = |at: usize| Some(u32::from_le_bytes(image.get(at..at + 4)?.try_into().ok()?));
+    let u64_at = |at: usize| Some(u64::from_le_bytes(image.get(at..at + 8)?.try_into().ok()?));
+    if image.get(..5)? != b"\x7fELF\x02" {
+        return None;
+    }
+    let (table, size, count) = (u64_at(0x20)? as usize, u16_at(0x36)? as usize, u16_at(0x38)?);
+    const PT_DYNAMIC: u32 = 2;
+    let header = (0..count as usize)
+        .map(|i| table + i * size)
+        .find(|&at| u32_at(at) == Some(PT_DYNAMIC))?;
+    let (offset, length) = (u64_at(header + 8)? as usize, u64_at(header + 32)? as usize);
+    Some(
+        (offset..offset + length)
+            .step_by(16)
+            .map_while(u64_at)
+            .take_while(|&tag| tag != 0)
+            .collect(),
+    )
+}
