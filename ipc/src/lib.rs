@@ -46,6 +46,19 @@ pub mod exit_code {
     pub const PANICKED: i32 = 70;
 }
 
+/// An io::Error as the end of a sentence, for the master's lines and the
+/// workers' alike: "address already in use", not "Address already in use
+/// (os error 98)".
+pub fn describe(err: &std::io::Error) -> String {
+    let text = err.to_string();
+    let text = text.split(" (os error").next().unwrap_or(&text);
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
 pub use channel::{Channel, Handoff};
 pub use listener::{Conn, Listener, Peer, MAX_LISTENERS};
 pub use message::{DecodeError, Decoder, Frame, Message, HEADER_LEN, MAX_FRAME, MAX_REASON, VERSION};

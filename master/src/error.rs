@@ -48,17 +48,7 @@ impl std::error::Error for Error {
     }
 }
 
-/// An io::Error as the end of a sentence: "address already in use", not
-/// "Address already in use (os error 98)".
-pub(crate) fn describe(err: &io::Error) -> String {
-    let text = err.to_string();
-    let text = text.split(" (os error").next().unwrap_or(&text);
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => String::new(),
-    }
-}
+pub(crate) use respawn_ipc::describe;
 
 #[cfg(test)]
 mod tests {

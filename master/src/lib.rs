@@ -222,8 +222,9 @@ where
         master.kill_all_and_reap();
     }
     // Only once the loop has returned: an upgrade re-executes from inside
-    // it, and the file must stay for the new master.
-    listen::remove_socket_files(&socket_files);
+    // it, and the file must stay for the new master. The files as they are
+    // now: a HUP may have made one again (a new inode) since the start.
+    listen::remove_socket_files(&master.socket_files());
     logbuf::flush_before_exit(LAST_LINES_PATIENCE);
     result
 }

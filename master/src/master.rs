@@ -1092,6 +1092,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         self.strays.kill_all_and_reap();
     }
+
+    /// The Unix socket files this master made and holds now, to remove when
+    /// it stops.
+    pub(crate) fn socket_files(&self) -> Vec<listen::SocketFile> {
+        self.listeners.socket_files()
+    }
 }
 
 /// How a worker that was not handing over died (`judge_death`).

@@ -514,3 +514,54 @@ fn workers_that_die_in_their_first_request_are_said_and_not_given_up_on() {
     let ready = wait_until(PATIENCE, || respawn.get("/").is_ok_and(|a| a.status == 200));
     assert!(ready, "{}", respawn.dump());
 }
+
+/// README.md and docs/ show the demo's panic lines as a newcomer sees them
+/// (`worker 15805 panicked at master/src/bin/respawn/http.rs:140:25: ...`):
+/// every location they quote is one the demo logs now, for GET /crash or
+/// for --demo-fail-start, so the sample does not drift from the code.
+#[test]
+fn the_docs_quote_the_panic_locations_the_demo_logs() {
+    const AT: &str = " panicked at ";
+    let location = |line: &str| {
+        let rest = &line[line.find(AT).expect("a panic line") + AT.len()..];
+        rest.split(": ").next().unwrap_or_default().to_owned()
+    };
+    let respawn = Respawn::with_workers(1, &[]);
+    respawn.wait_for_workers(1);
+    let answer = respawn.get("/crash").expect("GET /crash must be answered");
+    assert_eq!(answer.status, 500, "{answer:?}");
+    let crash = location(&respawn.wait_for_log("the panic's line", |l| {
+        l.contains(AT) && l.ends_with(": crash requested by GET /crash")
+    }));
+    let (_, output) = run_to_exit(&["--workers", "1", "--demo-fail-start", "--max-restarts", "0"]);
+    let fail_start = output
+        .lines()
+        .find(|l| l.contains(AT) && l.contains("--demo-fail-start: failing before Ready"))
+        .map(location)
+        .unwrap_or_else(|| panic!("no panic line from --demo-fail-start:\n{output}"));
+    let root = workspace();
+    let mut documents = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).expect("docs/") {
+        let path = entry.expect("an entry of docs/").path();
+        if path.extension().is_some_and(|e| e == "md") {
+            documents.push(path);
+        }
+    }
+    let mut quoted = 0;
+    for document in &documents {
+        let text = std::fs::read_to_string(document).expect("a document");
+        for (at, _) in text.match_indices("master/src/bin/respawn/http.rs:") {
+            let end = text[at..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || "/._:".contains(c)))
+                .map_or(text.len(), |n| at + n);
+            let shown = text[at..end].trim_end_matches(':');
+            assert!(
+                shown == crash || shown == fail_start,
+                "{} quotes {shown}; the demo logs {crash} (GET /crash) and {fail_start} (--demo-fail-start)",
+                document.display()
+            );
+            quoted += 1;
+        }
+    }
+    assert!(quoted >= 2, "README.md shows both panic lines: {quoted} found");
+}

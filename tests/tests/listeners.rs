@@ -180,12 +180,13 @@ fn the_socket_file_is_removed_on_a_clean_stop() {
 /// rm): the workers still accept on the socket, but no client can reach it.
 /// A HUP makes the file again, with the mode it had, as unicorn does
 /// (test_socket_unlinked_restore): clients connect again, to the new
-/// workers.
+/// workers. The file made again is this master's, removed on a clean stop
+/// like the first.
 #[test]
 fn hup_makes_a_removed_socket_file_again() {
     let path = socket_path("unlinked");
     let unix = unix_arg(&path);
-    let respawn = Respawn::with_workers(
+    let mut respawn = Respawn::with_workers(
         2,
         &[
             "--listen",
@@ -225,6 +226,13 @@ fn hup_makes_a_removed_socket_file_again() {
     }
     // The TCP listener was never touched.
     from_a_worker(respawn.get("/"), &new, "TCP");
+    respawn.signal(libc::SIGTERM);
+    assert_eq!(respawn.wait_exit().code(), Some(0), "{}", respawn.dump());
+    assert!(
+        std::fs::symlink_metadata(&path).is_err(),
+        "{}, made again by the HUP, is still there after a clean stop",
+        path.display()
+    );
 }
 
 #[test]

@@ -88,3 +88,47 @@ fn the_reading_path_names_functions_that_exist_and_reads_in_one_sitting() {
         "architecture.md says about {said} lines; the path is {total}"
     );
 }
+
+/// README.md says how big the whole is, beside the path: "about N lines of
+/// Rust outside the tests", counted as the crates' sources (ipc, worker,
+/// master with the demo binary) up to their `#[cfg(test)] mod tests`. It
+/// stays within 10% of the count, as the path's length does.
+#[test]
+fn the_readme_says_the_size_of_the_whole_within_ten_percent() {
+    fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap_or_else(|err| panic!("{}: {err}", dir.display())) {
+            let path = entry.expect("an entry").path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    for krate in ["ipc", "worker", "master"] {
+        sources(&workspace().join(krate).join("src"), &mut files);
+    }
+    let total: usize = files
+        .iter()
+        .map(|file| {
+            let text = std::fs::read_to_string(file).expect("a source file");
+            let lines: Vec<&str> = text.lines().collect();
+            let tests = lines
+                .windows(2)
+                .position(|w| w[0].trim() == "#[cfg(test)]" && w[1].trim_start().starts_with("mod tests"));
+            tests.unwrap_or(lines.len())
+        })
+        .sum();
+    let readme = std::fs::read_to_string(workspace().join("README.md")).expect("README.md");
+    let said = readme
+        .split("(about ")
+        .nth(1)
+        .and_then(|rest| rest.split(" lines of Rust").next())
+        .and_then(|n| n.replace(',', "").parse::<usize>().ok())
+        .expect("README.md says (about N lines of Rust outside the tests");
+    assert!(
+        said.abs_diff(total) * 10 <= total,
+        "README.md says about {said} lines of Rust outside the tests; there are {total}"
+    );
+}

@@ -78,7 +78,7 @@ mod testkit;
 
 use log::{debug, error};
 use respawn_ipc::scoreboard::RowWriter;
-use respawn_ipc::{Channel, Handoff, Listener, Message};
+use respawn_ipc::{describe, Channel, Handoff, Listener, Message};
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -189,7 +189,7 @@ pub fn run_with<S: Service>(handoff: Handoff, mut service: S, config: &Config) -
                 return exit_code::STOPPED;
             }
             Err(err) => {
-                error!("worker {}: accepting: {err}", std::process::id());
+                error!("worker {}: accepting: {}", std::process::id(), describe(&err));
                 return exit_code::SETUP_FAILED;
             }
         };
@@ -246,19 +246,31 @@ fn set_up<S: Service>(
     }
     let fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
     if let Err(err) = stop::install(&fds) {
-        error!("worker {}: installing the stop handler: {err}", pid());
+        error!(
+            "worker {}: installing the stop handler: {}",
+            pid(),
+            describe(&err)
+        );
         return Err(exit_code::SETUP_FAILED);
     }
     if let Err(panic) = panic::catch(|| service.start()) {
         let reason = format!("panicked while starting: {}", panic.message);
         if let Err(err) = channel.send(&Message::suicide(&reason)) {
-            error!("worker {}: sending suicide to the master: {err}", pid());
+            error!(
+                "worker {}: sending suicide to the master: {}",
+                pid(),
+                describe(&err)
+            );
         }
         panic.log();
         return Err(exit_code::PANICKED);
     }
     if let Err(err) = channel.send(&Message::Ready) {
-        error!("worker {}: telling the master it is ready: {err}", pid());
+        error!(
+            "worker {}: telling the master it is ready: {}",
+            pid(),
+            describe(&err)
+        );
         return Err(exit_code::SETUP_FAILED);
     }
     Ok(())
@@ -285,8 +297,9 @@ fn retire(channel: &Channel, reason: &str) {
     if let Err(err) = channel.send(&Message::suicide(reason)) {
         // The master will see the exit instead, and replace us then.
         error!(
-            "worker {}: sending suicide to the master: {err}",
-            std::process::id()
+            "worker {}: sending suicide to the master: {}",
+            std::process::id(),
+            describe(&err)
         );
     }
 }
@@ -657,11 +670,10 @@ mod tests {
         drop(read_end);
         let (code, _) = serve_clients(Script::default(), &Config::new(), 0, false, None, write_end);
         assert_eq!(code, exit_code::SETUP_FAILED);
-        let epipe = std::io::Error::from_raw_os_error(libc::EPIPE);
         assert_eq!(
             logged(),
             [format!(
-                "ERROR worker {}: telling the master it is ready: {epipe}",
+                "ERROR worker {}: telling the master it is ready: broken pipe",
                 pid()
             )]
         );
@@ -680,11 +692,13 @@ mod tests {
         assert_eq!(code, exit_code::PANICKED);
         assert_eq!(answers, ["recovered from boom 1"]);
         let lines = logged();
-        let epipe = std::io::Error::from_raw_os_error(libc::EPIPE);
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert_eq!(
             lines[0],
-            format!("ERROR worker {}: sending suicide to the master: {epipe}", pid())
+            format!(
+                "ERROR worker {}: sending suicide to the master: broken pipe",
+                pid()
+            )
         );
         assert!(lines[1].ends_with(": boom 1"), "{lines:?}");
     }
@@ -701,11 +715,13 @@ mod tests {
         let (code, _) = serve_clients(script, &Config::new(), 0, false, None, write_end);
         assert_eq!(code, exit_code::PANICKED);
         let lines = logged();
-        let epipe = std::io::Error::from_raw_os_error(libc::EPIPE);
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert_eq!(
             lines[0],
-            format!("ERROR worker {}: sending suicide to the master: {epipe}", pid())
+            format!(
+                "ERROR worker {}: sending suicide to the master: broken pipe",
+                pid()
+            )
         );
         assert!(lines[1].ends_with(": early"), "{lines:?}");
     }
@@ -720,10 +736,12 @@ mod tests {
         let ran = run_script(script, &Config::new(), 0, false, None);
         assert_eq!(ran.code, exit_code::SETUP_FAILED);
         assert_eq!(ran.messages, [Message::Ready]);
-        let enotsock = std::io::Error::from_raw_os_error(libc::ENOTSOCK);
         assert_eq!(
             logged(),
-            [format!("ERROR worker {}: accepting: {enotsock}", pid())]
+            [format!(
+                "ERROR worker {}: accepting: socket operation on non-socket",
+                pid()
+            )]
         );
     }
 

@@ -278,7 +278,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             status::string(&path)
         )));
         let children = strays::children();
-        let (mut adopted, mut gone) = (0, Vec::new());
+        let mut adopted = 0;
         for handed in state.workers {
             // SAFETY: the previous image left this fd open for us alone
             // (the state naming it is removed, and names each fd once).
@@ -287,7 +287,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             let notify = handed.notify.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
             let pid = Pid::from_raw(handed.pid);
             if !children.contains(&pid) {
-                gone.push(pid.to_string());
+                say_gone_during_the_exec(pid, handed.state);
                 continue; // its pipe is closed as it drops
             }
             // Above the floor again, close-on-exec: closed in each fork
@@ -298,17 +298,10 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             adopted += 1;
         }
         info!(
-            "master re-executed as {path} (pid {} kept), {adopted} workers adopted",
-            std::process::id()
+            "master re-executed as {path} (pid {} kept), {adopted} worker{} adopted",
+            std::process::id(),
+            if adopted == 1 { "" } else { "s" }
         );
-        if !gone.is_empty() {
-            warn!(
-                "{} workers handed down were gone before this image could adopt them \
-                 (reaped during the exec?): {}; their slots are filled again",
-                gone.len(),
-                gone.join(", ")
-            );
-        }
     }
 
     fn adopt_worker(
@@ -331,6 +324,19 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         worker.notify = notify;
         self.watch_worker(&mut worker);
         self.workers.insert(worker);
+    }
+}
+
+/// A worker handed down that is no longer this process's child: it died
+/// during the exec, and what ran before this image (a wrapper script, say)
+/// reaped it, so its status is not known. A counted one's slot is filled
+/// again by the next turn; a retiring one was leaving anyway.
+fn say_gone_during_the_exec(pid: Pid, state: State) {
+    let why = "status unknown: reaped by what ran before this image, a wrapper script?";
+    if state.counts() {
+        warn!("worker {pid} exited during the re-exec ({why}), replacing");
+    } else {
+        info!("worker {pid} exited during the re-exec ({why}); it was retiring");
     }
 }
 

@@ -50,10 +50,7 @@ const EXITS: &[(&str, &str, &str)] = &[
 /// The exit codes of `respawn ctl`.
 const CTL_EXITS: &[(&str, &str)] = &[
     ("0", "done"),
-    (
-        "1",
-        "the master said no (the reason follows), or cannot be reached",
-    ),
+    ("1", "refused (the reason follows) or unreachable"),
     ("2", "bad usage"),
 ];
 

@@ -280,7 +280,7 @@ fn parse_head(bytes: &[u8], full: bool) -> Option<Head> {
             let method = request.method.unwrap_or("");
             let target = request.path.unwrap_or("/");
             if method != "GET" && method != "HEAD" {
-                let why = format!("method {method} not allowed: the demo serves GET\n");
+                let why = format!("method {method} not allowed: the demo serves GET and HEAD\n");
                 return Some(Head::Refused(405, why));
             }
             Some(Head::Request(Request {
@@ -366,8 +366,14 @@ impl Response {
             _ => "Internal Server Error",
         };
         let body = if self.head_only { "" } else { &self.body };
+        // A 405 says which methods are served (RFC 9110, 15.5.6).
+        let allow = if self.status == 405 {
+            "Allow: GET, HEAD\r\n"
+        } else {
+            ""
+        };
         let message = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "HTTP/1.1 {} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{body}",
             self.status,
             self.body.len(),
         );
@@ -431,6 +437,29 @@ mod tests {
         assert_eq!(
             (request.method.as_str(), request.target.as_str()),
             ("HEAD", "/sleep/1?x")
+        );
+    }
+
+    #[test]
+    fn another_method_is_refused_with_the_methods_served() {
+        let (mut client, mut server) = pair();
+        client.write_all(b"POST / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let Head::Refused(status, why) = read_head(&mut server, Instant::now() + HEAD_DEADLINE) else {
+            panic!("not refused");
+        };
+        assert_eq!(status, 405);
+        Response::text(status, why).send(&mut server).unwrap();
+        drop(server);
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{answer}"
+        );
+        assert!(answer.contains("\r\nAllow: GET, HEAD\r\n"), "{answer}");
+        assert!(
+            answer.ends_with("method POST not allowed: the demo serves GET and HEAD\n"),
+            "{answer}"
         );
     }
 

@@ -241,13 +241,15 @@ fn facts(event: &str) -> Vec<(&'static str, Fact<'_>)> {
         }
     }
     if let Some(rest) = after(event, " from ") {
+        // A peer as a worker writes it (ipc's Peer): an address, or "unix".
+        // Another sentence's "from" ("from now on") is not one.
         let peer = rest.split([' ', ')', ';']).next().unwrap_or_default();
-        if !peer.is_empty() {
+        if peer == "unix" || peer.parse::<std::net::SocketAddr>().is_ok() {
             facts.push(("peer", Fact::Text(peer)));
         }
     }
     if let Some(rest) = event.strip_prefix("received ") {
-        let name = rest.split([' ', ',', ';']).next().unwrap_or_default();
+        let name = rest.split([' ', ',', ';', ':']).next().unwrap_or_default();
         facts.push(("signal_name", Fact::Text(name)));
     }
     if let Some(rest) = event.strip_prefix("listening on ") {
@@ -494,6 +496,16 @@ mod tests {
         assert_eq!(
             facts("listening on 127.0.0.1:8080"),
             [("kind", T("listening")), ("address", T("127.0.0.1:8080"))]
+        );
+        // Words the sentence holds that are not the fact: "from now on" is
+        // no peer, and the colon after a signal's name is not part of it.
+        assert_eq!(
+            facts("received SIGHUP: the socket file /run/a.sock was gone; bound again, mode 0660: the workers started from now on accept there"),
+            [("kind", T("signal")), ("signal_name", T("SIGHUP"))]
+        );
+        assert_eq!(
+            facts("worker 7 dropped a slow connection from unix (no request in 5 s)"),
+            [("worker", N("7")), ("peer", T("unix"))]
         );
         assert_eq!(facts("nothing to say here"), []);
         assert_eq!(facts("a subprocess 4 is not a process"), []);
