@@ -118,6 +118,9 @@ pub(crate) struct Master<W> {
     /// A rollout (HUP, or the way back from an upgrade) is under way, and
     /// its `rolling restart done` line is still to be said.
     rolling: bool,
+    /// What was wanted before a HUP's rollout, while it is under way: a
+    /// worker it forks that fails to start brings it back (deploy.rs).
+    reload_before: Option<Wanted>,
     /// Why the master gave up, if it did: `run` returns it once all stopped.
     gave_up: Option<String>,
     next_token: usize,
@@ -224,6 +227,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             workers: Table::default(),
             stopping: false,
             rolling: false,
+            reload_before: None,
             gave_up: None,
             next_token: LOG.0 + 1,
             floor,
@@ -443,6 +447,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             info!("worker {pid} exited ({how})");
         } else if self.new_binary_failed(&worker) {
             self.back_out_of_upgrade(&worker, &how);
+        } else if death == Death::FailedStart && self.reload_failed(&worker) {
+            self.back_out_of_reload(&worker, &how);
         } else {
             self.plan_replacement(&worker, &how, death, lived);
         }

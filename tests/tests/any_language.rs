@@ -450,6 +450,82 @@ fn hup_runs_what_the_path_names_now() {
     }
 }
 
+/// A deploy that breaks the program, then a reload: the workers the
+/// rollout forks cannot start (release2 exits 1). The rollout backs out as
+/// an upgrade does: the workers started before it serve on, `ctl reload`
+/// is told why (exit 1), and nothing counts toward giving up, where before
+/// the master forked release2 again and again, gave up, and stopped the
+/// healthy release1 workers with it.
+#[test]
+fn a_reload_whose_workers_cannot_start_backs_out_and_the_old_ones_serve_on() {
+    if !require(
+        "a_reload_whose_workers_cannot_start_backs_out_and_the_old_ones_serve_on",
+        Need::Python,
+    ) {
+        return;
+    }
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let scripts = Scripts::new("broken-release");
+    for (release, text) in [
+        (
+            "release1",
+            format!("#!/usr/bin/env python3\nimport os\nos.environ['TAG'] = 'release1'{PYTHON_WORKER}"),
+        ),
+        (
+            "release2",
+            "#!/bin/sh\necho 'release2: SyntaxError' >&2\nexit 1\n".to_owned(),
+        ),
+    ] {
+        std::fs::create_dir(scripts.0.join(release)).expect("a release directory");
+        let server = scripts.write(&format!("{release}/server"), &text);
+        std::fs::set_permissions(&server, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    symlink("release1", scripts.0.join("current")).expect("current -> release1");
+    let dir = scripts.0.clone();
+    let socket = scripts.0.join("control.sock");
+    let respawn = Respawn::start_with(
+        &[
+            "--workers",
+            "2",
+            "--control",
+            &socket.display().to_string(),
+            "--",
+            "./current/server",
+        ],
+        |command| {
+            command.current_dir(&dir);
+        },
+    );
+    let old = respawn.wait_for_workers(2);
+    symlink("release2", scripts.0.join("current.new")).expect("current.new -> release2");
+    std::fs::rename(scripts.0.join("current.new"), scripts.0.join("current")).expect("flipping current");
+    let output = std::process::Command::new(binary())
+        .args(["ctl".as_ref(), socket.as_os_str(), "reload".as_ref()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running respawn ctl");
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{said}\n{}", respawn.dump());
+    assert!(said.contains("backed out: worker "), "{said}\n{}", respawn.dump());
+    respawn.wait_for_log("the back-out", |l| {
+        message(l).starts_with("rolling restart backed out: its worker ")
+    });
+    for _ in 0..10 {
+        let answer = respawn.get("/").expect("GET / after the back-out");
+        assert!(
+            answer.body.starts_with("release1 "),
+            "{answer:?}\n{}",
+            respawn.dump()
+        );
+        assert!(old.contains(&answer.pid().expect("a pid")), "{answer:?} {old:?}");
+    }
+    assert!(old.iter().all(|&pid| alive(pid)), "{}", respawn.dump());
+    // Nothing was forked again: the rollout is over, and no slot is
+    // missing (two workers at the start, and the one that failed).
+    assert_eq!(respawn.count_log(" spawned"), 3, "{}", respawn.dump());
+    assert_eq!(respawn.count_log("giving up"), 0, "{}", respawn.dump());
+}
+
 /// A program that goes on accepting for a while after its SIGTERM, as a
 /// sloppy server does: an upgrade is answered only once no old worker holds
 /// the listener (settle's listener check), so no request after the answer

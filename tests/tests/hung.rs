@@ -162,7 +162,16 @@ fn wakeups(pid: i32) -> u64 {
 fn idle_master_never_wakes_without_timeout() {
     let respawn = Respawn::with_workers(2, &["--timeout", "0"]);
     respawn.wait_for_workers(2);
-    let before = wakeups(respawn.pid);
+    // The start's own deadlines come first: the look for strays 5 ms after
+    // each Ready (strays.rs). Once the master has slept through 100 ms, it
+    // has none left.
+    let mut before = wakeups(respawn.pid);
+    let settled = wait_until(PATIENCE, || {
+        thread::sleep(Duration::from_millis(100));
+        let now = wakeups(respawn.pid);
+        std::mem::replace(&mut before, now) == now
+    });
+    assert!(settled, "the master never slept 100 ms\n{}", respawn.dump());
     // A window to observe, not a synchronisation: nothing should happen in it.
     thread::sleep(Duration::from_millis(1500));
     assert_eq!(

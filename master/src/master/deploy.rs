@@ -55,10 +55,44 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         } else {
             info!("{by}, replacing every worker, one at a time");
         }
+        // A HUP during a rollout goes back, if it must, to before the first.
+        self.reload_before.get_or_insert(self.wanted);
         self.generation += 1;
         self.wanted.since = self.generation;
         self.rolling = true;
         Ok(())
+    }
+
+    /// Did a worker forked for a HUP's rollout fail to start (never took a
+    /// request, and died before Ready or younger than the minimum uptime)?
+    /// With `-- CMD` a HUP runs the code on disk now, which a deploy may
+    /// have broken.
+    pub(super) fn reload_failed(&self, worker: &Worker) -> bool {
+        self.reload_before.is_some() && self.upgrade.is_none() && self.wanted.is_run_by(worker)
+    }
+
+    /// A HUP's rollout forks workers that cannot start: what was wanted
+    /// before is wanted again, so the workers started before it serve on
+    /// and are no longer replaced, as an upgrade backs out. The death
+    /// counts toward nothing: a bad deploy must not take the service down.
+    /// The rollout's workers already Ready stay: they serve.
+    pub(super) fn back_out_of_reload(&mut self, failed: &Worker, how: &str) {
+        let Some(before) = self.reload_before.take() else {
+            return;
+        };
+        warn!(
+            "rolling restart backed out: its worker {} exited ({how}) {:.2} s after it was forked; \
+             the workers started before it serve on, and SIGHUP may be sent again",
+            failed.pid,
+            failed.spawned_at.elapsed().as_secs_f64()
+        );
+        self.wanted = before;
+        self.rolling = self.workers.outdated(self.wanted) > 0;
+        self.owed.reload_backed_out = Some(format!(
+            "backed out: worker {} exited ({how}) before it proved itself; the workers started \
+             before the reload serve on",
+            failed.pid
+        ));
     }
 
     /// USR2: start the binary now on disk as new workers, one at a time as
@@ -90,6 +124,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         self.notify.reloading();
         self.owed.reloading = true;
+        // The upgrade replaces every worker, and backs out on its own.
+        self.reload_before = None;
         self.generation += 1;
         let before = self.wanted;
         self.wanted = Wanted {

@@ -45,6 +45,9 @@ pub(crate) struct Owed {
     /// How the upgrade ended, once it has (a back-out, a failed exec, or
     /// the new image's adoption): for systemd and the clients that asked.
     pub upgrade_ended: Option<Result<String, String>>,
+    /// Why a HUP's rollout backed out, once it has: for systemd and the
+    /// clients that asked for the reload.
+    pub reload_backed_out: Option<String>,
     /// Answers decided by a handler (status, refusals), sent by settle.
     replies: Vec<(ConnId, Result<String, String>)>,
     /// Old workers still held a listener: look again then.
@@ -74,6 +77,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         if quiet && self.rolling {
             self.rolling = false;
+            self.reload_before = None;
             info!("rolling restart done: every worker is new");
         }
         self.announce(quiet);
@@ -129,7 +133,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         } else {
             notify::status_line(ready, self.generation)
         };
-        let reload_over = self.owed.reloading && (quiet || self.owed.upgrade_ended.is_some());
+        let ended = self.owed.upgrade_ended.is_some() || self.owed.reload_backed_out.is_some();
+        let reload_over = self.owed.reloading && (quiet || ended);
         if !self.stopping && !self.owed.announced && ready >= self.target {
             self.owed.announced = true;
             self.owed.reloading = false;
@@ -137,8 +142,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.notify.ready_with_status(status);
         } else if !self.stopping && self.owed.announced && reload_over {
             self.owed.reloading = false;
-            let status = match &self.owed.upgrade_ended {
-                Some(Err(why)) => format!("upgrade failed: {why}"),
+            let status = match (&self.owed.upgrade_ended, &self.owed.reload_backed_out) {
+                (Some(Err(why)), _) => format!("upgrade failed: {why}"),
+                (_, Some(why)) => format!("reload failed: {why}"),
                 _ => status,
             };
             self.pid_file.iter().for_each(PidFile::write);
@@ -159,6 +165,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// the state it reached. Then sends every answer.
     fn answer_control(&mut self, quiet: bool, now: Instant) {
         let ended = self.owed.upgrade_ended.take();
+        let reload_backed_out = self.owed.reload_backed_out.take();
         if let Some(control) = self.control.as_ref() {
             let ready = self.workers.iter().filter(|w| w.state == State::Ready).count();
             let counted = self.workers.counted();
@@ -172,6 +179,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                     }
                     Pending::Scale(n) if quiet && ready == n && counted == n => {
                         Ok(format!("{{\"target\":{n},\"ready\":{ready}}}\n"))
+                    }
+                    Pending::Reload if reload_backed_out.is_some() => {
+                        Err(reload_backed_out.clone().unwrap_or_default())
                     }
                     Pending::Reload if quiet => Ok(format!(
                         "{{\"generation\":{},\"ready\":{ready}}}\n",
