@@ -174,11 +174,16 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         listen::prepare(&listeners)?;
         let handed_down = upgrade::take_master_state();
-        let pid_file = config.pid_file.as_deref().map(PidFile::claim).transpose()?;
+        // The new image of an upgrade (its state taken, or refused).
+        let reexecuted = !matches!(handed_down, Ok(None));
+        let pid_file = match &config.pid_file {
+            Some(path) => Some(PidFile::claim(path, reexecuted)?),
+            None => None,
+        };
         // Said once the pid file is claimed, so that a master refused for it
         // never said it listens; not by a re-executed image, whose first
         // image said it already.
-        if !upgrade::started_by_upgrade() {
+        if !reexecuted {
             for listening in listeners.iter() {
                 info!("listening on {listening}");
             }

@@ -6,7 +6,8 @@
 //!
 //! - **Written at start** ([`PidFile::claim`]), before any fork, as nginx,
 //!   unicorn and gunicorn do: if the file names a live process that runs
-//!   this same program and is not this process, another master holds it,
+//!   this same program, as this user, and is not this process, another
+//!   master holds it,
 //!   and this one refuses to start (`pid file /run/x.pid: held by running
 //!   master 1234`). A file that names a dead process, a process running
 //!   something else (the pid was reused), or no pid at all is stale: one
@@ -90,6 +91,9 @@ pub(crate) struct PidFile {
     pid: Pid,
     /// Removed (or found not to be ours) already: the drop has nothing to do.
     done: Cell<bool>,
+    /// The claim of a re-executed image could not make the file ours, and
+    /// said so: the `write` that follows says it at DEBUG only.
+    refused: Cell<bool>,
 }
 
 /// Who a pid file names, as found when looked at.
@@ -120,16 +124,36 @@ enum Refusal {
     Writing(io::Error),
 }
 
+impl Refusal {
+    /// As a line begins: `pid file /run/x.pid: held by running master 12`.
+    fn said(&self, path: &Path) -> String {
+        let shown = path.display();
+        match self {
+            Refusal::Held(pid) => format!("pid file {shown}: held by running master {pid}"),
+            Refusal::Reading(err) => format!("reading pid file {shown}: {}", describe(err)),
+            Refusal::Writing(err) => format!("writing pid file {shown}: {}", describe(err)),
+        }
+    }
+}
+
 impl PidFile {
     /// Makes `path` name this master, now: refuses if another live master
     /// holds it, replaces a stale file with a line, and says once if the
     /// directory is one another user can write in.
-    pub(crate) fn claim(path: &Path) -> Result<PidFile, Error> {
+    ///
+    /// `reexecuted`: this is the master's new image after an upgrade. The
+    /// file named it already, and the first image said what there was to
+    /// say of the directory. Whatever is at the path now (a directory or a
+    /// process another user put there, say), the service must not end for
+    /// it: an ERROR line, and the master serves on without its pid file
+    /// (until a later `write` can make it its own again).
+    pub(crate) fn claim(path: &Path, reexecuted: bool) -> Result<PidFile, Error> {
         let pid_file = PidFile {
             path: path.to_owned(),
             pid: unistd::getpid(),
             // Until the file is ours, its drop has nothing to remove.
             done: Cell::new(true),
+            refused: Cell::new(false),
         };
         let shown = path.display();
         let writing = |err| {
@@ -141,12 +165,20 @@ impl PidFile {
         let dir = pid_file.open_dir().map_err(writing)?;
         // The first master said it already; its new image would say it again
         // at every upgrade.
-        if !crate::upgrade::started_by_upgrade() {
+        if !reexecuted {
             warn_if_others_can_write(&dir, pid_file.dir(), &format!("pid file {shown}"), "the file");
         }
         match pid_file.make_ours(&dir, false) {
             Ok(()) => {
                 pid_file.done.set(false);
+                Ok(pid_file)
+            }
+            Err(refusal) if reexecuted => {
+                error!(
+                    "{}; the master serves on without its pid file",
+                    refusal.said(&pid_file.path)
+                );
+                pid_file.refused.set(true);
                 Ok(pid_file)
             }
             Err(refusal) => Err(match refusal {
@@ -173,12 +205,17 @@ impl PidFile {
             .map_err(Refusal::Writing)
             .and_then(|dir| self.make_ours(&dir, true));
         match made {
-            Ok(()) => debug!("pid file {shown} names this master ({})", self.pid),
-            Err(Refusal::Held(pid)) => {
-                error!("pid file {shown}: now held by running master {pid}; not writing it")
+            Ok(()) => {
+                // Ours again (after a claim that could not make it so).
+                self.done.set(false);
+                self.refused.set(false);
+                debug!("pid file {shown} names this master ({})", self.pid)
             }
-            Err(Refusal::Reading(err)) => error!("reading pid file {shown}: {}", describe(&err)),
-            Err(Refusal::Writing(err)) => error!("writing pid file {shown}: {}", describe(&err)),
+            // The claim of this image has just said it.
+            Err(refusal) if self.refused.replace(false) => {
+                debug!("{}; not writing it", refusal.said(&self.path))
+            }
+            Err(refusal) => error!("{}; not writing it", refusal.said(&self.path)),
         }
     }
 
@@ -347,6 +384,17 @@ impl PidFile {
         }
         if !running(pid) {
             return Ok((Holder::Stale(format!("pid {pid} is not running")), found));
+        }
+        // A process of another user is no master of ours, whatever its
+        // name: in a directory another user can write in (/tmp), that user
+        // could otherwise keep this master from starting.
+        let (ours, theirs) = (unistd::geteuid().as_raw(), owner(pid));
+        if theirs.is_some_and(|uid| uid != ours) {
+            let uid = theirs.unwrap_or_default();
+            return Ok((
+                Holder::Stale(format!("pid {pid} runs as uid {uid}, not {ours}")),
+                found,
+            ));
         }
         let (ours, theirs) = (names(None), names(Some(pid)));
         if theirs.iter().any(|name| ours.contains(name)) {
@@ -537,6 +585,15 @@ fn parse(text: &str) -> Option<Pid> {
         .map(Pid::from_raw)
 }
 
+/// The effective uid a process runs as (`Uid:` in /proc/PID/status; not
+/// the owner of /proc/PID, which is root for a process that is not
+/// dumpable). None: it could not be read.
+fn owner(pid: Pid) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let uids = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
+    uids.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Alive and not a zombie (a master that died and is not reaped yet).
 fn running(pid: Pid) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -601,6 +658,7 @@ mod tests {
                 pid: Pid::from_raw(pid),
                 // Not this process's: its drop must not remove anything.
                 done: Cell::new(true),
+                refused: Cell::new(false),
             }
         }
 
@@ -816,7 +874,7 @@ mod tests {
                         let mut byte = [0u8; 1];
                         // EOF once every copy of the write end is closed.
                         let _ = nix::unistd::read(&go_read, &mut byte);
-                        let said = match PidFile::claim(&path) {
+                        let said = match PidFile::claim(&path, false) {
                             Ok(file) => {
                                 std::mem::forget(file);
                                 "ok"
@@ -861,9 +919,30 @@ mod tests {
         }
     }
 
+    /// A first start is refused what a re-executed image serves on
+    /// without: a directory another user put at the path, say. Nothing is
+    /// removed, then or at the drop.
+    #[test]
+    fn a_re_executed_master_serves_on_without_a_pid_file_it_cannot_claim() {
+        let scratch = Scratch::new("reexecuted");
+        let path = scratch.0.join("x.pid");
+        std::fs::create_dir(&path).unwrap();
+        let Err(err) = PidFile::claim(&path, false) else {
+            panic!("a first start is refused");
+        };
+        assert!(
+            err.to_string().ends_with("a directory is there, not a pid file"),
+            "{err}"
+        );
+        let pid_file = PidFile::claim(&path, true).expect("an upgrade's image serves on");
+        pid_file.remove();
+        drop(pid_file);
+        assert!(path.is_dir());
+    }
+
     #[test]
     fn a_directory_that_cannot_be_written_is_refused_at_the_claim() {
-        let err = PidFile::claim(Path::new("/nonexistent-respawn/x.pid")).unwrap_err();
+        let err = PidFile::claim(Path::new("/nonexistent-respawn/x.pid"), false).unwrap_err();
         assert_eq!(
             err.to_string(),
             "pid file /nonexistent-respawn/x.pid: writing in /nonexistent-respawn: \

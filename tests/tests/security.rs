@@ -226,6 +226,45 @@ fn a_pid_file_replaced_by_a_symlink_is_never_read_through_nor_shown_in_the_log()
     ));
 }
 
+/// nobody runs a program of its own named respawn and writes its pid where
+/// root's master keeps its pid file: a process of another user is no
+/// master of ours, so the file is stale and replaced, where it kept the
+/// master from starting (`held by running master N`, exit 1).
+#[test]
+fn a_pid_file_naming_another_users_process_called_respawn_is_stale() {
+    let test = "a_pid_file_naming_another_users_process_called_respawn_is_stale";
+    if !root_and_nobody(test) {
+        return;
+    }
+    let dir = nobodys_dir("pid-impostor");
+    let impostor = dir.join("respawn");
+    std::fs::copy("/bin/sleep", &impostor).expect("copying sleep");
+    std::os::unix::fs::chown(&impostor, Some(NOBODY), Some(NOBODY)).expect("chown to nobody");
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(&impostor)
+        .arg("60")
+        .stdin(Stdio::null());
+    let mut sleeper = spawn_tied(command).expect("nobody's respawn");
+    let pid = sleeper.id();
+    let pid_file = dir.join("app.pid");
+    let shown = pid_file.display().to_string();
+    let named = wait_until(PATIENCE, || {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "respawn")
+    });
+    assert!(named, "nobody's process is called respawn");
+    as_nobody(&format!("echo {pid} > \"$DIR/app.pid\""), &[("DIR", &dir)]);
+    let respawn = Respawn::start(&["--workers", "1", "--pid-file", &shown]);
+    respawn.wait_for_workers(1);
+    wait_for_pid_file(&respawn, &pid_file);
+    respawn.wait_for_line(&format!(
+        "pid file {shown}: pid {pid} runs as uid 65534, not 0; replacing it"
+    ));
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
 /// `Listeners::set_socket_mode` after nobody replaced the socket file by a
 /// link: it chmodded by path, so the secret became 0666.
 #[test]

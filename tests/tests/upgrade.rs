@@ -447,6 +447,51 @@ fn the_pid_file_holds_the_same_pid_across_an_upgrade() {
     assert!(!pid_file.exists(), "the pid file outlived a clean stop");
 }
 
+/// Someone who can write in the pid file's directory (the workers' user,
+/// when it owns it) puts a directory where the file was, then an upgrade:
+/// the new image cannot make the file its own, and before this it exited 1,
+/// taking every worker with it. It says so and serves on; the directory's
+/// WARN line is said once, by the first image, not again at each upgrade.
+#[test]
+fn a_pid_file_taken_before_an_upgrade_never_ends_the_service() {
+    let deploy = Deploy::new("pidfile-taken");
+    let dir = deploy.dir.join("open");
+    std::fs::create_dir(&dir).expect("a directory");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod 0777");
+    let pid_file = dir.join("respawn.pid");
+    let shown = pid_file.display().to_string();
+    let mut respawn = deploy.start(&["--workers", "1", "--pid-file", &shown]);
+    respawn.wait_for_workers(1);
+    std::fs::remove_file(&pid_file).expect("removing the pid file");
+    std::fs::create_dir(&pid_file).expect("a directory at the pid file's path");
+    for (n, tag) in ["a", "b"].into_iter().enumerate() {
+        deploy.replace_with_build(tag);
+        respawn.signal(libc::SIGUSR2);
+        let reexecuted = wait_until(PATIENCE, || respawn.count_log("master re-executed as ") > n);
+        assert!(reexecuted, "{}", respawn.dump());
+        let answer = respawn.get("/version").expect("GET /version after the upgrade");
+        assert_eq!(
+            answer.body.trim(),
+            format!("{} {tag}", untagged()),
+            "{}",
+            respawn.dump()
+        );
+    }
+    let said = respawn.count_lines(&format!(
+        "reading pid file {shown}: a directory is there, not a pid file; the master serves on without its pid file"
+    ));
+    assert_eq!(said, 2, "one line at each upgrade\n{}", respawn.dump());
+    assert_eq!(
+        respawn.count_log("can write in its directory"),
+        1,
+        "the directory said once\n{}",
+        respawn.dump()
+    );
+    respawn.signal(libc::SIGTERM);
+    assert_eq!(respawn.wait_exit().code(), Some(0), "{}", respawn.dump());
+    assert!(pid_file.is_dir(), "what another user put there is left as it is");
+}
+
 /// Workers started from the new binary drop to `--user` too, as forked
 /// ones do: before their exec (spawn.rs, step 2), so that the new program's
 /// `main` never runs as root in a worker.
