@@ -44,6 +44,11 @@ pub mod exit_code {
     pub const SETUP_FAILED: i32 = 3;
     /// It panicked, sent Suicide, and retired. 70 is EX_SOFTWARE.
     pub const PANICKED: i32 = 70;
+    /// The host refused it a resource before it could serve: a `-- CMD`
+    /// worker whose exec failed with EAGAIN (its user is at RLIMIT_NPROC).
+    /// Like a fork the host refuses, it is retried on its slot's backoff and
+    /// never counted toward giving up. 75 is EX_TEMPFAIL: try again later.
+    pub const HOST_REFUSED: i32 = 75;
 }
 
 /// An io::Error as the end of a sentence, for the master's lines and the

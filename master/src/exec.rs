@@ -22,7 +22,7 @@
 
 use crate::upgrade::{self, Program};
 use crate::Error;
-use respawn_ipc::{Handoff, Message};
+use respawn_ipc::{describe, Handoff, Message};
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -99,7 +99,15 @@ impl Exec {
     pub fn run(&self, handoff: Handoff) -> i32 {
         let pid = std::process::id();
         let err = self.exec(&handoff, pid);
-        log::error!("worker {pid}: executing {}: {err}", self.program.path.display());
+        let path = self.program.path.display();
+        if err.raw_os_error() == Some(libc::EAGAIN) {
+            // Root's fork is not held to the limit; the exec, after the
+            // drop to --user, is (the kernel checks RLIMIT_NPROC there).
+            let limit = crate::limits::explain(&err).unwrap_or_default();
+            log::error!("worker {pid}: executing {path}: {} ({limit})", describe(&err));
+            return respawn_ipc::exit_code::HOST_REFUSED;
+        }
+        log::error!("worker {pid}: executing {path}: {}", describe(&err));
         respawn_ipc::exit_code::SETUP_FAILED
     }
 

@@ -454,6 +454,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.back_out_of_upgrade(&worker, &how);
         } else if death == Death::FailedStart && self.reload_failed(&worker) {
             self.back_out_of_reload(&worker, &how);
+        } else if death == Death::FailedStart && refused_by_the_host(status) {
+            self.retry_refused(&worker, &how);
         } else {
             self.plan_replacement(&worker, &how, death, lived);
         }
@@ -1057,6 +1059,23 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         );
     }
 
+    /// A worker that the host refused what it needed before it could serve
+    /// (its exec, at RLIMIT_NPROC: `exit_code::HOST_REFUSED`): as for a
+    /// fork the host refuses, the slot waits out its backoff, and nothing
+    /// counts toward giving up. Its own line named the limit.
+    fn retry_refused(&mut self, worker: &Worker, how: &str) {
+        let delay = self.backoff.died_young(worker.slot, Instant::now());
+        warn!(
+            "worker {} exited ({how}): the host refused it; {} of {} workers running, \
+             slot {} retries in {:.1} s, not counted toward giving up",
+            worker.pid,
+            self.workers.counted(),
+            self.target,
+            worker.slot,
+            delay.as_secs_f64()
+        );
+    }
+
     fn fork_works_again(&mut self) {
         if self.failed_forks > 0 {
             info!("forking works again, after {} failed attempts", self.failed_forks);
@@ -1109,6 +1128,11 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     pub(crate) fn socket_files(&self) -> Vec<listen::SocketFile> {
         self.listeners.socket_files()
     }
+}
+
+/// Did the worker exit with respawn's code for a refusal of the host?
+fn refused_by_the_host(status: &WaitStatus) -> bool {
+    matches!(status, WaitStatus::Exited(_, code) if *code == respawn_ipc::exit_code::HOST_REFUSED)
 }
 
 /// How a worker that was not handing over died (`judge_death`).

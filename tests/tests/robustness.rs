@@ -80,6 +80,113 @@ fn failed_fork_keeps_the_workers_and_recovers() {
     assert_eq!(respawn.count_log("giving up"), 0, "{}", respawn.dump());
 }
 
+/// Processes of the workers' user, ended when dropped.
+struct Sleepers(Vec<std::process::Child>);
+
+impl Drop for Sleepers {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The same limit, met at the exec of a `-- CMD` worker: root's fork is
+/// not held to RLIMIT_NPROC, the exec after the drop to `--user` is. The
+/// worker exits with exit_code::HOST_REFUSED after a line naming the
+/// limit, and the master retries its slot on the backoff without counting
+/// it, as for a fork; it gave up (exit 3) before, with `--max-restarts 2`
+/// after three such deaths. Once the user has room, the program runs.
+#[test]
+fn an_exec_the_process_limit_refuses_is_retried_never_given_up_on() {
+    const TEST: &str = "an_exec_the_process_limit_refuses_is_retried_never_given_up_on";
+    if !require(TEST, Need::Root) || !require(TEST, Need::Nobody) {
+        return;
+    }
+    const LIMIT: u64 = 4;
+    // More than the limit before a worker's setuid: the kernel flags the
+    // switch when the user's count is over it, then refuses the exec.
+    let sleepers = Sleepers(
+        (0..=LIMIT)
+            .map(|_| {
+                Command::new("setpriv")
+                    .args([
+                        "--reuid",
+                        "65534",
+                        "--regid",
+                        "65534",
+                        "--clear-groups",
+                        "sleep",
+                        "60",
+                    ])
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+                    .expect("a process of nobody's")
+            })
+            .collect(),
+    );
+    // Each counts once it is nobody's (setpriv switches, then executes).
+    let counted = wait_until(PATIENCE, || {
+        sleepers.0.iter().all(|child| {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+            status.lines().any(|l| l == "Name:\tsleep")
+                && status.lines().any(|l| l.starts_with("Uid:\t65534\t"))
+        })
+    });
+    assert!(counted, "nobody's sleepers never ran");
+    let args = [
+        "--workers",
+        "1",
+        "--user",
+        "nobody",
+        "--max-restarts",
+        "2",
+        "--ready-on-exec",
+        "--",
+        "/bin/sleep",
+        "600",
+    ];
+    let respawn = Respawn::start_with(&args, |command| {
+        // SAFETY: setrlimit is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                let rlimit = libc::rlimit {
+                    rlim_cur: LIMIT,
+                    rlim_max: LIMIT,
+                };
+                match libc::setrlimit(libc::RLIMIT_NPROC, &rlimit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            });
+        }
+    });
+    // Three: one more than --max-restarts allows.
+    let refused = wait_until(PATIENCE, || respawn.count_log("the host refused it") >= 3);
+    assert!(refused, "three refusals\n{}", respawn.dump());
+    let line = respawn.wait_for_log("the worker's line", |l| l.contains(": executing /bin/sleep: "));
+    assert!(
+        line.contains(&format!(
+            "resource temporarily unavailable (the limit on processes of uid 65534, RLIMIT_NPROC (ulimit -u), is {LIMIT}"
+        )),
+        "{line}"
+    );
+    assert_eq!(respawn.count_log("giving up: "), 0, "{}", respawn.dump());
+    assert!(alive(respawn.pid), "{}", respawn.dump());
+    drop(sleepers);
+    let sleeping = wait_until(PATIENCE, || {
+        respawn.workers().iter().any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "sleep")
+        })
+    });
+    assert!(
+        sleeping,
+        "the program runs once the user has room\n{}",
+        respawn.dump()
+    );
+}
+
 #[test]
 fn ttin_past_the_open_file_limit_is_refused_with_a_line() {
     // The program also holds an fd of its own above the limit (fd 40), so
