@@ -772,7 +772,9 @@ class _Guard:
         worker = self.server
         try:
             super().handle_one_request()
-        except Exception as exc:  # what the handler did not catch
+        # SystemExit too: sys.exit() in a view would end the worker with
+        # neither an answer nor a handover.
+        except (Exception, SystemExit) as exc:  # what the handler did not catch
             if isinstance(exc, ConnectionError) and self._respawn_client_gone is not False:
                 return  # the client left: not the program's fault
             message = worker.crash(exc)

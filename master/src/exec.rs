@@ -28,6 +28,32 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
+/// What an exec's error means for a file that is there: the kernel says
+/// "no such file" for a `#!` line naming a missing interpreter, and "exec
+/// format error" for a script with no `#!` line.
+fn hint(path: &Path, err: &io::Error) -> String {
+    let first_line = || {
+        let mut head = [0u8; 256];
+        let n = std::fs::File::open(path)
+            .and_then(|mut file| io::Read::read(&mut file, &mut head))
+            .unwrap_or(0);
+        let line = head[..n].split(|&b| b == b'\n').next().unwrap_or_default();
+        String::from_utf8_lossy(line).into_owned()
+    };
+    match err.raw_os_error() {
+        Some(libc::ENOENT) if path.exists() => match first_line().strip_prefix("#!") {
+            Some(interpreter) => format!(" (its #! line names {}, which is not there)", interpreter.trim()),
+            None => String::new(),
+        },
+        Some(libc::ENOEXEC) => {
+            " (not a program for this machine, and no #! line: add one, or run it through its \
+             interpreter, -- python3 PATH)"
+                .to_owned()
+        }
+        _ => String::new(),
+    }
+}
+
 /// The program each worker executes, and how.
 #[derive(Clone, Debug)]
 pub struct Exec {
@@ -107,7 +133,11 @@ impl Exec {
             log::error!("worker {pid}: executing {path}: {} ({limit})", describe(&err));
             return respawn_ipc::exit_code::HOST_REFUSED;
         }
-        log::error!("worker {pid}: executing {path}: {}", describe(&err));
+        log::error!(
+            "worker {pid}: executing {path}: {}{}",
+            describe(&err),
+            hint(&self.program.path, &err)
+        );
         respawn_ipc::exit_code::SETUP_FAILED
     }
 
@@ -236,6 +266,25 @@ fn share(max: u64, jitter: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exec_error_of_a_file_that_is_there_says_what_it_means() {
+        let dir = std::env::temp_dir().join(format!("respawn-exec-hint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (shebang, plain) = (dir.join("bad.py"), dir.join("plain.py"));
+        std::fs::write(&shebang, "#!/usr/bin/no-such-python\nprint(1)\n").unwrap();
+        std::fs::write(&plain, "print(1)\n").unwrap();
+        let enoent = io::Error::from_raw_os_error(libc::ENOENT);
+        let enoexec = io::Error::from_raw_os_error(libc::ENOEXEC);
+        assert_eq!(
+            hint(&shebang, &enoent),
+            " (its #! line names /usr/bin/no-such-python, which is not there)"
+        );
+        assert!(hint(&plain, &enoexec).contains("no #! line"));
+        assert_eq!(hint(&dir.join("gone"), &enoent), "");
+        assert_eq!(hint(&plain, &io::Error::from_raw_os_error(libc::EPERM)), "");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_command_is_found_in_path_or_said_missing() {

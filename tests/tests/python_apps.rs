@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 /// A WSGI application with nothing but the standard library: `/` names
 /// the worker, `/raise` raises (nothing catches it: the worker hands over),
+/// `/sys-exit` calls sys.exit(1) (a SystemExit, which `except Exception`
+/// does not catch: handed over the same),
 /// `/echo` answers with the body it read, `/sleep/<ms>` touches the file
 /// $STARTED (if set), then sleeps.
 const WSGI_APP: &str = r#"
@@ -31,6 +33,8 @@ def app(environ, start_response):
         body = b"handle by child %d\n" % os.getpid()
     elif path == "/raise":
         raise RuntimeError("raised by GET /raise")
+    elif path == "/sys-exit":
+        sys.exit(1)
     elif path == "/echo":
         data = environ["wsgi.input"].read()
         body = b"%d bytes: %s\n" % (len(data), data)
@@ -250,6 +254,19 @@ fn a_wsgi_app_serves_and_what_escapes_it_is_handed_over() {
         respawn.dump()
     );
     assert!(!respawn.wait_for_workers(2).contains(&victim));
+
+    // sys.exit in a view: the request that called it is answered too.
+    let exited = respawn.get("/sys-exit").expect("GET /sys-exit is answered");
+    assert_eq!(exited.status, 500, "{exited:?}");
+    let victim: i32 = exited
+        .body
+        .strip_prefix("worker ")
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {exited:?}"));
+    assert_eq!(exited.body, format!("worker {victim} panicked: 1\n"));
+    respawn.wait_for_line(&format!(
+        "worker {victim} exited (code 70: uncaught SystemExit: 1)"
+    ));
 }
 
 /// A body the application never read is drained after the answer, not
