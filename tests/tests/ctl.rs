@@ -18,6 +18,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread;
+use std::time::Instant;
 
 /// A directory of this test's own for a control socket, removed after.
 struct Dir(TempDir);
@@ -245,6 +246,36 @@ fn status_prints_a_table_and_json_prints_the_body_as_received() {
     );
     assert_eq!(json.code, Some(0), "{json:?}");
     assert_eq!(json.stdout, format!("{body}\n"));
+}
+
+/// Something at the path greets as a master does, reads the request, and
+/// says nothing more (another program planted there, a stuck master):
+/// `status` gives up after its deadline with a line, where it waited
+/// forever.
+#[test]
+fn a_peer_that_greets_and_never_answers_is_given_up_on() {
+    let dir = Dir::new();
+    let listener = UnixListener::bind(dir.socket()).expect("binding the silent peer");
+    let (done, hold) = mpsc::channel::<()>();
+    let peer = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("a connection");
+        let _ = conn.write_all(GREETING.as_bytes());
+        // Holds the connection open, silent, until the test is done.
+        let _ = hold.recv_timeout(PATIENCE);
+    });
+    let started = Instant::now();
+    let said = ctl(&dir.socket(), &["status"]);
+    let _ = done.send(());
+    let _ = peer.join();
+    assert_eq!(said.code, Some(1), "{said:?}");
+    assert_eq!(
+        said.stderr,
+        format!(
+            "respawn ctl: no answer from {} within 5 s (is its master stuck, or is something else listening there?)\n",
+            dir.socket_arg()
+        )
+    );
+    assert!(started.elapsed() < PATIENCE, "{:?}", started.elapsed());
 }
 
 #[test]

@@ -9,13 +9,15 @@
 //! second by `--watch`, and one line for each command that changes
 //! something ([`done_line`]).
 //!
-//! Two deadlines, chosen for what each wait means. Connecting and the
-//! greeting get 5 s: a master that cannot say hello in 5 s is stuck, and the
-//! operator should hear so. The answer gets none of its own: `scale`,
-//! `reload` and `stop` answer when they are done, which can take a while
-//! (a slow start, a long graceful timeout), and the master bounds that
-//! wait itself (90 s, then `error not done within 90 s: ...`), where it
-//! can say how far the command got.
+//! Deadlines, chosen for what each wait means. Connecting and the greeting
+//! get 5 s: a master that cannot say hello in 5 s is stuck, and the
+//! operator should hear so. `status` and `metrics` are answered at once:
+//! 5 s more. `scale`, `reload`, `upgrade` and `stop` answer when they are
+//! done, which can take a while (a slow start, a long graceful timeout),
+//! and the master bounds that wait itself (90 s, then `error not done
+//! within 90 s: ...`), where it can say how far the command got: the
+//! client waits 10 s past that, so that a peer that greets and then says
+//! nothing (something else listening at the path) never holds it forever.
 
 use serde_json::Value;
 use std::collections::HashMap;
@@ -31,6 +33,13 @@ pub const PROTOCOL: &str = "1";
 
 /// For connecting and the greeting together.
 const HELLO_DEADLINE: Duration = Duration::from_secs(5);
+
+/// For the answer to a command the master answers at once.
+const AT_ONCE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// For the answer to a command the master answers once it is done: the
+/// master's own bound (respawn_master's control WAIT_BOUND, 90 s), and 10 s.
+const DONE_DEADLINE: Duration = Duration::from_secs(100);
 
 /// The status table fits a terminal this wide.
 pub const WIDTH: usize = 100;
@@ -198,7 +207,9 @@ pub fn ask(path: &Path, request: &str) -> Result<String, Trouble> {
     let greeting = conn.read_greeting(path, deadline)?;
     check_greeting(path, &greeting)?;
     let sent = conn.send(request);
-    let answer = conn.read_answer();
+    let at_once = ["status", "metrics"].contains(&request.split_whitespace().next().unwrap_or_default());
+    let wait = if at_once { AT_ONCE_DEADLINE } else { DONE_DEADLINE };
+    let answer = conn.read_answer(Instant::now() + wait);
     match (sent, answer) {
         (_, Ok(answer)) if !answer.is_empty() => parse_answer(&answer),
         // Nothing came back: if the request could not even be sent, that
@@ -209,6 +220,13 @@ pub fn ask(path: &Path, request: &str) -> Result<String, Trouble> {
             crate::describe(&err)
         ))),
         (Ok(()), Ok(answer)) => parse_answer(&answer),
+        (Ok(()), Err(err)) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(Trouble::Broken(format!(
+                "no answer from {} within {} s (is its master stuck, or is something else listening there?)",
+                path.display(),
+                wait.as_secs()
+            )))
+        }
         (Ok(()), Err(err)) => Err(Trouble::Broken(format!(
             "reading the answer from {}: {}",
             path.display(),
@@ -324,16 +342,31 @@ impl Connection {
     }
 
     /// Everything the master says until it closes, with no deadline.
-    fn read_answer(&mut self) -> io::Result<Vec<u8>> {
+    /// The answer, to the master's close, within `deadline`.
+    fn read_answer(&mut self, deadline: Instant) -> io::Result<Vec<u8>> {
         let mut answer = std::mem::take(&mut self.buffered);
-        self.stream.set_read_timeout(None)?;
-        let mut limited = (&self.stream).take(MAX_ANSWER);
-        match limited.read_to_end(&mut answer) {
-            Ok(_) => Ok(answer),
-            // A master that closes with our request unread resets the
-            // connection, after what it wrote: that is still its answer.
-            Err(err) if err.kind() == io::ErrorKind::ConnectionReset && !answer.is_empty() => Ok(answer),
-            Err(err) => Err(err),
+        let mut chunk = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Ok(answer),
+                Ok(n) if answer.len() + n > MAX_ANSWER as usize => {
+                    answer.extend_from_slice(&chunk[..MAX_ANSWER as usize - answer.len()]);
+                    return Ok(answer);
+                }
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                // A master that closes with our request unread resets the
+                // connection, after what it wrote: that is still its answer.
+                Err(err) if err.kind() == io::ErrorKind::ConnectionReset && !answer.is_empty() => {
+                    return Ok(answer)
+                }
+                Err(err) => return Err(err),
+            }
         }
     }
 }
