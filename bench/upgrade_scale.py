@@ -448,7 +448,7 @@ def measure(workers=WORKERS, clients=CLIENTS):
     r["step p99"] = percentile(steps, 0.99)
     r["step max"] = steps[-1] if steps else None
     r["reexec gap"] = adopted_line[0] - runs_line[0]
-    r["adopted"] = int(re.search(r"(\d+) workers adopted", adopted_line[2]).group(1))
+    r["adopted"] = int(re.search(r"(\d+) workers? adopted", adopted_line[2]).group(1))
     r["warnings"] = [e[2] for e in found if e[1] in ("WARN", "ERROR")]
 
     # What was handed down.

@@ -42,7 +42,14 @@ fn hint(path: &Path, err: &io::Error) -> String {
     };
     match err.raw_os_error() {
         Some(libc::ENOENT) if path.exists() => match first_line().strip_prefix("#!") {
-            Some(interpreter) => format!(" (its #! line names {}, which is not there)", interpreter.trim()),
+            // The kernel looks for "/bin/sh\r": a script saved with CRLF.
+            Some(line) if line.ends_with('\r') => {
+                " (its #! line ends in a carriage return: the script has CRLF line endings)".to_owned()
+            }
+            Some(line) => match line.split_whitespace().next() {
+                Some(interpreter) => format!(" (its #! line names {interpreter}, which is not there)"),
+                None => String::new(),
+            },
             None => String::new(),
         },
         Some(libc::ENOEXEC) => {
@@ -271,9 +278,10 @@ mod tests {
     fn an_exec_error_of_a_file_that_is_there_says_what_it_means() {
         let dir = std::env::temp_dir().join(format!("respawn-exec-hint-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let (shebang, plain) = (dir.join("bad.py"), dir.join("plain.py"));
-        std::fs::write(&shebang, "#!/usr/bin/no-such-python\nprint(1)\n").unwrap();
+        let (shebang, plain, crlf) = (dir.join("bad.py"), dir.join("plain.py"), dir.join("crlf.sh"));
+        std::fs::write(&shebang, "#!/usr/bin/no-such-python -u\nprint(1)\n").unwrap();
         std::fs::write(&plain, "print(1)\n").unwrap();
+        std::fs::write(&crlf, "#!/bin/sh\r\necho 1\r\n").unwrap();
         let enoent = io::Error::from_raw_os_error(libc::ENOENT);
         let enoexec = io::Error::from_raw_os_error(libc::ENOEXEC);
         assert_eq!(
@@ -281,6 +289,11 @@ mod tests {
             " (its #! line names /usr/bin/no-such-python, which is not there)"
         );
         assert!(hint(&plain, &enoexec).contains("no #! line"));
+        assert!(
+            hint(&crlf, &enoent).contains("CRLF line endings"),
+            "{}",
+            hint(&crlf, &enoent)
+        );
         assert_eq!(hint(&dir.join("gone"), &enoent), "");
         assert_eq!(hint(&plain, &io::Error::from_raw_os_error(libc::EPERM)), "");
         let _ = std::fs::remove_dir_all(&dir);

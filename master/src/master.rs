@@ -118,9 +118,8 @@ pub(crate) struct Master<W> {
     /// A rollout (HUP, or the way back from an upgrade) is under way, and
     /// its `rolling restart done` line is still to be said.
     rolling: bool,
-    /// What was wanted before a HUP's rollout, while it is under way: a
-    /// worker it forks that fails to start brings it back (deploy.rs).
-    reload_before: Option<Wanted>,
+    /// A HUP's rollout under way, or one that backed out (deploy.rs).
+    reload: Option<deploy::Reload>,
     /// Why the master gave up, if it did: `run` returns it once all stopped.
     gave_up: Option<String>,
     next_token: usize,
@@ -174,8 +173,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         listen::prepare(&listeners)?;
         let handed_down = upgrade::take_master_state();
-        // The new image of an upgrade (its state taken, or refused).
-        let reexecuted = !matches!(handed_down, Ok(None));
+        // The new image of an upgrade. A state refused (forged, unreadable)
+        // is a fresh start: refused by a pid file another master holds.
+        let reexecuted = matches!(handed_down, Ok(Some(_)));
         let pid_file = match &config.pid_file {
             Some(path) => Some(PidFile::claim(path, reexecuted)?),
             None => None,
@@ -232,7 +232,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             workers: Table::default(),
             stopping: false,
             rolling: false,
-            reload_before: None,
+            reload: None,
             gave_up: None,
             next_token: LOG.0 + 1,
             floor,
@@ -452,10 +452,10 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             info!("worker {pid} exited ({how})");
         } else if self.new_binary_failed(&worker) {
             self.back_out_of_upgrade(&worker, &how);
-        } else if death == Death::FailedStart && self.reload_failed(&worker) {
-            self.back_out_of_reload(&worker, &how);
         } else if death == Death::FailedStart && refused_by_the_host(status) {
             self.retry_refused(&worker, &how);
+        } else if death == Death::FailedStart && self.reload_failed(&worker) {
+            self.back_out_of_reload(&worker, &how);
         } else {
             self.plan_replacement(&worker, &how, death, lived);
         }
@@ -1059,14 +1059,15 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         );
     }
 
-    /// A worker that the host refused what it needed before it could serve
-    /// (its exec, at RLIMIT_NPROC: `exit_code::HOST_REFUSED`): as for a
-    /// fork the host refuses, the slot waits out its backoff, and nothing
-    /// counts toward giving up. Its own line named the limit.
+    /// A worker that exited 75 before it served (`exit_code::HOST_REFUSED`:
+    /// respawn's exec refused at RLIMIT_NPROC, whose own line named the
+    /// limit, or the program's own EX_TEMPFAIL): as for a fork the host
+    /// refuses, the slot waits out its backoff, and nothing counts toward
+    /// giving up.
     fn retry_refused(&mut self, worker: &Worker, how: &str) {
         let delay = self.backoff.died_young(worker.slot, Instant::now());
         warn!(
-            "worker {} exited ({how}): the host refused it; {} of {} workers running, \
+            "worker {} exited ({how}, EX_TEMPFAIL: try again later); {} of {} workers running, \
              slot {} retries in {:.1} s, not counted toward giving up",
             worker.pid,
             self.workers.counted(),

@@ -7,9 +7,8 @@
 //! - **Written at start** ([`PidFile::claim`]), before any fork, as nginx,
 //!   unicorn and gunicorn do: if the file names a live process that runs
 //!   this same program, as this user, and is not this process, another
-//!   master holds it,
-//!   and this one refuses to start (`pid file /run/x.pid: held by running
-//!   master 1234`). A file that names a dead process, a process running
+//!   master holds it, and this one refuses to start (`pid file
+//!   /run/x.pid: held by running master 1234`). A file that names a dead process, a process running
 //!   something else (the pid was reused), or no pid at all is stale: one
 //!   line, and it is replaced. Written at the claim, not once the workers
 //!   are Ready, so that a second master started while the first one's
@@ -204,15 +203,15 @@ impl PidFile {
             .open_dir()
             .map_err(Refusal::Writing)
             .and_then(|dir| self.make_ours(&dir, true));
+        let said_by_the_claim = self.refused.replace(false);
         match made {
             Ok(()) => {
                 // Ours again (after a claim that could not make it so).
                 self.done.set(false);
-                self.refused.set(false);
                 debug!("pid file {shown} names this master ({})", self.pid)
             }
             // The claim of this image has just said it.
-            Err(refusal) if self.refused.replace(false) => {
+            Err(refusal) if said_by_the_claim => {
                 debug!("{}; not writing it", refusal.said(&self.path))
             }
             Err(refusal) => error!("{}; not writing it", refusal.said(&self.path)),
@@ -388,11 +387,10 @@ impl PidFile {
         // A process of another user is no master of ours, whatever its
         // name: in a directory another user can write in (/tmp), that user
         // could otherwise keep this master from starting.
-        let (ours, theirs) = (unistd::geteuid().as_raw(), owner(pid));
-        if theirs.is_some_and(|uid| uid != ours) {
-            let uid = theirs.unwrap_or_default();
+        let uid = unistd::geteuid().as_raw();
+        if let Some(theirs) = owner(pid).filter(|&theirs| theirs != uid) {
             return Ok((
-                Holder::Stale(format!("pid {pid} runs as uid {uid}, not {ours}")),
+                Holder::Stale(format!("pid {pid} runs as uid {theirs}, not {uid}")),
                 found,
             ));
         }

@@ -5,6 +5,7 @@
 //! `make test`'s summary lists and CI does not allow.
 
 use respawn_tests::*;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// A directory of scripts for one test, removed at the end.
@@ -23,6 +24,39 @@ impl Scripts {
         std::fs::write(&new, text).expect("writing a script");
         std::fs::rename(&new, &path).expect("renaming it into place");
         path
+    }
+}
+
+/// Releases side by side, as a deploy lays them out: `<release>/server`
+/// for each (executable, a script with a `#!` line), and `current`, a
+/// symbolic link to one of them, flipped as deploy tools flip it (a new
+/// link renamed over the old one).
+struct Releases(Scripts);
+
+impl Releases {
+    /// Each (name, text), `current` naming the first.
+    fn new(name: &str, releases: &[(&str, String)]) -> Releases {
+        use std::os::unix::fs::PermissionsExt;
+        let scripts = Scripts::new(name);
+        for (release, text) in releases {
+            std::fs::create_dir(scripts.0.join(release)).expect("a release directory");
+            let server = scripts.write(&format!("{release}/server"), text);
+            std::fs::set_permissions(&server, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        let made = Releases(scripts);
+        made.flip_to(releases.first().expect("a release").0);
+        made
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.0 .0.to_path_buf()
+    }
+
+    /// Points `current` at `release`.
+    fn flip_to(&self, release: &str) {
+        let (new, current) = (self.dir().join("current.new"), self.dir().join("current"));
+        std::os::unix::fs::symlink(release, &new).expect("current.new -> the release");
+        std::fs::rename(&new, &current).expect("flipping current");
     }
 }
 
@@ -403,17 +437,14 @@ fn hup_runs_what_the_path_names_now() {
     if !require("hup_runs_what_the_path_names_now", Need::Python) {
         return;
     }
-    use std::os::unix::fs::{symlink, PermissionsExt};
-    let scripts = Scripts::new("symlinked-release");
-    for release in ["release1", "release2"] {
-        std::fs::create_dir(scripts.0.join(release)).expect("a release directory");
-        let text =
-            format!("#!/usr/bin/env python3\nimport os\nos.environ['TAG'] = '{release}'{PYTHON_WORKER}");
-        let server = scripts.write(&format!("{release}/server"), &text);
-        std::fs::set_permissions(&server, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
-    symlink("release1", scripts.0.join("current")).expect("current -> release1");
-    let dir = scripts.0.clone();
+    let tagged = |release: &str| {
+        format!("#!/usr/bin/env python3\nimport os\nos.environ['TAG'] = '{release}'{PYTHON_WORKER}")
+    };
+    let releases = Releases::new(
+        "symlinked-release",
+        &[("release1", tagged("release1")), ("release2", tagged("release2"))],
+    );
+    let dir = releases.dir();
     let respawn = Respawn::start_with(&["--workers", "2", "--", "./current/server"], |command| {
         command.current_dir(&dir);
     });
@@ -427,8 +458,7 @@ fn hup_runs_what_the_path_names_now() {
         );
     }
 
-    symlink("release2", scripts.0.join("current.new")).expect("current.new -> release2");
-    std::fs::rename(scripts.0.join("current.new"), scripts.0.join("current")).expect("flipping current");
+    releases.flip_to("release2");
     respawn.signal(libc::SIGHUP);
     respawn.wait_for_line("rolling restart done: every worker is new");
     // Once the old workers have left (one may still take a connection in
@@ -458,47 +488,72 @@ fn hup_runs_what_the_path_names_now() {
 /// healthy release1 workers with it.
 #[test]
 fn a_reload_whose_workers_cannot_start_backs_out_and_the_old_ones_serve_on() {
-    if !require(
-        "a_reload_whose_workers_cannot_start_backs_out_and_the_old_ones_serve_on",
-        Need::Python,
-    ) {
+    const TEST: &str = "a_reload_whose_workers_cannot_start_backs_out_and_the_old_ones_serve_on";
+    if !require(TEST, Need::Python) {
         return;
     }
-    use std::os::unix::fs::{symlink, PermissionsExt};
-    let scripts = Scripts::new("broken-release");
-    for (release, text) in [
-        (
-            "release1",
-            format!("#!/usr/bin/env python3\nimport os\nos.environ['TAG'] = 'release1'{PYTHON_WORKER}"),
-        ),
-        (
-            "release2",
-            "#!/bin/sh\necho 'release2: SyntaxError' >&2\nexit 1\n".to_owned(),
-        ),
-    ] {
-        std::fs::create_dir(scripts.0.join(release)).expect("a release directory");
-        let server = scripts.write(&format!("{release}/server"), &text);
-        std::fs::set_permissions(&server, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let release2 = "#!/bin/sh\necho 'release2: SyntaxError' >&2\nexit 1\n".to_owned();
+    let (respawn, old) = reload_onto_a_broken_release("broken-release", release2, &[]);
+    // Nothing was forked again: the rollout is over, and no slot is
+    // missing (two workers at the start, and the one that failed).
+    assert_eq!(respawn.count_log(" spawned"), 3, "{}", respawn.dump());
+    assert!(old.iter().all(|&pid| alive(pid)), "{}", respawn.dump());
+}
+
+/// A release that says Ready, then dies (an import that fails after the
+/// server is up): an old worker is retired for its Ready, so after the
+/// back-out a slot is missing, and every fork that fills it runs the broken
+/// code on disk. Those failed starts back their slot off and count for
+/// nothing while release1 serves: with --max-restarts 2, before, the third
+/// made the master give up and stop the last release1 worker.
+#[test]
+fn a_backed_out_reload_never_gives_up_while_the_old_workers_serve() {
+    const TEST: &str = "a_backed_out_reload_never_gives_up_while_the_old_workers_serve";
+    if !require(TEST, Need::Python) {
+        return;
     }
-    symlink("release1", scripts.0.join("current")).expect("current -> release1");
-    let dir = scripts.0.clone();
-    let socket = scripts.0.join("control.sock");
-    let respawn = Respawn::start_with(
-        &[
-            "--workers",
-            "2",
-            "--control",
-            &socket.display().to_string(),
-            "--",
-            "./current/server",
-        ],
-        |command| {
-            command.current_dir(&dir);
-        },
+    let release2 = "#!/usr/bin/env python3\n\
+        import os, struct\n\
+        os.write(int(os.environ['RESPAWN_CHANNEL_FD']), struct.pack('<BBH', 1, 1, 0))\n\
+        raise SystemExit('release2: ImportError after Ready')\n"
+        .to_owned();
+    let (respawn, _) = reload_onto_a_broken_release("ready-then-dies", release2, &["--max-restarts", "2"]);
+    let retried = wait_until(PATIENCE, || {
+        respawn.count_log("as the rolling restart that backed out did") >= 3
+    });
+    assert!(
+        retried,
+        "three failed starts after the back-out\n{}",
+        respawn.dump()
     );
+    assert_eq!(respawn.count_log("giving up: "), 0, "{}", respawn.dump());
+    let answer = respawn.get("/").expect("GET / from what is left of release1");
+    assert!(
+        answer.body.starts_with("release1 "),
+        "{answer:?}\n{}",
+        respawn.dump()
+    );
+}
+
+/// Starts 2 workers of release1 (the Python worker of these tests) with
+/// `flags` and a control socket, flips `current` to `release2`, and asks
+/// for a reload: it must back out, say so to `ctl reload` (exit 1) and in
+/// one line, and a worker of release1 must answer, once any it retired has
+/// left. Returns the master and release1's workers.
+fn reload_onto_a_broken_release(name: &str, release2: String, flags: &[&str]) -> (Respawn, BTreeSet<i32>) {
+    let release1 =
+        format!("#!/usr/bin/env python3\nimport os\nos.environ['TAG'] = 'release1'{PYTHON_WORKER}");
+    let releases = Releases::new(name, &[("release1", release1), ("release2", release2)]);
+    let (dir, socket) = (releases.dir(), releases.dir().join("control.sock"));
+    let socket_arg = socket.display().to_string();
+    let mut args = vec!["--workers", "2", "--control", &socket_arg];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--", "./current/server"]);
+    let respawn = Respawn::start_with(&args, |command| {
+        command.current_dir(&dir);
+    });
     let old = respawn.wait_for_workers(2);
-    symlink("release2", scripts.0.join("current.new")).expect("current.new -> release2");
-    std::fs::rename(scripts.0.join("current.new"), scripts.0.join("current")).expect("flipping current");
+    releases.flip_to("release2");
     let output = std::process::Command::new(binary())
         .args(["ctl".as_ref(), socket.as_os_str(), "reload".as_ref()])
         .stdin(std::process::Stdio::null())
@@ -510,6 +565,18 @@ fn a_reload_whose_workers_cannot_start_backs_out_and_the_old_ones_serve_on() {
     respawn.wait_for_log("the back-out", |l| {
         message(l).starts_with("rolling restart backed out: its worker ")
     });
+    // A release1 worker retired for a release2 worker's Ready finishes and
+    // leaves; the one or two left serve.
+    let retired: Vec<i32> = old
+        .iter()
+        .copied()
+        .filter(|&pid| respawn.count_log(&format!("stopping worker {pid}")) > 0)
+        .collect();
+    assert!(
+        wait_until(PATIENCE, || retired.iter().all(|&pid| !alive(pid))),
+        "{}",
+        respawn.dump()
+    );
     for _ in 0..10 {
         let answer = respawn.get("/").expect("GET / after the back-out");
         assert!(
@@ -519,11 +586,8 @@ fn a_reload_whose_workers_cannot_start_backs_out_and_the_old_ones_serve_on() {
         );
         assert!(old.contains(&answer.pid().expect("a pid")), "{answer:?} {old:?}");
     }
-    assert!(old.iter().all(|&pid| alive(pid)), "{}", respawn.dump());
-    // Nothing was forked again: the rollout is over, and no slot is
-    // missing (two workers at the start, and the one that failed).
-    assert_eq!(respawn.count_log(" spawned"), 3, "{}", respawn.dump());
-    assert_eq!(respawn.count_log("giving up"), 0, "{}", respawn.dump());
+    assert_eq!(respawn.count_log("giving up: "), 0, "{}", respawn.dump());
+    (respawn, old)
 }
 
 /// A program that goes on accepting for a while after its SIGTERM, as a

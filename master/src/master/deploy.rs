@@ -22,6 +22,19 @@ const LAST_LINES_BEFORE_EXEC: Duration = Duration::from_secs(1);
 /// cannot be handed down to take their answers.
 const CONTROL_PATIENCE_BEFORE_EXEC: Duration = Duration::from_millis(200);
 
+/// A HUP's rollout: with `-- CMD` it runs the code on disk now, which a
+/// deploy may have broken. Set at the first HUP, kept until the rollout is
+/// done, or, once it backed out, until the next HUP or USR2.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Reload {
+    /// What was wanted before the first HUP: wanted again if it backs out.
+    before: Wanted,
+    /// The generation of the first HUP: its workers are this one's or later.
+    since: u64,
+    /// A worker of it failed to start, and it backed out.
+    pub(super) backed_out: bool,
+}
+
 impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// HUP: a rolling restart. Every counted worker becomes outdated;
     /// `manage_workers` replaces them one at a time. `by` says who asked,
@@ -55,38 +68,73 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         } else {
             info!("{by}, replacing every worker, one at a time");
         }
-        // A HUP during a rollout goes back, if it must, to before the first.
-        self.reload_before.get_or_insert(self.wanted);
+        // A HUP during a rollout goes back, if it must, to before the first;
+        // one after a back-out is a new attempt, and any answer the back-out
+        // still owed is superseded by this one's.
+        if self.reload.is_none_or(|reload| reload.backed_out) {
+            self.reload = Some(Reload {
+                before: self.wanted,
+                since: self.generation + 1,
+                backed_out: false,
+            });
+            self.owed.reload_backed_out = None;
+        }
         self.generation += 1;
         self.wanted.since = self.generation;
         self.rolling = true;
         Ok(())
     }
 
-    /// Did a worker forked for a HUP's rollout fail to start (never took a
-    /// request, and died before Ready or younger than the minimum uptime)?
-    /// With `-- CMD` a HUP runs the code on disk now, which a deploy may
-    /// have broken.
+    /// Is this failed start (the caller judged it one) the reload's doing:
+    /// a worker forked since its first HUP, during the rollout, or after
+    /// it backed out while workers started before it still serve? Once
+    /// none serves, failed starts count again: a service that cannot run
+    /// at all is given up on.
     pub(super) fn reload_failed(&self, worker: &Worker) -> bool {
-        self.reload_before.is_some() && self.upgrade.is_none() && self.wanted.is_run_by(worker)
+        let Some(reload) = self.reload.filter(|_| self.upgrade.is_none()) else {
+            return false;
+        };
+        let serving = self
+            .workers
+            .iter()
+            .any(|w| w.state == State::Ready && w.generation < reload.since);
+        worker.image == self.wanted.image
+            && worker.generation >= reload.since
+            && (!reload.backed_out || serving)
     }
 
-    /// A HUP's rollout forks workers that cannot start: what was wanted
-    /// before is wanted again, so the workers started before it serve on
-    /// and are no longer replaced, as an upgrade backs out. The death
-    /// counts toward nothing: a bad deploy must not take the service down.
-    /// The rollout's workers already Ready stay: they serve.
+    /// A worker of a HUP's rollout failed to start. The first time, the
+    /// rollout backs out, as an upgrade does: what was wanted before is
+    /// wanted again, so the workers started before it serve on and are no
+    /// longer replaced (the rollout's workers already Ready stay too). Any
+    /// fork of the same code after that (a slot to fill, after a retired
+    /// or crashed worker left) fails the same way: its slot backs off, and
+    /// nothing counts toward giving up, until the next HUP or USR2. A bad
+    /// deploy must not take the service down.
     pub(super) fn back_out_of_reload(&mut self, failed: &Worker, how: &str) {
-        let Some(before) = self.reload_before.take() else {
+        let Some(reload) = self.reload.as_mut() else {
             return;
         };
+        let delay = self.backoff.died_young(failed.slot, Instant::now());
+        if reload.backed_out {
+            warn!(
+                "worker {} exited ({how}) before it proved itself, as the rolling restart that \
+                 backed out did; slot {} retries in {:.1} s, not counted toward giving up \
+                 (fix the program, then SIGHUP)",
+                failed.pid,
+                failed.slot,
+                delay.as_secs_f64()
+            );
+            return;
+        }
+        reload.backed_out = true;
+        self.wanted = reload.before;
         warn!(
             "rolling restart backed out: its worker {} exited ({how}) {:.2} s after it was forked; \
              the workers started before it serve on, and SIGHUP may be sent again",
             failed.pid,
             failed.spawned_at.elapsed().as_secs_f64()
         );
-        self.wanted = before;
         self.rolling = self.workers.outdated(self.wanted) > 0;
         self.owed.reload_backed_out = Some(format!(
             "backed out: worker {} exited ({how}) before it proved itself; the workers started \
@@ -124,8 +172,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         self.notify.reloading();
         self.owed.reloading = true;
-        // The upgrade replaces every worker, and backs out on its own.
-        self.reload_before = None;
+        // A rollout under way goes on if the upgrade backs out (and may
+        // back out itself then); `reload` is kept for that.
         self.generation += 1;
         let before = self.wanted;
         self.wanted = Wanted {

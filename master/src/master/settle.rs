@@ -77,7 +77,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         }
         if quiet && self.rolling {
             self.rolling = false;
-            self.reload_before = None;
+            // Done: nothing of it to go back to (one that backed out stays,
+            // until the next HUP or USR2).
+            self.reload = self.reload.filter(|reload| reload.backed_out);
             info!("rolling restart done: every worker is new");
         }
         self.announce(quiet);

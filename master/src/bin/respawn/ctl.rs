@@ -222,7 +222,7 @@ pub fn ask(path: &Path, request: &str) -> Result<String, Trouble> {
         (Ok(()), Ok(answer)) => parse_answer(&answer),
         (Ok(()), Err(err)) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
             Err(Trouble::Broken(format!(
-                "no answer from {} within {} s (is its master stuck, or is something else listening there?)",
+                "no whole answer from {} within {} s (is its master stuck, or is something else listening there?)",
                 path.display(),
                 wait.as_secs()
             )))
@@ -341,7 +341,6 @@ impl Connection {
         self.stream.write_all(format!("{request}\n").as_bytes())
     }
 
-    /// Everything the master says until it closes, with no deadline.
     /// The answer, to the master's close, within `deadline`.
     fn read_answer(&mut self, deadline: Instant) -> io::Result<Vec<u8>> {
         let mut answer = std::mem::take(&mut self.buffered);

@@ -484,8 +484,9 @@ pub fn ctl_man() -> String {
         roff(
             "Connects to the control socket of a master started with `--control PATH`, sends one \
              command and prints its answer. Commands that change something answer once it is \
-             done (the master answers within 90 s in any case, saying how far it got). Only the \
-             master's user and root may connect.",
+             done (the master answers within 90 s in any case, saying how far it got; this client \
+             waits 5 s for status and metrics, 100 s for the others). Only the master's user and \
+             root may connect.",
         ),
         ".SH COMMANDS".to_owned(),
     ];

@@ -22,7 +22,8 @@
 //!   kind of line it is, the worker or process it is about, its slot and
 //!   generation, an exit's code or signal and reason, how long it lived or
 //!   waits, a peer, a signal's name, an address. A fact the sentence does
-//!   not hold is absent, never guessed. Under journald the JSON lines carry
+//!   not hold is absent, never guessed, and none is read from the reason,
+//!   a worker's own words. Under journald the JSON lines carry
 //!   the priority prefix too.
 //!
 //! The strings are escaped by hand (quote, backslash, control characters,
@@ -208,45 +209,57 @@ fn facts(event: &str) -> Vec<(&'static str, Fact<'_>)> {
     if let Some(kind) = kind(event) {
         facts.push(("kind", Fact::Text(kind)));
     }
+    // The reason is the worker's own text (a panic's message, a program's
+    // words): nothing in it is one of respawn's facts, so the others are
+    // read in the line before it and after it only.
+    let reason = exit_reason(event);
+    let (head, tail) = match reason {
+        Some(reason) => {
+            let at = reason.as_ptr() as usize - event.as_ptr() as usize;
+            (&event[..at], &event[at + reason.len()..])
+        }
+        None => (event, ""),
+    };
     for (key, word) in [
         ("worker", "worker "),
         ("process", "process "),
         ("slot", "slot "),
         ("generation", "generation "),
     ] {
-        if let Some(n) = number_after(event, word) {
+        if let Some(n) = either(head, tail, |part| number_after(part, word)) {
             facts.push((key, Fact::Number(n)));
         }
     }
-    if let Some(rest) = after(event, " exited (code ") {
-        if let Some(code) = leading_number(rest) {
-            facts.push(("exit_code", Fact::Number(code)));
-        }
+    if let Some(code) = either(head, tail, |part| leading_number(after(part, " exited (code ")?)) {
+        facts.push(("exit_code", Fact::Number(code)));
     }
-    if let Some(rest) = after(event, " exited (signal ") {
-        if let Some(signal) = leading_number(rest) {
-            facts.push(("signal", Fact::Number(signal)));
-        }
+    if let Some(signal) = either(head, tail, |part| {
+        leading_number(after(part, " exited (signal ")?)
+    }) {
+        facts.push(("signal", Fact::Number(signal)));
     }
-    if let Some(reason) = exit_reason(event) {
+    if let Some(reason) = reason {
         facts.push(("reason", Fact::Text(reason)));
     }
     for (key, before, after_number) in [
         ("lived_secs", ") ", " s after it was forked"),
         ("backoff_secs", "respawns in ", " s"),
+        ("backoff_secs", " retries in ", " s"),
         ("busy_secs", " hung ", " s"),
     ] {
-        if let Some(n) = number_between(event, before, after_number) {
+        let found = either(head, tail, |part| number_between(part, before, after_number));
+        if let Some(n) = found.filter(|_| !facts.iter().any(|(k, _)| *k == key)) {
             facts.push((key, Fact::Number(n)));
         }
     }
-    if let Some(rest) = after(event, " from ") {
+    let peer = either(head, tail, |part| {
         // A peer as a worker writes it (ipc's Peer): an address, or "unix".
         // Another sentence's "from" ("from now on") is not one.
-        let peer = rest.split([' ', ')', ';']).next().unwrap_or_default();
-        if peer == "unix" || peer.parse::<std::net::SocketAddr>().is_ok() {
-            facts.push(("peer", Fact::Text(peer)));
-        }
+        let peer = after(part, " from ")?.split([' ', ')', ';']).next()?;
+        (peer == "unix" || peer.parse::<std::net::SocketAddr>().is_ok()).then_some(peer)
+    });
+    if let Some(peer) = peer {
+        facts.push(("peer", Fact::Text(peer)));
     }
     if let Some(rest) = event.strip_prefix("received ") {
         let name = rest.split([' ', ',', ';', ':']).next().unwrap_or_default();
@@ -256,6 +269,12 @@ fn facts(event: &str) -> Vec<(&'static str, Fact<'_>)> {
         facts.push(("address", Fact::Text(rest.split(' ').next().unwrap_or_default())));
     }
     facts
+}
+
+/// What `read` finds in `head`, else in `tail`: the line either side of a
+/// worker's own words.
+fn either<'a, T>(head: &'a str, tail: &'a str, read: impl Fn(&'a str) -> Option<T>) -> Option<T> {
+    read(head).or_else(|| read(tail))
 }
 
 /// What kind of line it is, for a shipper to filter on without reading the
@@ -506,6 +525,25 @@ mod tests {
         assert_eq!(
             facts("worker 7 dropped a slow connection from unix (no request in 5 s)"),
             [("worker", N("7")), ("peer", T("unix"))]
+        );
+        // A worker's own words hold no fact of respawn's, whatever they say.
+        assert_eq!(
+            facts(
+                "worker 12 exited (code 70: uncaught Error: connection refused from 10.9.8.7:5432 \
+                 (slot 7, generation 99)) 0.45 s after it was forked; slot 0 respawns in 0.1 s"
+            ),
+            [
+                ("kind", T("exited")),
+                ("worker", N("12")),
+                ("slot", N("0")),
+                ("exit_code", N("70")),
+                (
+                    "reason",
+                    T("uncaught Error: connection refused from 10.9.8.7:5432 (slot 7, generation 99)")
+                ),
+                ("lived_secs", N("0.45")),
+                ("backoff_secs", N("0.1")),
+            ]
         );
         assert_eq!(facts("nothing to say here"), []);
         assert_eq!(facts("a subprocess 4 is not a process"), []);
