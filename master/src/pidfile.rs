@@ -395,6 +395,14 @@ impl PidFile {
             ));
         }
         let (ours, theirs) = (names(None), names(Some(pid)));
+        // A worker runs this program too, but holds no pid file: spawn.rs
+        // names each `worker <slot>`, and a master is never so named.
+        if theirs.iter().any(|name| name.starts_with("worker ")) {
+            return Ok((
+                Holder::Stale(format!("pid {pid} is a worker, not a master")),
+                found,
+            ));
+        }
         if theirs.iter().any(|name| ours.contains(name)) {
             return Ok((Holder::Master(pid), found));
         }

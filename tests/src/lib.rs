@@ -651,6 +651,17 @@ pub fn position(log: &[String], matches: impl Fn(&str) -> bool) -> Option<usize>
     log.iter().position(|l| matches(l))
 }
 
+/// `program` run as the user nobody (uid and gid 65534, no other group),
+/// through setpriv: what a test needs [`Need::Nobody`] for.
+pub fn command_as_nobody(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(program)
+        .stdin(std::process::Stdio::null());
+    command
+}
+
 /// Runs the binary with `args` to its exit (killed after [`PATIENCE`]) and
 /// returns the exit status and what it wrote to stdout and stderr.
 pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {

@@ -161,11 +161,18 @@ fn a_stale_pid_file_is_replaced() {
         .ok()
         .and_then(|exe| Some(exe.file_name()?.to_string_lossy().into_owned()))
         .unwrap();
+    // A worker of another master: it runs respawn, but is no master.
+    let other = Respawn::with_workers(1, &[]);
+    let worker = *other.wait_for_workers(1).iter().next().expect("a worker");
     for (content, why) in [
         (format!("{dead}\n"), format!("pid {dead} is not running")),
         // Its size, never its content: the log is no way to read a file.
         ("garbage".to_owned(), "holds no pid (7 bytes)".to_owned()),
         (format!("{me}\n"), format!("pid {me} runs {my_name}, not respawn")),
+        (
+            format!("{worker}\n"),
+            format!("pid {worker} is a worker, not a master"),
+        ),
     ] {
         std::fs::write(scratch.pid_file(), &content).unwrap();
         let respawn = Respawn::with_workers(1, &["--pid-file", &pid_file]);

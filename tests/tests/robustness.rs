@@ -116,17 +116,8 @@ fn an_exec_the_process_limit_refuses_is_retried_never_given_up_on() {
     let sleepers = Sleepers(
         (0..5)
             .map(|_| {
-                Command::new("setpriv")
-                    .args([
-                        "--reuid",
-                        "65534",
-                        "--regid",
-                        "65534",
-                        "--clear-groups",
-                        "sleep",
-                        "60",
-                    ])
-                    .stdin(std::process::Stdio::null())
+                command_as_nobody("sleep")
+                    .arg("60")
                     .spawn()
                     .expect("a process of nobody's")
             })

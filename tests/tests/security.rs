@@ -88,19 +88,9 @@ fn nobodys_dir(test: &str) -> TempDir {
 /// Runs `sh -c script` as nobody, with these variables; fails the test
 /// unless it succeeds.
 fn as_nobody(script: &str, vars: &[(&str, &Path)]) {
-    let output = Command::new("setpriv")
-        .args([
-            "--reuid",
-            "65534",
-            "--regid",
-            "65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-            script,
-        ])
+    let output = command_as_nobody("sh")
+        .args(["-c", script])
         .envs(vars.iter().map(|&(name, path)| (name, path)))
-        .stdin(Stdio::null())
         .output()
         .expect("running setpriv");
     assert!(
@@ -240,12 +230,8 @@ fn a_pid_file_naming_another_users_process_called_respawn_is_stale() {
     let impostor = dir.join("respawn");
     std::fs::copy("/bin/sleep", &impostor).expect("copying sleep");
     std::os::unix::fs::chown(&impostor, Some(NOBODY), Some(NOBODY)).expect("chown to nobody");
-    let mut command = Command::new("setpriv");
-    command
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-        .arg(&impostor)
-        .arg("60")
-        .stdin(Stdio::null());
+    let mut command = command_as_nobody(&impostor);
+    command.arg("60");
     let mut sleeper = spawn_tied(command).expect("nobody's respawn");
     let pid = sleeper.id();
     let pid_file = dir.join("app.pid");
