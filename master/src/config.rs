@@ -22,6 +22,7 @@ pub struct Config {
     pub(crate) control: Option<PathBuf>,
     pub(crate) start_advice: Option<String>,
     pub(crate) ready_on_notify: bool,
+    pub(crate) retire_once_proved: bool,
 }
 
 impl Config {
@@ -45,6 +46,7 @@ impl Config {
             control: None,
             start_advice: None,
             ready_on_notify: false,
+            retire_once_proved: false,
         }
     }
 
@@ -150,6 +152,19 @@ impl Config {
     /// that speak systemd's protocol rather than respawn's channel.
     pub fn ready_on_notify(mut self, on: bool) -> Config {
         self.ready_on_notify = on;
+        self
+    }
+}
+
+impl Config {
+    /// A worker's Ready says nothing of whether its program runs (a program
+    /// counted Ready at its exec, `--ready-on-exec`): no worker is retired
+    /// for a new one (a rollout, an upgrade, a scale down) until that one
+    /// has proved itself, by a request served or by living the minimum
+    /// uptime. A release that fails in that time then backs out with the
+    /// old workers still serving, where they would all be gone already.
+    pub fn retire_once_proved(mut self, on: bool) -> Config {
+        self.retire_once_proved = on;
         self
     }
 }

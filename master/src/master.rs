@@ -334,6 +334,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             self.control.as_ref().and_then(Control::next_deadline),
             self.owed.next_deadline(),
             self.strays.next_deadline(),
+            self.unproven_until(),
             // Frames left to read: look at the other sources, without waiting.
             (!self.unfinished_pipes.is_empty()).then_some(now),
         ]
@@ -895,11 +896,31 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// Retires counted workers beyond the target; true if it retired any.
     fn retire_surplus_workers(&mut self) -> bool {
         let mut retired = false;
-        while self.workers.counted() > self.target && !self.workers.any_starting() {
+        while self.workers.counted() > self.target
+            && !self.workers.any_starting()
+            && self.unproven_until().is_none()
+        {
             self.retire_one();
             retired = true;
         }
         retired
+    }
+
+    /// With `Config::retire_once_proved`: when the first Ready worker that
+    /// has served nothing yet will have lived the minimum uptime. Until no
+    /// such worker is left, none is retired (the loop wakes then). None:
+    /// there is none, or the config does not ask.
+    fn unproven_until(&self) -> Option<Instant> {
+        if !self.config.retire_once_proved {
+            return None;
+        }
+        let min_uptime = self.config.min_uptime;
+        self.workers
+            .iter()
+            .filter(|w| w.state == State::Ready && w.spawned_at.elapsed() < min_uptime)
+            .filter(|w| self.scoreboard.read(w.slot).is_none_or(|row| row.requests == 0))
+            .map(|w| w.spawned_at + min_uptime)
+            .min()
     }
 
     fn note_waiting_for_room(&mut self, waiting: bool) {

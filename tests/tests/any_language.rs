@@ -535,6 +535,48 @@ fn a_backed_out_reload_never_gives_up_while_the_old_workers_serve() {
     );
 }
 
+/// With `--ready-on-exec` a worker is Ready at its exec, before it could
+/// fail: no old worker is retired for a new one until the new one has
+/// lived --min-uptime (Config::retire_once_proved), so a release that exits
+/// at once backs out with both old workers serving, where before the whole
+/// rollout was over in milliseconds and the master gave up after it.
+#[test]
+fn with_ready_on_exec_a_reload_keeps_the_old_workers_until_the_new_ones_proved_themselves() {
+    const TEST: &str =
+        "with_ready_on_exec_a_reload_keeps_the_old_workers_until_the_new_ones_proved_themselves";
+    if !require(TEST, Need::Python) {
+        return;
+    }
+    // No channel: Ready at its exec; it stops at once on TERM.
+    let release1 = "#!/usr/bin/env python3\n\
+        import os, socket\n\
+        listener = socket.socket(fileno=3)\n\
+        while True:\n    \
+            conn, _ = listener.accept()\n    \
+            head = b''\n    \
+            while b'\\r\\n\\r\\n' not in head:\n        \
+                more = conn.recv(4096)\n        \
+                if not more: break\n        \
+                head += more\n    \
+            body = b'release1 %d\\n' % os.getpid()\n    \
+            conn.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n' % len(body) + body)\n    \
+            conn.close()\n"
+        .to_owned();
+    let release2 = "#!/bin/sh\nexit 1\n".to_owned();
+    let (respawn, old) = reload_from_onto("ready-on-exec", release1, release2, &["--ready-on-exec"]);
+    assert!(
+        old.iter().all(|&pid| alive(pid)),
+        "both old workers serve\n{}",
+        respawn.dump()
+    );
+    assert_eq!(
+        respawn.count_log("rolling restart: stopping worker"),
+        0,
+        "{}",
+        respawn.dump()
+    );
+}
+
 /// Starts 2 workers of release1 (the Python worker of these tests) with
 /// `flags` and a control socket, flips `current` to `release2`, and asks
 /// for a reload: it must back out, say so to `ctl reload` (exit 1) and in
@@ -543,6 +585,16 @@ fn a_backed_out_reload_never_gives_up_while_the_old_workers_serve() {
 fn reload_onto_a_broken_release(name: &str, release2: String, flags: &[&str]) -> (Respawn, BTreeSet<i32>) {
     let release1 =
         format!("#!/usr/bin/env python3\nimport os\nos.environ['TAG'] = 'release1'{PYTHON_WORKER}");
+    reload_from_onto(name, release1, release2, flags)
+}
+
+/// As [`reload_onto_a_broken_release`], with a release1 of the caller's.
+fn reload_from_onto(
+    name: &str,
+    release1: String,
+    release2: String,
+    flags: &[&str],
+) -> (Respawn, BTreeSet<i32>) {
     let releases = Releases::new(name, &[("release1", release1), ("release2", release2)]);
     let (dir, socket) = (releases.dir(), releases.dir().join("control.sock"));
     let socket_arg = socket.display().to_string();
@@ -553,6 +605,20 @@ fn reload_onto_a_broken_release(name: &str, release2: String, flags: &[&str]) ->
         command.current_dir(&dir);
     });
     let old = respawn.wait_for_workers(2);
+    // Each has read release1 (an interpreter opens its script by the path
+    // it was given, `current/...`, after the exec that made it Ready).
+    let mut answered = BTreeSet::new();
+    let both = wait_until(PATIENCE, || {
+        if let Some(pid) = respawn.get("/").ok().and_then(|answer| answer.pid()) {
+            answered.insert(pid);
+        }
+        answered == old
+    });
+    assert!(
+        both,
+        "release1's workers answer: {answered:?}\n{}",
+        respawn.dump()
+    );
     releases.flip_to("release2");
     let output = std::process::Command::new(binary())
         .args(["ctl".as_ref(), socket.as_os_str(), "reload".as_ref()])
@@ -578,7 +644,9 @@ fn reload_onto_a_broken_release(name: &str, release2: String, flags: &[&str]) ->
         respawn.dump()
     );
     for _ in 0..10 {
-        let answer = respawn.get("/").expect("GET / after the back-out");
+        let answer = respawn
+            .get("/")
+            .unwrap_or_else(|err| panic!("GET / after the back-out: {err}\n{}", respawn.dump()));
         assert!(
             answer.body.starts_with("release1 "),
             "{answer:?}\n{}",

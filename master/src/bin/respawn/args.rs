@@ -355,7 +355,8 @@ const READY_ON_EXEC: Flag = Flag {
     default: "off",
     meaning: "CMD does not speak docs/protocol.md: Ready once executed, no handover",
     more: "For a program that knows only LISTEN_FDS: no hung check, so --timeout must be 0, and no \
-           --max-requests.",
+           --max-requests. A rollout retires an old worker only once its replacement lived \
+           --min-uptime.",
     common: false,
     section: Section::Command,
 };

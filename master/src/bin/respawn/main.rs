@@ -152,7 +152,9 @@ fn serve(args: &Args) -> i32 {
         Some(path) => config.control(path),
         None => config,
     };
-    let config = config.ready_on_notify(args.ready_on_notify);
+    let config = config
+        .ready_on_notify(args.ready_on_notify)
+        .retire_once_proved(args.ready_on_exec);
     let config = if args.ready_on_notify {
         config.start_advice(
             "a program run with --ready-on-notify must send READY=1 to the socket its \
