@@ -42,11 +42,11 @@ fn hint(path: &Path, err: &io::Error) -> String {
     };
     match err.raw_os_error() {
         Some(libc::ENOENT) if path.exists() => match first_line().strip_prefix("#!") {
-            // The kernel looks for "/bin/sh\r": a script saved with CRLF.
-            Some(line) if line.ends_with('\r') => {
-                " (its #! line ends in a carriage return: the script has CRLF line endings)".to_owned()
-            }
-            Some(line) => match line.split_whitespace().next() {
+            Some(line) => match line.split([' ', '\t']).find(|word| !word.is_empty()) {
+                // The kernel looks for "/bin/sh\r": a script saved with CRLF.
+                Some(interpreter) if interpreter.ends_with('\r') => {
+                    " (its #! line ends in a carriage return: the script has CRLF line endings)".to_owned()
+                }
                 Some(interpreter) => format!(" (its #! line names {interpreter}, which is not there)"),
                 None => String::new(),
             },

@@ -453,10 +453,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             info!("worker {pid} exited ({how})");
         } else if self.new_binary_failed(&worker) {
             self.back_out_of_upgrade(&worker, &how);
+        } else if death == Death::FailedStart && self.reload_failed(&worker) {
+            // Before a refusal (exit 75): a release that exits 75 at every
+            // start would otherwise never back out.
+            self.back_out_of_reload(&worker, &how);
         } else if death == Death::FailedStart && refused_by_the_host(status) {
             self.retry_refused(&worker, &how);
-        } else if death == Death::FailedStart && self.reload_failed(&worker) {
-            self.back_out_of_reload(&worker, &how);
         } else {
             self.plan_replacement(&worker, &how, death, lived);
         }
@@ -1088,8 +1090,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     fn retry_refused(&mut self, worker: &Worker, how: &str) {
         let delay = self.backoff.died_young(worker.slot, Instant::now());
         warn!(
-            "worker {} exited ({how}, EX_TEMPFAIL: try again later); {} of {} workers running, \
-             slot {} retries in {:.1} s, not counted toward giving up",
+            "worker {} exited ({how}) before it served; code 75 is EX_TEMPFAIL, try again later: \
+             {} of {} workers running, slot {} retries in {:.1} s, not counted toward giving up",
             worker.pid,
             self.workers.counted(),
             self.target,

@@ -396,8 +396,9 @@ impl PidFile {
         }
         let (ours, theirs) = (names(None), names(Some(pid)));
         // A worker runs this program too, but holds no pid file: spawn.rs
-        // names each `worker <slot>`, and a master is never so named.
-        if theirs.iter().any(|name| name.starts_with("worker ")) {
+        // names each `worker <slot>` (its comm), and a master is never so
+        // named.
+        if is_a_worker(pid) {
             return Ok((
                 Holder::Stale(format!("pid {pid} is a worker, not a master")),
                 found,
@@ -598,6 +599,14 @@ fn owner(pid: Pid) -> Option<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let uids = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
     uids.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Is its name (comm, which spawn.rs sets) `worker <slot>`?
+fn is_a_worker(pid: Pid) -> bool {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    comm.trim_end_matches('\n')
+        .strip_prefix("worker ")
+        .is_some_and(|slot| !slot.is_empty() && slot.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Alive and not a zombie (a master that died and is not reaped yet).

@@ -493,7 +493,7 @@ fn a_reload_whose_workers_cannot_start_backs_out_and_the_old_ones_serve_on() {
         return;
     }
     let release2 = "#!/bin/sh\necho 'release2: SyntaxError' >&2\nexit 1\n".to_owned();
-    let (respawn, old) = reload_onto_a_broken_release("broken-release", release2, &[]);
+    let (respawn, old) = reload_onto_a_broken_release("broken-release", release2, &["--min-uptime", "10"]);
     // Nothing was forked again: the rollout is over, and no slot is
     // missing (two workers at the start, and the one that failed).
     assert_eq!(respawn.count_log(" spawned"), 3, "{}", respawn.dump());
@@ -512,12 +512,24 @@ fn a_backed_out_reload_never_gives_up_while_the_old_workers_serve() {
     if !require(TEST, Need::Python) {
         return;
     }
+    // The first worker of it says Ready, and an old worker is retired for
+    // it; it dies 0.3 s later. Every other exits at its start, the first of
+    // them backing the rollout out while the other old worker serves.
     let release2 = "#!/usr/bin/env python3\n\
-        import os, struct\n\
+        import os, struct, sys, time\n\
+        try:\n    \
+            os.close(os.open(os.path.join(os.path.dirname(os.path.realpath(__file__)), 'first'), os.O_CREAT | os.O_EXCL))\n\
+        except FileExistsError:\n    \
+            sys.exit('release2: ImportError')\n\
         os.write(int(os.environ['RESPAWN_CHANNEL_FD']), struct.pack('<BBH', 1, 1, 0))\n\
-        raise SystemExit('release2: ImportError after Ready')\n"
+        time.sleep(0.3)\n\
+        sys.exit('release2: ImportError after Ready')\n"
         .to_owned();
-    let (respawn, _) = reload_onto_a_broken_release("ready-then-dies", release2, &["--max-restarts", "2"]);
+    let (respawn, _) = reload_onto_a_broken_release(
+        "ready-then-dies",
+        release2,
+        &["--max-restarts", "2", "--min-uptime", "10"],
+    );
     let retried = wait_until(PATIENCE, || {
         respawn.count_log("as the rolling restart that backed out did") >= 3
     });
@@ -563,7 +575,12 @@ fn with_ready_on_exec_a_reload_keeps_the_old_workers_until_the_new_ones_proved_t
             conn.close()\n"
         .to_owned();
     let release2 = "#!/bin/sh\nexit 1\n".to_owned();
-    let (respawn, old) = reload_from_onto("ready-on-exec", release1, release2, &["--ready-on-exec"]);
+    let (respawn, old) = reload_from_onto(
+        "ready-on-exec",
+        release1,
+        release2,
+        &["--ready-on-exec", "--min-uptime", "10"],
+    );
     assert!(
         old.iter().all(|&pid| alive(pid)),
         "both old workers serve\n{}",

@@ -155,6 +155,11 @@ fn a_command_line_that_cannot_do_what_it_says_is_a_bad_flag() {
              docs/protocol.md)",
         ),
         (
+            vec!["--ready-on-exec", "--min-uptime", "0", "--", "true"],
+            "respawn: --min-uptime 0 cannot work with --ready-on-exec: a worker is Ready at its exec, \
+             so only its uptime tells one that cannot start (give --min-uptime 1 or more)",
+        ),
+        (
             vec!["--ready-on-exec", "--max-requests", "100", "--", "true"],
             "respawn: --max-requests cannot work with --ready-on-exec: the program sends no Suicide \
              to hand over after its share (make it speak the channel: docs/protocol.md)",

@@ -161,7 +161,7 @@ fn an_exec_the_process_limit_refuses_is_retried_never_given_up_on() {
     });
     // Three: one more than --max-restarts allows.
     let refused = wait_until(PATIENCE, || {
-        respawn.count_log("(code 75, EX_TEMPFAIL: try again later)") >= 3
+        respawn.count_log("code 75 is EX_TEMPFAIL, try again later") >= 3
     });
     assert!(refused, "three refusals\n{}", respawn.dump());
     let line = respawn.wait_for_log("the worker's line", |l| l.contains(": executing /bin/sleep: "));

@@ -112,10 +112,24 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// nothing counts toward giving up, until the next HUP or USR2. A bad
     /// deploy must not take the service down.
     pub(super) fn back_out_of_reload(&mut self, failed: &Worker, how: &str) {
+        let superseded = !self.wanted.is_run_by(failed);
         let Some(reload) = self.reload.as_mut() else {
             return;
         };
         let delay = self.backoff.died_young(failed.slot, Instant::now());
+        if !reload.backed_out && superseded {
+            // Started by a HUP that a later one superseded: the later one
+            // decides, with its own workers.
+            warn!(
+                "worker {} exited ({how}) before it proved itself; a later SIGHUP superseded the \
+                 rolling restart that started it: slot {} retries in {:.1} s, not counted toward \
+                 giving up",
+                failed.pid,
+                failed.slot,
+                delay.as_secs_f64()
+            );
+            return;
+        }
         if reload.backed_out {
             warn!(
                 "worker {} exited ({how}) before it proved itself, as the rolling restart that \
@@ -173,7 +187,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         self.notify.reloading();
         self.owed.reloading = true;
         // A rollout under way goes on if the upgrade backs out (and may
-        // back out itself then); `reload` is kept for that.
+        // back out itself then): it is kept for that. One that backed out
+        // is over: the upgrade is a new attempt.
+        self.reload = self.reload.filter(|reload| !reload.backed_out);
         self.generation += 1;
         let before = self.wanted;
         self.wanted = Wanted {

@@ -852,6 +852,16 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, String>
     // A program that does not speak the channel sends no Busy or Idle
     // marks and no Suicide: the master could neither see a request hang
     // nor hand over after a share of requests.
+    // Its Ready says nothing, so only the minimum uptime tells a program
+    // that runs from one that dies at its start (a failed start, a rollout
+    // that backs out): without it, every death would be replaced at once.
+    if args.ready_on_exec && args.min_uptime.is_zero() {
+        return Err(
+            "--min-uptime 0 cannot work with --ready-on-exec: a worker is Ready at its exec, so only \
+             its uptime tells one that cannot start (give --min-uptime 1 or more)"
+                .into(),
+        );
+    }
     if args.ready_on_exec && timeout_given {
         return Err(
             "--timeout cannot work with --ready-on-exec: the program sends no Busy marks, \

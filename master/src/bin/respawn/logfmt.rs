@@ -376,7 +376,18 @@ fn number_between<'a>(text: &'a str, before: &str, after_number: &str) -> Option
 /// `sent suicide (why)`.
 fn exit_reason(text: &str) -> Option<&str> {
     let inner = if let Some(rest) = after(text, " exited (") {
-        rest.split_once(": ").map(|(_, why)| why)?
+        // `code 70: why` or `signal 6, core dumped: why`, and nothing else
+        // before the colon: respawn's own words after the parenthesis are
+        // no reason.
+        let (how, why) = rest.split_once(": ")?;
+        let number = how
+            .strip_prefix("code ")
+            .or_else(|| how.strip_prefix("signal "))?;
+        let number = number.strip_suffix(", core dumped").unwrap_or(number);
+        if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        why
     } else {
         after(text, " sent suicide (")?
     };
@@ -525,6 +536,20 @@ mod tests {
         assert_eq!(
             facts("worker 7 dropped a slow connection from unix (no request in 5 s)"),
             [("worker", N("7")), ("peer", T("unix"))]
+        );
+        // The line a worker that exited 75 gets: no reason in it.
+        assert_eq!(
+            facts(
+                "worker 8 exited (code 75) before it served; code 75 is EX_TEMPFAIL, try again later: \
+                 1 of 2 workers running, slot 1 retries in 0.4 s, not counted toward giving up"
+            ),
+            [
+                ("kind", T("exited")),
+                ("worker", N("8")),
+                ("slot", N("1")),
+                ("exit_code", N("75")),
+                ("backoff_secs", N("0.4")),
+            ]
         );
         // A worker's own words hold no fact of respawn's, whatever they say.
         assert_eq!(
