@@ -908,12 +908,14 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         retired
     }
 
-    /// With `Config::retire_once_proved`: when the first Ready worker that
-    /// has served nothing yet will have lived the minimum uptime. Until no
-    /// such worker is left, none is retired (the loop wakes then). None:
-    /// there is none, or the config does not ask.
+    /// With `Config::retire_once_proved`, while a worker waits to be
+    /// retired: when the first Ready worker that has served nothing yet
+    /// will have lived the minimum uptime. Until no such worker is left,
+    /// none is retired (the loop wakes then). None: there is none, nothing
+    /// to retire, or the config does not ask (the loop keeps no deadline
+    /// for it after an ordinary replacement).
     fn unproven_until(&self) -> Option<Instant> {
-        if !self.config.retire_once_proved {
+        if !self.config.retire_once_proved || self.workers.counted() <= self.target {
             return None;
         }
         let min_uptime = self.config.min_uptime;

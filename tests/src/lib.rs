@@ -651,6 +651,20 @@ pub fn position(log: &[String], matches: impl Fn(&str) -> bool) -> Option<usize>
     log.iter().position(|l| matches(l))
 }
 
+/// Processes a test started outside the harness's tie, killed and reaped
+/// when dropped, on a failed assertion too: a process that changed its uid
+/// (setpriv) loses the parent-death signal [`spawn_tied`] gives it.
+pub struct KilledOnDrop(pub Vec<Child>);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// `program` run as the user nobody (uid and gid 65534, no other group),
 /// through setpriv: what a test needs [`Need::Nobody`] for.
 pub fn command_as_nobody(program: impl AsRef<std::ffi::OsStr>) -> Command {

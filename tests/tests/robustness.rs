@@ -80,18 +80,6 @@ fn failed_fork_keeps_the_workers_and_recovers() {
     assert_eq!(respawn.count_log("giving up"), 0, "{}", respawn.dump());
 }
 
-/// Processes of the workers' user, ended when dropped.
-struct Sleepers(Vec<std::process::Child>);
-
-impl Drop for Sleepers {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// The same limit, met at the exec of a `-- CMD` worker: root's fork is
 /// not held to RLIMIT_NPROC, the exec after the drop to `--user` is. The
 /// worker exits with exit_code::HOST_REFUSED after a line naming the
@@ -113,7 +101,7 @@ fn an_exec_the_process_limit_refuses_is_retried_never_given_up_on() {
         .filter(|status| status.lines().any(|l| l.starts_with("Uid:\t65534\t")))
         .count() as u64;
     let limit = nobodys + 4;
-    let sleepers = Sleepers(
+    let sleepers = KilledOnDrop(
         (0..5)
             .map(|_| {
                 command_as_nobody("sleep")

@@ -232,8 +232,8 @@ fn a_pid_file_naming_another_users_process_called_respawn_is_stale() {
     std::os::unix::fs::chown(&impostor, Some(NOBODY), Some(NOBODY)).expect("chown to nobody");
     let mut command = command_as_nobody(&impostor);
     command.arg("60");
-    let mut sleeper = spawn_tied(command).expect("nobody's respawn");
-    let pid = sleeper.id();
+    let sleeper = KilledOnDrop(vec![spawn_tied(command).expect("nobody's respawn")]);
+    let pid = sleeper.0[0].id();
     let pid_file = dir.join("app.pid");
     let shown = pid_file.display().to_string();
     let named = wait_until(PATIENCE, || {
@@ -247,8 +247,7 @@ fn a_pid_file_naming_another_users_process_called_respawn_is_stale() {
     respawn.wait_for_line(&format!(
         "pid file {shown}: pid {pid} runs as uid 65534, not 0; replacing it"
     ));
-    let _ = sleeper.kill();
-    let _ = sleeper.wait();
+    drop(sleeper);
 }
 
 /// `Listeners::set_socket_mode` after nobody replaced the socket file by a

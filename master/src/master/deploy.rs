@@ -1,8 +1,8 @@
 //! The verbs that change what the workers should run: HUP (a rollout),
-//! USR2 (an upgrade, see upgrade.rs for its steps), the back-out, the
+//! USR2 (an upgrade, see upgrade.rs for its steps), their back-outs, the
 //! master's re-execution, and the adoption of the workers by the new image.
 //!
-//! Each of them changes only what is wanted (`wanted`, `upgrade`), never
+//! Each of them changes only what is wanted (`wanted`, `upgrade`, `reload`), never
 //! what a worker runs: a worker's build is fixed at its fork. Then
 //! `manage_workers` forks and retires toward what is wanted, and `settle`
 //! (settle.rs) decides when it is over; the re-execution is called from

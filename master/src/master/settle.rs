@@ -12,8 +12,8 @@
 //!    then is a rollout done, or the master re-executes for an upgrade.
 //! 2. Is READY=1 due? Once the first workers asked for are Ready (the pid
 //!    file written just before), and after RELOADING=1 when what began it
-//!    has ended: a rollout done, an upgrade done (said by the new image),
-//!    backed out or failed.
+//!    has ended: a rollout done or backed out, an upgrade done (said by the
+//!    new image), backed out or failed.
 //! 3. What is each waiting control client answered? Every answer, those
 //!    decided by a handler included, leaves from `send_replies`.
 //!
@@ -162,7 +162,8 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     }
 
     /// Answers the control requests that are now done: a scale whose count
-    /// is all Ready, a reload whose rollout is over, an upgrade that ended;
+    /// is all Ready, a reload whose rollout is over or backed out, an
+    /// upgrade that ended;
     /// anything the master's stop overtook; and any past its bound, with
     /// the state it reached. Then sends every answer.
     fn answer_control(&mut self, quiet: bool, now: Instant) {
