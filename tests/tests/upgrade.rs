@@ -911,7 +911,7 @@ fn counters_uptime_and_restart_history_survive_the_reexec() {
 fn a_worker_reaped_during_the_exec_is_not_adopted_and_is_replaced() {
     let deploy = Deploy::new("wrapper");
     let mut respawn = deploy.start(&["--workers", "2"]);
-    respawn.wait_for_workers(2);
+    let old = respawn.wait_for_workers(2);
     deploy.replace_with(&format!(
         "[ -n \"$RESPAWN_MASTER_STATE\" ] && sleep 1\nRESPAWN_DEMO_TAG=w exec '{}' \"$@\"",
         binary().display()
@@ -920,7 +920,13 @@ fn a_worker_reaped_during_the_exec_is_not_adopted_and_is_replaced() {
     respawn.wait_for_log("the master's exec", |l| {
         message(l).starts_with("upgrade: every worker runs ")
     });
-    let victim = *respawn.workers().iter().next().expect("a worker");
+    // A new worker: the last old one may still be finishing its stop, and
+    // one that was retiring is not replaced.
+    let victim = *respawn
+        .workers()
+        .difference(&old)
+        .next()
+        .expect("a worker of the new release");
     send(victim, libc::SIGKILL);
     wait_for_reexec(&respawn);
     respawn.wait_for_log("the line for the worker gone", |l| {
