@@ -10,16 +10,19 @@ fn serves_from_n_workers() {
     let workers = respawn.wait_for_workers(3);
 
     // A worker serves one connection at a time, so three slow requests at
-    // once must be served by three different workers.
+    // once must be served by three different workers. Slow enough that a
+    // worker the host keeps off the CPU for a moment (a client thread
+    // started late, a woken worker not yet run) does not let the first
+    // worker finish and take a second one.
     let clients: Vec<_> = (0..3)
         .map(|_| {
             let addr = respawn.addr;
-            thread::spawn(move || get(addr, "/sleep/300"))
+            thread::spawn(move || get(addr, "/sleep/2000"))
         })
         .collect();
     let mut served_by = std::collections::BTreeSet::new();
     for client in clients {
-        let answer = client.join().unwrap().expect("GET /sleep/300");
+        let answer = client.join().unwrap().expect("GET /sleep/2000");
         assert_eq!(answer.status, 200, "{answer:?}");
         served_by.insert(answer.pid().expect("a pid in the body"));
     }

@@ -51,8 +51,17 @@ fn failed_fork_keeps_the_workers_and_recovers() {
     let before = respawn.wait_for_workers(2);
     let mut crashes = 0;
     while respawn.count_log("fork failed") == 0 && crashes < 50 {
-        assert_eq!(respawn.get("/crash").map(|r| r.status).ok(), Some(500));
+        let answer = respawn.get("/crash").expect("GET /crash");
+        assert_eq!(answer.status, 500, "{answer:?}");
         crashes += 1;
+        // Its exit is said after its Suicide was handled, and so after the
+        // fork that failed for it, if one did: only then is the log read.
+        // (A crash sent before that line was read could land after the
+        // retry had forked again, in a second burst of its own.)
+        let crashed = worker_pid(&answer.body).expect("the crashed worker's pid");
+        respawn.wait_for_log("the crashed worker's exit", |l| {
+            message(l).starts_with(&format!("worker {crashed} exited ("))
+        });
     }
     let line = respawn.wait_for_log("the failed fork", |l| l.contains("starting a worker in slot"));
     assert!(
