@@ -484,11 +484,12 @@ fn status_under_load_shows_busy_workers_and_their_request_lines() {
     let dir = Dir::new();
     let respawn = master_with_control(2, &dir);
     let addr = respawn.addr;
+    // Long enough for `respawn ctl` to start and ask on a busy host.
     let clients: Vec<_> = (0..2)
-        .map(|_| thread::spawn(move || get(addr, "/sleep/2000")))
+        .map(|_| thread::spawn(move || get(addr, "/sleep/5000")))
         .collect();
     let serving =
-        |l: &str| message(l).starts_with("worker ") && message(l).ends_with(" serving GET /sleep/2000");
+        |l: &str| message(l).starts_with("worker ") && message(l).ends_with(" serving GET /sleep/5000");
     assert!(
         wait_until(PATIENCE, || respawn.log().iter().filter(|l| serving(l)).count()
             == 2),
@@ -523,7 +524,7 @@ fn status_under_load_shows_busy_workers_and_their_request_lines() {
     assert_eq!(shown, respawn.workers(), "{said:?}");
     for row in rows {
         assert!(
-            row.contains(" GET /sleep/2000 HTTP/1.1 from 127.0.0.1:"),
+            row.contains(" GET /sleep/5000 HTTP/1.1 from 127.0.0.1:"),
             "a busy worker with its request: {row:?}"
         );
         let busy = row.split_whitespace().nth(8).unwrap_or_default();

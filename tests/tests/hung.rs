@@ -187,16 +187,23 @@ fn idle_workers_are_never_killed_with_a_timeout() {
     let respawn = Respawn::with_workers(2, &["--timeout", "1"]);
     let workers = respawn.wait_for_workers(2);
     // Two slow requests at once: each worker is busy once, then idle again.
-    let clients: Vec<_> = (0..2)
-        .map(|_| {
-            let addr = respawn.addr;
-            thread::spawn(move || get(addr, "/sleep/200"))
-        })
-        .collect();
+    // (Shorter than --timeout, so a pair may be served by one worker on a
+    // busy host, one request after the other: then another pair.)
     let mut served_by = std::collections::BTreeSet::new();
-    for client in clients {
-        let answer = client.join().unwrap().expect("GET /sleep/200");
-        served_by.insert(answer.pid().expect("a pid in the body"));
+    for _ in 0..10 {
+        let clients: Vec<_> = (0..2)
+            .map(|_| {
+                let addr = respawn.addr;
+                thread::spawn(move || get(addr, "/sleep/200"))
+            })
+            .collect();
+        for client in clients {
+            let answer = client.join().unwrap().expect("GET /sleep/200");
+            served_by.insert(answer.pid().expect("a pid in the body"));
+        }
+        if served_by == workers {
+            break;
+        }
     }
     assert_eq!(served_by, workers, "both workers served\n{}", respawn.dump());
 
