@@ -18,10 +18,20 @@
 //! without bound: a request is 256 bytes, an answer is what the master
 //! wrote, and at most 64 connections are open.
 //!
+//! Nor can a peer take what the workers need: under a low open-file limit
+//! the limit is lower, what the master sets with [`Control::set_room`]
+//! (the fds left once every worker that may live has its pipe), so that
+//! connections never cost a replacement its fork. If an accept fails all
+//! the same (the system's files), it is tried again 0.1 s later: the peers
+//! wait in the backlog, and a full backlog lets no new connection wake the
+//! master.
+//!
 //! This module knows sockets and the protocol; what a request does to the
 //! workers, and what to answer, is the master's (`act_on_control` in
 //! master.rs).
 
+use crate::error::describe;
+use crate::limits;
 use crate::listen::{self, SocketFile};
 use crate::signals::{RateLimit, Signo};
 use crate::Error;
@@ -49,6 +59,8 @@ const MAX_REQUEST: usize = 256;
 const PATIENCE: Duration = Duration::from_secs(5);
 /// The most connections served at once.
 const MAX_CONNECTIONS: usize = 64;
+/// How soon an accept that failed for lack of fds is tried again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The longest a command waits for its answer (`scale`, `reload`,
 /// `upgrade`, `stop`). systemd's default for a unit's start and reload
 /// (DefaultTimeoutStartSec=90s), which an `ExecReload=respawn ctl ...
@@ -70,6 +82,11 @@ const DRAIN_AT_CLOSE: usize = 16 << 10;
 /// Is this event the control socket's?
 pub(crate) fn owns(token: Token) -> bool {
     token.0 & CONTROL_BIT != 0
+}
+
+/// Is this event the listener's (new connections)?
+pub(crate) fn is_listener(token: Token) -> bool {
+    token == LISTENER
 }
 
 /// What a peer may ask.
@@ -138,6 +155,7 @@ enum Said {
     Busy = 1,
     Stranger = 2,
     MadeRoom = 3,
+    AcceptFailed = 4,
 }
 
 struct Conn {
@@ -165,6 +183,11 @@ pub(crate) struct Control {
     uid: u32,
     /// Lines a peer causes, at most one a second of each kind.
     said: RateLimit,
+    /// The most connections the open-file limit leaves room for (at most
+    /// [`MAX_CONNECTIONS`]), as the master last said.
+    room: usize,
+    /// When to accept again, after an accept failed for lack of fds.
+    retry_accept: Option<Instant>,
 }
 
 impl Control {
@@ -242,6 +265,8 @@ impl Control {
             next: 1,
             uid: nix::unistd::geteuid().as_raw(),
             said: RateLimit::default(),
+            room: MAX_CONNECTIONS,
+            retry_accept: None,
         })
     }
 
@@ -405,6 +430,7 @@ impl Control {
                 Phase::Waiting(_) if c.deadline <= now => c.deadline + GRACE,
                 _ => c.deadline,
             })
+            .chain(self.retry_accept)
             .min()
     }
 
@@ -441,6 +467,22 @@ impl Control {
             debug!("control socket: {timed_out} connections timed out");
         }
         self.flush_and_reap(registry);
+        if self.retry_accept.is_some_and(|at| at <= now) {
+            self.retry_accept = None;
+            self.accept_all(registry);
+        }
+    }
+
+    /// How many connections the master's open-file limit leaves room for,
+    /// beside the pipes of every worker that may live; at most 64 are
+    /// served all the same.
+    pub(crate) fn set_room(&mut self, room: usize) {
+        self.room = room.min(MAX_CONNECTIONS);
+    }
+
+    /// How many connections are open.
+    pub(crate) fn connections(&self) -> usize {
+        self.conns.len()
     }
 
     /// Every fd of the control socket, for a forked worker to close.
@@ -496,9 +538,12 @@ impl Control {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => {
-                    // Out of fds, say: the peer waits in the backlog, and the
-                    // listener is readable again on the next connection.
-                    debug!("control socket: accepting: {err}");
+                    // Out of fds, say: the peers wait in the backlog, where
+                    // a full one lets no new connection wake the master.
+                    let why = limits::explain(&err).map_or(String::new(), |limit| format!(" ({limit})"));
+                    let what = format!("accepting: {}{why}; trying again in 0.1 s", describe(&err));
+                    self.say(Said::AcceptFailed, &what);
+                    self.retry_accept = Some(Instant::now() + ACCEPT_RETRY);
                     return;
                 }
             };
@@ -507,10 +552,16 @@ impl Control {
                 self.refuse(stream, Said::Stranger, &refusal);
                 continue;
             }
-            if self.conns.len() >= MAX_CONNECTIONS && !self.make_room(registry) {
-                let refusal = format!(
-                    "busy: {MAX_CONNECTIONS} control connections are open, each waiting for its command"
-                );
+            if !self.has_room(registry) {
+                let refusal = match self.room {
+                    0 => "busy: the open-file limit leaves no fd for a control connection beside \
+                          the workers' pipes (raise ulimit -n)"
+                        .to_owned(),
+                    _ => format!(
+                        "busy: {}, each waiting for its command",
+                        self.how_full("control connections", "are")
+                    ),
+                };
                 self.refuse(stream, Said::Busy, &refusal);
                 continue;
             }
@@ -549,6 +600,17 @@ impl Control {
         self.conns.push(conn);
     }
 
+    /// Whether a new connection may be served: below the limit, or once
+    /// idle ones have made room (more than one if the room shrank).
+    fn has_room(&mut self, registry: &Registry) -> bool {
+        while self.conns.len() >= self.room {
+            if !self.make_room(registry) {
+                return false;
+            }
+        }
+        true
+    }
+
     /// At the limit: closes the connection idle the longest, one still to
     /// send its request (else one not reading its answer), to let a new one
     /// in. A connection waiting for its command is never closed for room.
@@ -560,13 +622,14 @@ impl Control {
         else {
             return false;
         };
+        let (were, are) = (
+            self.how_full("control connections", "were"),
+            self.how_full("connections", "are"),
+        );
         let mut conn = self.conns.remove(i);
         if matches!(conn.phase, Phase::Reading) {
             conn.answer(
-                Err(format!(
-                    "closed to make room: {MAX_CONNECTIONS} control connections were open, \
-                     this one idle the longest"
-                )),
+                Err(format!("closed to make room: {were}, this one idle the longest")),
                 Instant::now(),
             );
             conn.write_some();
@@ -574,9 +637,21 @@ impl Control {
         let _ = registry.deregister(&mut SourceFd(&conn.stream.as_raw_fd()));
         self.say(
             Said::MadeRoom,
-            &format!("{MAX_CONNECTIONS} connections are open; closing the one idle the longest to make room"),
+            &format!("{are}; closing the one idle the longest to make room"),
         );
         true
+    }
+
+    /// `64 control connections are open` (`were`, `connections`...), and
+    /// why no more when the open-file limit is what holds them.
+    fn how_full(&self, what: &str, verb: &str) -> String {
+        let open = self.conns.len();
+        let why = if self.room < MAX_CONNECTIONS {
+            ", as many as the open-file limit leaves beside the workers' pipes"
+        } else {
+            ""
+        };
+        format!("{open} {what} {verb} open{why}")
     }
 
     /// Tells the peer why it is not served, and closes.
@@ -596,7 +671,11 @@ impl Control {
             0 => String::new(),
             n => format!(" ({n} more since the last line)"),
         };
-        info!("control socket: {what}{more}");
+        match kind {
+            // Not a peer's doing: the host's.
+            Said::AcceptFailed => warn!("control socket: {what}{more}"),
+            _ => info!("control socket: {what}{more}"),
+        }
     }
 
     /// Why this peer is not served, if its uid is neither ours nor root's.
@@ -963,6 +1042,61 @@ mod tests {
         let mut said = String::new();
         client.read_to_string(&mut said).expect("reading to the close");
         said
+    }
+
+    #[test]
+    fn an_accept_that_failed_is_tried_again_with_no_new_connection() {
+        let mut rig = Rig::new("retry");
+        // As after EMFILE: the peer waits in the backlog, and its one event
+        // was spent on the failed accept.
+        let client = UnixStream::connect(&rig.path).expect("connecting");
+        let failed = Instant::now();
+        rig.control.retry_accept = Some(failed + ACCEPT_RETRY);
+        assert_eq!(rig.control.next_deadline(), Some(failed + ACCEPT_RETRY));
+        rig.control.expire(failed, rig.poll.registry());
+        assert_eq!(rig.control.conns.len(), 0, "not before its time");
+        rig.control.expire(failed + ACCEPT_RETRY, rig.poll.registry());
+        assert_eq!(rig.control.conns.len(), 1, "accepted without an event");
+        assert_eq!(
+            rig.control.next_deadline().map(|at| at > failed + ACCEPT_RETRY),
+            Some(true)
+        );
+        drop(client);
+    }
+
+    #[test]
+    fn connections_are_held_to_the_room_the_master_leaves() {
+        let mut rig = Rig::new("fdroom");
+        rig.control.set_room(2);
+        let mut first = rig.greeted();
+        let _second = rig.greeted();
+        // A third: the idle one of the longest makes room, with the reason.
+        let _third = rig.greeted();
+        assert_eq!(rig.control.conns.len(), 2);
+        let mut said = String::new();
+        first.read_to_string(&mut said).expect("its last words");
+        assert_eq!(
+            said,
+            "error closed to make room: 2 control connections were open, as many as the \
+             open-file limit leaves beside the workers' pipes, this one idle the longest\n"
+        );
+        // No room at all: refused, and told what to raise.
+        rig.control.set_room(0);
+        let mut refused = UnixStream::connect(&rig.path).expect("connecting");
+        refused
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("a timeout");
+        rig.turn_until(|rig| rig.control.conns.is_empty());
+        let mut said = String::new();
+        refused.read_to_string(&mut said).expect("the refusal");
+        assert_eq!(
+            said,
+            "error busy: the open-file limit leaves no fd for a control connection beside \
+             the workers' pipes (raise ulimit -n)\n"
+        );
+        assert_eq!(rig.control.connections(), 0);
+        rig.control.set_room(1000);
+        assert_eq!(rig.control.room, MAX_CONNECTIONS, "never more than 64");
     }
 
     #[test]

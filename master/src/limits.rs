@@ -68,6 +68,18 @@ pub(crate) fn workers_for_open_files(fixed: usize) -> (usize, Option<u64>) {
     }
 }
 
+/// How many control connections the master's open-file limit leaves room
+/// for, beside `fixed` fds and the pipes of the most workers that may live
+/// for a target of `target` (twice it plus one), with the same spare as
+/// [`workers_for_open_files`]: a peer's connections never cost a
+/// replacement its fork.
+pub(crate) fn control_connections_for_open_files(fixed: usize, target: usize) -> usize {
+    match soft(libc::RLIMIT_NOFILE) {
+        Some(limit) => (limit as usize).saturating_sub(fixed + 3 + 2 * target + 1),
+        None => usize::MAX,
+    }
+}
+
 /// How many fds the process has open now.
 pub(crate) fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count().saturating_sub(1))

@@ -839,9 +839,21 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// The most workers TTIN may ask for, and why that many: the scoreboard's
     /// rows, or the master's open-file limit (a pipe per live worker).
     fn most_workers(&self) -> (usize, String) {
+        the_most_workers(limits::workers_for_open_files(self.fixed_fds()))
+    }
+
+    /// How many control connections the open-file limit leaves room for
+    /// beside the pipes of every worker that may live (control.rs).
+    pub(super) fn control_room(&self) -> usize {
+        limits::control_connections_for_open_files(self.fixed_fds(), self.target)
+    }
+
+    /// The fds the master holds besides worker pipes and control
+    /// connections (which make room for workers: control.rs).
+    fn fixed_fds(&self) -> usize {
         let pipes = self.workers.iter().filter(|w| w.pipe.is_some()).count();
-        let fixed = limits::open_fds().saturating_sub(pipes);
-        the_most_workers(limits::workers_for_open_files(fixed))
+        let conns = self.control.as_ref().map_or(0, Control::connections);
+        limits::open_fds().saturating_sub(pipes + conns)
     }
 
     /// The count invariant, in one place: fork while fewer workers count

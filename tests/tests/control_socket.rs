@@ -610,3 +610,65 @@ fn the_socket_is_made_0600_and_the_masters_umask_is_left_as_it_was() {
         .map(str::trim);
     assert_eq!(umask, Some("0002"), "{status}");
 }
+
+/// Under a low open-file limit, idle connections held every fd the master
+/// had: the replacement of a killed worker found none for its pipe until
+/// they timed out, and the accept that failed for lack of fds was never
+/// tried again (a full backlog lets no new connection wake the master), so
+/// the socket stayed deaf. Connections are held to what the limit leaves
+/// beside the pipes of every worker that may live.
+#[test]
+fn connections_never_take_the_fds_a_replacement_needs() {
+    let dir = Dir::new("nofile");
+    let socket = dir.socket();
+    let shown = socket.display().to_string();
+    let respawn = Respawn::start_with(&["--workers", "2", "--control", &shown], |command| {
+        // SAFETY: setrlimit is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                let rlimit = libc::rlimit {
+                    rlim_cur: 40,
+                    rlim_max: 40,
+                };
+                match libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            });
+        }
+    });
+    let before = respawn.wait_for_workers(2);
+    // Five times the limit, each greeted or waiting in the backlog, held.
+    let held: Vec<UnixStream> = (0..200)
+        .map(|_| UnixStream::connect(&socket).expect("connecting"))
+        .collect();
+    assert!(
+        wait_until(PATIENCE, || open_fds(respawn.pid) >= 30),
+        "the master took {} fds\n{}",
+        open_fds(respawn.pid),
+        respawn.dump()
+    );
+    let victim = *before.iter().next().expect("a worker");
+    send(victim, libc::SIGKILL);
+    respawn.wait_for_log("the victim's exit", |l| {
+        message(l).starts_with(&format!("worker {victim} exited (signal 9)"))
+    });
+    let after = respawn.wait_for_workers(2);
+    assert!(!after.contains(&victim), "{}", respawn.dump());
+    assert_eq!(
+        respawn.count_log("starting a worker in slot"),
+        0,
+        "the replacement found no fd\n{}",
+        respawn.dump()
+    );
+    // The idle one of the longest makes room for a new connection.
+    let body = ok(&ask(&socket, "status")).to_owned();
+    assert!(body.starts_with("{\"protocol\":1,"), "{body}");
+    respawn.wait_for_log("the reason connections were closed", |l| {
+        message(l).contains(
+            "connections are open, as many as the open-file limit leaves beside the workers' pipes; \
+             closing the one idle the longest to make room",
+        )
+    });
+    drop(held);
+}

@@ -271,9 +271,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
 
     /// An event of the control socket: connections, requests, room to write.
     pub(super) fn serve_control(&mut self, token: Token) {
+        // Read before each round of accepts: what the workers leave.
+        let room = control::is_listener(token).then(|| self.control_room());
         let Some(control) = self.control.as_mut() else {
             return;
         };
+        room.into_iter().for_each(|room| control.set_room(room));
         for (conn, request) in control.on_event(token, self.poll.registry()) {
             self.act_on_control(conn, request);
         }
