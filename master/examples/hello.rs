@@ -13,12 +13,22 @@ struct Hello;
 impl respawn_worker::Service for Hello {
     fn serve(&mut self, conn: &mut Conn) {
         let body = format!("hello from worker {}\n", std::process::id());
-        let head = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        let _ = conn.write_all(format!("{head}{body}").as_bytes());
+        answer(conn, "200 OK", &body);
     }
+
+    /// After `serve` panicked: the worker has told the master already (its
+    /// replacement is on its way); the client still gets an answer.
+    fn recover(&mut self, conn: &mut Conn, panic: &str) {
+        answer(conn, "500 Internal Server Error", &format!("{panic}\n"));
+    }
+}
+
+fn answer(conn: &mut Conn, status: &str, body: &str) {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = conn.write_all(format!("{head}{body}").as_bytes());
 }
 
 fn main() {

@@ -4,8 +4,16 @@ use crate::privileges::RunAs;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The longest any of the durations is taken to be: ten years, as good as
+/// forever, and far enough from the end of `Instant` that no deadline
+/// computed from it overflows (`Duration::MAX`, a common "forever", would
+/// panic the master at its first stop). A timeout this long or longer is
+/// no timeout at all.
+pub(crate) const LONGEST: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// How many workers to keep, how long they have to stop, and when to stop
-/// replacing workers that keep failing.
+/// replacing workers that keep failing. Each duration is at most ten years
+/// (longer is taken as ten years, a timeout that long as none).
 #[derive(Clone, Debug)]
 pub struct Config {
     pub(crate) workers: usize,
@@ -59,22 +67,22 @@ impl Config {
     /// How long a worker asked to stop may take to finish what it holds
     /// before the master sends SIGKILL.
     pub fn graceful_timeout(mut self, timeout: Duration) -> Config {
-        self.graceful_timeout = timeout;
+        self.graceful_timeout = timeout.min(LONGEST);
         self
     }
 
     /// A worker that dies sooner than this after it was forked "died young":
     /// its replacement waits out a backoff.
     pub fn min_uptime(mut self, uptime: Duration) -> Config {
-        self.min_uptime = uptime;
+        self.min_uptime = uptime.min(LONGEST);
         self
     }
 
     /// The backoff after a young death: `initial`, doubling each time the
     /// slot's worker dies young again, up to `cap`.
     pub fn backoff(mut self, initial: Duration, cap: Duration) -> Config {
-        self.backoff_initial = initial;
-        self.backoff_cap = cap;
+        self.backoff_initial = initial.min(LONGEST);
+        self.backoff_cap = cap.min(LONGEST);
         self
     }
 
@@ -82,26 +90,28 @@ impl Config {
     /// it stops the workers and `run` returns [`crate::Error::GaveUp`].
     pub fn restart_limit(mut self, max: usize, window: Duration) -> Config {
         self.max_restarts = max;
-        self.restart_window = window;
+        self.restart_window = window.min(LONGEST);
         self
     }
 }
 
 impl Config {
     /// A worker busy with one connection for longer than `timeout` is hung:
-    /// the master kills and replaces it. None: never (and then the master
-    /// keeps no deadline for it: an idle master does not wake at all).
+    /// the master kills and replaces it. None, zero or ten years and more:
+    /// never (and then the master keeps no deadline for it: an idle
+    /// master does not wake at all).
     pub fn timeout(mut self, timeout: Option<Duration>) -> Config {
-        self.timeout = timeout.filter(|t| !t.is_zero());
+        self.timeout = timeout.filter(|t| !t.is_zero() && *t < LONGEST);
         self
     }
 }
 
 impl Config {
     /// A worker that has not said Ready this long after its fork is killed,
-    /// and counts as a failed start (backoff, restart limit). None: never.
+    /// and counts as a failed start (backoff, restart limit). None, zero or
+    /// ten years and more: never.
     pub fn start_timeout(mut self, timeout: Option<Duration>) -> Config {
-        self.start_timeout = timeout.filter(|t| !t.is_zero());
+        self.start_timeout = timeout.filter(|t| !t.is_zero() && *t < LONGEST);
         self
     }
 }
@@ -174,5 +184,39 @@ impl Default for Config {
     fn default() -> Config {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Config::new(cpus)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// `Duration::MAX` is a common "forever": every deadline the master
+    /// computes from a duration must be representable, or it panics.
+    #[test]
+    fn forever_is_ten_years_and_a_timeout_that_long_is_none() {
+        let config = Config::new(1)
+            .graceful_timeout(Duration::MAX)
+            .min_uptime(Duration::MAX)
+            .backoff(Duration::MAX, Duration::MAX)
+            .restart_limit(usize::MAX, Duration::MAX)
+            .timeout(Some(Duration::MAX))
+            .start_timeout(Some(Duration::from_secs(u64::MAX)));
+        let now = Instant::now();
+        for d in [
+            config.graceful_timeout,
+            config.min_uptime,
+            config.backoff_initial,
+            config.backoff_cap,
+            config.restart_window,
+        ] {
+            assert_eq!(d, LONGEST);
+            assert!(now.checked_add(d * 2).is_some(), "{d:?}");
+        }
+        assert_eq!((config.timeout, config.start_timeout), (None, None));
+        let config = config.timeout(Some(LONGEST - Duration::from_secs(1)));
+        assert_eq!(config.timeout, Some(LONGEST - Duration::from_secs(1)));
+        let _ = crate::policy::RestartLimit::new(usize::MAX, Duration::MAX);
     }
 }

@@ -847,13 +847,29 @@ impl Conn {
 /// `respawn ctl` does, for a program that serves the status from an admin
 /// endpoint of its own. It blocks its caller (a worker, say) until the
 /// answer comes, which for `scale`, `reload`, `upgrade` and `stop` is when
-/// that is done; `timeout` bounds each read and write. An `error` answer
-/// is an `Err` whose text is the master's reason.
-pub fn ask_control(path: &Path, request: &str, timeout: Option<Duration>) -> io::Result<String> {
-    let mut conn = UnixStream::connect(path)?;
+/// that is done; `timeout` bounds each read and write (None or zero: no
+/// bound). An `error` answer is an `Err` whose text is the master's
+/// reason; a request that is not one line of at most 255 bytes is refused
+/// here.
+pub fn ask_control(path: impl AsRef<Path>, request: &str, timeout: Option<Duration>) -> io::Result<String> {
+    let path = path.as_ref();
+    let request = request.trim();
+    if request.contains('\n') || request.len() >= MAX_REQUEST {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a request is one line of at most {} bytes", MAX_REQUEST - 1),
+        ));
+    }
+    let mut conn = UnixStream::connect(path).map_err(|err| {
+        io::Error::new(
+            err.kind(),
+            format!("connecting to {}: {}", path.display(), describe(&err)),
+        )
+    })?;
+    let timeout = timeout.filter(|t| !t.is_zero());
     conn.set_read_timeout(timeout)?;
     conn.set_write_timeout(timeout)?;
-    conn.write_all(format!("{}\n", request.trim()).as_bytes())?;
+    conn.write_all(format!("{request}\n").as_bytes())?;
     let mut answer = String::new();
     conn.read_to_string(&mut answer)?;
     let greeting = format!("respawn-control {VERSION}\n");
@@ -950,6 +966,19 @@ mod tests {
             "the control socket greeted \"hello\", not \"respawn-control 1\""
         );
         server.join().expect("the server");
+        // Refused here, before any connection: a second line would be
+        // dropped unread, a long one reset.
+        for request in ["status\nstop", &"x".repeat(256)] {
+            let err = ask_control(&path, request, timeout).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+            assert_eq!(err.to_string(), "a request is one line of at most 255 bytes");
+        }
+        let gone = dir.join("gone");
+        let err = ask_control(&gone, "status", None).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("connecting to {}: no such file or directory", gone.display())
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -109,6 +109,9 @@
 //! - It sets its process title (`respawn: master, 4 workers, generation 3,
 //!   127.0.0.1:8080`, see [`set_title`]) and comm (`respawn master`), and
 //!   each worker's (`respawn: worker 2`); argv itself is left untouched.
+//!   When `run` returns, comm is what it was; the title stays the last
+//!   one shown (`respawn: master, 0 workers, ...`) until [`set_title`]
+//!   shows another.
 //! - It logs `listening on <address>` for each listener when it starts
 //!   (after the pid file is claimed: a master refused for it never says it
 //!   listens), not again after an upgrade's re-execution.
@@ -130,7 +133,7 @@
 //!   children of your own beside it. It makes itself the reaper of its
 //!   descendants (PR_SET_CHILD_SUBREAPER): a process a worker started and
 //!   left behind becomes its child, is said in a line, and is stopped with
-//!   the workers.
+//!   the workers. When `run` returns the flag is what it was before.
 //! - It refuses to start if the process already runs other threads: `fork`
 //!   copies only the calling thread, and a lock held by another thread at
 //!   that moment would stay locked forever in the child.
@@ -210,10 +213,12 @@ where
         }
     }
     let socket_files = listeners.socket_files();
+    let looks = Looks::now();
     let mut master = match master::Master::new(listeners, config, worker) {
         Ok(master) => master,
         Err(err) => {
             listen::remove_socket_files(&socket_files);
+            looks.restore();
             return Err(err);
         }
     };
@@ -226,7 +231,49 @@ where
     // now: a HUP may have made one again (a new inode) since the start.
     listen::remove_socket_files(&master.socket_files());
     logbuf::flush_before_exit(LAST_LINES_PATIENCE);
+    looks.restore();
     result
+}
+
+/// What `run` changes of the process beyond its signals: its name (comm)
+/// and whether it reaps orphaned descendants. Given back when `run`
+/// returns, so that a program that goes on is neither taken for a master
+/// (`pgrep -x 'respawn master'`) nor left the parent of strays it never
+/// reaps.
+struct Looks {
+    comm: [u8; 16],
+    subreaper: libc::c_int,
+}
+
+impl Looks {
+    fn now() -> Looks {
+        let mut looks = Looks {
+            comm: [0; 16],
+            subreaper: 0,
+        };
+        // SAFETY: PR_GET_NAME writes at most 16 bytes, NUL included, into
+        // the buffer given; PR_GET_CHILD_SUBREAPER writes one int.
+        unsafe {
+            libc::prctl(libc::PR_GET_NAME, looks.comm.as_mut_ptr(), 0, 0, 0);
+            libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut looks.subreaper, 0, 0, 0);
+        }
+        looks
+    }
+
+    fn restore(&self) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+        // bytes (PR_GET_NAME wrote one); the subreaper flag is an integer.
+        unsafe {
+            libc::prctl(libc::PR_SET_NAME, self.comm.as_ptr(), 0, 0, 0);
+            libc::prctl(
+                libc::PR_SET_CHILD_SUBREAPER,
+                libc::c_ulong::from(self.subreaper != 0),
+                0,
+                0,
+                0,
+            );
+        }
+    }
 }
 
 /// This process is a worker that a master started from a new binary during

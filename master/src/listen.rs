@@ -100,6 +100,18 @@ pub(crate) struct SocketFile {
     ino: u64,
 }
 
+/// A socket file's mode is permission bits alone: no setuid, setgid or
+/// sticky bit (a chmod would set them, and they mean nothing on a socket).
+fn check_mode(context: &str, mode: u32) -> Result<(), Error> {
+    match mode {
+        0..=0o777 => Ok(()),
+        _ => Err(Error::io(
+            context,
+            io::Error::new(io::ErrorKind::InvalidInput, "a socket's mode is 0 to 0777"),
+        )),
+    }
+}
+
 impl Listeners {
     pub fn iter(&self) -> impl Iterator<Item = &Listening> {
         self.list.iter()
@@ -131,6 +143,7 @@ impl Listeners {
     /// (its `SocketMode=` sets them) or kept across an upgrade (the first
     /// master set them; the path may be another user's link by now).
     pub fn set_socket_mode(&self, mode: u32) -> Result<(), Error> {
+        check_mode(&format!("setting the mode {mode:04o}"), mode)?;
         let bound = self.list.iter().filter(|l| l.origin == Origin::Bound);
         for listening in bound {
             let Some(file) = &listening.socket_file else {
@@ -158,12 +171,7 @@ impl Listeners {
     /// The umask is the process's: call this before starting threads that
     /// create files (the master refuses to run with other threads anyway).
     pub fn bind_all_with_mode(addrs: &[&str], mode: u32) -> Result<Listeners, Error> {
-        if mode > 0o777 {
-            return Err(Error::io(
-                format!("binding with mode {mode:04o}"),
-                io::Error::new(io::ErrorKind::InvalidInput, "a socket's mode is 0 to 0777"),
-            ));
-        }
+        check_mode(&format!("binding with mode {mode:04o}"), mode)?;
         bind_addresses(addrs, Some(mode))
     }
 
@@ -871,6 +879,13 @@ mod tests {
         listeners
             .set_socket_mode(0o600)
             .expect("the socket bound takes it");
+        assert_eq!(mode_of(&path), 0o600);
+        // Permission bits only, as bind_all_with_mode takes them.
+        let err = listeners.set_socket_mode(0o7777).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "setting the mode 7777: a socket's mode is 0 to 0777"
+        );
         assert_eq!(mode_of(&path), 0o600);
         std::fs::remove_file(&path).expect("removing the socket file");
         std::os::unix::fs::symlink(&secret, &path).expect("planting a link");

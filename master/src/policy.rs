@@ -128,7 +128,8 @@ impl RestartLimit {
         RestartLimit {
             max,
             window,
-            recent: VecDeque::with_capacity(max + 1),
+            // Grown as restarts come: `max` is the caller's, any number.
+            recent: VecDeque::new(),
         }
     }
 

@@ -34,8 +34,11 @@
 //!
 //! [`run`] sets up the process for the worker's whole life:
 //!
-//! - a panic hook (replacing the default one) that logs through the `log`
-//!   crate, and only after the Suicide is sent (see [`mod@panic`]);
+//! - a panic hook (replacing the one in place, the default or the
+//!   program's own) that logs through the `log` crate, or to stderr when no
+//!   logger takes error lines, and only after the Suicide is sent (see
+//!   [`mod@panic`]; a panic that aborts, one in a Drop while another
+//!   unwinds, is said at once);
 //! - a handler for SIGTERM and SIGQUIT, with SA_RESTART, that `dup2`s
 //!   `/dev/null` over every listener's fd (see [`stop`]); those fds are
 //!   never closed, not even when `run` returns;

@@ -65,9 +65,16 @@ pub struct Panic {
 }
 
 impl Panic {
-    /// Logs `worker <pid> panicked at <file:line:col>: <message>`.
+    /// Logs `worker <pid> panicked at <file:line:col>: <message>`; with no
+    /// logger that takes error lines, writes it to stderr, as the default
+    /// hook it replaced would have (a panic is never said nowhere).
     pub fn log(&self) {
-        error!("worker {} {self}", std::process::id());
+        if log::log_enabled!(log::Level::Error) {
+            error!("worker {} {self}", std::process::id());
+        } else {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "worker {} {self}", std::process::id());
+        }
     }
 }
 
@@ -82,23 +89,32 @@ impl fmt::Display for Panic {
     }
 }
 
-/// Replaces the default panic hook (which prints `thread 'main' panicked`
-/// to stderr at once) with one that records a panic raised inside [`catch`]
-/// and logs any other at once, saying which worker panicked and where.
+/// Replaces the panic hook (the default one prints `thread 'main' panicked`
+/// to stderr at once; one of the program's own is replaced too, in the
+/// worker) with one that records a panic raised inside [`catch`] and logs
+/// any other at once, saying which worker panicked and where.
 pub fn install_hook() {
     std::panic::set_hook(Box::new(|info| {
         let panic = Panic {
             message: bounded(message(info.payload())),
             location: info.location().map(|at| at.to_string()),
         };
-        if DEFERRING.get() {
-            // The first panic is the one that unwinds to `catch`; a second
-            // one (in a Drop, while unwinding) aborts the process anyway.
-            RECORDED.with_borrow_mut(|recorded| {
-                recorded.get_or_insert(panic);
-            });
-        } else {
+        if !DEFERRING.get() {
             panic.log();
+            return;
+        }
+        // A second panic while one is recorded is most often one in a Drop
+        // while the first unwinds, which aborts the process as soon as this
+        // hook returns: both are said now, or never, and whatever follows
+        // (std's own word on the abort) at once. (Else the program caught
+        // the first itself: the second is the one that reaches `catch`.)
+        match RECORDED.replace(Some(panic.clone())) {
+            None => {}
+            Some(first) => {
+                first.log();
+                panic.log();
+                DEFERRING.set(false);
+            }
         }
     }));
 }
@@ -171,6 +187,27 @@ mod tests {
                 file!()
             )]
         );
+    }
+
+    /// A panic in a Drop while another unwinds aborts the process when the
+    /// hook returns: both are said by then. (Here the first is caught by
+    /// the closure itself, which also makes a second panic under `catch`.)
+    #[test]
+    fn a_second_panic_inside_catch_says_both_at_once() {
+        let _global = global();
+        install_hook();
+        let caught = catch(|| {
+            let _ = catch_unwind(|| panic!("first"));
+            assert_eq!(logged(), Vec::<String>::new(), "one panic: deferred");
+            panic!("second")
+        })
+        .expect_err("it panicked");
+        assert_eq!(caught.message, "second");
+        let said: Vec<String> = logged()
+            .iter()
+            .map(|l| l.rsplit(": ").next().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(said, ["first", "second"]);
     }
 
     #[test]
