@@ -435,10 +435,32 @@ fn bind_tcp(addr: &str) -> Result<TcpListener, Error> {
     for candidate in candidates {
         match listen_on(candidate) {
             Ok(listener) => return Ok(listener),
-            Err(err) => last = err,
+            Err(err) => last = with_privilege_advice(err, candidate.port()),
         }
     }
     Err(Error::io(format!("binding {addr}"), last))
+}
+
+/// EACCES on a low port: what would let the bind succeed. (Another cause,
+/// a security module say, has nothing general to suggest.)
+fn with_privilege_advice(err: io::Error, port: u16) -> io::Error {
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|start| start.trim().parse::<u16>().ok());
+    let Some(start) = start.filter(|&start| err.kind() == io::ErrorKind::PermissionDenied && port < start)
+    else {
+        return err;
+    };
+    let binary =
+        std::env::current_exe().map_or_else(|_| "the binary".to_owned(), |path| path.display().to_string());
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "permission denied; ports below {start} need privilege: run as root, \
+             or give the binary the capability (setcap cap_net_bind_service=+ep {binary}), \
+             or lower the bound (sysctl net.ipv4.ip_unprivileged_port_start={port})"
+        ),
+    )
 }
 
 /// Binds a Unix socket at `path`, after looking at what is there. Its
@@ -868,6 +890,32 @@ mod tests {
             err.to_string(),
             "binding with mode 1777: a socket's mode is 0 to 0777"
         );
+    }
+
+    /// The demo's advice for a low port is every embedder's (README: "the
+    /// line says what would help").
+    #[test]
+    fn a_low_port_refused_says_what_would_let_it_bind() {
+        let start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .expect("the sysctl")
+            .trim()
+            .parse()
+            .expect("a port");
+        let denied = || io::Error::from(io::ErrorKind::PermissionDenied);
+        if start > 80 {
+            let said = with_privilege_advice(denied(), 80).to_string();
+            assert!(
+                said.starts_with(&format!(
+                    "permission denied; ports below {start} need privilege: "
+                )) && said.ends_with("(sysctl net.ipv4.ip_unprivileged_port_start=80)"),
+                "{said}"
+            );
+        }
+        let above = with_privilege_advice(denied(), start).to_string();
+        assert!(!above.contains("ports below"), "{above}");
+        let in_use = with_privilege_advice(io::Error::from(io::ErrorKind::AddrInUse), 80);
+        assert_eq!(in_use.kind(), io::ErrorKind::AddrInUse);
+        assert!(!in_use.to_string().contains("ports below"));
     }
 
     #[test]

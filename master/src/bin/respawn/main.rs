@@ -251,7 +251,7 @@ fn bind(listen: &[String], mode: u32) -> Result<Listeners, i32> {
     })
 }
 
-/// What to do about a failed bind, for the two failures a newcomer meets.
+/// What to do about a port in use, the failure a newcomer meets first.
 fn advice(listen: &str, kind: io::ErrorKind) -> String {
     if listen.starts_with("unix:") {
         // The error says it all: a live server there, or a file in the way.
@@ -267,31 +267,9 @@ fn advice(listen: &str, kind: io::ErrorKind) -> String {
                  (under make: make run ARGS='--listen {other}')"
             )
         }
-        io::ErrorKind::PermissionDenied => {
-            let Some(start) = unprivileged_port_start().filter(|&start| port < start) else {
-                // Not the low-port rule: a security module, say. Nothing
-                // general to suggest.
-                return String::new();
-            };
-            let binary = std::env::current_exe()
-                .map_or_else(|_| "respawn".to_owned(), |path| path.display().to_string());
-            format!(
-                "; ports below {start} need privilege: run as root, \
-                 or give the binary the capability (setcap cap_net_bind_service=+ep {binary}), \
-                 or lower the bound (sysctl net.ipv4.ip_unprivileged_port_start={port})"
-            )
-        }
+        // A low port's advice is the library's (listen.rs), for every embedder.
         _ => String::new(),
     }
-}
-
-/// The first port an unprivileged process may bind (1024 unless changed).
-fn unprivileged_port_start() -> Option<u16> {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// Writes to stdout; the exit code: 0 if it got out, 1 if not. (With
