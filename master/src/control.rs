@@ -24,7 +24,8 @@
 //! connections never cost a replacement its fork. If an accept fails all
 //! the same (the system's files), it is tried again 0.1 s later: the peers
 //! wait in the backlog, and a full backlog lets no new connection wake the
-//! master.
+//! master. At most 64 are accepted in one turn of the loop: a client that
+//! connects as fast as it can never holds up a replacement or a signal.
 //!
 //! This module knows sockets and the protocol; what a request does to the
 //! workers, and what to answer, is the master's (`act_on_control` in
@@ -61,6 +62,8 @@ const PATIENCE: Duration = Duration::from_secs(5);
 const MAX_CONNECTIONS: usize = 64;
 /// How soon an accept that failed for lack of fds is tried again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// The most connections accepted in one turn of the master's loop.
+const ACCEPTS_PER_TURN: usize = 64;
 /// The longest a command waits for its answer (`scale`, `reload`,
 /// `upgrade`, `stop`). systemd's default for a unit's start and reload
 /// (DefaultTimeoutStartSec=90s), which an `ExecReload=respawn ctl ...
@@ -532,7 +535,7 @@ impl Control {
     }
 
     fn accept_all(&mut self, registry: &Registry) {
-        loop {
+        for _ in 0..ACCEPTS_PER_TURN {
             let stream = match self.listener.accept() {
                 Ok((stream, _)) => stream,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
@@ -571,6 +574,10 @@ impl Control {
                 registry,
             );
         }
+        // More may wait: the rest of the loop (a signal, a worker's pipe)
+        // comes first, then the next turn accepts on at once. A client
+        // that connects as fast as it can never holds the master here.
+        self.retry_accept = Some(Instant::now());
     }
 
     /// Watches a new connection, reading its request, and writes `output`

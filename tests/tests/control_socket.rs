@@ -672,3 +672,48 @@ fn connections_never_take_the_fds_a_replacement_needs() {
     });
     drop(held);
 }
+
+/// A client that connects as fast as it can (two threads here) kept the
+/// master accepting, turn after turn of nothing else: a worker killed
+/// meanwhile was replaced only once the flood stopped. At most 64 are
+/// accepted in a turn; the loop goes on between.
+#[test]
+fn a_flood_of_connections_never_holds_up_a_replacement() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = Dir::new("flood-turns");
+    let respawn = start(&dir, 2, &[]);
+    let socket = dir.socket();
+    let stop = Arc::new(AtomicBool::new(false));
+    let floods: Vec<_> = (0..2)
+        .map(|_| {
+            let (socket, stop) = (socket.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut held = std::collections::VecDeque::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(conn) = UnixStream::connect(&socket) {
+                        held.push_back(conn);
+                    }
+                    if held.len() > 200 {
+                        held.pop_front();
+                    }
+                }
+            })
+        })
+        .collect();
+    respawn.wait_for_log("the flood", |l| {
+        message(l).contains("connections are open; closing the one idle the longest to make room")
+    });
+    let victim = *respawn.workers().iter().next().expect("a worker");
+    send(victim, libc::SIGKILL);
+    let replaced = wait_until(PATIENCE, || {
+        respawn
+            .log()
+            .iter()
+            .any(|l| message(l).starts_with(&format!("worker {victim} exited (signal 9)")))
+    });
+    stop.store(true, Ordering::Relaxed);
+    floods.into_iter().for_each(|t| t.join().expect("a flood"));
+    assert!(replaced, "not while the flood went on\n{}", respawn.dump());
+    respawn.wait_for_workers(2);
+}
