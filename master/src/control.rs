@@ -197,7 +197,12 @@ impl Control {
     /// Binds the socket at `path` (a stale socket file there is replaced, a
     /// live one refused, as for `--listen unix:`), mode 0600, and watches it.
     pub(crate) fn open(path: &Path, registry: &Registry) -> Result<Control, Error> {
-        let shown = format!("--control {}", path.display());
+        if path.as_os_str().is_empty() {
+            let empty = io::Error::new(io::ErrorKind::InvalidInput, "the path is empty");
+            return Err(Error::io("binding the control socket", empty));
+        }
+        // Named as the pid file is: an embedding program has no --control.
+        let shown = format!("control socket {}", path.display());
         // The file is made 0600 by the bind itself: a chmod by path after it
         // would follow whatever is at the path by then (a symlink planted by
         // a user who can write to the directory). umask is the process's,
@@ -1078,6 +1083,18 @@ mod tests {
         let mut said = String::new();
         client.read_to_string(&mut said).expect("reading to the close");
         said
+    }
+
+    #[test]
+    fn an_empty_path_is_refused_in_the_words_of_a_library() {
+        let poll = mio::Poll::new().expect("a poll");
+        let err = Control::open(Path::new(""), poll.registry())
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("binding the control socket: the path is empty")
+        );
     }
 
     #[test]

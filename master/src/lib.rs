@@ -113,8 +113,9 @@
 //!   one shown (`respawn: master, 0 workers, ...`) until [`set_title`]
 //!   shows another.
 //! - It logs `listening on <address>` for each listener when it starts
-//!   (after the pid file is claimed: a master refused for it never says it
-//!   listens), not again after an upgrade's re-execution.
+//!   (after the pid file is claimed and the control socket bound: a master
+//!   refused for either never says it listens), not again after an
+//!   upgrade's re-execution.
 //! - With [`Config::control`], it serves a control socket (docs/control.md)
 //!   from its loop; [`ask_control`] is its client.
 //! - On SIGUSR2 it executes a program (see above), passing `RESPAWN_WORKER`,

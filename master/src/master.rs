@@ -180,14 +180,13 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             Some(path) => Some(PidFile::claim(path, reexecuted)?),
             None => None,
         };
-        // Said once the pid file is claimed, so that a master refused for it
-        // never said it listens; not by a re-executed image, whose first
-        // image said it already.
-        if !reexecuted {
-            for listening in listeners.iter() {
-                info!("listening on {listening}");
-            }
-        }
+        // Said once the pid file is claimed and the control socket bound,
+        // so that a master refused for either never said it listens; not by
+        // a re-executed image, whose first image said it already.
+        let listening: Vec<String> = match reexecuted {
+            false => listeners.iter().map(ToString::to_string).collect(),
+            true => Vec::new(),
+        };
         let floor =
             FdFloor::above_open_fds().map_err(|err| Error::io("listing open fds in /proc/self/fd", err))?;
         let program = Program::of_this_process();
@@ -272,6 +271,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 None
             }
         };
+        listening.iter().for_each(|listening| info!("listening on {listening}"));
         if let Some(state) = adopted {
             master.adopt(state);
         }

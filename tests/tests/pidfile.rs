@@ -205,9 +205,11 @@ fn a_master_that_fails_after_its_claim_leaves_no_pid_file() {
         output
             .lines()
             .last()
-            .is_some_and(|l| l.starts_with(&format!("respawn: binding --control {control}: "))),
+            .is_some_and(|l| l.starts_with(&format!("respawn: binding control socket {control}: "))),
         "{output}"
     );
+    // Nor did it say it listens: nobody was ever served.
+    assert!(!output.contains("listening on"), "{output}");
     let left: Vec<_> = std::fs::read_dir(&scratch.0).unwrap().collect();
     assert!(left.is_empty(), "files left behind: {left:?}\n{output}");
 }

@@ -423,7 +423,7 @@ fn a_link_at_the_control_socket_path_is_refused_and_its_directory_is_said() {
     assert!(
         out.lines().any(|l| l
             == format!(
-                "respawn: binding --control {shown}: a file that is not a socket is there; \
+                "respawn: binding control socket {shown}: a file that is not a socket is there; \
                  not replacing it"
             )),
         "{out}"
@@ -445,7 +445,7 @@ fn a_link_at_the_control_socket_path_is_refused_and_its_directory_is_said() {
         respawn.dump()
     );
     let said = format!(
-        "--control {shown}: uid {NOBODY} can write in its directory {} (mode 0755, no sticky \
+        "control socket {shown}: uid {NOBODY} can write in its directory {} (mode 0755, no sticky \
          bit); respawn follows no link there, but that user can remove or replace the socket file",
         dir.display()
     );
