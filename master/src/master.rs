@@ -271,7 +271,9 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 None
             }
         };
-        listening.iter().for_each(|listening| info!("listening on {listening}"));
+        for address in &listening {
+            info!("listening on {address}");
+        }
         if let Some(state) = adopted {
             master.adopt(state);
         }
