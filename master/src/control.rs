@@ -64,6 +64,11 @@ const MAX_CONNECTIONS: usize = 64;
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The most connections accepted in one turn of the master's loop.
 const ACCEPTS_PER_TURN: usize = 64;
+/// How long a new connection has to send its request before another one
+/// that has said nothing yet may close it to make room: a client that
+/// floods the socket must not close an operator's connection in the
+/// moment between the greeting and the request.
+const FIRST_WORDS: Duration = Duration::from_millis(100);
 /// The longest a command waits for its answer (`scale`, `reload`,
 /// `upgrade`, `stop`). systemd's default for a unit's start and reload
 /// (DefaultTimeoutStartSec=90s), which an `ExecReload=respawn ctl ...
@@ -348,7 +353,11 @@ impl Control {
     /// bytes, room to write, a peer gone. Returns the requests now complete.
     pub(crate) fn on_event(&mut self, token: Token, registry: &Registry) -> Vec<(ConnId, Request)> {
         if token == LISTENER {
-            self.accept_all(registry);
+            // After an accept that failed for lack of fds, not before its
+            // retry: a flood would make each new connection another failure.
+            if self.retry_accept.is_none_or(|at| at <= Instant::now()) {
+                self.accept_all(registry);
+            }
             return Vec::new();
         }
         let Some(i) = self.conns.iter().position(|c| c.token == token) else {
@@ -484,8 +493,10 @@ impl Control {
     /// How many connections the master's open-file limit leaves room for,
     /// beside the pipes of every worker that may live; at most 64 are
     /// served all the same.
-    pub(crate) fn set_room(&mut self, room: usize) {
+    /// Idle connections beyond it are closed at once: the fds are wanted.
+    pub(crate) fn set_room(&mut self, room: usize, registry: &Registry) {
         self.room = room.min(MAX_CONNECTIONS);
+        while self.conns.len() > self.room && self.make_room(registry, true) {}
     }
 
     /// How many connections are open.
@@ -560,14 +571,20 @@ impl Control {
                 self.refuse(stream, Said::Stranger, &refusal);
                 continue;
             }
-            if !self.has_room(registry) {
+            let speaks = request_waits(&stream, &[]);
+            if !self.has_room(registry, speaks) {
                 let refusal = match self.room {
                     0 => "busy: the open-file limit leaves no fd for a control connection beside \
                           the workers' pipes (raise ulimit -n)"
                         .to_owned(),
-                    _ => format!(
+                    _ if self.conns.iter().all(|c| matches!(c.phase, Phase::Waiting(_))) => format!(
                         "busy: {}, each waiting for its command",
                         self.how_full("control connections", "are")
+                    ),
+                    _ => format!(
+                        "busy: {}, none idle for {} s yet",
+                        self.how_full("control connections", "are"),
+                        FIRST_WORDS.as_secs_f64()
                     ),
                 };
                 self.refuse(stream, Said::Busy, &refusal);
@@ -613,10 +630,11 @@ impl Control {
     }
 
     /// Whether a new connection may be served: below the limit, or once
-    /// idle ones have made room (more than one if the room shrank).
-    fn has_room(&mut self, registry: &Registry) -> bool {
+    /// idle ones have made room (more than one if the room shrank). One
+    /// whose request `speaks` already may close an idle one of any age.
+    fn has_room(&mut self, registry: &Registry, speaks: bool) -> bool {
         while self.conns.len() >= self.room {
-            if !self.make_room(registry) {
+            if !self.make_room(registry, speaks) {
                 return false;
             }
         }
@@ -625,12 +643,19 @@ impl Control {
 
     /// At the limit: closes the connection idle the longest, one still to
     /// send its request (else one not reading its answer), to let a new one
-    /// in. A connection waiting for its command is never closed for room.
-    /// False if every one waits.
-    fn make_room(&mut self, registry: &Registry) -> bool {
-        let idle = |phase: fn(&Phase) -> bool| self.conns.iter().position(|c| phase(&c.phase));
-        let Some(i) =
-            idle(|p| matches!(p, Phase::Reading)).or_else(|| idle(|p| matches!(p, Phase::Answering)))
+    /// in. A connection waiting for its command is never closed for room,
+    /// nor one whose request waits unread (its event may come after this
+    /// round of accepts), nor, unless `any_age`, one not [`FIRST_WORDS`]
+    /// old. False if there is none to close.
+    fn make_room(&mut self, registry: &Registry, any_age: bool) -> bool {
+        let now = Instant::now();
+        let reading = |c: &Conn| {
+            matches!(c.phase, Phase::Reading)
+                && (any_age || c.deadline <= now + PATIENCE - FIRST_WORDS)
+                && !request_waits(&c.stream, &c.input)
+        };
+        let answering = |c: &Conn| matches!(c.phase, Phase::Answering);
+        let Some(i) = (self.conns.iter().position(reading)).or_else(|| self.conns.iter().position(answering))
         else {
             return false;
         };
@@ -658,6 +683,17 @@ impl Control {
     /// why no more when the open-file limit is what holds them.
     fn how_full(&self, what: &str, verb: &str) -> String {
         let open = self.conns.len();
+        // `1 control connection was open`
+        let what = if open == 1 {
+            what.strip_suffix('s').unwrap_or(what)
+        } else {
+            what
+        };
+        let verb = match (open, verb) {
+            (1, "are") => "is",
+            (1, "were") => "was",
+            (_, verb) => verb,
+        };
         let why = if self.room < MAX_CONNECTIONS {
             ", as many as the open-file limit leaves beside the workers' pipes"
         } else {
@@ -755,6 +791,16 @@ fn drain(stream: &UnixStream) {
             Ok(n) => left = left.saturating_sub(n),
         }
     }
+}
+
+/// Whether a whole request line waits for `stream`: in `input`, what was
+/// read of it, and what the socket holds unread.
+fn request_waits(stream: &UnixStream, input: &[u8]) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    let mut buf = [0u8; MAX_REQUEST];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    let waiting = recv(stream.as_raw_fd(), &mut buf, flags).map_or(&buf[..0], |n| &buf[..n]);
+    input.iter().chain(waiting).any(|&b| b == b'\n')
 }
 
 impl Drop for Conn {
@@ -1022,7 +1068,14 @@ mod tests {
 
         /// A client, its greeting read.
         fn greeted(&mut self) -> UnixStream {
+            self.greeted_with(b"")
+        }
+
+        /// A client that sent `first` before it was accepted (as `respawn
+        /// ctl status` does), its greeting read.
+        fn greeted_with(&mut self, first: &[u8]) -> UnixStream {
             let mut client = UnixStream::connect(&self.path).expect("connecting");
+            client.write_all(first).expect("sending");
             client
                 .set_read_timeout(Some(Duration::from_secs(5)))
                 .expect("a timeout");
@@ -1120,12 +1173,13 @@ mod tests {
     #[test]
     fn connections_are_held_to_the_room_the_master_leaves() {
         let mut rig = Rig::new("fdroom");
-        rig.control.set_room(2);
+        rig.control.set_room(2, rig.poll.registry());
         let mut first = rig.greeted();
         let _second = rig.greeted();
         // A third: the idle one of the longest makes room, with the reason.
-        let _third = rig.greeted();
+        let _third = rig.greeted_with(b"status\n");
         assert_eq!(rig.control.conns.len(), 2);
+        rig.request();
         let mut said = String::new();
         first.read_to_string(&mut said).expect("its last words");
         assert_eq!(
@@ -1133,13 +1187,20 @@ mod tests {
             "error closed to make room: 2 control connections were open, as many as the \
              open-file limit leaves beside the workers' pipes, this one idle the longest\n"
         );
-        // No room at all: refused, and told what to raise.
-        rig.control.set_room(0);
+        // No room at all: the idle are closed at once, a new one refused
+        // and told what to raise.
+        rig.control.set_room(0, rig.poll.registry());
+        assert_eq!(rig.control.conns.len(), 0);
         let mut refused = UnixStream::connect(&rig.path).expect("connecting");
         refused
             .set_read_timeout(Some(Duration::from_secs(5)))
             .expect("a timeout");
-        rig.turn_until(|rig| rig.control.conns.is_empty());
+        let told = |_: &Rig| {
+            use nix::sys::socket::{recv, MsgFlags};
+            let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+            recv(refused.as_raw_fd(), &mut [0u8; 1], flags).is_ok_and(|n| n > 0)
+        };
+        rig.turn_until(told);
         let mut said = String::new();
         refused.read_to_string(&mut said).expect("the refusal");
         assert_eq!(
@@ -1148,7 +1209,7 @@ mod tests {
              the workers' pipes (raise ulimit -n)\n"
         );
         assert_eq!(rig.control.connections(), 0);
-        rig.control.set_room(1000);
+        rig.control.set_room(1000, rig.poll.registry());
         assert_eq!(rig.control.room, MAX_CONNECTIONS, "never more than 64");
     }
 
@@ -1235,12 +1296,23 @@ mod tests {
         }
         let idle = rig.greeted();
         assert_eq!(rig.control.conns.len(), MAX_CONNECTIONS);
-        let mut last = rig.greeted();
+        // A newcomer that says nothing yet may not close a connection not
+        // 0.1 s old...
+        let quiet = UnixStream::connect(&rig.path).expect("connecting");
+        quiet
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("a timeout");
+        assert_eq!(rig.control.on_event(LISTENER, rig.poll.registry()), []);
+        assert_eq!(
+            read_all(&quiet),
+            "error busy: 64 control connections are open, none idle for 0.1 s yet\n"
+        );
+        // ...one whose request came with it may.
+        let _last = rig.greeted_with(b"stop\n");
         assert_eq!(
             read_all(&idle),
             "error closed to make room: 64 control connections were open, this one idle the longest\n"
         );
-        last.write_all(b"stop\n").expect("sending");
         let (id, _) = rig.request();
         rig.control.wait(id, Pending::Stop);
         waiting.push(id);

@@ -69,13 +69,14 @@ pub(crate) fn workers_for_open_files(fixed: usize) -> (usize, Option<u64>) {
 }
 
 /// How many control connections the master's open-file limit leaves room
-/// for, beside `fixed` fds and the pipes of the most workers that may live
-/// for a target of `target` (twice it plus one), with the same spare as
+/// for, beside `fixed` fds and `pipes` worker pipes (the most that may be
+/// open: twice the target plus one, or more while retiring workers of a
+/// higher target still live), with the same spare as
 /// [`workers_for_open_files`]: a peer's connections never cost a
 /// replacement its fork.
-pub(crate) fn control_connections_for_open_files(fixed: usize, target: usize) -> usize {
+pub(crate) fn control_connections_for_open_files(fixed: usize, pipes: usize) -> usize {
     match soft(libc::RLIMIT_NOFILE) {
-        Some(limit) => (limit as usize).saturating_sub(fixed + 3 + 2 * target + 1),
+        Some(limit) => (limit as usize).saturating_sub(fixed + 3 + pipes),
         None => usize::MAX,
     }
 }

@@ -85,6 +85,9 @@ pub(crate) const SCOREBOARD_ROWS: usize = 2 * MAX_WORKERS + 1;
 // live workers, which `manage_workers` keeps at most twice the target plus
 // one: every worker has a row.
 const _: () = assert!(SCOREBOARD_ROWS > 2 * MAX_WORKERS);
+/// Control connections a TTIN or a `scale` never takes the fds of: the
+/// operator's way back down comes through them.
+const CONTROL_FDS_KEPT: usize = 2;
 
 pub(crate) struct Master<W> {
     config: Config,
@@ -211,6 +214,27 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 debug!("not watching stderr for writability: {err}");
             }
         }
+        let handed_control = adopted.as_mut().and_then(|state| {
+            let conns = std::mem::take(&mut state.conns);
+            state.control.map(|fd| (fd, conns))
+        });
+        let control = match (config.control.clone(), handed_control) {
+            (Some(path), Some((fd, conns))) => Some(Control::adopt(fd, &conns, &path, poll.registry())?),
+            (Some(path), None) => Some(Control::open(&path, poll.registry())?),
+            (None, handed) => {
+                // Handed down, but this image serves no control socket:
+                // closed, so that no worker inherits them.
+                if let Some((fd, conns)) = handed {
+                    [fd].into_iter()
+                        .chain(conns.into_iter().map(|(fd, _)| fd))
+                        .for_each(close_handed_down);
+                }
+                None
+            }
+        };
+        for address in &listening {
+            info!("listening on {address}");
+        }
         // Orphaned descendants of workers become the master's children,
         // not init's: the master reaps them and ends them at a stop.
         strays::become_subreaper();
@@ -244,36 +268,13 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
             pid_file,
             notify: Notifier::from_env(),
             owed: settle::Owed::default(),
-            control: None,
+            control,
             strays: strays::Strays::default(),
             counters: Counters::default(),
             first_request_deaths: FirstRequestDeaths::default(),
             unfinished_pipes: Vec::new(),
             started: Instant::now(),
         };
-        let handed_control = adopted.as_mut().and_then(|state| {
-            let conns = std::mem::take(&mut state.conns);
-            state.control.map(|fd| (fd, conns))
-        });
-        master.control = match (master.config.control.clone(), handed_control) {
-            (Some(path), Some((fd, conns))) => {
-                Some(Control::adopt(fd, &conns, &path, master.poll.registry())?)
-            }
-            (Some(path), None) => Some(Control::open(&path, master.poll.registry())?),
-            (None, handed) => {
-                // Handed down, but this image serves no control socket:
-                // closed, so that no worker inherits them.
-                if let Some((fd, conns)) = handed {
-                    [fd].into_iter()
-                        .chain(conns.into_iter().map(|(fd, _)| fd))
-                        .for_each(close_handed_down);
-                }
-                None
-            }
-        };
-        for address in &listening {
-            info!("listening on {address}");
-        }
         if let Some(state) = adopted {
             master.adopt(state);
         }
@@ -833,6 +834,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
                 self.target = target;
                 let plural = if target == 1 { "" } else { "s" };
                 info!("received {name}, {target} worker{plural} wanted");
+                self.fit_control_to_room();
             }
             None => info!("received {name} with no worker wanted; there is none to remove"),
         }
@@ -841,21 +843,43 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// The most workers TTIN may ask for, and why that many: the scoreboard's
     /// rows, or the master's open-file limit (a pipe per live worker).
     fn most_workers(&self) -> (usize, String) {
-        the_most_workers(limits::workers_for_open_files(self.fixed_fds()))
+        // Control connections make room for workers, but a few are kept:
+        // the scale back down comes through them.
+        let kept = if self.control.is_some() {
+            CONTROL_FDS_KEPT
+        } else {
+            0
+        };
+        the_most_workers(limits::workers_for_open_files(self.fixed_fds() + kept))
     }
 
-    /// How many control connections the open-file limit leaves room for
-    /// beside the pipes of every worker that may live (control.rs).
-    pub(super) fn control_room(&self) -> usize {
-        limits::control_connections_for_open_files(self.fixed_fds(), self.target)
+    /// Holds the control socket's connections to what the open-file limit
+    /// leaves beside the pipes of every worker that may live, closing idle
+    /// ones beyond it at once (control.rs): after the target changed, and
+    /// before each round of accepts.
+    pub(super) fn fit_control_to_room(&mut self) {
+        let Some(control) = self.control.as_ref() else {
+            return;
+        };
+        let pipes = self.pipes().max(2 * self.target + 1);
+        let conns = control.connections();
+        let fixed = limits::open_fds().saturating_sub(self.pipes() + conns);
+        let room = limits::control_connections_for_open_files(fixed, pipes);
+        if let Some(control) = self.control.as_mut() {
+            control.set_room(room, self.poll.registry());
+        }
     }
 
     /// The fds the master holds besides worker pipes and control
     /// connections (which make room for workers: control.rs).
     fn fixed_fds(&self) -> usize {
-        let pipes = self.workers.iter().filter(|w| w.pipe.is_some()).count();
         let conns = self.control.as_ref().map_or(0, Control::connections);
-        limits::open_fds().saturating_sub(pipes + conns)
+        limits::open_fds().saturating_sub(self.pipes() + conns)
+    }
+
+    /// How many worker pipes are open.
+    fn pipes(&self) -> usize {
+        self.workers.iter().filter(|w| w.pipe.is_some()).count()
     }
 
     /// The count invariant, in one place: fork while fewer workers count

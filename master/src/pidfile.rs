@@ -430,6 +430,14 @@ impl PidFile {
     /// next file made.
     fn set_aside(&self, dir: &OwnedFd, found: Option<FileId>) -> io::Result<Option<OsString>> {
         let name = self.name();
+        // Judging took a while (the file read, /proc looked at): a master
+        // that judged it as well may have replaced it by now. Renaming its
+        // file aside and putting it back leaves a moment in which a third
+        // can take the name, and the second's file is then lost while it
+        // believes it holds it: look again rather than take what is there.
+        if found.is_some() && self.id_of(dir, &name)? != found {
+            return Ok(None);
+        }
         let aside = OsString::from(format!(".{}.{:016x}.stale", name.to_string_lossy(), random()));
         match fcntl::renameat(dir, name.as_os_str(), dir, aside.as_os_str()) {
             Ok(()) => {}

@@ -621,22 +621,7 @@ fn the_socket_is_made_0600_and_the_masters_umask_is_left_as_it_was() {
 fn connections_never_take_the_fds_a_replacement_needs() {
     let dir = Dir::new("nofile");
     let socket = dir.socket();
-    let shown = socket.display().to_string();
-    let respawn = Respawn::start_with(&["--workers", "2", "--control", &shown], |command| {
-        // SAFETY: setrlimit is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                let rlimit = libc::rlimit {
-                    rlim_cur: 40,
-                    rlim_max: 40,
-                };
-                match libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
-                }
-            });
-        }
-    });
+    let respawn = start_with_open_files(&dir, 2, 40);
     let before = respawn.wait_for_workers(2);
     // Five times the limit, each greeted or waiting in the backlog, held.
     let held: Vec<UnixStream> = (0..200)
@@ -702,7 +687,9 @@ fn a_flood_of_connections_never_holds_up_a_replacement() {
         })
         .collect();
     respawn.wait_for_log("the flood", |l| {
-        message(l).contains("connections are open; closing the one idle the longest to make room")
+        let said = message(l);
+        said.contains("connections are open; closing the one idle the longest to make room")
+            || said.starts_with("control socket: busy: ")
     });
     let victim = *respawn.workers().iter().next().expect("a worker");
     send(victim, libc::SIGKILL);
@@ -712,8 +699,97 @@ fn a_flood_of_connections_never_holds_up_a_replacement() {
             .iter()
             .any(|l| message(l).starts_with(&format!("worker {victim} exited (signal 9)")))
     });
+    // And the operator is answered meanwhile: `respawn ctl status` sends
+    // its request at once, and a request sent whole is never closed to
+    // make room for an idle connection.
+    let status = Command::new(binary())
+        .args(["ctl", &socket.display().to_string(), "status"])
+        .output()
+        .expect("running respawn ctl");
     stop.store(true, Ordering::Relaxed);
     floods.into_iter().for_each(|t| t.join().expect("a flood"));
     assert!(replaced, "not while the flood went on\n{}", respawn.dump());
+    assert_eq!(
+        status.status.code(),
+        Some(0),
+        "ctl status during the flood: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     respawn.wait_for_workers(2);
+}
+
+/// Two workers and a control socket under an open-file limit of `limit`.
+fn start_with_open_files(dir: &Dir, workers: usize, limit: u64) -> Respawn {
+    let shown = dir.socket().display().to_string();
+    let n = workers.to_string();
+    Respawn::start_with(&["--workers", &n, "--control", &shown], |command| {
+        // SAFETY: setrlimit is async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                let rlimit = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                match libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            });
+        }
+    })
+}
+
+/// Under a low open-file limit, a `scale` up takes the fds of the idle
+/// connections at once (they waited for their 5 s deadline, and every fork
+/// meanwhile failed), and leaves a few for the control socket: a scale to
+/// the most allowed had taken the last one, and nothing, not even the
+/// scale back down, could connect again.
+#[test]
+fn a_scale_up_takes_idle_connections_fds_and_leaves_the_way_back_down() {
+    let dir = Dir::new("nofile-scale");
+    let socket = dir.socket();
+    let respawn = start_with_open_files(&dir, 2, 40);
+    respawn.wait_for_workers(2);
+    let refusal = ask(&socket, "scale 4096");
+    let most: usize = refusal
+        .split("more than the ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("the most allowed: {refusal:?}"));
+    assert!(most > 2, "{refusal}");
+    // Idle connections, each greeted, holding what fds they can.
+    let idle: Vec<UnixStream> = (0..30)
+        .map(|_| UnixStream::connect(&socket).expect("connecting"))
+        .collect();
+    assert!(
+        wait_until(PATIENCE, || open_fds(respawn.pid) >= 30),
+        "the master took {} fds\n{}",
+        open_fds(respawn.pid),
+        respawn.dump()
+    );
+    // As `respawn ctl` asks: again while busy (the idle connections may
+    // all be younger than 0.1 s, and this one may not have spoken when it
+    // is accepted).
+    let scaled = Command::new(binary())
+        .args(["ctl", &socket.display().to_string(), "scale", &most.to_string()])
+        .output()
+        .expect("running respawn ctl");
+    assert_eq!(
+        scaled.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&scaled.stderr),
+        respawn.dump()
+    );
+    assert_eq!(
+        respawn.count_log("starting a worker in slot"),
+        0,
+        "a fork found no fd\n{}",
+        respawn.dump()
+    );
+    drop(idle);
+    let status = ask(&socket, "status");
+    assert!(ok(&status).starts_with("{\"protocol\":1,"), "{status}");
+    let down = ask(&socket, "scale 2");
+    assert_eq!(ok(&down), "{\"target\":2,\"ready\":2}\n");
 }

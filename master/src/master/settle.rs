@@ -272,11 +272,12 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// An event of the control socket: connections, requests, room to write.
     pub(super) fn serve_control(&mut self, token: Token) {
         // Read before each round of accepts: what the workers leave.
-        let room = control::is_listener(token).then(|| self.control_room());
+        if control::is_listener(token) {
+            self.fit_control_to_room();
+        }
         let Some(control) = self.control.as_mut() else {
             return;
         };
-        room.into_iter().for_each(|room| control.set_room(room));
         for (conn, request) in control.on_event(token, self.poll.registry()) {
             self.act_on_control(conn, request);
         }
@@ -329,6 +330,7 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
         self.target = n;
         let plural = if n == 1 { "" } else { "s" };
         info!("control socket: scale, {n} worker{plural} wanted");
+        self.fit_control_to_room();
         Ok(())
     }
 

@@ -197,17 +197,45 @@ fn write_out(text: &str) -> Result<(), String> {
 
 /// One command, one connection: connect, check the greeting, send the
 /// request line, and read the answer to the end. The body on `ok`.
+///
+/// `status` and `metrics`, which change nothing, are sent before the
+/// greeting is read: a request already whole when the master accepts the
+/// connection is never closed to make room, so a client that floods the
+/// socket with idle connections cannot crowd them out. A command that
+/// changes something waits for the greeting, so that it is only ever sent
+/// to a respawn master.
+///
+/// A `busy` refusal (the connections at their limit, none to close) is
+/// asked again every 0.1 s until the greeting's deadline: the refused
+/// connection was never read, so nothing was carried out.
 pub fn ask(path: &Path, request: &str) -> Result<String, Trouble> {
     let deadline = Instant::now() + HELLO_DEADLINE;
+    loop {
+        match ask_once(path, request, deadline) {
+            Err(Trouble::Refused(why))
+                if why.starts_with("busy: ") && Instant::now() + BUSY_RETRY < deadline =>
+            {
+                std::thread::sleep(BUSY_RETRY);
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// How soon a `busy` refusal is asked again.
+const BUSY_RETRY: Duration = Duration::from_millis(100);
+
+fn ask_once(path: &Path, request: &str, deadline: Instant) -> Result<String, Trouble> {
     let stream = connect(path, deadline)?;
     let mut conn = Connection {
         stream,
         buffered: Vec::new(),
     };
+    let at_once = ["status", "metrics"].contains(&request.split_whitespace().next().unwrap_or_default());
+    let early = at_once.then(|| conn.send(request));
     let greeting = conn.read_greeting(path, deadline)?;
     check_greeting(path, &greeting)?;
-    let sent = conn.send(request);
-    let at_once = ["status", "metrics"].contains(&request.split_whitespace().next().unwrap_or_default());
+    let sent = early.unwrap_or_else(|| conn.send(request));
     let wait = if at_once { AT_ONCE_DEADLINE } else { DONE_DEADLINE };
     let answer = conn.read_answer(Instant::now() + wait);
     match (sent, answer) {
@@ -319,7 +347,8 @@ impl Connection {
             match self.stream.read(&mut chunk) {
                 // The master closed without a greeting line: what it did
                 // say, if anything, is the reason (a refusal ends in a
-                // newline; a cut one still says why).
+                // newline; a cut one still says why). A request sent before
+                // the greeting and never read makes that close a reset.
                 Ok(0) if line.is_empty() => {
                     return Err(Trouble::Closed(format!(
                         "{} closed the connection without a greeting (is its master stopping?)",
@@ -328,6 +357,12 @@ impl Connection {
                 }
                 Ok(0) => return Ok(line),
                 Ok(n) => line.extend_from_slice(&chunk[..n]),
+                Err(err) if err.kind() == io::ErrorKind::ConnectionReset && line.is_empty() => {
+                    return Err(Trouble::Closed(format!(
+                        "{} closed the connection without a greeting (is its master stopping?)",
+                        path.display()
+                    )))
+                }
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 // The timeout: the deadline check above says so.
                 Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
