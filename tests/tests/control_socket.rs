@@ -623,16 +623,9 @@ fn connections_never_take_the_fds_a_replacement_needs() {
     let socket = dir.socket();
     let respawn = start_with_open_files(&dir, 2, 40);
     let before = respawn.wait_for_workers(2);
-    // Five times the limit, each greeted or waiting in the backlog, held.
-    let held: Vec<UnixStream> = (0..200)
-        .map(|_| UnixStream::connect(&socket).expect("connecting"))
-        .collect();
-    assert!(
-        wait_until(PATIENCE, || open_fds(respawn.pid) >= 30),
-        "the master took {} fds\n{}",
-        open_fds(respawn.pid),
-        respawn.dump()
-    );
+    // Five times the limit, each greeted, refused or waiting in the
+    // backlog, held.
+    let held = hold_idle(&respawn, &socket, 200);
     let victim = *before.iter().next().expect("a worker");
     send(victim, libc::SIGKILL);
     respawn.wait_for_log("the victim's exit", |l| {
@@ -758,15 +751,7 @@ fn a_scale_up_takes_idle_connections_fds_and_leaves_the_way_back_down() {
         .unwrap_or_else(|| panic!("the most allowed: {refusal:?}"));
     assert!(most > 2, "{refusal}");
     // Idle connections, each greeted, holding what fds they can.
-    let idle: Vec<UnixStream> = (0..30)
-        .map(|_| UnixStream::connect(&socket).expect("connecting"))
-        .collect();
-    assert!(
-        wait_until(PATIENCE, || open_fds(respawn.pid) >= 30),
-        "the master took {} fds\n{}",
-        open_fds(respawn.pid),
-        respawn.dump()
-    );
+    let idle = hold_idle(&respawn, &socket, 30);
     // As `respawn ctl` asks: again while busy (the idle connections may
     // all be younger than 0.1 s, and this one may not have spoken when it
     // is accepted).
@@ -792,4 +777,19 @@ fn a_scale_up_takes_idle_connections_fds_and_leaves_the_way_back_down() {
     assert!(ok(&status).starts_with("{\"protocol\":1,"), "{status}");
     let down = ask(&socket, "scale 2");
     assert_eq!(ok(&down), "{\"target\":2,\"ready\":2}\n");
+}
+
+/// `n` connections that never speak, held, once the master (under an
+/// open-file limit of 40) holds 30 fds or more with them.
+fn hold_idle(respawn: &Respawn, socket: &Path, n: usize) -> Vec<UnixStream> {
+    let held = (0..n)
+        .map(|_| UnixStream::connect(socket).expect("connecting"))
+        .collect();
+    assert!(
+        wait_until(PATIENCE, || open_fds(respawn.pid) >= 30),
+        "the master took {} fds\n{}",
+        open_fds(respawn.pid),
+        respawn.dump()
+    );
+    held
 }
