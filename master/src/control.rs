@@ -13,7 +13,8 @@
 //! Nothing a peer does can lock the socket: every connection has a
 //! deadline in every phase; a waiting one whose peer hangs up is dropped
 //! at once; at the limit of 64, the connection idle the longest makes room
-//! for a new one, and only when all 64 wait for commands is one refused;
+//! for a new one (one idle for 0.1 s, unless the new one's request came
+//! with it), and only when none can is one refused;
 //! each kind of refusal is logged at most once a second. Nothing grows
 //! without bound: a request is 256 bytes, an answer is what the master
 //! wrote, and at most 64 connections are open.
@@ -571,7 +572,8 @@ impl Control {
                 self.refuse(stream, Said::Stranger, &refusal);
                 continue;
             }
-            let speaks = request_waits(&stream, &[]);
+            // Looked at only when full: below the limit it changes nothing.
+            let speaks = self.conns.len() >= self.room && request_waits(&stream, &[]);
             if !self.has_room(registry, speaks) {
                 let refusal = match self.room {
                     0 => "busy: the open-file limit leaves no fd for a control connection beside \

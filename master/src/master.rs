@@ -858,13 +858,11 @@ impl<W: FnMut(Handoff) -> i32> Master<W> {
     /// ones beyond it at once (control.rs): after the target changed, and
     /// before each round of accepts.
     pub(super) fn fit_control_to_room(&mut self) {
-        let Some(control) = self.control.as_ref() else {
+        if self.control.is_none() {
             return;
-        };
+        }
         let pipes = self.pipes().max(2 * self.target + 1);
-        let conns = control.connections();
-        let fixed = limits::open_fds().saturating_sub(self.pipes() + conns);
-        let room = limits::control_connections_for_open_files(fixed, pipes);
+        let room = limits::control_connections_for_open_files(self.fixed_fds(), pipes);
         if let Some(control) = self.control.as_mut() {
             control.set_room(room, self.poll.registry());
         }

@@ -980,6 +980,25 @@ pub fn run_to_end(command: &mut Command) -> Result<(), String> {
     Err(format!("{shown} failed ({}): {last}", out.status))
 }
 
+/// Lowers `resource` (RLIMIT_NOFILE, RLIMIT_NPROC...) to `limit` in the
+/// process `command` starts, before its exec.
+pub fn with_limit(command: &mut Command, resource: libc::__rlimit_resource_t, limit: u64) {
+    // SAFETY: setrlimit is async-signal-safe, and the closure touches
+    // nothing but its copied arguments.
+    unsafe {
+        command.pre_exec(move || {
+            let rlimit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            match libc::setrlimit(resource, &rlimit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

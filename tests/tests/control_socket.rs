@@ -662,7 +662,15 @@ fn a_flood_of_connections_never_holds_up_a_replacement() {
     let dir = Dir::new("flood-turns");
     let respawn = start(&dir, 2, &[]);
     let socket = dir.socket();
+    /// Ends the flood however the test ends, a failed wait included.
+    struct Stop(Arc<AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
+    let stopping = Stop(Arc::clone(&stop));
     let floods: Vec<_> = (0..2)
         .map(|_| {
             let (socket, stop) = (socket.clone(), Arc::clone(&stop));
@@ -699,7 +707,7 @@ fn a_flood_of_connections_never_holds_up_a_replacement() {
         .args(["ctl", &socket.display().to_string(), "status"])
         .output()
         .expect("running respawn ctl");
-    stop.store(true, Ordering::Relaxed);
+    drop(stopping);
     floods.into_iter().for_each(|t| t.join().expect("a flood"));
     assert!(replaced, "not while the flood went on\n{}", respawn.dump());
     assert_eq!(
@@ -716,19 +724,7 @@ fn start_with_open_files(dir: &Dir, workers: usize, limit: u64) -> Respawn {
     let shown = dir.socket().display().to_string();
     let n = workers.to_string();
     Respawn::start_with(&["--workers", &n, "--control", &shown], |command| {
-        // SAFETY: setrlimit is async-signal-safe.
-        unsafe {
-            command.pre_exec(move || {
-                let rlimit = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                match libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
-                }
-            });
-        }
+        with_limit(command, libc::RLIMIT_NOFILE, limit)
     })
 }
 

@@ -23,20 +23,7 @@ fn own_uid(offset: u32) -> u32 {
 /// lowered to `limit` for it.
 fn unprivileged(command: &mut Command, uid: u32, resource: libc::__rlimit_resource_t, limit: u64) {
     command.uid(uid).gid(uid);
-    // SAFETY: setrlimit is async-signal-safe, and the closure touches
-    // nothing but its copied arguments.
-    unsafe {
-        command.pre_exec(move || {
-            let rlimit = libc::rlimit {
-                rlim_cur: limit,
-                rlim_max: limit,
-            };
-            if libc::setrlimit(resource, &rlimit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    with_limit(command, resource, limit);
 }
 
 #[test]
@@ -141,21 +128,8 @@ fn an_exec_the_process_limit_refuses_is_retried_never_given_up_on() {
         "/bin/sleep",
         "600",
     ];
-    let respawn = Respawn::start_with(&args, |command| {
-        // SAFETY: setrlimit is async-signal-safe.
-        unsafe {
-            command.pre_exec(move || {
-                let rlimit = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                match libc::setrlimit(libc::RLIMIT_NPROC, &rlimit) {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
-                }
-            });
-        }
-    });
+    let respawn = Respawn::start_with(&args, |command| with_limit(command, libc::RLIMIT_NPROC, limit));
+
     // Three: one more than --max-restarts allows.
     let refused = wait_until(PATIENCE, || {
         respawn.count_log("code 75 is EX_TEMPFAIL, try again later") >= 3

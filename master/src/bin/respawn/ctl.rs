@@ -321,6 +321,12 @@ impl Connection {
     /// The first line, without its newline, read within the deadline.
     fn read_greeting(&mut self, path: &Path, deadline: Instant) -> Result<Vec<u8>, Trouble> {
         let broken = |what: String| Trouble::Broken(format!("{}: {what}", path.display()));
+        let closed = || {
+            Trouble::Closed(format!(
+                "{} closed the connection without a greeting (is its master stopping?)",
+                path.display()
+            ))
+        };
         let mut line = Vec::new();
         let mut chunk = [0; MAX_GREETING];
         loop {
@@ -349,20 +355,12 @@ impl Connection {
                 // say, if anything, is the reason (a refusal ends in a
                 // newline; a cut one still says why). A request sent before
                 // the greeting and never read makes that close a reset.
-                Ok(0) if line.is_empty() => {
-                    return Err(Trouble::Closed(format!(
-                        "{} closed the connection without a greeting (is its master stopping?)",
-                        path.display()
-                    )))
+                Ok(0) if line.is_empty() => return Err(closed()),
+                Err(err) if err.kind() == io::ErrorKind::ConnectionReset && line.is_empty() => {
+                    return Err(closed())
                 }
                 Ok(0) => return Ok(line),
                 Ok(n) => line.extend_from_slice(&chunk[..n]),
-                Err(err) if err.kind() == io::ErrorKind::ConnectionReset && line.is_empty() => {
-                    return Err(Trouble::Closed(format!(
-                        "{} closed the connection without a greeting (is its master stopping?)",
-                        path.display()
-                    )))
-                }
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 // The timeout: the deadline check above says so.
                 Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
